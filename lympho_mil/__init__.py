@@ -1,0 +1,49 @@
+"""lympho-mil: patient-level multiple-instance learning on bags of cell images + clinical data.
+
+Quick tour::
+
+    from lympho_mil import PatientBagDataModule, AttentionMIL
+    dm = PatientBagDataModule("path/to/dlmi", image_size=64, max_instances=32)
+    model = AttentionMIL(tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats)
+"""
+
+from lympho_mil.data import (
+    BagBatch,
+    BagDataModule,
+    DataError,
+    PatientBagDataModule,
+    collate_bags,
+)
+from lympho_mil.models import (
+    AttentionMIL,
+    BagClassifier,
+    BagOutput,
+    GatedAttentionMIL,
+    GatedFusionMIL,
+    InstanceMIL,
+    MaxPoolMIL,
+    MeanPoolMIL,
+    MILClassifier,
+    TabularMLP,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionMIL",
+    "BagBatch",
+    "BagClassifier",
+    "BagDataModule",
+    "BagOutput",
+    "DataError",
+    "GatedAttentionMIL",
+    "GatedFusionMIL",
+    "InstanceMIL",
+    "MILClassifier",
+    "MaxPoolMIL",
+    "MeanPoolMIL",
+    "PatientBagDataModule",
+    "TabularMLP",
+    "__version__",
+    "collate_bags",
+]

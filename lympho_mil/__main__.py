@@ -1,0 +1,3 @@
+from lympho_mil.cli import main
+
+main()

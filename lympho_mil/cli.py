@@ -1,0 +1,88 @@
+"""The ``lympho-mil`` command: LightningCLI (fit/validate/test/predict) plus ``cv``.
+
+Model and data are chosen by class name (``--model AttentionMIL``, ``class_path:
+GatedFusionMIL`` in a config). The clinical vector size and its standardisation, fitted on
+the training patients, flow from the datamodule into the model at instantiation.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from lympho_mil.data import BagDataModule
+from lympho_mil.data.errors import DataError
+from lympho_mil.evaluation.predictions import PredictionWriter
+from lympho_mil.files import OutputExistsError
+from lympho_mil.models import BagClassifier
+
+MONITOR = "val_balanced_accuracy"
+USER_ERRORS = (DataError, OutputExistsError, FileNotFoundError)
+
+
+class LymphoCLI(LightningCLI):
+    """LightningCLI with the links, the checkpoint policy and the prediction files."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments(
+            "data.tabular_dim", "model.init_args.tabular_dim", apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "data.tabular_stats", "model.init_args.tabular_stats", apply_on="instantiate"
+        )
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": MONITOR,
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "epoch{epoch:03d}-bacc{val_balanced_accuracy:.3f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
+
+    def after_fit(self) -> None:
+        """Report the best checkpoint's validation metrics (the quickstart ends with these)."""
+        callback = self.trainer.checkpoint_callback
+        best = getattr(callback, "best_model_path", "")
+        if not best or self.trainer.interrupted:
+            return
+        results = self.trainer.validate(self.model, self.datamodule, ckpt_path=best, verbose=False)
+        metrics = results[0] if results else {}
+        print(
+            f"best checkpoint: {best}\n"
+            f"validation balanced accuracy: {metrics.get(MONITOR, float('nan')):.3f}  "
+            f"AUROC: {metrics.get('val_auroc', float('nan')):.3f}"
+        )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``lympho-mil`` and ``python -m lympho_mil``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    try:
+        LymphoCLI(
+            BagClassifier,
+            BagDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": "runs"},
+                },
+            },
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=True,
+        )
+    except USER_ERRORS as exc:
+        print(f"lympho-mil: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

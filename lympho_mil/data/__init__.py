@@ -1,0 +1,26 @@
+"""Data layer: clinical table, DLMI layout, bag datasets, collate, transforms, datamodules."""
+
+from lympho_mil.data.batch import BagBatch, BagSample, collate_bags
+from lympho_mil.data.clinical import FEATURE_NAMES, fit_standardization
+from lympho_mil.data.datamodule import BagDataModule, PatientBagDataModule
+from lympho_mil.data.dataset import Bag, BagDataset
+from lympho_mil.data.dlmi import PatientRecord, read_dlmi
+from lympho_mil.data.errors import DataError
+from lympho_mil.data.image_cache import CropSpec, ImageCache
+
+__all__ = [
+    "FEATURE_NAMES",
+    "Bag",
+    "BagBatch",
+    "BagDataModule",
+    "BagDataset",
+    "BagSample",
+    "CropSpec",
+    "DataError",
+    "ImageCache",
+    "PatientBagDataModule",
+    "PatientRecord",
+    "collate_bags",
+    "fit_standardization",
+    "read_dlmi",
+]

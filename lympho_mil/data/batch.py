@@ -1,0 +1,102 @@
+"""The batch contract: the one structure every loader yields and every model reads.
+
+``B`` is the number of bags (patients) in the batch, ``N`` the size of the largest bag in
+it (smaller bags are padded), ``T`` the length of the clinical vector (0 when a dataset has
+none).
+
+=============  ==================================  =========================================
+field          type / shape                        meaning
+=============  ==================================  =========================================
+instances      float[B, N, C, H, W] or [B, N, D]   crops (images) or precomputed features
+mask           bool[B, N]                          True where an instance is real
+tabular        float[B, T]                         clinical vector (age, log count, sex, ...)
+                                                   *not* standardised: each model carries the
+                                                   standardisation fitted on its training
+                                                   patients, so a checkpoint predicts alone
+label          float[B]                            1 tumoral, 0 reactive, -1 unknown
+bag_id         list[str] (B)                       patient ids
+instance_id    list[list[str]] (B x n_b)           crop file names of the real instances
+=============  ==================================  =========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class BagSample:
+    """One bag before collation: ``instances[n, ...]``, ``tabular[T]``."""
+
+    instances: Tensor
+    tabular: Tensor
+    label: float
+    bag_id: str
+    instance_id: list[str]
+
+
+@dataclass
+class BagBatch:
+    """A padded, masked batch of bags (see the module docstring for shapes)."""
+
+    instances: Tensor
+    mask: Tensor
+    tabular: Tensor
+    label: Tensor
+    bag_id: list[str]
+    instance_id: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.bag_id)
+
+    @property
+    def bag_sizes(self) -> Tensor:
+        """long[B]: number of real instances per bag."""
+        return self.mask.sum(dim=1)
+
+    def pin_memory(self) -> BagBatch:
+        """Called by ``DataLoader(pin_memory=True)`` in the worker's pinning thread."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> BagBatch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def _map(self, fn: Any) -> BagBatch:
+        return BagBatch(
+            instances=fn(self.instances),
+            mask=fn(self.mask),
+            tabular=fn(self.tabular),
+            label=fn(self.label),
+            bag_id=self.bag_id,
+            instance_id=self.instance_id,
+        )
+
+
+def collate_bags(samples: Sequence[BagSample]) -> BagBatch:
+    """Pad bags to the largest one in the batch and build the mask.
+
+    Padding is zeros; models must never let padded positions change their output.
+    """
+    if not samples:
+        raise ValueError("collate_bags needs at least one bag")
+    sizes = [s.instances.shape[0] for s in samples]
+    n_max = max(sizes)
+    first = samples[0].instances
+    instances = first.new_zeros((len(samples), n_max, *first.shape[1:]))
+    mask = torch.zeros(len(samples), n_max, dtype=torch.bool)
+    for i, (sample, n) in enumerate(zip(samples, sizes, strict=True)):
+        instances[i, :n] = sample.instances
+        mask[i, :n] = True
+    return BagBatch(
+        instances=instances,
+        mask=mask,
+        tabular=torch.stack([s.tabular for s in samples]).float(),
+        label=torch.tensor([s.label for s in samples], dtype=torch.float32),
+        bag_id=[s.bag_id for s in samples],
+        instance_id=[list(s.instance_id) for s in samples],
+    )

@@ -1,0 +1,338 @@
+"""DataModules: one base class for any source of bags, and the DLMI patient bags.
+
+The base class owns everything that does not depend on where bags come from: the split
+policy (stratified holdout, k-fold, or explicit id lists), the clinical standardisation
+fitted on the training patients, datasets per stage and the loaders. A subclass only says
+how to list its bags (:meth:`BagDataModule.load_bags`, cheap, no decoding) and how to read
+their instances (:meth:`BagDataModule.build_store`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lympho_mil.data.batch import collate_bags
+from lympho_mil.data.clinical import FEATURE_NAMES, fit_standardization
+from lympho_mil.data.dataset import Bag, BagDataset, InstanceStore
+from lympho_mil.data.dlmi import read_dlmi
+from lympho_mil.data.errors import DataError
+from lympho_mil.data.image_cache import CropSpec, ImageCache
+from lympho_mil.data.splits import holdout_split, kfold_split
+from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor, train_augmentation
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test", "predict")
+
+
+class BagDataModule(LightningDataModule):
+    """Base class: split policy, clinical standardisation, datasets and loaders.
+
+    Args:
+        batch_size: bags per batch; bags are padded to the largest one and masked.
+        max_instances: random subset size of each training bag per step (None: whole bags).
+            Validation, test and predict always see whole bags.
+        val_fraction: share of the labelled patients held out for validation (holdout policy).
+        test_fraction: share held out first as a test split (0: none).
+        n_folds, fold: k-fold policy instead of holdout: validate on fold ``fold``.
+        seed: seed of the splits.
+        train_ids, val_ids, test_ids: explicit patient lists (override the policy); used by
+            cross-validation.
+        predict_ids: patients to predict (default: every unlabelled patient).
+        num_workers, pin_memory, persistent_workers: DataLoader settings.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 4,
+        max_instances: int | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        n_folds: int | None = None,
+        fold: int = 0,
+        seed: int = 0,
+        train_ids: list[str] | None = None,
+        val_ids: list[str] | None = None,
+        test_ids: list[str] | None = None,
+        predict_ids: list[str] | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.max_instances = max_instances
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.n_folds = n_folds
+        self.fold = fold
+        self.seed = seed
+        self.explicit_ids = {"train": train_ids, "val": val_ids, "test": test_ids}
+        self.predict_ids = predict_ids
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.datasets: dict[str, BagDataset] = {}
+
+    # -- what a subclass provides ---------------------------------------------------------
+    def load_bags(self) -> list[Bag]:
+        """Every bag of the source, labelled (0/1) and unlabelled (-1); no decoding here."""
+        raise NotImplementedError
+
+    def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
+        """The instance store behind ``Bag.rows`` and the bags that remain usable."""
+        raise NotImplementedError
+
+    def instance_transform(self, stage: str) -> Callable[[np.ndarray], Tensor]:
+        """Store rows -> float tensor, for ``stage`` in :data:`STAGES`."""
+        raise NotImplementedError
+
+    feature_names: tuple[str, ...] = ()
+
+    # -- derived, cheap, available before setup (the CLI links them into the model) --------
+    @cached_property
+    def bags(self) -> dict[str, Bag]:
+        bags = self.load_bags()
+        return {b.bag_id: b for b in bags}
+
+    @cached_property
+    def split_ids(self) -> dict[str, list[str]]:
+        """Patient ids per stage: ``train``, ``val``, ``test``, ``predict``."""
+        labelled = [b for b in self.bags.values() if b.label in (0, 1)]
+        ids = [b.bag_id for b in labelled]
+        labels = [b.label for b in labelled]
+        explicit = {k: v for k, v in self.explicit_ids.items() if v is not None}
+        if explicit:
+            splits = {k: list(explicit.get(k) or []) for k in ("train", "val", "test")}
+            self._check_explicit(splits, set(ids))
+        else:
+            splits = self._policy_split(ids, labels)
+        unlabelled = [b.bag_id for b in self.bags.values() if b.label == -1]
+        splits["predict"] = list(self.predict_ids) if self.predict_ids is not None else unlabelled
+        unknown = [i for i in splits["predict"] if i not in self.bags]
+        if unknown:
+            raise DataError(f"predict_ids not found in the data: {unknown[:10]}")
+        return splits
+
+    def _policy_split(self, ids: list[str], labels: list[int]) -> dict[str, list[str]]:
+        if len(set(labels)) < 2:
+            raise DataError(f"need labelled patients of both classes, got labels {set(labels)}")
+        test: list[str] = []
+        if self.test_fraction > 0:
+            ids, test = holdout_split(ids, labels, self.test_fraction, self.seed)
+            labels = [self.bags[i].label for i in ids]
+        if self.n_folds is not None:
+            train, val = kfold_split(ids, labels, self.n_folds, self.fold, self.seed)
+        else:
+            train, val = holdout_split(ids, labels, self.val_fraction, self.seed)
+        return {"train": train, "val": val, "test": test}
+
+    @staticmethod
+    def _check_explicit(splits: dict[str, list[str]], labelled: set[str]) -> None:
+        seen: dict[str, str] = {}
+        for stage, ids in splits.items():
+            for pid in ids:
+                if pid not in labelled:
+                    raise DataError(f"{stage}_ids: patient {pid} is unknown or unlabelled")
+                if pid in seen:
+                    raise DataError(f"patient {pid} is in both {seen[pid]}_ids and {stage}_ids")
+                seen[pid] = stage
+        if not splits["train"]:
+            raise DataError("explicit ids given but train_ids is empty")
+
+    @property
+    def tabular_dim(self) -> int:
+        """T, the length of the clinical vector."""
+        return len(next(iter(self.bags.values())).tabular)
+
+    @cached_property
+    def tabular_stats(self) -> dict[str, list[float]]:
+        """Means and scales of the clinical vector over the *training* patients only."""
+        if self.tabular_dim == 0:
+            return {"mean": [], "scale": []}
+        train = np.stack([self.bags[i].tabular for i in self.split_ids["train"]])
+        return fit_standardization(train)
+
+    # -- Lightning hooks -------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("predict",),
+            None: STAGES,
+        }[stage]
+        if any(s not in self.datasets for s in wanted):
+            store, usable = self.build_store(list(self.bags.values()))
+            by_id = {b.bag_id: b for b in usable}
+            for split in wanted:
+                ids = self._ids_for(split)
+                self.datasets[split] = BagDataset(
+                    [by_id[i] for i in ids if i in by_id],
+                    store,
+                    self.instance_transform(split),
+                    self.max_instances if split == "train" else None,
+                )
+
+    def _ids_for(self, split: str) -> list[str]:
+        ids = self.split_ids[split]
+        if split == "test" and not ids:
+            log.warning(
+                "no test patients configured (test_fraction=0, no test_ids): testing on the "
+                "validation patients, which were used for model selection; the figure is "
+                "optimistic"
+            )
+            ids = self.split_ids["val"]
+        if not ids:
+            hint = "pass predict_ids" if split == "predict" else "check the split settings"
+            raise DataError(f"no patients for the {split} split; {hint}")
+        return ids
+
+    def _loader(self, split: str) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate"}.get(split, split))
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=split == "train",
+            collate_fn=collate_bags,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+
+class PatientBagDataModule(BagDataModule):
+    """Patients of a DLMI challenge folder (2021 or 2024 layout) as bags of cell crops.
+
+    Each crop is decoded once into a memory-mapped cache (see :mod:`lympho_mil.data.image_cache`)
+    and augmented from the cached pixels. The clinical vector is ``[age, log lymph count,
+    sex_male]``; its standardisation is fitted on the training patients (``tabular_stats``).
+
+    Args:
+        root: the DLMI folder (holding ``trainset/`` and the clinical csv).
+        image_size: side of the crops fed to the model, in pixels.
+        center_crop: optional centre crop in source pixels before resizing (e.g. 112 keeps
+            the lymphocyte and drops most red cells of a 224 px crop).
+        cache_dir: where decoded crops are cached (default ``$LYMPHO_MIL_CACHE`` or
+            ``~/.cache/lympho_mil``; never inside ``root`` unless you point it there).
+        skip_bad_images: skip unreadable images with a warning instead of failing.
+        reference_date: date at which ages are computed (ISO format).
+        augment: train-time augmentation (flips, 90-degree rotations, affine, colour).
+        affine, color_jitter: probabilities of those augmentation steps.
+        mean, std: per-channel normalisation of pixels in [0, 1].
+        **kwargs: split and loader settings of :class:`BagDataModule`.
+    """
+
+    feature_names = FEATURE_NAMES
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        center_crop: int | None = None,
+        cache_dir: str | None = None,
+        skip_bad_images: bool = False,
+        reference_date: str = "2020-01-01",
+        augment: bool = True,
+        affine: float = 0.5,
+        color_jitter: float = 0.5,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        batch_size: int = 4,
+        max_instances: int | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.0,
+        n_folds: int | None = None,
+        fold: int = 0,
+        seed: int = 0,
+        train_ids: list[str] | None = None,
+        val_ids: list[str] | None = None,
+        test_ids: list[str] | None = None,
+        predict_ids: list[str] | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            max_instances=max_instances,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            n_folds=n_folds,
+            fold=fold,
+            seed=seed,
+            train_ids=train_ids,
+            val_ids=val_ids,
+            test_ids=test_ids,
+            predict_ids=predict_ids,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
+        self.root = Path(root).expanduser()
+        self.crop_spec = CropSpec(image_size, center_crop)
+        self.cache_dir = cache_dir
+        self.skip_bad_images = skip_bad_images
+        self.reference_date = reference_date
+        self.augment = augment
+        self.affine = affine
+        self.color_jitter = color_jitter
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._paths: list[Path] = []
+
+    def load_bags(self) -> list[Bag]:
+        frame, records = read_dlmi(self.root, self.reference_date)
+        features = frame.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float32)
+        bags, self._paths, start = [], [], 0
+        for record, tabular in zip(records, features, strict=True):
+            n = len(record.files)
+            rows = np.arange(start, start + n, dtype=np.int64)
+            bags.append(Bag(record.patient_id, record.label, rows, record.files, tabular))
+            self._paths.extend(record.paths)
+            start += n
+        return bags
+
+    def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
+        cache = ImageCache.build_or_load(
+            self._paths, self.crop_spec, self.cache_dir, self.skip_bad_images
+        )
+        if not cache.bad:
+            return cache, list(bags)
+        bad = np.asarray(cache.bad)
+        usable = []
+        for bag in bags:
+            keep = ~np.isin(bag.rows, bad)
+            if not keep.any():
+                raise DataError(f"patient {bag.bag_id}: no readable image left")
+            ids = tuple(i for i, k in zip(bag.instance_ids, keep, strict=True) if k)
+            usable.append(Bag(bag.bag_id, bag.label, bag.rows[keep], ids, bag.tabular))
+        return cache, usable
+
+    def instance_transform(self, stage: str) -> Callable[[np.ndarray], Tensor]:
+        augment = None
+        if stage == "train" and self.augment:
+            augment = train_augmentation(affine=self.affine, color_jitter=self.color_jitter)
+        return BagToTensor(augment, self.mean, self.std)

@@ -1,0 +1,119 @@
+"""Reader for the DLMI lymphocytosis challenge layout (2021 and 2024 editions).
+
+2024 edition::
+
+    root/trainset/trainset_true.csv   ID,LABEL,GENDER,DOB,LYMPH_COUNT
+    root/testset/testset_data.csv     same columns, LABEL = -1
+    root/trainset/P26/000000.jpg ...  one folder of crops per patient
+    root/clinical_annotation.csv      all patients, unnamed index column first
+
+2021 edition: only ``root/clinical_annotation.csv`` (unnamed index column first), with the
+patient folders under ``trainset/`` and ``testset/``. When the per-split csv files exist they
+are read; otherwise ``clinical_annotation.csv`` is. Nothing under ``root`` is ever written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from lympho_mil.data.clinical import read_clinical_csv, validate_clinical
+from lympho_mil.data.errors import DataError
+
+SPLIT_CSVS = ("trainset/trainset_true.csv", "testset/testset_data.csv")
+ANNOTATION_CSV = "clinical_annotation.csv"
+PATIENT_DIRS = ("trainset", "testset")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """One patient folder: ``files`` are the crop file names, sorted."""
+
+    patient_id: str
+    label: int
+    folder: Path
+    files: tuple[str, ...]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.folder / name for name in self.files]
+
+
+def check_patient_id(patient_id: str) -> str:
+    """Return ``patient_id`` if it is safe to use as a folder name, else raise DataError.
+
+    Refuses anything that could escape the data root: separators, ``..``, absolute paths.
+    """
+    if not _SAFE_ID.fullmatch(patient_id) or ".." in patient_id:
+        raise DataError(
+            f"patient id {patient_id!r} is not a plain folder name (letters, digits, '_', '-', "
+            "'.'; no path separators or '..'); refusing to use it as a path"
+        )
+    return patient_id
+
+
+def read_dlmi_table(root: Path) -> pd.DataFrame:
+    """The raw clinical rows of ``root`` (per-split csv files if present, else the annotation)."""
+    split_csvs = [root / name for name in SPLIT_CSVS if (root / name).is_file()]
+    if split_csvs:
+        return pd.concat([read_clinical_csv(p) for p in split_csvs], ignore_index=True)
+    if (root / ANNOTATION_CSV).is_file():
+        return read_clinical_csv(root / ANNOTATION_CSV)
+    raise DataError(
+        f"no clinical csv under {root}: expected {SPLIT_CSVS[0]} (2024 edition) or "
+        f"{ANNOTATION_CSV} (2021 edition)"
+    )
+
+
+def read_dlmi(
+    root: str | Path, reference_date: str = "2020-01-01"
+) -> tuple[pd.DataFrame, list[PatientRecord]]:
+    """Read and validate a DLMI folder.
+
+    Returns the validated clinical frame (see :func:`validate_clinical`) and one
+    :class:`PatientRecord` per csv row, in csv order. Raises :class:`DataError` for csv rows
+    without a folder, folders without a csv row, empty folders and unsafe ids.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist or is not a folder")
+    raw = read_dlmi_table(root)
+    for pid in raw["ID"].str.strip():
+        check_patient_id(pid)
+    frame = validate_clinical(raw, reference_date)
+
+    on_disk: dict[str, Path] = {}
+    for split_dir in PATIENT_DIRS:
+        base = root / split_dir
+        if base.is_dir():
+            on_disk.update({p.name: p for p in sorted(base.iterdir()) if p.is_dir()})
+    missing = [pid for pid in frame.index if pid not in on_disk]
+    if missing:
+        raise DataError(
+            f"patient(s) {missing[:10]} listed in the clinical csv have no folder under "
+            f"{[str(root / d) for d in PATIENT_DIRS]}"
+        )
+    extra = sorted(set(on_disk) - set(frame.index))
+    if extra:
+        raise DataError(
+            f"folder(s) {[str(on_disk[e]) for e in extra[:10]]} have no row in the clinical csv"
+        )
+    records = []
+    for pid, label in frame["label"].items():
+        folder = on_disk[pid]
+        files = tuple(
+            sorted(
+                p.name
+                for p in folder.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        )
+        if not files:
+            raise DataError(f"patient {pid}: folder {folder} holds no image ({IMAGE_SUFFIXES})")
+        records.append(PatientRecord(str(pid), int(label), folder, files))
+    return frame, records

@@ -1,0 +1,115 @@
+"""Prediction files a clinician (or the challenge) can use, written by a Lightning callback.
+
+``predictions.csv``         ``Id,Predicted``: the challenge submission format, one row a patient
+``predictions_detail.csv``  id, probability, predicted, threshold, n_instances (+ label if known)
+``attention.csv``           id, file, weight (each crop's share of the decision, sums to 1 per
+                            patient), and the crop's own probability where the model has one
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from lympho_mil.files import atomic_write_csv, check_writable
+
+PREDICTION_FILES = ("predictions.csv", "predictions_detail.csv", "attention.csv")
+
+
+def prediction_tables(records: Sequence[dict[str, Any]]) -> dict[str, pd.DataFrame]:
+    """The three tables from ``predict_step`` records (one per patient, each id once)."""
+    by_id = {r["id"]: r for r in records}  # DDP padding can repeat a patient; keep one
+    rows = sorted(by_id.values(), key=lambda r: r["id"])
+    detail = pd.DataFrame(
+        {
+            "id": [r["id"] for r in rows],
+            "probability": [r["probability"] for r in rows],
+            "predicted": [int(r["probability"] >= r["threshold"]) for r in rows],
+            "threshold": [r["threshold"] for r in rows],
+            "n_instances": [r["n_instances"] for r in rows],
+            "label": [r["label"] for r in rows],
+        }
+    )
+    submission = detail.rename(columns={"id": "Id", "predicted": "Predicted"})[["Id", "Predicted"]]
+    crops = []
+    for r in rows:
+        weights = r["weights"] or [1.0 / r["n_instances"]] * r["n_instances"]
+        crop_prob = r["instance_probability"] or [float("nan")] * r["n_instances"]
+        crops += [
+            (r["id"], f, w, p)
+            for f, w, p in zip(r["instance_ids"], weights, crop_prob, strict=True)
+        ]
+    attention = pd.DataFrame(crops, columns=["id", "file", "weight", "crop_probability"])
+    if attention["crop_probability"].isna().all():
+        attention = attention.drop(columns="crop_probability")
+    return {
+        "predictions.csv": submission,
+        "predictions_detail.csv": detail,
+        "attention.csv": attention,
+    }
+
+
+def write_predictions(
+    records: Sequence[dict[str, Any]], output_dir: str | Path, overwrite: bool = False
+) -> dict[str, Path]:
+    """Write the three files into ``output_dir`` atomically; refuse to overwrite by default."""
+    output_dir = Path(output_dir)
+    check_writable([output_dir / name for name in PREDICTION_FILES], overwrite)
+    return {
+        name: atomic_write_csv(output_dir / name, table, overwrite=True)
+        for name, table in prediction_tables(records).items()
+    }
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes the prediction files at the end of ``predict``, gathering every rank's patients.
+
+    Args:
+        output_dir: folder of the three files.
+        overwrite: replace existing files (otherwise predict refuses to start).
+    """
+
+    def __init__(self, output_dir: str = "predictions", overwrite: bool = False) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        check_writable([self.output_dir / n for n in PREDICTION_FILES], self.overwrite)
+
+    def write_on_epoch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        records = [r for batch in _flatten_dataloaders(predictions) for r in batch]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [r for part in gathered for r in part]
+        if trainer.is_global_zero:
+            paths = write_predictions(records, self.output_dir, self.overwrite)
+            print(
+                f"predictions for {len({r['id'] for r in records})} patients written to "
+                f"{paths['predictions.csv'].parent}"
+            )
+
+
+def _flatten_dataloaders(predictions: Sequence[Any]) -> list[list[dict[str, Any]]]:
+    """Lightning nests predictions per dataloader when there are several."""
+    if (
+        predictions
+        and isinstance(predictions[0], list)
+        and predictions[0]
+        and isinstance(predictions[0][0], list)
+    ):
+        return [batch for loader in predictions for batch in loader]
+    return list(predictions)

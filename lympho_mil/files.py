@@ -1,0 +1,47 @@
+"""Safe output files: written atomically, never overwritten unless asked."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+
+class OutputExistsError(FileExistsError):
+    """An output file exists and overwriting was not asked for."""
+
+
+def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
+    """Raise :class:`OutputExistsError` naming the files that exist, unless ``overwrite``."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"output file(s) {existing} exist; pass overwrite=True (CLI: --...overwrite true) "
+            "or choose another output folder"
+        )
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (no partial file)."""
+    path = Path(path)
+    check_writable([path], overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_csv(path: str | Path, frame: pd.DataFrame, overwrite: bool = False) -> Path:
+    """Write a DataFrame as csv (no index), atomically."""
+    return atomic_write_text(path, frame.to_csv(index=False), overwrite)

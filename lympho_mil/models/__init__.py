@@ -1,0 +1,26 @@
+"""LightningModules: one base class (loss, metrics, optimiser) and small subclasses."""
+
+from lympho_mil.models.base import BagClassifier, BagOutput, NonFiniteLossError
+from lympho_mil.models.mil import (
+    AttentionMIL,
+    GatedAttentionMIL,
+    InstanceMIL,
+    MaxPoolMIL,
+    MeanPoolMIL,
+    MILClassifier,
+)
+from lympho_mil.models.tabular import GatedFusionMIL, TabularMLP
+
+__all__ = [
+    "AttentionMIL",
+    "BagClassifier",
+    "BagOutput",
+    "GatedAttentionMIL",
+    "GatedFusionMIL",
+    "InstanceMIL",
+    "MILClassifier",
+    "MaxPoolMIL",
+    "MeanPoolMIL",
+    "NonFiniteLossError",
+    "TabularMLP",
+]

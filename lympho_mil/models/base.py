@@ -1,0 +1,187 @@
+"""The base LightningModule: loss, metrics, optimiser, steps and the predict output.
+
+Subclasses build their networks in :meth:`BagClassifier.configure_models` and compute a
+:class:`BagOutput` in :meth:`BagClassifier.forward`; everything else lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import Tensor, nn
+
+from lympho_mil.data.batch import BagBatch
+from lympho_mil.models.metrics import PatientMetrics
+from lympho_mil.nn import Standardize
+
+SPLITS = ("train", "val", "test")
+
+
+class BagOutput(NamedTuple):
+    """What every model's forward returns.
+
+    logit: float[B], the patient-level logit (probability = sigmoid(logit)).
+    weights: float[B, N] or None, each crop's share of the decision (sums to 1 over the real
+        crops, 0 on padding): attention for attention pooling, uniform for mean pooling.
+    instance_logits: float[B, N] or None, per-crop logits where the model has them.
+    extras: model-specific tensors (e.g. the fusion gate), float[B] each.
+    """
+
+    logit: Tensor
+    weights: Tensor | None = None
+    instance_logits: Tensor | None = None
+    extras: dict[str, Tensor] | None = None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+class BagClassifier(LightningModule):
+    """Base class of every model: binary patient classification from a :class:`BagBatch`.
+
+    Args:
+        tabular_dim: length T of the clinical vector (linked from the datamodule by the CLI).
+        tabular_stats: ``{"mean": [...], "scale": [...]}`` fitted on the training patients
+            (linked from the datamodule); carried in the checkpoint as buffers.
+        pos_weight: weight of the positive (tumoral) class in the loss; < 1 favours the
+            minority reactive class when tumoral patients dominate.
+        lr, weight_decay: AdamW settings (``--optimizer`` on the CLI replaces them).
+        scheduler: "cosine" (annealed over ``trainer.max_epochs``) or "none".
+        threshold: decision threshold on the probability; carried in the checkpoint.
+    """
+
+    def __init__(
+        self,
+        tabular_dim: int = 0,
+        tabular_stats: dict[str, list[float]] | None = None,
+        pos_weight: float | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        scheduler: Literal["cosine", "none"] = "cosine",
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+        if pos_weight is not None and pos_weight <= 0:
+            raise ValueError(f"pos_weight must be > 0, got {pos_weight}")
+        self.tabular_dim = tabular_dim
+        self.pos_weight = pos_weight
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.scheduler = scheduler
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        stats = tabular_stats or {"mean": [0.0] * tabular_dim, "scale": [1.0] * tabular_dim}
+        self.standardize = Standardize(stats["mean"], stats["scale"])
+        self.configure_models()
+        self.metrics = nn.ModuleDict({f"{s}_metrics": PatientMetrics() for s in SPLITS})
+
+    def configure_models(self) -> None:
+        """Build the networks (called from ``__init__`` once the base settings exist)."""
+        raise NotImplementedError
+
+    def forward(self, batch: BagBatch) -> BagOutput:
+        raise NotImplementedError
+
+    def loss(self, out: BagOutput, batch: BagBatch) -> Tensor:
+        """Mean BCE on the patient logits, optionally class-weighted."""
+        return bce_with_logits(out.logit, batch.label, self.pos_weight)
+
+    # -- steps -----------------------------------------------------------------------------
+    def _shared_step(self, batch: BagBatch, split: str) -> Tensor:
+        out = self(batch)
+        loss = self.loss(out, batch)
+        if split == "train" and not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, "
+                f"epoch {self.current_epoch}, batch of patients {batch.bag_id}; lower the "
+                "learning rate or check these patients' inputs"
+            )
+        prob = torch.sigmoid(out.logit.detach().float())
+        self.metrics[f"{split}_metrics"].update(prob, (prob >= self.threshold).long(), batch.label)
+        self.log(
+            f"{split}_loss",
+            loss,
+            batch_size=len(batch),
+            prog_bar=split != "train",
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+        )
+        return loss
+
+    def training_step(self, batch: BagBatch, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: BagBatch, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def _log_metrics(self, split: str) -> None:
+        values = self.metrics[f"{split}_metrics"].compute()
+        self.log_dict(
+            {f"{split}_{k}": v for k, v in values.items()},
+            prog_bar=split != "train",
+            sync_dist=False,  # torchmetrics already synchronised the states
+        )
+        self.metrics[f"{split}_metrics"].reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: BagBatch, batch_idx: int) -> list[dict[str, Any]]:
+        """One record per patient: id, probability, threshold, crop files and weights."""
+        out = self(batch)
+        prob = torch.sigmoid(out.logit.float()).cpu()
+        weights = out.weights.float().cpu() if out.weights is not None else None
+        crop_prob = (
+            torch.sigmoid(out.instance_logits.float()).cpu()
+            if out.instance_logits is not None
+            else None
+        )
+        records = []
+        for i, pid in enumerate(batch.bag_id):
+            n = len(batch.instance_id[i])
+            records.append(
+                {
+                    "id": pid,
+                    "label": int(batch.label[i].item()),
+                    "probability": float(prob[i]),
+                    "threshold": float(self.threshold),
+                    "n_instances": n,
+                    "instance_ids": batch.instance_id[i],
+                    "weights": weights[i, :n].tolist() if weights is not None else None,
+                    "instance_probability": (
+                        crop_prob[i, :n].tolist() if crop_prob is not None else None
+                    ),
+                }
+            )
+        return records
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.scheduler == "none":
+            return optimizer
+        epochs = max(1, int(self.trainer.max_epochs or 1)) if self._trainer else 1
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def bce_with_logits(logit: Tensor, target: Tensor, pos_weight: float | None) -> Tensor:
+    """BCE on logits in float32; ``pos_weight`` scales the positive class's term."""
+    weight = None if pos_weight is None else torch.tensor(pos_weight, device=logit.device)
+    return F.binary_cross_entropy_with_logits(logit.float(), target.float(), pos_weight=weight)

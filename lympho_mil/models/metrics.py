@@ -1,0 +1,67 @@
+"""Patient-level classification metrics (torchmetrics), one collection per split."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryRecall,
+    BinarySpecificity,
+    BinaryStatScores,
+)
+
+METRIC_NAMES = ("balanced_accuracy", "auroc", "sensitivity", "specificity", "f1")
+
+
+class BinaryBalancedAccuracy(BinaryStatScores):
+    """Mean of sensitivity and specificity (the challenge metric)."""
+
+    def compute(self) -> Tensor:
+        tp, fp, tn, fn = self._final_state()
+        sens = tp / (tp + fn).clamp(min=1)
+        spec = tn / (tn + fp).clamp(min=1)
+        return (sens + spec).float() / 2
+
+
+class PatientMetrics(nn.Module):
+    """All patient metrics from ``(prob[B], predicted[B] in {0, 1}, target[B])``.
+
+    Threshold-dependent metrics read the predicted labels, so the decision threshold can
+    change (e.g. chosen on inner validation) without rebuilding the metrics; AUROC reads the
+    probabilities. Each metric synchronises its states across processes under DDP.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_label = MetricCollection(
+            {
+                "balanced_accuracy": BinaryBalancedAccuracy(),
+                "sensitivity": BinaryRecall(),
+                "specificity": BinarySpecificity(),
+                "f1": BinaryF1Score(),
+            }
+        )
+        self.auroc = BinaryAUROC()
+
+    def update(self, prob: Tensor, predicted: Tensor, target: Tensor) -> None:
+        target = target.long()
+        self.by_label.update(predicted.long(), target)
+        self.auroc.update(prob.float(), target)
+
+    def compute(self) -> dict[str, Tensor]:
+        out = dict(self.by_label.compute())
+        out["auroc"] = self.auroc.compute()
+        return {name: out[name] for name in METRIC_NAMES}
+
+    def reset(self) -> None:
+        self.by_label.reset()
+        self.auroc.reset()
+
+
+def balanced_accuracy(prob: Tensor, target: Tensor, threshold: float) -> float:
+    """Balanced accuracy of ``prob >= threshold`` against 0/1 ``target`` (plain function)."""
+    metric = BinaryBalancedAccuracy()
+    metric.update((prob >= threshold).long(), target.long())
+    return float(metric.compute())

@@ -1,0 +1,210 @@
+"""Image-bag models: an instance encoder, a mask-aware pooling and a head.
+
+``AttentionMIL``, ``GatedAttentionMIL``, ``MeanPoolMIL`` and ``MaxPoolMIL`` differ only by
+their pooling; ``InstanceMIL`` classifies every crop and averages the crop logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lympho_mil.data.batch import BagBatch
+from lympho_mil.models.base import BagClassifier, BagOutput
+from lympho_mil.nn import build_instance_encoder, build_pooling, encode_instances, freeze
+
+
+class EncoderMixin:
+    """Builds the instance encoder from flat, CLI-friendly settings."""
+
+    def build_encoder(
+        self,
+        encoder: str,
+        embed_dim: int,
+        in_dim: int | None,
+        encoder_kwargs: dict[str, Any] | None,
+        encoder_weights: str | None,
+        freeze_encoder: bool,
+    ) -> nn.Module:
+        module = build_instance_encoder(
+            encoder,
+            in_dim=in_dim,
+            out_dim=embed_dim,
+            weights_path=encoder_weights,
+            **(encoder_kwargs or {}),
+        )
+        if freeze_encoder:
+            freeze(module)
+        return module
+
+
+def fallback_weights(h: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    """Crop weights for poolings without attention, float[B, N] summing to 1 per bag.
+
+    Mean pooling: uniform over the real crops. Max pooling: the share of embedding
+    dimensions whose maximum each crop holds.
+    """
+    if pooling == "max":
+        masked = h.float().masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        winners = masked.argmax(dim=1)  # [B, D]
+        counts = torch.zeros(mask.shape, device=h.device).scatter_add_(
+            1, winners, torch.ones_like(winners, dtype=torch.float32)
+        )
+        return counts / h.shape[-1]
+    uniform = mask.float()
+    return uniform / uniform.sum(dim=1, keepdim=True)
+
+
+class MILClassifier(EncoderMixin, BagClassifier):
+    """Instance encoder -> pooling -> linear head.
+
+    Args:
+        encoder: "small_cnn" (fast on CPU, GroupNorm), "lenet" (28 px digits), "mlp" or
+            "identity" (precomputed features, need ``in_dim``), or any timm model name.
+        embed_dim: output size of the built-in encoders.
+        in_dim: feature size of precomputed feature bags (linked from the datamodule).
+        encoder_kwargs: extra constructor arguments of the encoder.
+        encoder_weights: local weights file for a timm encoder (nothing is downloaded).
+        freeze_encoder: keep the encoder fixed (eval mode, no gradients).
+        chunk_size: encode at most this many crops at once (bounds memory on big bags).
+        attention_hidden: hidden size of the attention network.
+        dropout: dropout before the head.
+        pooling: "attention", "gated_attention", "mean" or "max" (fixed by the subclasses).
+        **kwargs: loss, optimiser and clinical settings of :class:`BagClassifier`.
+    """
+
+    default_pooling: ClassVar[str] = "attention"
+
+    def __init__(
+        self,
+        encoder: str = "small_cnn",
+        embed_dim: int = 128,
+        in_dim: int | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
+        encoder_weights: str | None = None,
+        freeze_encoder: bool = False,
+        chunk_size: int | None = 128,
+        attention_hidden: int = 128,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        self.encoder_settings = (
+            encoder,
+            embed_dim,
+            in_dim,
+            encoder_kwargs,
+            encoder_weights,
+            freeze_encoder,
+        )
+        self.pooling_name = self.default_pooling
+        self.chunk_size = chunk_size
+        self.attention_hidden = attention_hidden
+        self.dropout = dropout
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def configure_models(self) -> None:
+        self.configure_bag_embedding()
+        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.encoder.out_dim, 1))
+
+    def configure_bag_embedding(self) -> None:
+        """The instance encoder and the pooling (shared with the fusion model)."""
+        self.encoder = self.build_encoder(*self.encoder_settings)
+        self.pooling = build_pooling(self.pooling_name, self.encoder.out_dim, self.attention_hidden)
+
+    def embed(self, batch: BagBatch) -> tuple[Tensor, Tensor]:
+        """Pooled bag embedding z[B, D] and crop weights[B, N]."""
+        h = encode_instances(self.encoder, batch.instances, batch.mask, self.chunk_size)
+        z, weights = self.pooling(h, batch.mask)
+        if weights is None:
+            weights = fallback_weights(h, batch.mask, self.pooling_name)
+        return z, weights
+
+    def forward(self, batch: BagBatch) -> BagOutput:
+        z, weights = self.embed(batch)
+        return BagOutput(logit=self.head(z).squeeze(-1), weights=weights)
+
+
+class AttentionMIL(MILClassifier):
+    """Attention-based deep MIL (Ilse et al., ICML 2018): ``z = sum_i a_i h_i``."""
+
+    default_pooling = "attention"
+
+
+class GatedAttentionMIL(MILClassifier):
+    """Gated attention MIL (Ilse et al., ICML 2018)."""
+
+    default_pooling = "gated_attention"
+
+
+class MeanPoolMIL(MILClassifier):
+    """Mean of the crop embeddings."""
+
+    default_pooling = "mean"
+
+
+class MaxPoolMIL(MILClassifier):
+    """Element-wise max of the crop embeddings."""
+
+    default_pooling = "max"
+
+
+class InstanceMIL(EncoderMixin, BagClassifier):
+    """Per-crop baseline: every crop is classified with its patient's label; the patient
+    logit is the mean of its crop logits (the per-image CNN of the original study).
+
+    Args: as :class:`MILClassifier` (no pooling settings).
+    """
+
+    def __init__(
+        self,
+        encoder: str = "small_cnn",
+        embed_dim: int = 128,
+        in_dim: int | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
+        encoder_weights: str | None = None,
+        freeze_encoder: bool = False,
+        chunk_size: int | None = 128,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        self.encoder_settings = (
+            encoder,
+            embed_dim,
+            in_dim,
+            encoder_kwargs,
+            encoder_weights,
+            freeze_encoder,
+        )
+        self.chunk_size = chunk_size
+        self.dropout = dropout
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def configure_models(self) -> None:
+        self.encoder = self.build_encoder(*self.encoder_settings)
+        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.encoder.out_dim, 1))
+
+    def forward(self, batch: BagBatch) -> BagOutput:
+        h = encode_instances(self.encoder, batch.instances, batch.mask, self.chunk_size)
+        crop_logits = self.head(h).squeeze(-1).float().masked_fill(~batch.mask, 0.0)
+        n = batch.mask.sum(dim=1).clamp(min=1)
+        weights = batch.mask.float() / n.unsqueeze(1)
+        return BagOutput(
+            logit=crop_logits.sum(dim=1) / n, weights=weights, instance_logits=crop_logits
+        )
+
+    def loss(self, out: BagOutput, batch: BagBatch) -> Tensor:
+        """BCE of every crop against its patient's label, averaged per patient then overall."""
+        assert out.instance_logits is not None
+        target = batch.label.unsqueeze(1).expand_as(out.instance_logits)
+        pos_weight = None
+        if self.pos_weight is not None:
+            pos_weight = torch.tensor(self.pos_weight, device=target.device)
+        per_crop = nn.functional.binary_cross_entropy_with_logits(
+            out.instance_logits, target, pos_weight=pos_weight, reduction="none"
+        )
+        per_bag = (per_crop * batch.mask).sum(dim=1) / batch.mask.sum(dim=1).clamp(min=1)
+        return per_bag.mean()

@@ -1,0 +1,104 @@
+"""Clinical-only model and the multimodal gated fusion."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from torch import nn
+
+from lympho_mil.data.batch import BagBatch
+from lympho_mil.models.base import BagClassifier, BagOutput
+from lympho_mil.models.mil import MILClassifier
+from lympho_mil.nn import ConcatFusion, GatedFusion, TabularEncoder
+
+
+class TabularMLP(BagClassifier):
+    """Clinical vector only: standardise -> small MLP -> logit. Ignores the crops.
+
+    Args:
+        hidden, embed_dim, dropout: sizes of the MLP.
+        **kwargs: settings of :class:`BagClassifier` (``tabular_dim`` must be > 0).
+    """
+
+    def __init__(
+        self, hidden: int = 32, embed_dim: int = 16, dropout: float = 0.1, **kwargs: Any
+    ) -> None:
+        self.hidden, self.embed_dim, self.dropout = hidden, embed_dim, dropout
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+
+    def configure_models(self) -> None:
+        if self.tabular_dim < 1:
+            raise ValueError("TabularMLP needs a clinical vector (tabular_dim >= 1)")
+        self.tabular_encoder = TabularEncoder(
+            self.tabular_dim, self.hidden, self.embed_dim, self.dropout
+        )
+        self.head = nn.Linear(self.embed_dim, 1)
+
+    def forward(self, batch: BagBatch) -> BagOutput:
+        z = self.tabular_encoder(self.standardize(batch.tabular))
+        return BagOutput(logit=self.head(z).squeeze(-1))
+
+
+class GatedFusionMIL(MILClassifier):
+    """Image bag + clinical vector (Sahasrabudhe et al., IEEE JBHI 2021).
+
+    With ``fusion="gated"``, a mixture of two experts: ``p = g * sigmoid(s_img) + (1 - g) *
+    sigmoid(s_tab)``, the gate ``g`` computed from the pooled image embedding and the clinical
+    embedding, trained on the negative log-likelihood of ``p`` (the base class's BCE on the
+    exact logit of ``p``, see :func:`lympho_mil.nn.mixture_nll`). ``fusion="concat"`` is the
+    plain concatenation baseline.
+
+    Args:
+        pooling: the image pooling ("attention", "gated_attention", "mean", "max").
+        fusion: "gated" or "concat".
+        tabular_hidden, tabular_embed_dim: sizes of the clinical MLP.
+        gate_hidden: hidden size of the gate network.
+        **kwargs: encoder settings of :class:`MILClassifier` and those of the base class.
+    """
+
+    def __init__(
+        self,
+        pooling: str = "attention",
+        fusion: Literal["gated", "concat"] = "gated",
+        tabular_hidden: int = 32,
+        tabular_embed_dim: int = 16,
+        gate_hidden: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        self.default_pooling = pooling
+        self.fusion_kind = fusion
+        self.tabular_hidden = tabular_hidden
+        self.tabular_embed_dim = tabular_embed_dim
+        self.gate_hidden = gate_hidden
+        super().__init__(**kwargs)
+
+    def configure_models(self) -> None:
+        if self.tabular_dim < 1:
+            raise ValueError("GatedFusionMIL needs a clinical vector (tabular_dim >= 1)")
+        self.configure_bag_embedding()
+        dim = self.encoder.out_dim
+        self.tabular_encoder = TabularEncoder(
+            self.tabular_dim, self.tabular_hidden, self.tabular_embed_dim
+        )
+        if self.fusion_kind == "gated":
+            self.fusion: nn.Module = GatedFusion(dim, self.tabular_embed_dim, self.gate_hidden)
+        elif self.fusion_kind == "concat":
+            self.fusion = ConcatFusion(dim, self.tabular_embed_dim)
+        else:
+            raise ValueError(f"fusion must be 'gated' or 'concat', got {self.fusion_kind!r}")
+
+    def forward(self, batch: BagBatch) -> BagOutput:
+        z_img, weights = self.embed(batch)
+        z_tab = self.tabular_encoder(self.standardize(batch.tabular))
+        fused = self.fusion(z_img, z_tab)
+        extras = {
+            k: v
+            for k, v in (
+                ("gate", fused.gate),
+                ("image_logit", fused.image_logit),
+                ("tabular_logit", fused.tabular_logit),
+            )
+            if v is not None
+        }
+        return BagOutput(logit=fused.logit, weights=weights, extras=extras)

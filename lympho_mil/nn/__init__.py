@@ -1,0 +1,49 @@
+"""Pure-PyTorch building blocks: instance encoders, MIL pooling, clinical encoders, fusion."""
+
+from lympho_mil.nn.encoders import (
+    BUILTIN_ENCODERS,
+    IdentityEncoder,
+    LeNetEncoder,
+    MLPEncoder,
+    SmallCNN,
+    TimmEncoder,
+    build_instance_encoder,
+    encode_instances,
+    freeze,
+)
+from lympho_mil.nn.fusion import ConcatFusion, FusionOutput, GatedFusion, mixture_nll
+from lympho_mil.nn.pooling import (
+    POOLINGS,
+    AttentionPooling,
+    GatedAttentionPooling,
+    MaxPooling,
+    MeanPooling,
+    MILPooling,
+    build_pooling,
+)
+from lympho_mil.nn.tabular import Standardize, TabularEncoder
+
+__all__ = [
+    "BUILTIN_ENCODERS",
+    "POOLINGS",
+    "AttentionPooling",
+    "ConcatFusion",
+    "FusionOutput",
+    "GatedAttentionPooling",
+    "GatedFusion",
+    "IdentityEncoder",
+    "LeNetEncoder",
+    "MILPooling",
+    "MLPEncoder",
+    "MaxPooling",
+    "MeanPooling",
+    "SmallCNN",
+    "Standardize",
+    "TabularEncoder",
+    "TimmEncoder",
+    "build_instance_encoder",
+    "build_pooling",
+    "encode_instances",
+    "freeze",
+    "mixture_nll",
+]

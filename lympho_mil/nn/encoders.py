@@ -1,0 +1,222 @@
+"""Instance encoders: modules mapping a flat batch of instances ``x[M, ...]`` to ``[M, out_dim]``.
+
+Each encoder exposes ``out_dim``. ``encode_instances`` applies one to the real instances of
+padded bags ``[B, N, ...]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import Tensor, nn
+
+BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity")
+
+
+class SmallCNN(nn.Module):
+    """Fast CPU CNN: 4 stride-2 conv stages (GroupNorm, GELU), global average pool, Linear.
+
+    ``x[M, in_chans, H, W]`` (any ``H, W >= 28``) -> ``[M, out_dim]``. GroupNorm, not BatchNorm:
+    batch statistics over the crops of one patient would be per-patient statistics.
+    """
+
+    def __init__(self, in_chans: int = 3, width: int = 32, out_dim: int = 128) -> None:
+        super().__init__()
+        chans = [in_chans, width, 2 * width, 4 * width, 8 * width]
+        layers: list[nn.Module] = []
+        for c_in, c_out in pairwise(chans):
+            layers += [
+                nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False),
+                nn.GroupNorm(math.gcd(8, c_out), c_out),
+                nn.GELU(),
+            ]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(chans[-1], out_dim)
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x[M, C, H, W]`` -> ``[M, out_dim]``."""
+        return self.head(self.features(x))
+
+
+class LeNetEncoder(nn.Module):
+    """LeNet-like encoder of Ilse et al. (2018) for ``x[M, 1, 28, 28]`` -> ``[M, out_dim]``."""
+
+    def __init__(self, out_dim: int = 500) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 20, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(50 * 4 * 4, out_dim),
+            nn.ReLU(),
+        )
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x[M, 1, 28, 28]`` -> ``[M, out_dim]``."""
+        return self.net(x)
+
+
+class MLPEncoder(nn.Module):
+    """Linear-GELU-Dropout-Linear-GELU on precomputed features ``x[M, in_dim]``."""
+
+    def __init__(
+        self, in_dim: int, hidden: int = 256, out_dim: int = 128, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, out_dim),
+            nn.GELU(),
+        )
+        self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x[M, in_dim]`` -> ``[M, out_dim]``."""
+        return self.net(x)
+
+
+class IdentityEncoder(nn.Module):
+    """Passes precomputed features ``x[M, in_dim]`` through unchanged."""
+
+    def __init__(self, in_dim: int) -> None:
+        super().__init__()
+        self.out_dim = in_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x[M, in_dim]`` -> ``x``."""
+        return x
+
+
+class TimmEncoder(nn.Module):
+    """Any timm model without its classifier: ``x[M, in_chans, H, W]`` -> ``[M, num_features]``.
+
+    Nothing is downloaded: pretrained weights come from a local state dict ``weights_path``
+    (extra keys such as a classifier head are ignored; every backbone key must be present
+    with the right shape). ``pretrained`` only asserts that weights are wanted.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if not timm.is_model(name):
+            raise ValueError(
+                f"unknown instance encoder {name!r}: neither built-in {list(BUILTIN_ENCODERS)} "
+                "nor a timm model name"
+            )
+        if pretrained and weights_path is None:
+            raise RuntimeError(
+                f"pretrained weights for {name!r} cannot be downloaded at run time; save them "
+                "once to a local file and pass it as weights_path"
+            )
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise FileNotFoundError(f"weights file not found: {weights_path}")
+        self.model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+        self.out_dim: int = self.model.num_features  # type: ignore[assignment]
+        if weights_path is not None:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+            self._load_backbone(state, weights_path)
+
+    def _load_backbone(self, state: Mapping[str, Any], path: str) -> None:
+        """Load the backbone keys of ``state``, raising on any missing or mismatched one."""
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+        mismatched = [
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        if missing or mismatched:
+            raise RuntimeError(
+                f"weights in {path} do not fit the backbone; missing keys: {missing}; "
+                f"shape mismatches: {mismatched}"
+            )
+        self.model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x[M, C, H, W]`` -> ``[M, out_dim]``."""
+        return self.model(x)
+
+
+def build_instance_encoder(
+    name: str,
+    *,
+    in_dim: int | None = None,
+    out_dim: int = 128,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """The encoder called ``name``: one of ``BUILTIN_ENCODERS`` or any timm model name.
+
+    ``in_dim`` is required by "mlp" and "identity"; ``out_dim`` is ignored by "identity" and
+    timm models (whose ``out_dim`` is their feature size); ``pretrained`` and
+    ``weights_path`` only apply to timm models; ``kwargs`` go to the encoder's constructor.
+    """
+    if name == "small_cnn":
+        return SmallCNN(out_dim=out_dim, **kwargs)
+    if name == "lenet":
+        return LeNetEncoder(out_dim=out_dim, **kwargs)
+    if name in ("mlp", "identity"):
+        if in_dim is None:
+            raise ValueError(f"instance encoder {name!r} needs in_dim")
+        if name == "mlp":
+            return MLPEncoder(in_dim, out_dim=out_dim, **kwargs)
+        return IdentityEncoder(in_dim, **kwargs)
+    return TimmEncoder(name, pretrained=pretrained, weights_path=weights_path, **kwargs)
+
+
+def _keep_eval(module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Forward pre-hook undoing any ``train()`` called on a frozen module."""
+    if module.training:
+        module.eval()
+
+
+def freeze(module: nn.Module) -> None:
+    """Turn ``module`` into a fixed function: no parameter requires grad, eval mode.
+
+    Eval mode (frozen norm statistics, no dropout) is undone by any later ``train()`` call,
+    e.g. Lightning's at each epoch; a forward pre-hook therefore puts the module back in
+    eval mode before every forward. The hook stays (there is no unfreeze). Idempotent.
+    """
+    module.requires_grad_(False)
+    module.eval()
+    if _keep_eval not in module._forward_pre_hooks.values():
+        module.register_forward_pre_hook(_keep_eval)
+
+
+def encode_instances(
+    encoder: nn.Module, instances: Tensor, mask: Tensor, chunk_size: int | None = None
+) -> Tensor:
+    """Encode the real instances of padded bags: ``instances[B, N, ...]``, ``mask[B, N]``.
+
+    Only the ``M = mask.sum()`` real instances reach ``encoder``, in chunks of at most
+    ``chunk_size`` (None: all at once). Returns ``h[B, N, D]`` in the encoder's output dtype,
+    zero where ``mask`` is False. One host sync per call.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    index = mask.nonzero(as_tuple=True)
+    flat = instances[index]
+    chunks = flat.split(chunk_size) if chunk_size is not None else (flat,)
+    h_flat = torch.cat([encoder(chunk) for chunk in chunks])
+    out = h_flat.new_zeros(*mask.shape, *h_flat.shape[1:])
+    return out.index_put(index, h_flat)

@@ -1,0 +1,91 @@
+"""Fusion of a bag embedding with a clinical embedding into one patient-level prediction."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FusionOutput(NamedTuple):
+    """Per-bag outputs, each ``[B]``; the expert fields are None for ``ConcatFusion``.
+
+    ``logit`` and ``prob`` are float32 and describe the final probability ``p``.
+    """
+
+    logit: Tensor
+    prob: Tensor
+    gate: Tensor | None = None
+    image_logit: Tensor | None = None
+    tabular_logit: Tensor | None = None
+
+
+class GatedFusion(nn.Module):
+    """Mixture of two experts (Sahasrabudhe et al., IEEE JBHI 2021).
+
+    ``p = g * sigmoid(s_img) + (1 - g) * sigmoid(s_tab)`` with ``s_img = Linear(z_img)``,
+    ``s_tab = Linear(z_tab)`` and the gate ``g = sigmoid(MLP([z_img, z_tab]))``. The logit of
+    ``p`` is computed in log space in float32 (log-sum-exp of log-sigmoids), so it stays finite
+    and the chosen expert keeps its gradient even when the gate saturates to exactly 0 or 1.
+    Train with ``mixture_nll``.
+    """
+
+    def __init__(self, image_dim: int, tabular_dim: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.image_head = nn.Linear(image_dim, 1)
+        self.tabular_head = nn.Linear(tabular_dim, 1)
+        self.gate = nn.Sequential(
+            nn.Linear(image_dim + tabular_dim, hidden), nn.GELU(), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, z_img: Tensor, z_tab: Tensor) -> FusionOutput:
+        """``z_img[B, Di]``, ``z_tab[B, Dt]`` -> ``FusionOutput`` of ``[B]`` tensors."""
+        s_img = self.image_head(z_img).squeeze(-1).float()
+        s_tab = self.tabular_head(z_tab).squeeze(-1).float()
+        gate_logit = self.gate(torch.cat([z_img, z_tab], dim=-1)).squeeze(-1).float()
+        log_g, log_1mg = F.logsigmoid(gate_logit), F.logsigmoid(-gate_logit)
+        log_p = torch.logaddexp(log_g + F.logsigmoid(s_img), log_1mg + F.logsigmoid(s_tab))
+        log_q = torch.logaddexp(log_g + F.logsigmoid(-s_img), log_1mg + F.logsigmoid(-s_tab))
+        logit = log_p - log_q
+        return FusionOutput(
+            logit=logit,
+            prob=torch.sigmoid(logit),
+            gate=torch.sigmoid(gate_logit),
+            image_logit=s_img,
+            tabular_logit=s_tab,
+        )
+
+
+class ConcatFusion(nn.Module):
+    """Concatenation then Linear-GELU-Dropout-Linear to one logit."""
+
+    def __init__(
+        self, image_dim: int, tabular_dim: int, hidden: int = 64, dropout: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(image_dim + tabular_dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, z_img: Tensor, z_tab: Tensor) -> FusionOutput:
+        """``z_img[B, Di]``, ``z_tab[B, Dt]`` -> ``FusionOutput`` (``logit``, ``prob`` only)."""
+        logit = self.net(torch.cat([z_img, z_tab], dim=-1)).squeeze(-1).float()
+        return FusionOutput(logit=logit, prob=torch.sigmoid(logit))
+
+
+def mixture_nll(output: FusionOutput, target: Tensor, pos_weight: float | None = None) -> Tensor:
+    """Mean negative log-likelihood of ``target[B]`` (0/1) under ``output.prob``, in float32.
+
+    Equal to ``binary_cross_entropy(prob, target)`` but computed from the exact logit, so it
+    is finite and has useful gradients even for saturated probabilities. ``pos_weight``
+    multiplies the loss of positive bags.
+    """
+    weight = None if pos_weight is None else torch.tensor(pos_weight, device=target.device)
+    return F.binary_cross_entropy_with_logits(
+        output.logit.float(), target.float(), pos_weight=weight
+    )

@@ -1,0 +1,136 @@
+"""Clinical standardisation/encoder, gated mixture-of-experts and concatenation fusion."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lympho_mil.nn.fusion import ConcatFusion, FusionOutput, GatedFusion, mixture_nll
+from lympho_mil.nn.tabular import Standardize, TabularEncoder
+
+B, DI, DT = 5, 6, 3
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def test_tabular_encoder_shape() -> None:
+    encoder = TabularEncoder(4, hidden=8, out_dim=DT)
+    assert encoder.out_dim == DT and encoder(torch.randn(B, 4)).shape == (B, DT)
+
+
+def test_standardize_round_trip_and_state_dict() -> None:
+    std = Standardize([1.0, -2.0, 10.0], [2.0, 0.5, 4.0])
+    x = torch.tensor([[3.0, -2.0, 2.0], [1.0, -1.5, 10.0]])
+    y = std(x)
+    torch.testing.assert_close(y, torch.tensor([[1.0, 0.0, -2.0], [0.0, 1.0, 0.0]]))
+    torch.testing.assert_close(y * std.scale + std.mean, x)
+    state = std.state_dict()
+    assert set(state) == {"mean", "scale"} and state["mean"].dtype == torch.float32
+    restored = Standardize([0.0] * 3, [1.0] * 3)
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored(x), y)
+
+
+@pytest.mark.parametrize(
+    ("mean", "scale", "match"),
+    [([0.0, 0.0], [1.0, 0.0], "scale"), ([0.0], [-1.0], "scale"), ([0.0], [1.0, 1.0], "mean")],
+)
+def test_standardize_rejects_bad_parameters(
+    mean: list[float], scale: list[float], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        Standardize(mean, scale)
+
+
+def test_standardize_rejects_wrong_length() -> None:
+    with pytest.raises(ValueError, match=r"3 clinical features.*got an input with 2"):
+        Standardize([0.0] * 3, [1.0] * 3)(torch.zeros(B, 2))
+
+
+def test_gated_fusion_shapes_and_mixture_formula() -> None:
+    fusion = GatedFusion(DI, DT, hidden=8)
+    out = fusion(torch.randn(B, DI), torch.randn(B, DT))
+    assert isinstance(out, FusionOutput)
+    for t in out:
+        assert t.shape == (B,) and torch.isfinite(t).all()
+    assert ((out.prob >= 0) & (out.prob <= 1)).all() and ((out.gate > 0) & (out.gate < 1)).all()
+    g = out.gate
+    expected = g * torch.sigmoid(out.image_logit) + (1 - g) * torch.sigmoid(out.tabular_logit)
+    torch.testing.assert_close(out.prob, expected)
+    torch.testing.assert_close(out.logit, torch.logit(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_gated_fusion_experts_are_linear_heads() -> None:
+    fusion = GatedFusion(DI, DT)
+    z_img, z_tab = torch.randn(B, DI), torch.randn(B, DT)
+    out = fusion(z_img, z_tab)
+    torch.testing.assert_close(out.image_logit, fusion.image_head(z_img).squeeze(-1))
+    torch.testing.assert_close(out.tabular_logit, fusion.tabular_head(z_tab).squeeze(-1))
+
+
+@pytest.mark.parametrize(
+    ("bias", "expert"),
+    [
+        (50.0, "image_head"),
+        (-50.0, "tabular_head"),
+        (200.0, "image_head"),
+        (-200.0, "tabular_head"),
+    ],
+)
+def test_saturated_gate_keeps_loss_finite_and_expert_gradient(bias: float, expert: str) -> None:
+    fusion = GatedFusion(DI, DT, hidden=8)
+    with torch.no_grad():
+        fusion.gate[-1].weight.zero_()
+        fusion.gate[-1].bias.fill_(bias)
+    out = fusion(torch.randn(B, DI), torch.randn(B, DT))
+    assert ((out.gate - (1.0 if bias > 0 else 0.0)).abs() < 1e-20).all()  # exact for |bias| 200
+    for t in (out.logit, out.prob):
+        assert torch.isfinite(t).all()
+    loss = mixture_nll(out, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]), pos_weight=2.0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grad = getattr(fusion, expert).weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    for p in fusion.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+def test_extreme_experts_give_finite_loss() -> None:
+    fusion = GatedFusion(DI, DT)
+    out = fusion(torch.randn(B, DI) * 1e4, torch.randn(B, DT) * 1e4)
+    loss = mixture_nll(out, torch.ones(B))
+    assert torch.isfinite(out.logit).all() and torch.isfinite(loss)
+
+
+def test_mixture_nll_equals_bce_on_prob() -> None:
+    out = GatedFusion(DI, DT)(torch.randn(B, DI), torch.randn(B, DT))
+    y = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    torch.testing.assert_close(mixture_nll(out, y), F.binary_cross_entropy(out.prob, y))
+    weights = torch.where(y == 1, 3.0, 1.0)
+    torch.testing.assert_close(
+        mixture_nll(out, y, pos_weight=3.0),
+        F.binary_cross_entropy(out.prob, y, weight=weights),
+    )
+
+
+def test_concat_fusion() -> None:
+    fusion = ConcatFusion(DI, DT, hidden=8)
+    out = fusion(torch.randn(B, DI), torch.randn(B, DT))
+    assert out.logit.shape == (B,) and out.gate is None
+    assert out.image_logit is None and out.tabular_logit is None
+    torch.testing.assert_close(out.prob, torch.sigmoid(out.logit))
+    assert torch.isfinite(mixture_nll(out, torch.ones(B)))
+
+
+def test_fusion_under_bf16_autocast() -> None:
+    z_img, z_tab = torch.randn(B, DI), torch.randn(B, DT)
+    for fusion in (GatedFusion(DI, DT), ConcatFusion(DI, DT).eval()):
+        ref = fusion(z_img, z_tab)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fusion(z_img, z_tab)
+        assert out.logit.dtype == out.prob.dtype == torch.float32
+        torch.testing.assert_close(out.prob, ref.prob, atol=2e-2, rtol=2e-2)
