@@ -64,6 +64,11 @@ def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``lympho-mil`` and ``python -m lympho_mil``."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
+        if argv[:1] == ["cv"]:
+            from lympho_mil.evaluation.cv_cli import cv_main
+
+            cv_main(argv[1:])
+            return
         LymphoCLI(
             BagClassifier,
             BagDataModule,
