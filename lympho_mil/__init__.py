@@ -12,7 +12,9 @@ from lympho_mil.data import (
     BagDataModule,
     DataError,
     PatientBagDataModule,
+    SyntheticDataModule,
     collate_bags,
+    make_synthetic_dlmi,
 )
 from lympho_mil.models import (
     AttentionMIL,
@@ -43,7 +45,9 @@ __all__ = [
     "MaxPoolMIL",
     "MeanPoolMIL",
     "PatientBagDataModule",
+    "SyntheticDataModule",
     "TabularMLP",
     "__version__",
     "collate_bags",
+    "make_synthetic_dlmi",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lympho_mil.data import BagDataModule
+from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
 from lympho_mil.data.errors import DataError
 from lympho_mil.evaluation.predictions import PredictionWriter
 from lympho_mil.files import OutputExistsError

@@ -7,6 +7,8 @@ from lympho_mil.data.dataset import Bag, BagDataset
 from lympho_mil.data.dlmi import PatientRecord, read_dlmi
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.image_cache import CropSpec, ImageCache
+from lympho_mil.data.synthetic import make_synthetic_dlmi
+from lympho_mil.data.synthetic_datamodule import SyntheticDataModule
 
 __all__ = [
     "FEATURE_NAMES",
@@ -20,7 +22,9 @@ __all__ = [
     "ImageCache",
     "PatientBagDataModule",
     "PatientRecord",
+    "SyntheticDataModule",
     "collate_bags",
     "fit_standardization",
+    "make_synthetic_dlmi",
     "read_dlmi",
 ]

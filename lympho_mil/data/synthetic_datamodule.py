@@ -1,0 +1,63 @@
+"""A PatientBagDataModule on synthetic patients, generated on first use: the built-in default."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lympho_mil.data.datamodule import PatientBagDataModule
+from lympho_mil.data.image_cache import default_cache_dir
+from lympho_mil.data.synthetic import make_synthetic_dlmi
+
+
+def ensure_synthetic_dlmi(
+    root: str | Path, n_patients: int, image_size: int, seed: int, max_cells: int
+) -> Path:
+    """Write the synthetic dataset into ``root`` unless it is already complete there.
+
+    The data is written into a temporary sibling folder and renamed into place, so an
+    interrupted generation never leaves a half-written dataset behind.
+    """
+    root = Path(root).expanduser()
+    if (root / "clinical_annotation.csv").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        make_synthetic_dlmi(
+            tmp, n_patients, image_size, seed, max_cells=max_cells, overwrite=True
+        )
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+class SyntheticDataModule(PatientBagDataModule):
+    """Synthetic blood-smear patients in the DLMI layout, generated once into a cache folder.
+
+    Args:
+        root: where the dataset lives (default: ``<cache>/synthetic/n<N>-px<S>-seed<K>``);
+            generated there if absent, reused otherwise.
+        n_patients, synthetic_size, synthetic_seed, max_cells: generator settings (see
+            :func:`lympho_mil.data.synthetic.make_synthetic_dlmi`).
+        **kwargs: everything :class:`PatientBagDataModule` takes (image size, splits, ...).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        n_patients: int = 120,
+        synthetic_size: int = 64,
+        synthetic_seed: int = 0,
+        max_cells: int = 60,
+        **kwargs: Any,
+    ) -> None:
+        if root is None:
+            name = f"n{n_patients}-px{synthetic_size}-cells{max_cells}-seed{synthetic_seed}"
+            root = str(default_cache_dir() / "synthetic" / name)
+        ensure_synthetic_dlmi(root, n_patients, synthetic_size, synthetic_seed, max_cells)
+        super().__init__(root=root, **kwargs)
