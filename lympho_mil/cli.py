@@ -60,6 +60,26 @@ class LymphoCLI(LightningCLI):
         )
 
 
+def build_cli(args: Sequence[str], run: bool = True) -> LymphoCLI:
+    """``LymphoCLI`` with the project defaults; ``run=False`` only instantiates (used by cv)."""
+    return LymphoCLI(
+        BagClassifier,
+        BagDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=list(args),
+        run=run,
+        trainer_defaults={
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs"},
+            },
+        },
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=True,
+    )
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``lympho-mil`` and ``python -m lympho_mil``."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -69,21 +89,7 @@ def main(args: Sequence[str] | None = None) -> None:
 
             cv_main(argv[1:])
             return
-        LymphoCLI(
-            BagClassifier,
-            BagDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=argv,
-            trainer_defaults={
-                "logger": {
-                    "class_path": "lightning.pytorch.loggers.CSVLogger",
-                    "init_args": {"save_dir": "runs"},
-                },
-            },
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=True,
-        )
+        build_cli(argv)
     except USER_ERRORS as exc:
         print(f"lympho-mil: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
