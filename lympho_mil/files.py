@@ -25,14 +25,19 @@ def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (no partial file)."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename (no partial file)."""
     path = Path(path)
     check_writable([path], overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
