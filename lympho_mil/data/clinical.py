@@ -71,19 +71,20 @@ def validate_clinical(table: pd.DataFrame, reference_date: str = "2020-01-01") -
     """
     ref = date.fromisoformat(reference_date)
     ids = table["ID"].str.strip()
-    duplicated = sorted(set(ids[ids.duplicated()]))
-    if duplicated:
-        raise DataError(f"duplicate patient id(s) in the clinical table: {duplicated}")
+    duplicated = ids.duplicated(keep=False)
+    if duplicated.any():
+        where = sorted(set(zip(ids[duplicated], table.loc[duplicated, "source"], strict=True)))
+        raise DataError(f"duplicate patient id(s) in the clinical table (id, file): {where}")
     rows = []
     for pid, (_, row) in zip(ids, table.iterrows(), strict=True):
         where = f"patient {pid} ({row['source']})"
         if not pid:
             raise DataError(f"empty patient ID in {row['source']}")
         try:
-            label = int(float(row["LABEL"]))
+            label = float(row["LABEL"])
         except ValueError:
             label = None
-        if label not in VALID_LABELS or str(row["LABEL"]).strip() == "":
+        if label not in VALID_LABELS:
             raise DataError(f"{where}: LABEL {row['LABEL']!r} not in {list(VALID_LABELS)}")
         sex = str(row["GENDER"]).strip().upper()
         if sex not in ("M", "F"):
@@ -96,9 +97,9 @@ def validate_clinical(table: pd.DataFrame, reference_date: str = "2020-01-01") -
             raise DataError(
                 f"{where}: LYMPH_COUNT {row['LYMPH_COUNT']!r} must be a positive number"
             )
-        dob = parse_dob(str(row["DOB"]), pid)
+        dob = parse_dob(str(row["DOB"]), f"{pid} ({row['source']})")
         age = (ref - dob).days / 365.25
-        rows.append((pid, label, float(sex == "M"), age, count, float(np.log(count))))
+        rows.append((pid, int(label), float(sex == "M"), age, count, float(np.log(count))))
     frame = pd.DataFrame(
         rows, columns=["id", "label", "sex_male", "age", "lymph_count", "log_lymph_count"]
     )

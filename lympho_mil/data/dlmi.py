@@ -44,15 +44,16 @@ class PatientRecord:
         return [self.folder / name for name in self.files]
 
 
-def check_patient_id(patient_id: str) -> str:
+def check_patient_id(patient_id: str, source: str | Path = "the clinical csv") -> str:
     """Return ``patient_id`` if it is safe to use as a folder name, else raise DataError.
 
     Refuses anything that could escape the data root: separators, ``..``, absolute paths.
+    ``source`` (the csv it comes from) is named in the error.
     """
     if not _SAFE_ID.fullmatch(patient_id) or ".." in patient_id:
         raise DataError(
-            f"patient id {patient_id!r} is not a plain folder name (letters, digits, '_', '-', "
-            "'.'; no path separators or '..'); refusing to use it as a path"
+            f"patient id {patient_id!r} in {source} is not a plain folder name (letters, "
+            "digits, '_', '-', '.'; no path separators or '..'); refusing to use it as a path"
         )
     return patient_id
 
@@ -83,8 +84,8 @@ def read_dlmi(
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist or is not a folder")
     raw = read_dlmi_table(root)
-    for pid in raw["ID"].str.strip():
-        check_patient_id(pid)
+    for pid, source in zip(raw["ID"].str.strip(), raw["source"], strict=True):
+        check_patient_id(pid, source)
     frame = validate_clinical(raw, reference_date)
 
     on_disk: dict[str, Path] = {}
