@@ -77,8 +77,9 @@ def read_dlmi(
     """Read and validate a DLMI folder.
 
     Returns the validated clinical frame (see :func:`validate_clinical`) and one
-    :class:`PatientRecord` per csv row, in csv order. Raises :class:`DataError` for csv rows
-    without a folder, folders without a csv row, empty folders and unsafe ids.
+    :class:`PatientRecord` per csv row, in csv order. Hidden entries (names starting with
+    ``.``) are ignored. Raises :class:`DataError` for csv rows without a folder, folders
+    without a csv row, a patient with two folders, empty folders and unsafe ids.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -91,8 +92,13 @@ def read_dlmi(
     on_disk: dict[str, Path] = {}
     for split_dir in PATIENT_DIRS:
         base = root / split_dir
-        if base.is_dir():
-            on_disk.update({p.name: p for p in sorted(base.iterdir()) if p.is_dir()})
+        if not base.is_dir():
+            continue
+        for folder in sorted(_visible(base)):
+            if folder.is_dir() and on_disk.setdefault(folder.name, folder) != folder:
+                raise DataError(
+                    f"patient {folder.name} has two folders: {on_disk[folder.name]} and {folder}"
+                )
     missing = [pid for pid in frame.index if pid not in on_disk]
     if missing:
         raise DataError(
@@ -110,7 +116,7 @@ def read_dlmi(
         files = tuple(
             sorted(
                 p.name
-                for p in folder.iterdir()
+                for p in _visible(folder)
                 if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
             )
         )
@@ -118,3 +124,8 @@ def read_dlmi(
             raise DataError(f"patient {pid}: folder {folder} holds no image ({IMAGE_SUFFIXES})")
         records.append(PatientRecord(str(pid), int(label), folder, files))
     return frame, records
+
+
+def _visible(folder: Path) -> list[Path]:
+    """Entries of ``folder`` except hidden ones (``.ipynb_checkpoints``, macOS ``._*`` files)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
