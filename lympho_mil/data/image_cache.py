@@ -27,12 +27,13 @@ from lympho_mil.data.errors import DataError
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-_VERIFIED: set[str] = set()
+_VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of caches checked this run
 
 
 def default_cache_dir() -> Path:
     """``$LYMPHO_MIL_CACHE`` or ``~/.cache/lympho_mil`` (never inside the data folder)."""
-    return Path(os.environ.get("LYMPHO_MIL_CACHE", Path.home() / ".cache" / "lympho_mil"))
+    configured = os.environ.get("LYMPHO_MIL_CACHE")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "lympho_mil"
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,11 @@ def cache_key(paths: Sequence[Path], spec: CropSpec) -> str:
         stat = path.stat()
         digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:24]
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
 
 
 def _file_checksum(path: Path) -> str:
@@ -121,7 +127,7 @@ class ImageCache:
         threads: int | None = None,
     ) -> ImageCache:
         """Load the cache for ``paths`` + ``spec`` if it is intact, else (re)build it."""
-        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         key = cache_key(paths, spec)
         data_path = cache_dir / f"crops-{key}.npy"
         meta_path = cache_dir / f"crops-{key}.json"
@@ -133,8 +139,8 @@ class ImageCache:
                     f"unreadable image(s) {meta['bad_files'][:5]}; pass skip_bad_images=True "
                     "to skip them"
                 )
-            if str(data_path) in _VERIFIED or _file_checksum(data_path) == meta["checksum"]:
-                _VERIFIED.add(str(data_path))
+            if _stamp(data_path) in _VERIFIED or _file_checksum(data_path) == meta["checksum"]:
+                _VERIFIED.add(_stamp(data_path))
                 if bad:
                     _warn_skipped(meta["bad_files"])
                 return cls(data_path, bad)
@@ -178,7 +184,7 @@ class ImageCache:
         tmp_meta = meta_path.with_name(meta_path.name + f".tmp{os.getpid()}")
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, meta_path)
-        _VERIFIED.add(str(data_path))
+        _VERIFIED.add(_stamp(data_path))
         if bad:
             _warn_skipped(bad_files)
         return cls(data_path, bad)
