@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -80,17 +82,61 @@ def build_cli(args: Sequence[str], run: bool = True) -> LymphoCLI:
     )
 
 
+def class_choices(base: type) -> dict[str, type]:
+    """Short names of the concrete subclasses of ``base`` (what ``--model NAME`` accepts)."""
+    found: dict[str, type] = {}
+    stack = list(base.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        found[cls.__name__] = cls
+    return dict(sorted(found.items()))
+
+
+def check_class_names(argv: Sequence[str]) -> None:
+    """Fail early, naming the valid choices, on an unknown ``--model``/``--data`` class.
+
+    Reads the command line and the ``model``/``data`` ``class_path`` of each ``--config``.
+    """
+    given: list[tuple[str, str]] = []
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if key in ("--model", "--data"):
+            given.append((key[2:], value))
+        elif key == "--config" and Path(value).is_file():
+            config = yaml.safe_load(Path(value).read_text()) or {}
+            for section in ("model", "data"):
+                entry = config.get(section) if isinstance(config, dict) else None
+                if isinstance(entry, dict) and isinstance(entry.get("class_path"), str):
+                    given.append((section, entry["class_path"]))
+    bases = {"model": BagClassifier, "data": BagDataModule}
+    for section, name in given:
+        choices = class_choices(bases[section])
+        if "." not in name and not name.startswith("{") and name not in choices:
+            raise ConfigError(
+                f"unknown {section} {name!r}; valid choices: {', '.join(choices)} "
+                "(or a full import path such as mypackage.MyModel)"
+            )
+
+
+class ConfigError(ValueError):
+    """A configuration names something that does not exist."""
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``lympho-mil`` and ``python -m lympho_mil``."""
     argv = list(sys.argv[1:] if args is None else args)
     try:
+        check_class_names(argv)
         if argv[:1] == ["cv"]:
             from lympho_mil.evaluation.cv_cli import cv_main
 
             cv_main(argv[1:])
             return
         build_cli(argv)
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, ConfigError) as exc:
         print(f"lympho-mil: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

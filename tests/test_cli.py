@@ -1,0 +1,142 @@
+"""The real CLI on tiny synthetic data: fit -> test -> predict, overrides, bad configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from lympho_mil.cli import main
+from lympho_mil.data.synthetic import make_synthetic_dlmi
+
+
+@pytest.fixture(scope="module")
+def dlmi_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli") / "dlmi"
+    return make_synthetic_dlmi(root, n_patients=16, image_size=32, seed=1, max_cells=18)
+
+
+def write_config(path: Path, root: Path, cache: Path, model: str = "AttentionMIL") -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2,
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(path.parent),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(path.parent / "logs")},
+            },
+        },
+        "model": {
+            "class_path": model,
+            "init_args": {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 16},
+        },
+        "data": {
+            "class_path": "PatientBagDataModule",
+            "init_args": {
+                "root": str(root),
+                "image_size": 32,
+                "cache_dir": str(cache),
+                "batch_size": 4,
+                "max_instances": 8,
+                "test_fraction": 0.25,
+            },
+        },
+        "checkpoint": {"dirpath": str(path.parent / "ckpt")},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_fit_test_predict_from_checkpoint(dlmi_root: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    main(["fit", "--config", str(config)])
+    best = sorted((tmp_path / "ckpt").glob("epoch*.ckpt"))
+    assert best and (tmp_path / "ckpt" / "last.ckpt").is_file()
+
+    main(["test", "--config", str(config), "--ckpt_path", str(best[0])])
+    metrics = pd.read_csv(sorted((tmp_path / "logs").rglob("metrics.csv"))[-1])
+    assert 0.0 <= metrics["test_balanced_accuracy"].dropna().iloc[-1] <= 1.0
+
+    out = tmp_path / "pred"
+    predict = ["predict", "--config", str(config), "--ckpt_path", str(best[0]),
+               "--prediction.output_dir", str(out)]
+    main(predict)
+    submission = pd.read_csv(out / "predictions.csv")
+    detail = pd.read_csv(out / "predictions_detail.csv")
+    attention = pd.read_csv(out / "attention.csv")
+    unlabelled = pd.read_csv(dlmi_root / "testset" / "testset_data.csv")["ID"]
+    assert list(submission.columns) == ["Id", "Predicted"]
+    assert sorted(submission["Id"]) == sorted(unlabelled)  # every test patient once
+    assert set(submission["Predicted"]) <= {0, 1}
+    assert detail["probability"].between(0, 1).all()
+    assert (detail["predicted"] == (detail["probability"] >= detail["threshold"])).all()
+    sums = attention.groupby("id")["weight"].sum()
+    assert sorted(sums.index) == sorted(unlabelled)
+    assert sums.to_numpy() == pytest.approx(1.0, abs=1e-5)
+    counts = attention.groupby("id").size()
+    assert (counts.sort_index() == detail.set_index("id")["n_instances"].sort_index()).all()
+
+    with pytest.raises(SystemExit) as exc:  # existing files are never overwritten silently
+        main(predict)
+    assert exc.value.code == 2
+    main([*predict, "--prediction.overwrite", "true"])
+
+
+def test_checkpoint_carries_standardisation_and_threshold(dlmi_root: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    state = ckpt["state_dict"]
+    stats = ckpt["hyper_parameters"]["tabular_stats"]
+    assert state["standardize.mean"].tolist() == pytest.approx(stats["mean"])
+    assert state["standardize.scale"].tolist() == pytest.approx(stats["scale"])
+    assert float(state["threshold"]) == pytest.approx(0.5)
+    assert len(stats["mean"]) == 3
+
+
+def test_resume_from_last_checkpoint(dlmi_root: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=True)
+    main(["fit", "--config", str(config), "--ckpt_path", str(last)])  # max_epochs 2: one more
+    resumed = torch.load(last, map_location="cpu", weights_only=True)
+    assert resumed["global_step"] == 2 * first["global_step"] > 0
+
+
+def test_data_root_and_model_from_the_command_line(dlmi_root: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", tmp_path / "not-here", tmp_path / "cache")
+    main(["fit", "--config", str(config), "--data.root", str(dlmi_root),
+          "--model", "GatedFusionMIL", "--model.fusion", "concat", "--trainer.max_epochs", "1"])
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert any(k.startswith("fusion.") for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["fusion"] == "concat"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--model", "NoSuchMIL"], "unknown model 'NoSuchMIL'; valid choices: AttentionMIL"),
+        (["--data", "NoSuchData"], "unknown data 'NoSuchData'; valid choices:"),
+        (["--model.no_such_key", "3"], "no_such_key"),
+        (["--data.root", "/no/such/folder"], "data root /no/such/folder does not exist"),
+    ],
+)
+def test_bad_configuration_is_a_short_message(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    extra: list[str], expected: str,
+) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
