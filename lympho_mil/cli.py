@@ -62,14 +62,17 @@ class LymphoCLI(LightningCLI):
         )
 
 
-def build_cli(args: Sequence[str], run: bool = True) -> LymphoCLI:
-    """``LymphoCLI`` with the project defaults; ``run=False`` only instantiates (used by cv)."""
+def build_cli(args: Sequence[str] | None, run: bool = True) -> LymphoCLI:
+    """``LymphoCLI`` with the project defaults; ``run=False`` only instantiates (used by cv).
+
+    ``args=None`` reads ``sys.argv`` (the console script).
+    """
     return LymphoCLI(
         BagClassifier,
         BagDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=list(args),
+        args=None if args is None else list(args),
         run=run,
         trainer_defaults={
             "logger": {
@@ -135,7 +138,7 @@ def main(args: Sequence[str] | None = None) -> None:
 
             cv_main(argv[1:])
             return
-        build_cli(argv)
+        build_cli(None if args is None else argv)
     except (*USER_ERRORS, ConfigError) as exc:
         print(f"lympho-mil: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
