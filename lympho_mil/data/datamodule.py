@@ -170,7 +170,7 @@ class BagDataModule(LightningDataModule):
             "validate": ("val",),
             "test": ("test",),
             "predict": ("predict",),
-            None: STAGES,
+            None: STAGES if self.split_ids["predict"] else STAGES[:-1],  # all that exist
         }[stage]
         if any(s not in self.datasets for s in wanted):
             store, usable = self.build_store(list(self.bags.values()))

@@ -1,0 +1,280 @@
+"""PatientBagDataModule: patient-level splits, bags per stage, collate, transforms, BagBatch."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning import seed_everything
+
+from lympho_mil.data import (
+    BagBatch,
+    BagSample,
+    CropSpec,
+    DataError,
+    PatientBagDataModule,
+    collate_bags,
+)
+from lympho_mil.data.image_cache import decode_crop
+from lympho_mil.data.splits import holdout_split, kfold_split
+from lympho_mil.data.transforms import train_augmentation
+
+SIZE = 16
+
+
+@pytest.fixture
+def make_dm(synthetic_dlmi: Path):
+    """PatientBagDataModule on the shared synthetic folder (16 px, the session cache)."""
+
+    def make(**kwargs: object) -> PatientBagDataModule:
+        return PatientBagDataModule(str(synthetic_dlmi), image_size=SIZE, **kwargs)
+
+    return make
+
+
+def labels_of(dm: PatientBagDataModule, ids: list[str]) -> Counter:
+    return Counter(dm.bags[i].label for i in ids)
+
+
+def labelled(dm: PatientBagDataModule) -> set[str]:
+    return {i for i, bag in dm.bags.items() if bag.label in (0, 1)}
+
+
+# -- splits -------------------------------------------------------------------------------------
+def test_holdout_is_patient_level_stratified_reproducible(make_dm) -> None:
+    dm = make_dm(val_fraction=0.3, seed=0)
+    train, val = dm.split_ids["train"], dm.split_ids["val"]
+    assert not set(train) & set(val) and set(train) | set(val) == labelled(dm)
+    assert labels_of(dm, val) == Counter({1: 2, 0: 1})  # 6 tumoral, 3 reactive labelled
+    assert dm.split_ids["test"] == []
+    assert make_dm(val_fraction=0.3, seed=0).split_ids == dm.split_ids
+    assert len({tuple(make_dm(val_fraction=0.3, seed=s).split_ids["val"]) for s in range(8)}) > 1
+
+
+def test_kfold_is_patient_level_stratified_reproducible(make_dm) -> None:
+    folds = [make_dm(n_folds=3, fold=k, seed=3).split_ids for k in range(3)]
+    vals = [set(f["val"]) for f in folds]
+    everyone = labelled(make_dm())
+    assert set.union(*vals) == everyone and sum(map(len, vals)) == len(everyone)
+    for split in folds:
+        assert set(split["train"]) == everyone - set(split["val"])
+        assert labels_of(make_dm(), split["val"]) == Counter({1: 2, 0: 1})
+    assert make_dm(n_folds=3, fold=1, seed=3).split_ids == folds[1]
+    assert any(make_dm(n_folds=3, fold=1, seed=s).split_ids != folds[1] for s in range(4, 8))
+
+
+def test_test_fraction_is_held_out_of_every_fold(make_dm) -> None:
+    folds = [make_dm(test_fraction=0.3, n_folds=2, fold=k).split_ids for k in range(2)]
+    test = set(folds[0]["test"])
+    assert len(test) == 3 and all(set(f["test"]) == test for f in folds)
+    for split in folds:
+        assert not test & (set(split["train"]) | set(split["val"]))
+    assert test | set(folds[0]["train"]) | set(folds[0]["val"]) == labelled(make_dm())
+
+
+def test_splits_keep_class_ratios_at_scale() -> None:
+    ids = [f"P{i}" for i in range(100)]
+    labels = [int(i < 70) for i in range(100)]
+    rest, held = holdout_split(ids, labels, 0.2, seed=0)
+    assert len(held) == 20 and sum(int(i[1:]) < 70 for i in held) == 14
+    assert not set(rest) & set(held) and len(rest) + len(held) == 100
+    vals = [kfold_split(ids, labels, 5, k, seed=1)[1] for k in range(5)]
+    assert sorted(i for v in vals for i in v) == sorted(ids)
+    assert all(sum(int(i[1:]) < 70 for i in v) == 14 for v in vals)
+
+
+def test_explicit_ids_override_the_policy(make_dm) -> None:
+    ids = sorted(labelled(make_dm()))
+    dm = make_dm(
+        n_folds=3, test_fraction=0.3, train_ids=ids[:5], val_ids=ids[5:7], test_ids=ids[7:]
+    )
+    assert dm.split_ids["train"] == ids[:5]
+    assert dm.split_ids["val"] == ids[5:7] and dm.split_ids["test"] == ids[7:]
+    unlabelled = sorted(set(make_dm().bags) - set(ids))
+    for bad, culprit in [
+        ({"train_ids": [*ids[:2], "nobody"]}, "nobody"),
+        ({"train_ids": ids[:2], "val_ids": ids[1:3]}, ids[1]),
+        ({"train_ids": [ids[0], unlabelled[0]]}, unlabelled[0]),
+    ]:
+        with pytest.raises(DataError, match=culprit):
+            _ = make_dm(**bad).split_ids
+
+
+def test_predict_on_unlabelled_or_given_ids(make_dm, synthetic_dlmi: Path) -> None:
+    unlabelled = pd.read_csv(synthetic_dlmi / "testset" / "testset_data.csv")["ID"].tolist()
+    dm = make_dm(batch_size=8)
+    assert sorted(dm.split_ids["predict"]) == sorted(unlabelled)
+    (batch,) = dm.predict_dataloader()
+    assert sorted(batch.bag_id) == sorted(unlabelled) and (batch.label == -1).all()
+    chosen = sorted(labelled(dm))[:2]
+    (batch,) = make_dm(predict_ids=chosen, batch_size=8).predict_dataloader()
+    assert batch.bag_id == chosen
+    with pytest.raises(DataError, match="nobody"):
+        _ = make_dm(predict_ids=["nobody"]).split_ids
+
+
+def test_setup_all_stages_without_unlabelled_patients(dlmi_root: Path, cache_dir: Path) -> None:
+    test_csv = dlmi_root / "testset" / "testset_data.csv"
+    for pid in pd.read_csv(test_csv)["ID"]:
+        for path in (dlmi_root / "testset" / pid).iterdir():
+            path.unlink()
+        (dlmi_root / "testset" / pid).rmdir()
+    test_csv.unlink()
+    dm = PatientBagDataModule(str(dlmi_root), image_size=SIZE, cache_dir=str(cache_dir))
+    dm.setup()
+    assert {"train", "val", "test"} <= set(dm.datasets)
+    with pytest.raises(DataError, match="predict"):
+        dm.predict_dataloader()
+
+
+# -- bags per stage -------------------------------------------------------------------------------
+def train_instance_ids(dm: PatientBagDataModule) -> dict[str, list[str]]:
+    return {
+        b: ids
+        for batch in dm.train_dataloader()
+        for b, ids in zip(batch.bag_id, batch.instance_id, strict=True)
+    }
+
+
+def test_max_instances_caps_training_bags_only(make_dm) -> None:
+    dm = make_dm(max_instances=5, batch_size=3, test_fraction=0.25, augment=False)
+    dm.setup("fit")
+    dm.setup("test")
+    dm.setup("predict")
+    for batch in dm.train_dataloader():
+        sizes = [len(dm.bags[b].rows) for b in batch.bag_id]
+        assert batch.mask.sum(1).tolist() == [min(n, 5) for n in sizes]
+        assert batch.instances.shape[1] == max(min(n, 5) for n in sizes)
+    assert max(len(dm.bags[b].rows) for b in dm.split_ids["train"]) > 5  # the cap bites
+    for loader in (dm.val_dataloader(), dm.test_dataloader(), dm.predict_dataloader()):
+        for batch in loader:
+            assert batch.mask.sum(1).tolist() == [len(dm.bags[b].rows) for b in batch.bag_id]
+            assert [len(i) for i in batch.instance_id] == batch.mask.sum(1).tolist()
+            assert batch.instance_id == [list(dm.bags[b].instance_ids) for b in batch.bag_id]
+
+
+def test_training_subsets_change_per_epoch_and_repeat_under_seed(make_dm) -> None:
+    dm = make_dm(max_instances=4, augment=False)
+    seed_everything(7)
+    epoch1, epoch2 = train_instance_ids(dm), train_instance_ids(dm)
+    assert epoch1 != epoch2
+    seed_everything(7)
+    assert train_instance_ids(make_dm(max_instances=4, augment=False)) == epoch1
+    for bag_id, names in epoch1.items():
+        assert len(names) == 4 and set(names) <= set(dm.bags[bag_id].instance_ids)
+
+
+def test_batches_hold_several_padded_bags(make_dm) -> None:
+    dm = make_dm(batch_size=4, augment=False)
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, BagBatch) and len(batch) == 4
+    sizes = [len(dm.bags[b].rows) for b in batch.bag_id]
+    assert len(set(sizes)) > 1  # padding is exercised
+    assert batch.instances.shape == (4, max(sizes), 3, SIZE, SIZE)
+    assert batch.mask.sum(1).tolist() == sizes and batch.bag_sizes.tolist() == sizes
+    assert batch.tabular.shape == (4, 3) and batch.tabular.dtype == torch.float32
+    expected = np.stack([dm.bags[b].tabular for b in batch.bag_id])
+    np.testing.assert_allclose(batch.tabular.numpy(), expected)
+
+
+# -- collate ------------------------------------------------------------------------------------
+def sample(instances: torch.Tensor, name: str, label: float = 1.0, t: int = 2) -> BagSample:
+    names = [f"{name}_{i}" for i in range(len(instances))]
+    return BagSample(instances, torch.arange(t, dtype=torch.float32), label, name, names)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 4), (8,)], ids=["images", "features"])
+def test_collate_pads_to_the_largest_bag(shape: tuple[int, ...]) -> None:
+    bags = [torch.randn(n, *shape) + 5 for n in (2, 5, 3)]
+    batch = collate_bags([sample(b, f"b{i}", label=i - 1) for i, b in enumerate(bags)])
+    assert batch.instances.shape == (3, 5, *shape)
+    assert batch.mask.dtype == torch.bool
+    assert batch.mask.tolist() == [[True] * 2 + [False] * 3, [True] * 5, [True] * 3 + [False] * 2]
+    for i, bag in enumerate(bags):
+        torch.testing.assert_close(batch.instances[i, : len(bag)], bag)
+    assert (batch.instances[~batch.mask] == 0).all()
+    assert batch.label.tolist() == [-1.0, 0.0, 1.0] and batch.label.dtype == torch.float32
+    assert batch.bag_id == ["b0", "b1", "b2"] and batch.instance_id[0] == ["b0_0", "b0_1"]
+    assert batch.tabular.shape == (3, 2)
+    assert collate_bags([sample(bags[0], "x", t=0)]).tabular.shape == (1, 0)
+
+
+def test_batch_to_device_and_pin_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = collate_bags([sample(torch.randn(n, 4), f"b{n}") for n in (1, 3)])
+    moved = batch.to("meta")
+    for name in ("instances", "mask", "tabular", "label"):
+        tensor = getattr(moved, name)
+        assert tensor.device.type == "meta" and tensor.shape == getattr(batch, name).shape
+    assert moved.bag_id == batch.bag_id and moved.instance_id == batch.instance_id
+    assert batch.to(torch.device("cpu"), non_blocking=True).mask.equal(batch.mask)
+
+    pinned: list[tuple[int, ...]] = []
+
+    def fake_pin(self: torch.Tensor, *args: object) -> torch.Tensor:
+        pinned.append(tuple(self.shape))
+        return self.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    out = batch.pin_memory()
+    assert isinstance(out, BagBatch) and len(pinned) == 4
+    torch.testing.assert_close(out.instances, batch.instances)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_batch_pin_memory_on_cuda() -> None:
+    batch = collate_bags([sample(torch.randn(n, 4), f"b{n}") for n in (1, 3)]).pin_memory()
+    assert batch.instances.is_pinned() and batch.mask.is_pinned()
+    assert batch.to("cuda", non_blocking=True).instances.is_cuda
+
+
+# -- transforms ---------------------------------------------------------------------------------
+def test_train_pipeline_steps_are_configurable() -> None:
+    names = [type(t).__name__ for t in train_augmentation()]
+    assert names == ["HorizontalFlip", "VerticalFlip", "RandomRotate90", "Affine", "ColorJitter"]
+    names = [type(t).__name__ for t in train_augmentation(affine=0, color_jitter=0)]
+    assert names == ["HorizontalFlip", "VerticalFlip", "RandomRotate90"]
+
+
+def test_train_augments_eval_is_deterministic(make_dm) -> None:
+    dm = make_dm(affine=0.0, color_jitter=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+    dm.setup("fit")
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    torch.testing.assert_close(val[0].instances, val[0].instances)
+    draws = [train[0].instances for _ in range(6)]
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+    # flips and right-angle rotations only move pixels: each crop keeps its pixel values
+    for draw in draws[1:]:
+        for a, b in zip(draw, draws[0], strict=True):
+            torch.testing.assert_close(a.flatten().sort().values, b.flatten().sort().values)
+    plain = make_dm(augment=False)
+    plain.setup("fit")
+    torch.testing.assert_close(
+        plain.datasets["train"][0].instances, plain.datasets["train"][0].instances
+    )
+
+
+@pytest.mark.parametrize(
+    "mean, std", [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.5))]
+)
+def test_normalisation_constants(make_dm, mean, std) -> None:
+    dm = make_dm(mean=mean, std=std, batch_size=1)
+    dm.setup("validate")
+    item = dm.datasets["val"][0]
+    paths = [dm.root / "trainset" / item.bag_id / name for name in item.instance_id]
+    pixels = np.stack([decode_crop(p, CropSpec(SIZE)) for p in paths]) / 255.0
+    expected = (pixels - np.array(mean)) / np.array(std)
+    torch.testing.assert_close(
+        item.instances, torch.from_numpy(expected).permute(0, 3, 1, 2).float()
+    )
+
+
+def test_missing_root_is_a_data_error(tmp_path: Path) -> None:
+    dm = PatientBagDataModule(str(tmp_path / "absent"), image_size=SIZE)
+    with pytest.raises(DataError, match="absent"):
+        dm.setup("fit")
+    with pytest.raises(DataError, match="absent"):
+        _ = dm.tabular_stats
