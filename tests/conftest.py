@@ -23,6 +23,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data``; tests using it carry the ``shared_data`` marker."""
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
 def synthetic_dlmi(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny synthetic DLMI folder (2024 layout, 12 patients, 32 px), shared: do not modify."""
     root = tmp_path_factory.mktemp("synthetic") / "dlmi"
