@@ -1,5 +1,13 @@
 """Data layer: clinical table, DLMI layout, bag datasets, collate, transforms, datamodules."""
 
+from lympho_mil.data.bag_sources import (
+    FeatureBagDataModule,
+    FeatureBags,
+    MNISTBagsDataModule,
+    bags_from_arrays,
+    read_mil_file,
+    read_mnist_bags,
+)
 from lympho_mil.data.batch import BagBatch, BagSample, collate_bags
 from lympho_mil.data.clinical import FEATURE_NAMES, fit_standardization
 from lympho_mil.data.datamodule import BagDataModule, PatientBagDataModule
@@ -19,12 +27,18 @@ __all__ = [
     "BagSample",
     "CropSpec",
     "DataError",
+    "FeatureBagDataModule",
+    "FeatureBags",
     "ImageCache",
+    "MNISTBagsDataModule",
     "PatientBagDataModule",
     "PatientRecord",
     "SyntheticDataModule",
+    "bags_from_arrays",
     "collate_bags",
     "fit_standardization",
     "make_synthetic_dlmi",
     "read_dlmi",
+    "read_mil_file",
+    "read_mnist_bags",
 ]

@@ -186,6 +186,8 @@ class BagDataModule(LightningDataModule):
 
     def _ids_for(self, split: str) -> list[str]:
         ids = self.split_ids[split]
+        if split == "val" and self.explicit_ids["val"] == []:
+            return ids  # explicitly no validation: fixed epochs, ``limit_val_batches=0``
         if split == "test" and not ids:
             log.warning(
                 "no test patients configured (test_fraction=0, no test_ids): testing on the "

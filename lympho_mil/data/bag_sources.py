@@ -1,0 +1,330 @@
+"""Generic bag sources: bags of feature vectors or small images that are not DLMI patients.
+
+A source is a :class:`FeatureBags`: one instance array ``features[M, ...]`` and bags whose
+``rows`` index it. Readers cover the classic MIL benchmarks of Andrews et al. (2003) in
+their MATLAB and CSV forms (Musk1/2, Fox, Tiger, Elephant, ...) and MNIST-bags built from
+the IDX files as in Ilse et al. (2018). :class:`FeatureBagDataModule` and
+:class:`MNISTBagsDataModule` feed them to the same models, Trainer and split policy as the
+patient bags. These bags carry no clinical vector (``tabular`` of length 0).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse
+from torch import Tensor
+
+from lympho_mil.data.datamodule import BagDataModule
+from lympho_mil.data.dataset import Bag, InstanceStore
+from lympho_mil.data.errors import DataError
+from lympho_mil.data.transforms import FeaturesToTensor
+
+NO_TABULAR = np.zeros(0, dtype=np.float32)
+IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass(frozen=True)
+class FeatureBags:
+    """Bags over one instance array: ``features[M, ...]`` (float32) and ``bags`` indexing it."""
+
+    features: np.ndarray
+    bags: list[Bag]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """int[n_bags]: the bag labels (0/1)."""
+        return np.array([b.label for b in self.bags])
+
+
+def bags_from_arrays(features: Any, bag_ids: Sequence[Any], labels: Sequence[Any]) -> FeatureBags:
+    """Group instances into bags: ``features[M, ...]``, ``bag_ids[M]``, instance ``labels[M]``.
+
+    Labels are 0/1 or -1/+1 per instance; a bag is positive when any of its instances is
+    (bags come in order of first appearance, ids as strings). Dense or scipy-sparse
+    features are accepted. Raises :class:`DataError` on a feature column that encodes the
+    label (see :func:`check_label_leak`).
+    """
+    x = features.toarray() if scipy.sparse.issparse(features) else np.asarray(features)
+    x = x.astype(np.float32)
+    ids = np.asarray(bag_ids).ravel()
+    y = binary_labels(labels)
+    if not len(x) == len(ids) == len(y):
+        raise DataError(f"{len(x)} instances but {len(ids)} bag ids and {len(y)} labels")
+    check_label_leak(x, y)
+    order, uniques, first = _group(ids)
+    bags = []
+    for k in np.argsort(first, kind="stable"):
+        rows = order[k]
+        bags.append(
+            Bag(_id_text(uniques[k]), int(y[rows].max()), rows, tuple(map(str, rows)), NO_TABULAR)
+        )
+    return FeatureBags(x, bags)
+
+
+def _group(ids: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Rows of each distinct id (in row order), the ids, and each id's first row."""
+    uniques, inverse = np.unique(ids, return_inverse=True)
+    sort = np.argsort(inverse, kind="stable")
+    rows = np.split(sort, np.cumsum(np.bincount(inverse))[:-1])
+    return rows, uniques, np.array([r[0] for r in rows])
+
+
+def _id_text(value: Any) -> str:
+    """``3.0`` -> ``"3"``; anything else as ``str``."""
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def binary_labels(labels: Sequence[Any]) -> np.ndarray:
+    """0/1 or -1/+1 labels -> int64 0/1; anything else raises :class:`DataError`."""
+    y = np.asarray(labels.toarray() if scipy.sparse.issparse(labels) else labels).ravel()
+    values = set(np.unique(y).tolist())
+    if values <= {0, 1}:
+        return y.astype(np.int64)
+    if values <= {-1, 1}:
+        return (y > 0).astype(np.int64)
+    raise DataError(f"labels must be 0/1 or -1/+1, got values {sorted(values)[:10]}")
+
+
+def check_label_leak(features: np.ndarray, labels: np.ndarray) -> None:
+    """Refuse features in which one column alone gives the label.
+
+    Some public copies of the MIL benchmarks carry the instance label as an extra last
+    feature column (Musk1 with 167 columns instead of 166): a column constant within each
+    class and different between them. Any model would read the answer off it.
+    """
+    if len(np.unique(labels)) < 2:
+        return
+    x = features.reshape(len(features), -1)
+    pos, neg = x[labels == 1], x[labels == 0]
+    constant = (pos.min(0) == pos.max(0)) & (neg.min(0) == neg.max(0))
+    leaks = np.flatnonzero(constant & (pos[0] != neg[0]))
+    if len(leaks):
+        raise DataError(
+            f"feature column(s) {leaks.tolist()} (0-based, of {x.shape[1]}) equal the label "
+            "under a relabelling: this copy of the data carries the answer as a feature "
+            "(a known defect of some public MIL files); drop the column(s)"
+        )
+
+
+def read_mil_mat(path: str | Path) -> FeatureBags:
+    """An Andrews et al. MATLAB file: ``bag_ids[1, M]``, ``labels[1, M]`` (+1/-1 per
+    instance) and ``features[M, D]`` (sparse or dense)."""
+    data = scipy.io.loadmat(str(path))
+    missing = [k for k in ("bag_ids", "labels", "features") if k not in data]
+    if missing:
+        raise DataError(f"{path}: missing MATLAB variable(s) {missing}")
+    return _with_context(path, data["features"], data["bag_ids"], data["labels"])
+
+
+def read_mil_csv(path: str | Path) -> FeatureBags:
+    """A header-less CSV, one instance per row: label (0/1 or -1/+1), bag id, features..."""
+    frame = pd.read_csv(path, header=None)
+    if frame.shape[1] < 3:
+        raise DataError(f"{path}: need columns label, bag id, features...; got {frame.shape[1]}")
+    features = frame.iloc[:, 2:]
+    if not all(pd.api.types.is_numeric_dtype(t) for t in features.dtypes):
+        raise DataError(f"{path}: non-numeric feature values (a header row?)")
+    return _with_context(path, features.to_numpy(), frame.iloc[:, 1], frame.iloc[:, 0])
+
+
+def read_mil_file(path: str | Path) -> FeatureBags:
+    """:func:`read_mil_mat` for ``.mat`` files, :func:`read_mil_csv` for ``.csv``."""
+    readers = {".mat": read_mil_mat, ".csv": read_mil_csv}
+    suffix = Path(path).suffix.lower()
+    if suffix not in readers:
+        raise DataError(f"{path}: unknown MIL file type {suffix!r}; expected .mat or .csv")
+    return readers[suffix](path)
+
+
+def _with_context(path: str | Path, features: Any, bag_ids: Any, labels: Any) -> FeatureBags:
+    try:
+        return bags_from_arrays(features, np.asarray(bag_ids).ravel(), labels)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from None
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (MNIST format), gzipped or not, as a numpy array of its dims."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file")
+    ndim, start = data[3], 4 + 4 * data[3]
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    if len(data) - start != math.prod(dims) * dtype.itemsize:
+        raise DataError(f"{path}: {len(data) - start} data bytes do not fit dims {dims}")
+    return np.frombuffer(data, dtype, offset=start).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def mnist_bags(
+    images: np.ndarray,
+    digits: np.ndarray,
+    n_train_bags: int,
+    n_test_bags: int = 1000,
+    bag_length_mean: float = 10.0,
+    bag_length_var: float = 2.0,
+    target_digit: int = 9,
+    train_pool: int = 5000,
+    seed: int = 0,
+) -> FeatureBags:
+    """MNIST-bags (Ilse et al., 2018): a bag is positive when it holds ``target_digit``.
+
+    Bag lengths are ``round(Normal(mean, var))`` clipped to >= 1 (``var`` is the variance;
+    the authors' code passed it as the standard deviation). Training bags ``train0000, ...``
+    draw from the first ``train_pool`` images, test bags ``test0000, ...`` from the rest,
+    each without repetition inside a bag. Test bags depend on ``seed`` only, not on
+    ``n_train_bags``. ``images[M, 28, 28]`` uint8 -> ``features[M, 1, 28, 28]`` in [0, 1].
+    """
+    if not 0 < train_pool < len(images):
+        raise ValueError(f"train_pool must be in (0, {len(images)}), got {train_pool}")
+    is_target = np.asarray(digits) == target_digit
+    bags = []
+    pools = {"train": np.arange(train_pool), "test": np.arange(train_pool, len(images))}
+    for stream, (split, n_bags) in enumerate((("train", n_train_bags), ("test", n_test_bags))):
+        rng = np.random.default_rng([seed, stream])
+        lengths = rng.normal(bag_length_mean, math.sqrt(bag_length_var), n_bags)
+        lengths = np.clip(np.rint(lengths), 1, len(pools[split])).astype(int)
+        for i, n in enumerate(lengths):
+            rows = np.sort(rng.choice(pools[split], size=n, replace=False))
+            label = int(is_target[rows].any())
+            bags.append(Bag(f"{split}{i:04d}", label, rows, tuple(map(str, rows)), NO_TABULAR))
+    features = (np.asarray(images, dtype=np.float32) / 255.0)[:, None]
+    return FeatureBags(features, bags)
+
+
+def read_mnist_bags(
+    root: str | Path,
+    images: str = "t10k-images-idx3-ubyte.gz",
+    labels: str = "t10k-labels-idx1-ubyte.gz",
+    **kwargs: Any,
+) -> FeatureBags:
+    """:func:`mnist_bags` from the IDX files in ``root`` (default: the MNIST test set)."""
+    root = Path(root)
+    pixels, digits = read_idx(root / images), read_idx(root / labels)
+    if pixels.ndim != 3 or len(pixels) != len(digits):
+        raise DataError(f"{root}: {pixels.shape} images do not match {digits.shape} labels")
+    return mnist_bags(pixels, digits, **kwargs)
+
+
+class FeatureBagDataModule(BagDataModule):
+    """Bags of a classic MIL file (``.mat`` or ``.csv``, see :func:`read_mil_file`).
+
+    Instances are ``float[n, D]`` vectors (``in_dim`` = D), standardised per feature with
+    means and scales of the *training* bags' instances. Models take ``encoder="mlp"`` or
+    ``"identity"`` with ``in_dim``.
+
+    Args:
+        path: the data file.
+        standardize: z-score features with training-instance statistics.
+        noise_std: Gaussian noise added to training instances (after standardisation).
+        **kwargs: split and loader settings of :class:`BagDataModule` (``batch_size`` here
+            defaults to 1, as in Ilse et al.).
+    """
+
+    def __init__(
+        self, path: str, standardize: bool = True, noise_std: float = 0.0, **kwargs: Any
+    ) -> None:
+        kwargs.setdefault("batch_size", 1)
+        super().__init__(**kwargs)
+        self.path = path
+        self.standardize = standardize
+        self.noise_std = noise_std
+        self._features = np.zeros((0, 0), np.float32)
+
+    def read_source(self) -> FeatureBags:
+        """The bags and their instances (override for another kind of source)."""
+        return read_mil_file(self.path)
+
+    def load_bags(self) -> list[Bag]:
+        source = self.read_source()
+        self._features = source.features
+        return source.bags
+
+    @property
+    def instance_shape(self) -> tuple[int, ...]:
+        """Shape of one instance: ``(D,)`` for vectors, ``(1, 28, 28)`` for MNIST digits."""
+        _ = self.bags
+        return tuple(self._features.shape[1:])
+
+    @property
+    def in_dim(self) -> int:
+        """D, the feature size, for ``encoder="mlp"`` or ``"identity"``."""
+        return math.prod(self.instance_shape)
+
+    def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
+        train = self.split_ids["train"]
+        if not self.standardize or not train:
+            return self._features, list(bags)
+        rows = np.concatenate([self.bags[i].rows for i in train])
+        mean = self._features[rows].mean(axis=0)
+        scale = self._features[rows].std(axis=0)
+        scale[scale == 0] = 1.0
+        return ((self._features - mean) / scale).astype(np.float32), list(bags)
+
+    def instance_transform(self, stage: str) -> Callable[[np.ndarray], Tensor]:
+        return FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
+
+
+class MNISTBagsDataModule(FeatureBagDataModule):
+    """MNIST-bags (see :func:`mnist_bags`): train on ``train*`` bags, test on ``test*`` bags.
+
+    Instances are ``float[n, 1, 28, 28]`` digits in [0, 1]; models take ``encoder="lenet"``.
+    By default there is no validation split (``val_bags`` moves the last training bags there)
+    and training runs for a fixed number of epochs.
+
+    Args:
+        root: folder of the IDX files.
+        n_train_bags, n_test_bags, bag_length_mean, bag_length_var, target_digit,
+            train_pool: as :func:`mnist_bags`.
+        bag_seed: seed of the bag draw.
+        val_bags: training bags held out for validation.
+        **kwargs: split and loader settings of :class:`BagDataModule` (``batch_size``
+            defaults to 1).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        n_train_bags: int = 200,
+        n_test_bags: int = 1000,
+        bag_length_mean: float = 10.0,
+        bag_length_var: float = 2.0,
+        target_digit: int = 9,
+        train_pool: int = 5000,
+        bag_seed: int = 0,
+        val_bags: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        if not 0 <= val_bags < n_train_bags:
+            raise ValueError(f"val_bags must be in [0, {n_train_bags}), got {val_bags}")
+        train = [f"train{i:04d}" for i in range(n_train_bags)]
+        kwargs.setdefault("train_ids", train[: n_train_bags - val_bags])
+        kwargs.setdefault("val_ids", train[n_train_bags - val_bags :])
+        kwargs.setdefault("test_ids", [f"test{i:04d}" for i in range(n_test_bags)])
+        kwargs.setdefault("standardize", False)
+        super().__init__(root, **kwargs)
+        self.mnist_settings = {
+            "n_train_bags": n_train_bags,
+            "n_test_bags": n_test_bags,
+            "bag_length_mean": bag_length_mean,
+            "bag_length_var": bag_length_var,
+            "target_digit": target_digit,
+            "train_pool": train_pool,
+            "seed": bag_seed,
+        }
+
+    def read_source(self) -> FeatureBags:
+        return read_mnist_bags(self.path, **self.mnist_settings)
