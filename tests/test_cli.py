@@ -65,8 +65,15 @@ def test_fit_test_predict_from_checkpoint(dlmi_root: Path, tmp_path: Path) -> No
     assert 0.0 <= metrics["test_balanced_accuracy"].dropna().iloc[-1] <= 1.0
 
     out = tmp_path / "pred"
-    predict = ["predict", "--config", str(config), "--ckpt_path", str(best[0]),
-               "--prediction.output_dir", str(out)]
+    predict = [
+        "predict",
+        "--config",
+        str(config),
+        "--ckpt_path",
+        str(best[0]),
+        "--prediction.output_dir",
+        str(out),
+    ]
     main(predict)
     submission = pd.read_csv(out / "predictions.csv")
     detail = pd.read_csv(out / "predictions_detail.csv")
@@ -113,8 +120,21 @@ def test_resume_from_last_checkpoint(dlmi_root: Path, tmp_path: Path) -> None:
 
 def test_data_root_and_model_from_the_command_line(dlmi_root: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "cfg.yaml", tmp_path / "not-here", tmp_path / "cache")
-    main(["fit", "--config", str(config), "--data.root", str(dlmi_root),
-          "--model", "GatedFusionMIL", "--model.fusion", "concat", "--trainer.max_epochs", "1"])
+    main(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--data.root",
+            str(dlmi_root),
+            "--model",
+            "GatedFusionMIL",
+            "--model.fusion",
+            "concat",
+            "--trainer.max_epochs",
+            "1",
+        ]
+    )
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert any(k.startswith("fusion.") for k in ckpt["state_dict"])
     assert ckpt["hyper_parameters"]["fusion"] == "concat"
@@ -130,8 +150,11 @@ def test_data_root_and_model_from_the_command_line(dlmi_root: Path, tmp_path: Pa
     ],
 )
 def test_bad_configuration_is_a_short_message(
-    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-    extra: list[str], expected: str,
+    dlmi_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    expected: str,
 ) -> None:
     config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
     with pytest.raises(SystemExit) as exc:

@@ -1,0 +1,180 @@
+"""Every model fits a tiny separable set; padding never matters; fusion survives a saturated gate."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lympho_mil import (
+    AttentionMIL,
+    BagClassifier,
+    GatedAttentionMIL,
+    GatedFusionMIL,
+    InstanceMIL,
+    MaxPoolMIL,
+    MeanPoolMIL,
+    TabularMLP,
+    collate_bags,
+)
+from lympho_mil.data.dataset import Bag, BagDataset
+from lympho_mil.data.transforms import BagToTensor
+from lympho_mil.models.metrics import balanced_accuracy
+
+SIZE = 16
+IMAGE_MODELS = [AttentionMIL, GatedAttentionMIL, MeanPoolMIL, MaxPoolMIL, InstanceMIL]
+TINY_ENCODER = {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 16}
+
+
+def separable_bags(n_bags: int = 24, seed: int = 0) -> tuple[list[Bag], np.ndarray]:
+    """Positive bags hold mostly crops with a bright centre square; negatives none.
+
+    The clinical vector separates the classes too (for the clinical-only model).
+    """
+    rng = np.random.default_rng(seed)
+    crops, bags, start = [], [], 0
+    for b in range(n_bags):
+        label = b % 2
+        n = int(rng.integers(4, 9))
+        bag = rng.integers(0, 80, size=(n, SIZE, SIZE, 3), dtype=np.uint8)
+        if label:
+            bright = rng.random(n) < 0.7
+            bright[0] = True
+            bag[bright, 4:12, 4:12] = 230
+        crops.append(bag)
+        tabular = np.array([label + 0.3 * rng.standard_normal(), rng.standard_normal(), 0.0])
+        rows = np.arange(start, start + n)
+        ids = tuple(f"{i}.png" for i in range(n))
+        bags.append(Bag(f"B{b}", label, rows, ids, tabular.astype(np.float32)))
+        start += n
+    return bags, np.concatenate(crops)
+
+
+def loader(bags: list[Bag], store: np.ndarray, shuffle: bool) -> DataLoader:
+    dataset = BagDataset(bags, store, BagToTensor(None, (0.2, 0.2, 0.2), (0.3, 0.3, 0.3)))
+    return DataLoader(dataset, batch_size=4, shuffle=shuffle, collate_fn=collate_bags)
+
+
+def fit_and_score(model: BagClassifier, epochs: int) -> float:
+    bags, store = separable_bags()
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader(bags, store, shuffle=True))
+    records = [r for batch in trainer.predict(model, loader(bags, store, False)) for r in batch]
+    prob = torch.tensor([r["probability"] for r in records])
+    target = torch.tensor([r["label"] for r in records])
+    return balanced_accuracy(prob, target, 0.5)
+
+
+STATS = {"mean": [0.5, 0.0, 0.0], "scale": [0.6, 1.0, 1.0]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_cls", IMAGE_MODELS, ids=lambda c: c.__name__)
+def test_image_models_fit_a_separable_set(model_cls: type[BagClassifier]) -> None:
+    L.seed_everything(0)
+    model = model_cls(**TINY_ENCODER, lr=3e-3, tabular_dim=3, tabular_stats=STATS)
+    assert fit_and_score(model, epochs=25) >= 0.9
+
+
+def test_tabular_mlp_fits_a_separable_set() -> None:
+    L.seed_everything(0)
+    assert fit_and_score(TabularMLP(lr=1e-2, tabular_dim=3, tabular_stats=STATS), 30) >= 0.9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fusion", ["gated", "concat"])
+def test_fusion_fits_a_separable_set(fusion: str) -> None:
+    L.seed_everything(0)
+    model = GatedFusionMIL(
+        **TINY_ENCODER, fusion=fusion, lr=3e-3, tabular_dim=3, tabular_stats=STATS
+    )
+    assert fit_and_score(model, epochs=25) >= 0.9
+
+
+@pytest.mark.parametrize(
+    "model_cls", [*IMAGE_MODELS, GatedFusionMIL, TabularMLP], ids=lambda c: c.__name__
+)
+def test_padding_and_batch_mates_never_change_a_patient(model_cls: type) -> None:
+    torch.manual_seed(0)
+    kwargs = {} if model_cls is TabularMLP else TINY_ENCODER
+    model = model_cls(**kwargs, tabular_dim=3, tabular_stats=STATS).eval()
+    bags, store = separable_bags(4)
+    dataset = BagDataset(bags, store, BagToTensor())
+    alone = [model(collate_bags([dataset[i]])) for i in range(4)]
+    together = model(collate_bags([dataset[i] for i in range(4)]))
+    for i, out in enumerate(alone):
+        n = len(bags[i].rows)
+        torch.testing.assert_close(together.logit[i], out.logit[0], atol=1e-5, rtol=1e-4)
+        if out.weights is not None:
+            torch.testing.assert_close(
+                together.weights[i, :n], out.weights[0], atol=1e-5, rtol=1e-4
+            )
+            assert together.weights[i, n:].abs().sum() == 0
+            assert together.weights[i].sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("gate_bias", [200.0, -200.0])
+def test_gated_fusion_survives_a_saturated_gate(gate_bias: float) -> None:
+    torch.manual_seed(0)
+    model = GatedFusionMIL(**TINY_ENCODER, tabular_dim=3, tabular_stats=STATS)
+    with torch.no_grad():
+        model.fusion.gate[-1].bias.fill_(gate_bias)
+    bags, store = separable_bags(8)
+    batch = next(iter(loader(bags, store, shuffle=False)))
+    out = model(batch)
+    assert out.extras is not None
+    expected_gate = 1.0 if gate_bias > 0 else 0.0
+    assert torch.all(out.extras["gate"] == expected_gate)  # exactly saturated
+    loss = model.loss(out, batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    chosen = model.fusion.image_head if gate_bias > 0 else model.fusion.tabular_head
+    assert torch.isfinite(chosen.weight.grad).all() and chosen.weight.grad.abs().sum() > 0
+    for p in model.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("model_cls", [AttentionMIL, GatedFusionMIL], ids=lambda c: c.__name__)
+def test_bf16_mixed_precision_trains_on_cpu(model_cls: type[BagClassifier]) -> None:
+    L.seed_everything(0)
+    bags, store = separable_bags(8)
+    model = model_cls(**TINY_ENCODER, tabular_dim=3, tabular_stats=STATS)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        precision="bf16-mixed",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, loader(bags, store, shuffle=True))
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+
+
+def test_non_finite_loss_names_step_and_patients() -> None:
+    from lympho_mil.models import NonFiniteLossError
+
+    bags, store = separable_bags(4)
+    model = AttentionMIL(**TINY_ENCODER, tabular_dim=3, tabular_stats=STATS)
+    with torch.no_grad():
+        model.head[-1].bias.fill_(float("nan"))
+    trainer = L.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(NonFiniteLossError, match=r"global step 0.*patients \['B"):
+        trainer.fit(model, loader(bags, store, shuffle=False))
