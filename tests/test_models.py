@@ -1,4 +1,4 @@
-"""Every model fits a tiny separable set; padding never matters; fusion survives a saturated gate."""
+"""Every model fits a separable set; padding never matters; the fusion gate may saturate."""
 
 from __future__ import annotations
 
