@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from lightning import seed_everything
+from lightning.fabric.utilities import move_data_to_device
 
 from lympho_mil.data import (
     BagBatch,
@@ -211,6 +212,8 @@ def test_batch_to_device_and_pin_memory(monkeypatch: pytest.MonkeyPatch) -> None
         assert tensor.device.type == "meta" and tensor.shape == getattr(batch, name).shape
     assert moved.bag_id == batch.bag_id and moved.instance_id == batch.instance_id
     assert batch.to(torch.device("cpu"), non_blocking=True).mask.equal(batch.mask)
+    lightning_moved = move_data_to_device(batch, torch.device("meta"))  # what Trainers call
+    assert isinstance(lightning_moved, BagBatch) and lightning_moved.instances.is_meta
 
     pinned: list[tuple[int, ...]] = []
 
