@@ -16,6 +16,7 @@ import scipy.io
 import scipy.sparse
 import torch
 
+from lympho_mil.cli import main
 from lympho_mil.data import BagBatch, DataError
 from lympho_mil.data.bag_sources import (
     FeatureBagDataModule,
@@ -307,3 +308,23 @@ def test_shared_mnist_bags() -> None:
     source = read_mnist_bags(SHARED / "mnist", n_train_bags=50)
     assert source.features.shape == (10000, 1, 28, 28) and len(source.bags) == 1050
     assert 0.5 < source.labels.mean() < 0.8  # P(a 9 among ~10 digits) is about 0.65
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_fits_feature_and_mnist_bags(
+    tmp_path: Path, mnist_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both datamodules go through ``lympho-mil fit`` (jsonargparse reads their signatures)."""
+    csv = write_csv(tmp_path / "sep.csv", *separable_bags(20, seed=0))
+    monkeypatch.chdir(tmp_path)
+    common = "fit --trainer.max_epochs 1 --trainer.enable_progress_bar false"
+    main(
+        f"{common} --data FeatureBagDataModule --data.path {csv} --model AttentionMIL "
+        f"--model.encoder mlp --model.in_dim {D}".split()
+    )
+    main(
+        f"{common} --data MNISTBagsDataModule --data.root {mnist_dir} --data.n_train_bags 8 "
+        "--data.val_bags 4 --data.n_test_bags 4 --data.train_pool 150 --model MeanPoolMIL "
+        "--model.encoder lenet --model.embed_dim 16".split()
+    )
+    assert len(list(tmp_path.glob("runs/lightning_logs/version_*/checkpoints/last.ckpt"))) == 2

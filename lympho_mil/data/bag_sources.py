@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gzip
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 import scipy.io
 import scipy.sparse
-from torch import Tensor
 
 from lympho_mil.data.datamodule import BagDataModule
-from lympho_mil.data.dataset import Bag, InstanceStore
+from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.transforms import FeaturesToTensor
 
@@ -230,14 +229,12 @@ class FeatureBagDataModule(BagDataModule):
         path: the data file.
         standardize: z-score features with training-instance statistics.
         noise_std: Gaussian noise added to training instances (after standardisation).
-        **kwargs: split and loader settings of :class:`BagDataModule` (``batch_size`` here
-            defaults to 1, as in Ilse et al.).
+        **kwargs: split and loader settings of :class:`BagDataModule`.
     """
 
     def __init__(
         self, path: str, standardize: bool = True, noise_std: float = 0.0, **kwargs: Any
     ) -> None:
-        kwargs.setdefault("batch_size", 1)
         super().__init__(**kwargs)
         self.path = path
         self.standardize = standardize
@@ -274,7 +271,7 @@ class FeatureBagDataModule(BagDataModule):
         scale[scale == 0] = 1.0
         return ((self._features - mean) / scale).astype(np.float32), list(bags)
 
-    def instance_transform(self, stage: str) -> Callable[[np.ndarray], Tensor]:
+    def instance_transform(self, stage: str) -> InstanceTransform:
         return FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
 
 
@@ -283,7 +280,7 @@ class MNISTBagsDataModule(FeatureBagDataModule):
 
     Instances are ``float[n, 1, 28, 28]`` digits in [0, 1]; models take ``encoder="lenet"``.
     By default there is no validation split (``val_bags`` moves the last training bags there)
-    and training runs for a fixed number of epochs.
+    and training runs for a fixed number of epochs; ``predict`` covers the test bags.
 
     Args:
         root: folder of the IDX files.
@@ -291,8 +288,9 @@ class MNISTBagsDataModule(FeatureBagDataModule):
             train_pool: as :func:`mnist_bags`.
         bag_seed: seed of the bag draw.
         val_bags: training bags held out for validation.
-        **kwargs: split and loader settings of :class:`BagDataModule` (``batch_size``
-            defaults to 1).
+        standardize, noise_std: as :class:`FeatureBagDataModule`.
+        **kwargs: loader settings of :class:`BagDataModule`; explicit ids, if given,
+            replace the default ones.
     """
 
     def __init__(
@@ -306,16 +304,24 @@ class MNISTBagsDataModule(FeatureBagDataModule):
         train_pool: int = 5000,
         bag_seed: int = 0,
         val_bags: int = 0,
+        standardize: bool = False,
+        noise_std: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if not 0 <= val_bags < n_train_bags:
             raise ValueError(f"val_bags must be in [0, {n_train_bags}), got {val_bags}")
         train = [f"train{i:04d}" for i in range(n_train_bags)]
-        kwargs.setdefault("train_ids", train[: n_train_bags - val_bags])
-        kwargs.setdefault("val_ids", train[n_train_bags - val_bags :])
-        kwargs.setdefault("test_ids", [f"test{i:04d}" for i in range(n_test_bags)])
-        kwargs.setdefault("standardize", False)
-        super().__init__(root, **kwargs)
+        test = [f"test{i:04d}" for i in range(n_test_bags)]
+        ids = {
+            "train_ids": train[: n_train_bags - val_bags],
+            "val_ids": train[n_train_bags - val_bags :],
+            "test_ids": test,
+            "predict_ids": test,
+        }
+        for key, value in ids.items():
+            if kwargs.get(key) is None:
+                kwargs[key] = value
+        super().__init__(path=root, standardize=standardize, noise_std=noise_std, **kwargs)
         self.mnist_settings = {
             "n_train_bags": n_train_bags,
             "n_test_bags": n_test_bags,
