@@ -14,15 +14,17 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lympho_mil.data.errors import DataError
+from lympho_mil.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +92,12 @@ def _file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
-class ImageCache:
-    """uint8[M, S, S, 3] crops, memory-mapped; picklable (reopened lazily in each worker).
+class MemmapRows:
+    """Rows of an ``.npy`` file, memory-mapped on first use; picklable (each DataLoader
+    worker reopens the file lazily instead of receiving the array)."""
 
-    ``bad`` lists the rows whose file could not be decoded (only when built with
-    ``skip_bad_images=True``); those rows hold zeros and must not be used.
-    """
-
-    def __init__(self, path: Path, bad: Sequence[int] = ()) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.bad = tuple(bad)
         self._array: np.ndarray | None = None
 
     @property
@@ -115,7 +113,19 @@ class ImageCache:
         return np.asarray(self.array[rows])
 
     def __getstate__(self) -> dict[str, object]:
-        return {"path": self.path, "bad": self.bad, "_array": None}
+        return {**self.__dict__, "_array": None}
+
+
+class ImageCache(MemmapRows):
+    """uint8[M, S, S, 3] crops, memory-mapped; picklable (reopened lazily in each worker).
+
+    ``bad`` lists the rows whose file could not be decoded (only when built with
+    ``skip_bad_images=True``); those rows hold zeros and must not be used.
+    """
+
+    def __init__(self, path: Path, bad: Sequence[int] = ()) -> None:
+        super().__init__(path)
+        self.bad = tuple(bad)
 
     @classmethod
     def build_or_load(
@@ -131,7 +141,7 @@ class ImageCache:
         key = cache_key(paths, spec)
         data_path = cache_dir / f"crops-{key}.npy"
         meta_path = cache_dir / f"crops-{key}.json"
-        meta = _read_meta(meta_path)
+        meta = read_sidecar(meta_path, CACHE_VERSION)
         if meta is not None and data_path.is_file():
             bad = meta["bad"]
             if bad and not skip_bad_images:
@@ -139,12 +149,10 @@ class ImageCache:
                     f"unreadable image(s) {meta['bad_files'][:5]}; pass skip_bad_images=True "
                     "to skip them"
                 )
-            if _stamp(data_path) in _VERIFIED or _file_checksum(data_path) == meta["checksum"]:
-                _VERIFIED.add(_stamp(data_path))
+            if is_intact(data_path, meta["checksum"], "image cache"):
                 if bad:
                     _warn_skipped(meta["bad_files"])
                 return cls(data_path, bad)
-            warnings.warn(f"image cache {data_path} is corrupted; rebuilding it", stacklevel=2)
         return cls._build(paths, spec, data_path, meta_path, key, skip_bad_images, threads)
 
     @classmethod
@@ -158,36 +166,81 @@ class ImageCache:
         skip_bad_images: bool,
         threads: int | None,
     ) -> ImageCache:
-        data_path.parent.mkdir(parents=True, exist_ok=True)
         shape = (len(paths), spec.image_size, spec.image_size, 3)
-        tmp_path = data_path.with_name(data_path.name + f".tmp{os.getpid()}")
-        try:
-            array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=shape)
+
+        def fill(array: np.ndarray) -> dict[str, Any]:
             log.info("decoding %d crops into %s", len(paths), data_path)
             bad = _decode_into(array, paths, spec, skip_bad_images, threads)
-            array.flush()
-            del array
-            os.replace(tmp_path, data_path)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
-        bad_files = [str(paths[i]) for i in bad]
-        meta = {
-            "version": CACHE_VERSION,
-            "key": key,
-            "shape": list(shape),
-            "spec": asdict(spec),
-            "checksum": _file_checksum(data_path),
-            "bad": bad,
-            "bad_files": bad_files,
-        }
-        tmp_meta = meta_path.with_name(meta_path.name + f".tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps(meta))
-        os.replace(tmp_meta, meta_path)
+            return {"bad": bad, "bad_files": [str(paths[i]) for i in bad]}
+
+        meta = write_cache(
+            data_path,
+            meta_path,
+            shape,
+            np.uint8,
+            fill,
+            {"version": CACHE_VERSION, "key": key, "spec": asdict(spec)},
+        )
+        if meta["bad"]:
+            _warn_skipped(meta["bad_files"])
+        return cls(data_path, meta["bad"])
+
+
+# -- shared by the caches of this package: an .npy array plus a JSON sidecar ------------------
+def read_sidecar(meta_path: Path, version: int) -> dict[str, Any] | None:
+    """The JSON sidecar of a cache file, or None when it is absent, unreadable or stale."""
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("version") != version:
+        return None
+    return meta
+
+
+def is_intact(data_path: Path, checksum: str, what: str) -> bool:
+    """Whether ``data_path`` still has the bytes its sidecar's ``checksum`` describes.
+
+    A file is hashed once per process (until its size or mtime change). A mismatch warns
+    that the ``what`` is corrupted and will be rebuilt.
+    """
+    if _stamp(data_path) in _VERIFIED or _file_checksum(data_path) == checksum:
         _VERIFIED.add(_stamp(data_path))
-        if bad:
-            _warn_skipped(bad_files)
-        return cls(data_path, bad)
+        return True
+    warnings.warn(f"{what} {data_path} is corrupted; rebuilding it", stacklevel=3)
+    return False
+
+
+def write_cache(
+    data_path: Path,
+    meta_path: Path,
+    shape: tuple[int, ...],
+    dtype: Any,
+    fill: Callable[[np.ndarray], dict[str, Any]],
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Create the array file ``data_path`` (``.npy``, ``shape``, ``dtype``), let ``fill``
+    write every row through a memmap, then write its sidecar.
+
+    The sidecar holds ``meta``, what ``fill`` returns, the shape and the file's checksum.
+    The array is written to a temporary file renamed into place, so an interrupted build
+    leaves no cache behind. Returns the sidecar.
+    """
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = data_path.with_name(data_path.name + f".tmp{os.getpid()}")
+    try:
+        array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype, shape=shape)
+        extra = fill(array)
+        array.flush()
+        del array
+        os.replace(tmp_path, data_path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    meta = {**meta, **extra, "shape": list(shape), "checksum": _file_checksum(data_path)}
+    atomic_write_text(meta_path, json.dumps(meta), overwrite=True)
+    _VERIFIED.add(_stamp(data_path))
+    return meta
 
 
 def _decode_into(
@@ -217,13 +270,3 @@ def _warn_skipped(bad_files: Sequence[str]) -> None:
     warnings.warn(
         f"skipping {len(bad_files)} unreadable image(s): {list(bad_files)[:5]}", stacklevel=3
     )
-
-
-def _read_meta(meta_path: Path) -> dict | None:
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(meta, dict) or meta.get("version") != CACHE_VERSION:
-        return None
-    return meta
