@@ -1,0 +1,474 @@
+"""Repeated, stratified, patient-level cross-validation of any ``fit`` config.
+
+Repeat ``r`` splits the labelled patients into K stratified folds (seed ``seed + r``). For
+each outer fold, an inner validation split is carved from the other patients only. The fold
+run trains on the inner training patients (the clinical standardisation is fitted on them),
+keeps the checkpoint that is best on the inner validation patients (the CLI's forced
+``ModelCheckpoint`` on ``val_balanced_accuracy``), chooses its decision threshold there too,
+then predicts the outer fold once. Each fold run is the ``fit`` CLI itself
+(:func:`lympho_mil.cli.build_cli`) with the fold's patient lists as overrides, so any config
+that ``fit`` accepts works unchanged. Several configs run on identical splits and get a
+paired comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from lympho_mil.data.errors import DataError
+from lympho_mil.data.splits import holdout_split, stratified_folds
+from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
+from lympho_mil.evaluation.ensemble import ensemble_records
+from lympho_mil.evaluation.predictions import PredictionWriter
+from lympho_mil.evaluation.report import (
+    COMPARISON_FILES,
+    comparison_table,
+    cv_output_names,
+    cv_report,
+    write_comparison,
+    write_cv_outputs,
+)
+from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, ThresholdPolicy, choose_threshold
+from lympho_mil.files import check_writable
+
+ConfigSource = str | Path | dict[str, Any]
+# Defaults of a fold run that the user's overrides may still change.
+QUIET_ARGS = (
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.num_sanity_val_steps=0",
+)
+QUIET_WARNINGS = (
+    "LightningCLI's args parameter is intended",  # cv passes args while sys.argv holds "cv"
+    ".*LeafSpec.* is deprecated",  # Lightning's own use of torch.utils._pytree
+)
+OOF_COLUMNS = ("repeat", "fold", "id", "label", "probability", "predicted", "threshold")
+
+
+@dataclass(frozen=True)
+class CVSettings:
+    """How the cross-validation runs (shared by every compared config)."""
+
+    folds: int = 5
+    repeats: int = 1
+    seed: int = 0
+    threshold_policy: ThresholdPolicy = "inner_val"
+    inner_val_fraction: float = 0.2
+    n_bootstrap: int = DEFAULT_RESAMPLES
+    predict: bool = False
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threshold_policy not in THRESHOLD_POLICIES:
+            raise ValueError(
+                f"threshold_policy must be one of {THRESHOLD_POLICIES}, "
+                f"got {self.threshold_policy!r}"
+            )
+        if self.repeats < 1 or self.n_bootstrap < 1:
+            raise ValueError("repeats and n_bootstrap must be >= 1")
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """Patients of one outer fold: train and inner validation (disjoint), and the test fold."""
+
+    repeat: int
+    fold: int
+    train_ids: list[str]
+    val_ids: list[str]
+    test_ids: list[str]
+
+
+@dataclass
+class FoldRun:
+    """What one fold run produced: its threshold and ``predict_step`` records per split."""
+
+    split: FoldSplit
+    threshold: float
+    val: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    unlabelled: list[dict[str, Any]] | None
+    seconds: float
+
+
+@dataclass
+class CVResult:
+    """Cross-validation of one config.
+
+    report: the content of ``cv_report.json``.
+    oof: out-of-fold predictions, columns :data:`OOF_COLUMNS` (each patient once a repeat).
+    inner_val: the inner-validation predictions each fold's threshold was chosen on.
+    ensemble: fold-ensemble records of the unlabelled patients (``predict=True``), else None;
+        :func:`~lympho_mil.evaluation.predictions.prediction_tables` turns them into tables.
+    out_dir: where the files were written (None: nothing written).
+    """
+
+    name: str
+    report: dict[str, Any]
+    oof: pd.DataFrame
+    inner_val: pd.DataFrame
+    ensemble: list[dict[str, Any]] | None = None
+    out_dir: Path | None = None
+    runs: list[FoldRun] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class Comparison:
+    """Several configs on identical splits: each one's result and the paired table."""
+
+    results: list[CVResult]
+    table: dict[str, Any]
+
+
+def cv_splits(
+    ids: Sequence[str],
+    labels: Sequence[int],
+    folds: int,
+    repeats: int,
+    seed: int,
+    inner_val_fraction: float,
+) -> list[FoldSplit]:
+    """Every (repeat, fold): stratified outer folds and an inner validation split carved from
+    the outer training patients only."""
+    label_of = dict(zip(ids, labels, strict=True))
+    splits = []
+    try:
+        for repeat in range(repeats):
+            outer = stratified_folds(ids, labels, folds, seed + repeat)
+            for fold, test_ids in enumerate(outer):
+                rest = sorted(i for k, part in enumerate(outer) if k != fold for i in part)
+                train_ids, val_ids = holdout_split(
+                    rest, [label_of[i] for i in rest], inner_val_fraction, seed + repeat
+                )
+                splits.append(FoldSplit(repeat, fold, train_ids, val_ids, list(test_ids)))
+    except ValueError as exc:
+        raise DataError(
+            f"cannot split {len(ids)} labelled patients into {folds} folds with an inner "
+            f"validation fraction of {inner_val_fraction}: {exc}"
+        ) from exc
+    return splits
+
+
+def cross_validate(
+    config: ConfigSource,
+    folds: int = 5,
+    repeats: int = 1,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    threshold_policy: ThresholdPolicy = "inner_val",
+    inner_val_fraction: float = 0.2,
+    overrides: Sequence[str] | None = None,
+    predict: bool = False,
+    overwrite: bool = False,
+    n_bootstrap: int = DEFAULT_RESAMPLES,
+    verbose: bool = True,
+) -> CVResult:
+    """Repeated stratified patient-level k-fold cross-validation of a ``fit`` config.
+
+    Args:
+        config: a ``fit`` config file, or the same content as a dict.
+        folds, repeats, seed: K outer folds, R repeats; repeat r shuffles with ``seed + r``.
+        out_dir: where to write the report, predictions, plots and fold models (None: keep
+            everything in memory).
+        threshold_policy: "inner_val" (maximise balanced accuracy on the inner validation
+            patients) or "fixed" (0.5).
+        inner_val_fraction: share of each outer training set held out as inner validation.
+        overrides: extra ``fit`` arguments, e.g. ``["--trainer.max_epochs=3"]``.
+        predict: also average the fold models on the unlabelled patients (fold ensemble).
+        overwrite: replace an existing report in ``out_dir``.
+        n_bootstrap: resamples of the patient-level bootstrap.
+        verbose: print one line per fold.
+    """
+    settings = CVSettings(
+        folds, repeats, seed, threshold_policy, inner_val_fraction, n_bootstrap, predict, verbose
+    )
+    return _run_configs([config], settings, out_dir, overrides, overwrite, compare=False).results[0]
+
+
+def compare_configs(
+    configs: Sequence[ConfigSource],
+    folds: int = 5,
+    repeats: int = 1,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    threshold_policy: ThresholdPolicy = "inner_val",
+    inner_val_fraction: float = 0.2,
+    overrides: Sequence[str] | None = None,
+    predict: bool = False,
+    overwrite: bool = False,
+    n_bootstrap: int = DEFAULT_RESAMPLES,
+    verbose: bool = True,
+) -> Comparison:
+    """Cross-validate several configs on identical splits; compare each with the first.
+
+    Each config's outputs go to ``out_dir/<name>/`` (name: the file's stem), the paired table
+    to ``out_dir/comparison.json`` and ``comparison.md``. Arguments as :func:`cross_validate`.
+    """
+    if len(configs) < 2:
+        raise ValueError("compare_configs needs at least two configs")
+    settings = CVSettings(
+        folds, repeats, seed, threshold_policy, inner_val_fraction, n_bootstrap, predict, verbose
+    )
+    return _run_configs(configs, settings, out_dir, overrides, overwrite, compare=True)
+
+
+def config_names(configs: Sequence[ConfigSource]) -> list[str]:
+    """A distinct folder name per config: the file's stem, or ``config<i>`` for a dict."""
+    names: list[str] = []
+    for i, config in enumerate(configs):
+        base = f"config{i}" if isinstance(config, dict) else Path(config).stem
+        names.append(base if base not in names else f"{base}-{i}")
+    return names
+
+
+def _run_configs(
+    configs: Sequence[ConfigSource],
+    settings: CVSettings,
+    out_dir: str | Path | None,
+    overrides: Sequence[str] | None,
+    overwrite: bool,
+    compare: bool,
+) -> Comparison:
+    names = config_names(configs)
+    overrides = list(overrides or [])
+    root = Path(out_dir) if out_dir is not None else None
+    dirs = {n: (root / n if compare else root) if root else None for n in names}
+    if root is not None:
+        _claim_outputs(root, list(dirs.values()), compare, settings.predict, overwrite)
+    with tempfile.TemporaryDirectory(prefix="lympho-cv-") as scratch:
+        sources = [_config_source(c) for c in configs]
+        patients = [_labelled_patients(s, overrides, settings.predict) for s in sources]
+        for name, other in zip(names[1:], patients[1:], strict=True):
+            if other != patients[0]:
+                raise DataError(f"config {name} sees other labelled patients than {names[0]}")
+        ids, labels = patients[0]
+        splits = cv_splits(
+            ids,
+            labels,
+            settings.folds,
+            settings.repeats,
+            settings.seed,
+            settings.inner_val_fraction,
+        )
+        results = []
+        for name, config, source in zip(names, configs, sources, strict=True):
+            fold_root = (dirs[name] or Path(scratch) / name) / "folds"
+            runs = [
+                _run_fold(name, source, overrides, split, settings, fold_root, dirs[name])
+                for split in splits
+            ]
+            results.append(_collect(name, config, overrides, runs, settings, len(ids)))
+    for result in results:
+        if dirs[result.name] is not None:
+            result.out_dir = dirs[result.name]
+            write_cv_outputs(result, result.out_dir, settings.n_bootstrap, settings.seed)
+    table = comparison_table(results, settings.n_bootstrap, settings.seed) if compare else {}
+    if compare and root is not None:
+        write_comparison(table, root)
+    return Comparison(results, table)
+
+
+def _claim_outputs(
+    root: Path, dirs: list[Path | None], compare: bool, predict: bool, overwrite: bool
+) -> None:
+    """Refuse to start when a report exists (unless ``overwrite``); clear old fold runs."""
+    paths = [d / n for d in dirs if d is not None for n in cv_output_names(predict)]
+    paths += [d / "folds" for d in dirs if d is not None]
+    if compare:
+        paths += [root / n for n in COMPARISON_FILES]
+    check_writable(paths, overwrite)
+    for d in dirs:
+        if d is not None:
+            shutil.rmtree(d / "folds", ignore_errors=True)
+
+
+def _config_source(config: ConfigSource) -> list[str]:
+    """The ``--config`` argument of a config file, or of a dict as JSON text."""
+    if isinstance(config, dict):
+        return ["--config", json.dumps(config)]
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    return ["--config", str(path)]
+
+
+def _labelled_patients(
+    source: list[str], overrides: list[str], predict: bool
+) -> tuple[list[str], list[int]]:
+    """Instantiate the config once to list its labelled patients (sorted) and their labels."""
+    from lympho_mil.cli import build_cli
+
+    with _quiet_lightning():
+        cli = build_cli(
+            [*source, *QUIET_ARGS, *overrides, "--trainer.logger=false", "--seed_everything=false"],
+            run=False,
+        )
+    bags = sorted(cli.datamodule.bags.values(), key=lambda b: b.bag_id)
+    labelled = [b for b in bags if b.label in (0, 1)]
+    if predict and not cli.datamodule.split_ids["predict"]:
+        raise DataError("--predict: the data has no unlabelled patients to predict")
+    return [b.bag_id for b in labelled], [int(b.label) for b in labelled]
+
+
+def _fold_args(split: FoldSplit, settings: CVSettings, fold_dir: Path) -> list[str]:
+    logger = {
+        "class_path": "lightning.pytorch.loggers.CSVLogger",
+        "init_args": {"save_dir": str(fold_dir), "name": "", "version": ""},
+    }
+    return [
+        f"--seed_everything={settings.seed + split.repeat * settings.folds + split.fold}",
+        f"--data.train_ids={json.dumps(split.train_ids)}",
+        f"--data.val_ids={json.dumps(split.val_ids)}",
+        f"--data.test_ids={json.dumps(split.test_ids)}",
+        f"--trainer.default_root_dir={fold_dir}",
+        f"--trainer.logger={json.dumps(logger)}",
+        f"--checkpoint.dirpath={fold_dir / 'checkpoints'}",
+        "--checkpoint.save_last=false",
+    ]
+
+
+def _run_fold(
+    name: str,
+    source: list[str],
+    overrides: list[str],
+    split: FoldSplit,
+    settings: CVSettings,
+    fold_root: Path,
+    out_dir: Path | None,
+) -> FoldRun:
+    """Train on the inner training patients, choose checkpoint and threshold on the inner
+    validation patients, then predict the test fold (and the unlabelled patients)."""
+    from lympho_mil.cli import build_cli
+
+    start = time.perf_counter()
+    fold_dir = fold_root / f"r{split.repeat}_f{split.fold}"
+    args = [*source, *QUIET_ARGS, *overrides, *_fold_args(split, settings, fold_dir)]
+    with _quiet_lightning():
+        cli = build_cli(args, run=False)
+        trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+        # cv writes its own prediction files; the CLI's writer would fire on every predict.
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, PredictionWriter)]
+        trainer.fit(model, datamodule=datamodule)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            raise RuntimeError(
+                f"{name} repeat {split.repeat} fold {split.fold}: no checkpoint was kept on the "
+                "inner validation patients (did validation run?)"
+            )
+        val = _predict(trainer, model, datamodule.val_dataloader(), ckpt_path=best)
+        chosen = choose_threshold(
+            settings.threshold_policy,
+            [r["probability"] for r in val],
+            [r["label"] for r in val],
+        )
+        model.threshold.fill_(chosen)
+        threshold = float(model.threshold)  # as the model (float32) applies it
+        test = _predict(trainer, model, datamodule.test_dataloader())
+        unlabelled = (
+            _predict(trainer, model, datamodule.predict_dataloader()) if settings.predict else None
+        )
+        if out_dir is not None:
+            trainer.save_checkpoint(fold_dir / "model.ckpt", weights_only=True)
+        shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)
+    run = FoldRun(split, threshold, val, test, unlabelled, time.perf_counter() - start)
+    if settings.verbose:
+        _print_fold(name, run, settings)
+    return run
+
+
+def _predict(trainer: Any, model: Any, loader: Any, ckpt_path: str | None = None) -> list[dict]:
+    """``predict_step`` records of every patient of ``loader``."""
+    batches = trainer.predict(model, dataloaders=loader, ckpt_path=ckpt_path)
+    return [record for batch in batches for record in batch]
+
+
+def _print_fold(name: str, run: FoldRun, settings: CVSettings) -> None:
+    labels = [r["label"] for r in run.test]
+    probs = [r["probability"] for r in run.test]
+    predicted = [int(p >= run.threshold) for p in probs]
+    s = run.split
+    print(
+        f"[{name}] repeat {s.repeat + 1}/{settings.repeats} fold {s.fold + 1}/{settings.folds}: "
+        f"{len(s.train_ids)} train, {len(s.val_ids)} val, {len(s.test_ids)} test patients; "
+        f"threshold {run.threshold:.3f}; test balanced accuracy "
+        f"{balanced_accuracy_score(labels, predicted):.3f}, "
+        f"AUROC {roc_auc_score(labels, probs):.3f} "
+        f"({run.seconds:.1f} s)",
+        flush=True,
+    )
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's info lines and possible-mistake warnings during fold runs."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PossibleUserWarning)
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def _prediction_rows(run: FoldRun, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "repeat": run.split.repeat,
+            "fold": run.split.fold,
+            "id": r["id"],
+            "label": r["label"],
+            "probability": r["probability"],
+            "predicted": int(r["probability"] >= run.threshold),
+            "threshold": run.threshold,
+        }
+        for r in sorted(records, key=lambda r: r["id"])
+    ]
+
+
+def _collect(
+    name: str,
+    config: ConfigSource,
+    overrides: list[str],
+    runs: list[FoldRun],
+    settings: CVSettings,
+    n_patients: int,
+) -> CVResult:
+    oof = pd.DataFrame([row for run in runs for row in _prediction_rows(run, run.test)])
+    inner = pd.DataFrame([row for run in runs for row in _prediction_rows(run, run.val)])
+    oof = oof.loc[:, list(OOF_COLUMNS)].sort_values(["repeat", "id"], ignore_index=True)
+    records, ensemble_info = None, None
+    if settings.predict:
+        records, ensemble_info = ensemble_records(
+            [run.threshold for run in runs], [run.unlabelled or [] for run in runs]
+        )
+    report = cv_report(
+        name=name,
+        config=config,
+        overrides=overrides,
+        settings=settings,
+        n_patients=n_patients,
+        runs=runs,
+        oof=oof,
+        ensemble=ensemble_info,
+    )
+    return CVResult(name, report, oof, inner, records, runs=runs)

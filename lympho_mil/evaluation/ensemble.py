@@ -1,0 +1,64 @@
+"""Fold ensemble: the fold models of a cross-validation averaged on unlabelled patients."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+THRESHOLD_RULE = "median of the fold thresholds"
+PROBABILITY_RULE = "mean of the fold models' probabilities"
+
+
+def ensemble_records(
+    thresholds: Sequence[float], predictions: Sequence[Sequence[dict[str, Any]]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Average the ``predict_step`` records of several models on the same patients.
+
+    Probabilities, crop weights and crop probabilities (where present) are averaged over the
+    models; the decision threshold is the median of the models' thresholds.
+
+    Args:
+        thresholds: each model's decision threshold.
+        predictions: each model's records (one per patient).
+
+    Returns:
+        Records in the ``predict_step`` format (for
+        :func:`~lympho_mil.evaluation.predictions.write_predictions`), one per patient sorted
+        by id, and a summary of the rules for the report.
+    """
+    if not predictions or len(thresholds) != len(predictions):
+        raise ValueError("need one threshold per model and at least one model")
+    threshold = float(statistics.median(thresholds))
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for records in predictions:
+        for record in records:
+            by_id.setdefault(record["id"], []).append(record)
+    incomplete = [pid for pid, parts in by_id.items() if len(parts) != len(predictions)]
+    if incomplete:
+        raise ValueError(f"patients not predicted by every model: {sorted(incomplete)[:10]}")
+    averaged = [
+        {
+            **parts[0],
+            "probability": statistics.fmean(p["probability"] for p in parts),
+            "threshold": threshold,
+            "weights": _mean_lists([p["weights"] for p in parts]),
+            "instance_probability": _mean_lists([p["instance_probability"] for p in parts]),
+        }
+        for pid, parts in sorted(by_id.items())
+    ]
+    summary = {
+        "n_models": len(predictions),
+        "n_patients": len(averaged),
+        "threshold": threshold,
+        "threshold_rule": THRESHOLD_RULE,
+        "probability_rule": PROBABILITY_RULE,
+    }
+    return averaged, summary
+
+
+def _mean_lists(values: list[list[float] | None]) -> list[float] | None:
+    """Element-wise mean of equal-length lists; None if any is None."""
+    if any(v is None for v in values):
+        return None
+    return [statistics.fmean(column) for column in zip(*values, strict=True)]

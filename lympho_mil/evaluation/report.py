@@ -1,0 +1,373 @@
+"""Cross-validation reports: ``cv_report.json``/``.md``, prediction tables, plots, comparisons.
+
+Plots need matplotlib (the optional ``plots`` extra) and are skipped without it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
+
+from lympho_mil.evaluation.bootstrap import (
+    CI_LEVEL,
+    OOFArrays,
+    metric_summary,
+    paired_difference,
+    stratified_bootstrap_weights,
+)
+from lympho_mil.evaluation.predictions import PREDICTION_FILES, write_predictions
+from lympho_mil.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from lympho_mil.models.metrics import METRIC_NAMES
+
+if TYPE_CHECKING:
+    from lympho_mil.evaluation.cv import CVResult, CVSettings, FoldRun
+
+REPORT_FILES = (
+    "cv_report.json",
+    "cv_report.md",
+    "oof_predictions.csv",
+    "inner_val_predictions.csv",
+)
+PLOT_FILES = ("roc.png", "per_fold_balanced_accuracy.png")
+COMPARISON_FILES = ("comparison.json", "comparison.md")
+ROC_BAND_RESAMPLES = 500  # enough for a smooth band; the metric CIs use all resamples
+VERSIONED = ("lympho-mil", "torch", "lightning", "scikit-learn", "numpy")
+LABELS = {
+    "balanced_accuracy": "balanced accuracy",
+    "auroc": "AUROC",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "f1": "F1",
+}
+
+
+def cv_output_names(predict: bool) -> list[str]:
+    """Files a cross-validation writes into its folder."""
+    return [*REPORT_FILES, *PLOT_FILES, *(PREDICTION_FILES if predict else ())]
+
+
+def cv_report(
+    name: str,
+    config: str | Path | dict[str, Any],
+    overrides: list[str],
+    settings: CVSettings,
+    n_patients: int,
+    runs: Sequence[FoldRun],
+    oof: pd.DataFrame,
+    ensemble: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The content of ``cv_report.json``.
+
+    Each metric gets ``{mean, std, ci95_low, ci95_high}``: mean and std over the repeats'
+    out-of-fold estimates, the interval from a stratified patient bootstrap (percentile).
+    """
+    label = oof.drop_duplicates("id")["label"]
+    report: dict[str, Any] = {
+        "name": name,
+        "n_patients": n_patients,
+        "n_tumoral": int((label == 1).sum()),
+        "n_reactive": int((label == 0).sum()),
+        "folds": settings.folds,
+        "repeats": settings.repeats,
+        "seed": settings.seed,
+        "threshold_policy": settings.threshold_policy,
+        "inner_val_fraction": settings.inner_val_fraction,
+        **metric_summary(oof, settings.n_bootstrap, settings.seed),
+        "estimates": {
+            "mean_std": "over the repeats' out-of-fold estimates (std: sample std, null if 1)",
+            "ci95": f"stratified patient bootstrap, {settings.n_bootstrap} resamples, percentile",
+        },
+        "per_fold": [_fold_entry(run, oof) for run in runs],
+    }
+    if ensemble is not None:
+        report["ensemble"] = ensemble
+    report["config"] = _config_record(config)
+    report["overrides"] = list(overrides)
+    report["versions"] = _versions()
+    report["wall_time_s"] = round(sum(run.seconds for run in runs), 2)
+    return report
+
+
+def _fold_entry(run: FoldRun, oof: pd.DataFrame) -> dict[str, Any]:
+    s = run.split
+    rows = oof[(oof["repeat"] == s.repeat) & (oof["fold"] == s.fold)]
+    return {
+        "repeat": s.repeat,
+        "fold": s.fold,
+        "train_ids": s.train_ids,
+        "val_ids": s.val_ids,
+        "test_ids": s.test_ids,
+        "threshold": run.threshold,
+        "balanced_accuracy": float(balanced_accuracy_score(rows["label"], rows["predicted"])),
+        "auroc": float(roc_auc_score(rows["label"], rows["probability"])),
+        "seconds": round(run.seconds, 2),
+    }
+
+
+def _config_record(config: str | Path | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(config, dict):
+        return {"source": "dict", "content": config}
+    return {"source": str(config), "content": yaml.safe_load(Path(config).read_text())}
+
+
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in VERSIONED:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+# -- files ------------------------------------------------------------------------------------
+def write_cv_outputs(result: CVResult, out_dir: Path, n_bootstrap: int, seed: int) -> list[Path]:
+    """Write the report, prediction tables, plots and ensemble predictions of one config.
+
+    The caller has checked that the folder may be written (see ``cross_validate``).
+    """
+    paths = [
+        atomic_write_text(out_dir / "cv_report.json", _json(result.report), overwrite=True),
+        atomic_write_text(out_dir / "cv_report.md", cv_markdown(result.report), overwrite=True),
+        atomic_write_csv(out_dir / "oof_predictions.csv", result.oof, overwrite=True),
+        atomic_write_csv(out_dir / "inner_val_predictions.csv", result.inner_val, overwrite=True),
+    ]
+    if result.ensemble is not None:
+        paths += write_predictions(result.ensemble, out_dir, overwrite=True).values()
+    paths += write_plots(result.report, result.oof, out_dir, n_bootstrap, seed)
+    return paths
+
+
+def comparison_table(results: Sequence[CVResult], n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """Each model's metrics and its paired difference to the first (same patients, splits)."""
+    reference = results[0]
+    first = reference.report
+    table: dict[str, Any] = {
+        "reference": reference.name,
+        "models": [r.name for r in results],
+        **{k: first[k] for k in ("n_patients", "folds", "repeats", "seed", "threshold_policy")},
+        "metrics": {r.name: {m: r.report[m] for m in METRIC_NAMES} for r in results},
+        "difference": {},
+        "per_split_difference": {},
+    }
+    for other in results[1:]:
+        table["difference"][other.name] = paired_difference(
+            reference.oof, other.oof, n_bootstrap, seed
+        )
+        table["per_split_difference"][other.name] = [
+            {
+                "repeat": a["repeat"],
+                "fold": a["fold"],
+                **{m: b[m] - a[m] for m in ("balanced_accuracy", "auroc")},
+            }
+            for a, b in zip(first["per_fold"], other.report["per_fold"], strict=True)
+        ]
+    return table
+
+
+def write_comparison(table: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``comparison.json`` and ``comparison.md`` (the caller checked they may be written)."""
+    return [
+        atomic_write_text(out_dir / "comparison.json", _json(table), overwrite=True),
+        atomic_write_text(out_dir / "comparison.md", comparison_markdown(table), overwrite=True),
+    ]
+
+
+def _json(content: dict[str, Any]) -> str:
+    return json.dumps(content, indent=2, allow_nan=False) + "\n"
+
+
+# -- markdown ---------------------------------------------------------------------------------
+def _interval(summary: dict[str, Any]) -> str:
+    return f"[{summary['ci95_low']:.3f}, {summary['ci95_high']:.3f}]"
+
+
+def _std(summary: dict[str, Any]) -> str:
+    return "-" if summary["std"] is None else f"{summary['std']:.3f}"
+
+
+def cv_markdown(report: dict[str, Any]) -> str:
+    """A short human summary of ``cv_report.json``."""
+    level = round(100 * CI_LEVEL)
+    lines = [
+        f"# Cross-validation: {report['name']}",
+        "",
+        f"{report['n_patients']} labelled patients ({report['n_tumoral']} tumoral, "
+        f"{report['n_reactive']} reactive); {report['folds']} folds x {report['repeats']} "
+        f"repeats, seed {report['seed']}; threshold policy `{report['threshold_policy']}`.",
+        f"Mean and std {report['estimates']['mean_std']}; {level}% CI: "
+        f"{report['estimates']['ci95']}.",
+        "",
+        f"| metric | mean | std | {level}% CI |",
+        "|---|---|---|---|",
+    ]
+    for m in METRIC_NAMES:
+        s = report[m]
+        lines.append(f"| {LABELS[m]} | {s['mean']:.3f} | {_std(s)} | {_interval(s)} |")
+    lines += [
+        "",
+        "## Folds",
+        "",
+        "| repeat | fold | train | val | test | threshold | balanced accuracy | AUROC |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in report["per_fold"]:
+        lines.append(
+            f"| {f['repeat']} | {f['fold']} | {len(f['train_ids'])} | {len(f['val_ids'])} | "
+            f"{len(f['test_ids'])} | {f['threshold']:.3f} | {f['balanced_accuracy']:.3f} | "
+            f"{f['auroc']:.3f} |"
+        )
+    if "ensemble" in report:
+        e = report["ensemble"]
+        lines += [
+            "",
+            "## Fold ensemble",
+            "",
+            f"{e['n_patients']} unlabelled patients predicted by {e['n_models']} fold models: "
+            f"{e['probability_rule']}; threshold {e['threshold']:.3f} ({e['threshold_rule']}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_markdown(table: dict[str, Any]) -> str:
+    """A short human summary of ``comparison.json``."""
+    level = round(100 * CI_LEVEL)
+    header = " | ".join(LABELS[m] for m in METRIC_NAMES)
+    lines = [
+        f"# Paired comparison (reference: {table['reference']})",
+        "",
+        f"{table['n_patients']} labelled patients, {table['folds']} folds x {table['repeats']} "
+        f"repeats on identical splits (seed {table['seed']}); threshold policy "
+        f"`{table['threshold_policy']}`. Cells: mean over repeats [{level}% bootstrap CI].",
+        "",
+        f"| model | {header} |",
+        "|---|" + "---|" * len(METRIC_NAMES),
+    ]
+    for name, metrics in table["metrics"].items():
+        cells = " | ".join(
+            f"{metrics[m]['mean']:.3f} {_interval(metrics[m])}" for m in METRIC_NAMES
+        )
+        lines.append(f"| {name} | {cells} |")
+    lines += [
+        "",
+        f"## Difference to {table['reference']} (paired by patient and repeat)",
+        "",
+        f"| model | {header} |",
+        "|---|" + "---|" * len(METRIC_NAMES),
+    ]
+    for name, diff in table["difference"].items():
+        cells = " | ".join(f"{diff[m]['mean']:+.3f} {_interval(diff[m])}" for m in METRIC_NAMES)
+        lines.append(f"| {name} | {cells} |")
+    lines += ["", "Mean per-split difference (outer test folds):", ""]
+    for name, rows in table["per_split_difference"].items():
+        bacc = np.mean([r["balanced_accuracy"] for r in rows])
+        auroc = np.mean([r["auroc"] for r in rows])
+        lines.append(f"- {name}: balanced accuracy {bacc:+.3f}, AUROC {auroc:+.3f}")
+    return "\n".join(lines) + "\n"
+
+
+# -- plots ------------------------------------------------------------------------------------
+def write_plots(
+    report: dict[str, Any], oof: pd.DataFrame, out_dir: Path, n_bootstrap: int, seed: int
+) -> list[Path]:
+    """``roc.png`` and ``per_fold_balanced_accuracy.png``; nothing without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return []
+    return [
+        atomic_write_bytes(
+            out_dir / "roc.png", _roc_png(Figure, report, oof, n_bootstrap, seed), overwrite=True
+        ),
+        atomic_write_bytes(
+            out_dir / "per_fold_balanced_accuracy.png",
+            _per_fold_png(Figure, report),
+            overwrite=True,
+        ),
+    ]
+
+
+def roc_band(
+    oof: pd.DataFrame, n_resamples: int, seed: int, grid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pooled out-of-fold ROC (all repeats) on an FPR grid and its bootstrap percentile band.
+
+    Returns:
+        float[G] each: true-positive rate, band low, band high at the false-positive rates
+        ``grid``.
+    """
+    arrays = OOFArrays.from_frame(oof)
+    repeats = len(arrays.prob)
+    label, prob = np.tile(arrays.label, repeats), arrays.prob.ravel()
+
+    def curve(weights: np.ndarray | None) -> np.ndarray:
+        fpr, tpr, _ = roc_curve(label, prob, sample_weight=weights)
+        return tpr[np.searchsorted(fpr, grid, side="right") - 1]  # best TPR at FPR <= grid
+
+    resamples = stratified_bootstrap_weights(arrays.label, n_resamples, seed)
+    curves = np.array([curve(np.tile(weights, repeats)) for weights in resamples])
+    tail = 100 * (1 - CI_LEVEL) / 2
+    low, high = np.percentile(curves, [tail, 100 - tail], axis=0)
+    return curve(None), low, high
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _roc_png(
+    figure_class: Any, report: dict[str, Any], oof: pd.DataFrame, n_bootstrap: int, seed: int
+) -> bytes:
+    grid = np.linspace(0.0, 1.0, 201)
+    tpr, low, high = roc_band(oof, min(n_bootstrap, ROC_BAND_RESAMPLES), seed, grid)
+    auroc = report["auroc"]
+    fig = figure_class(figsize=(4.5, 4.5))
+    ax = fig.add_subplot()
+    level = round(100 * CI_LEVEL)
+    ax.fill_between(grid, low, high, step="post", alpha=0.25, label=f"{level}% bootstrap band")
+    ax.step(
+        grid,
+        tpr,
+        where="post",
+        label=f"out-of-fold ROC, AUROC {auroc['mean']:.3f} {_interval(auroc)}",
+    )
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(
+        xlabel="false-positive rate (1 - specificity)",
+        ylabel="true-positive rate (sensitivity)",
+        title=f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(loc="lower right", fontsize="small")
+    return _png(fig)
+
+
+def _per_fold_png(figure_class: Any, report: dict[str, Any]) -> bytes:
+    folds = report["per_fold"]
+    bacc = report["balanced_accuracy"]
+    fig = figure_class(figsize=(max(4.5, 0.35 * len(folds)), 3.5))
+    ax = fig.add_subplot()
+    for repeat in sorted({f["repeat"] for f in folds}):
+        index = [i for i, f in enumerate(folds) if f["repeat"] == repeat]
+        values = [folds[i]["balanced_accuracy"] for i in index]
+        ax.plot(index, values, "o", label=f"repeat {repeat}")
+    ax.axhline(bacc["mean"], color="black", label=f"mean {bacc['mean']:.3f}")
+    level = round(100 * CI_LEVEL)
+    ax.axhspan(bacc["ci95_low"], bacc["ci95_high"], alpha=0.15, color="black", label=f"{level}% CI")
+    ax.set(xlabel="outer fold", ylabel="balanced accuracy", ylim=(0, 1.02), title=report["name"])
+    ax.set_xticks(range(len(folds)), [f"r{f['repeat']}f{f['fold']}" for f in folds], fontsize=7)
+    ax.legend(fontsize="small", loc="lower left")
+    return _png(fig)

@@ -1,0 +1,281 @@
+"""``lympho-mil cv`` on tiny synthetic data: splits, honest thresholds, reports, ensembles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from lightning import Trainer
+
+from lympho_mil.cli import main
+from lympho_mil.data import PatientBagDataModule
+from lympho_mil.data.synthetic import make_synthetic_dlmi
+from lympho_mil.evaluation import cross_validate
+from lympho_mil.evaluation.thresholds import choose_threshold
+from lympho_mil.models import TabularMLP
+from lympho_mil.models.metrics import METRIC_NAMES
+
+FOLDS, REPEATS = 3, 2
+TIMING_KEYS = ("wall_time_s", "seconds")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cv")
+
+
+@pytest.fixture(scope="module")
+def dlmi_root(workdir: Path) -> Path:
+    return make_synthetic_dlmi(
+        workdir / "dlmi", n_patients=24, image_size=32, seed=2, min_cells=3, max_cells=8
+    )
+
+
+def data_section(root: Path, cache: Path, max_instances: int) -> dict[str, Any]:
+    return {
+        "class_path": "PatientBagDataModule",
+        "init_args": {
+            "root": str(root),
+            "image_size": 32,
+            "cache_dir": str(cache),
+            "batch_size": 4,
+            "max_instances": max_instances,
+            "augment": False,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def configs(workdir: Path, dlmi_root: Path) -> dict[str, Path]:
+    cache = workdir / "cache"
+    tabular = {
+        "trainer": {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1},
+        "model": {"class_path": "TabularMLP", "init_args": {"lr": 0.01}},
+        "data": data_section(dlmi_root, cache, max_instances=1),
+    }
+    small = {
+        **tabular,
+        "model": {"class_path": "TabularMLP", "init_args": {"hidden": 4, "lr": 0.05}},
+    }
+    image = {
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "log_every_n_steps": 1},
+        "model": {
+            "class_path": "MeanPoolMIL",
+            "init_args": {"encoder": "small_cnn", "encoder_kwargs": {"width": 4}, "embed_dim": 8},
+        },
+        "data": data_section(dlmi_root, cache, max_instances=4),
+    }
+    contents = {"tabular": tabular, "small": small, "image": image}
+    paths = {name: workdir / f"{name}.yaml" for name in contents}
+    for name, content in contents.items():
+        paths[name].write_text(yaml.safe_dump(content))
+    return paths
+
+
+def cv_args(*configs: Path, out: Path) -> list[str]:
+    config_args = [arg for c in configs for arg in ("--config", str(c))]
+    return [
+        "cv",
+        *config_args,
+        f"--folds={FOLDS}",
+        f"--repeats={REPEATS}",
+        "--seed=3",
+        f"--out={out}",
+        "--n-bootstrap=200",
+        "--predict",
+        "--trainer.deterministic=true",
+    ]
+
+
+@pytest.fixture(scope="module")
+def single(workdir: Path, configs: dict[str, Path]) -> Path:
+    """One config, 3 folds x 2 repeats, with the fold ensemble."""
+    out = workdir / "single"
+    main(cv_args(configs["tabular"], out=out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def paired(workdir: Path, configs: dict[str, Path]) -> Path:
+    """The same tabular config again (same seed) and a smaller one, compared."""
+    out = workdir / "paired"
+    main(cv_args(configs["tabular"], configs["small"], out=out))
+    return out
+
+
+def load_report(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "cv_report.json").read_text())
+
+
+def without_timing(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def labelled_ids(root: Path) -> set[str]:
+    return set(pd.read_csv(root / "trainset" / "trainset_true.csv")["ID"])
+
+
+def test_splits_are_disjoint_and_cover_every_patient(single: Path, dlmi_root: Path) -> None:
+    report, everyone = load_report(single), labelled_ids(dlmi_root)
+    assert report["n_patients"] == len(everyone)
+    assert len(report["per_fold"]) == FOLDS * REPEATS
+    for repeat in range(REPEATS):
+        folds = [f for f in report["per_fold"] if f["repeat"] == repeat]
+        tested = [pid for f in folds for pid in f["test_ids"]]
+        assert sorted(tested) == sorted(everyone)  # each patient tested once per repeat
+        for f in folds:
+            train, val, test = set(f["train_ids"]), set(f["val_ids"]), set(f["test_ids"])
+            assert not (train & val) and not (train & test) and not (val & test)
+            assert train | val | test == everyone
+            assert val  # an inner validation split exists in every fold
+    first, second = (report["per_fold"][i]["test_ids"] for i in (0, FOLDS))
+    assert first != second  # the repeats reshuffle
+
+
+def test_oof_predictions_hold_each_patient_once_per_repeat(single: Path, dlmi_root: Path) -> None:
+    oof = pd.read_csv(single / "oof_predictions.csv")
+    assert list(oof.columns[:6]) == ["repeat", "fold", "id", "label", "probability", "predicted"]
+    everyone = labelled_ids(dlmi_root)
+    for _, rows in oof.groupby("repeat"):
+        assert sorted(rows["id"]) == sorted(everyone)
+    report = load_report(single)
+    for f in report["per_fold"]:
+        rows = oof[(oof["repeat"] == f["repeat"]) & (oof["fold"] == f["fold"])]
+        assert sorted(rows["id"]) == sorted(f["test_ids"])
+        np.testing.assert_array_equal(
+            rows["predicted"], (rows["probability"] >= f["threshold"]).astype(int)
+        )
+    truth = pd.read_csv(dlmi_root / "trainset" / "trainset_true.csv").set_index("ID")["LABEL"]
+    np.testing.assert_array_equal(oof["label"], truth.loc[oof["id"]].to_numpy())
+
+
+def test_thresholds_come_from_inner_validation_only(single: Path) -> None:
+    report = load_report(single)
+    inner = pd.read_csv(single / "inner_val_predictions.csv")
+    oof = pd.read_csv(single / "oof_predictions.csv")
+    for f in report["per_fold"]:
+        rows = inner[(inner["repeat"] == f["repeat"]) & (inner["fold"] == f["fold"])]
+        assert sorted(rows["id"]) == sorted(f["val_ids"])
+        assert not set(rows["id"]) & set(f["test_ids"])
+        recomputed = choose_threshold("inner_val", rows["probability"], rows["label"])
+        assert f["threshold"] == pytest.approx(recomputed, abs=1e-6)
+        # The test fold's predictions play no part: scrambling them changes nothing.
+        test = oof[(oof["repeat"] == f["repeat"]) & (oof["fold"] == f["fold"])]
+        assert not set(test["id"]) & set(rows["id"])
+
+
+def test_report_has_every_key(single: Path) -> None:
+    report = load_report(single)
+    for key in ("n_patients", "folds", "repeats", "threshold_policy", "per_fold", "config"):
+        assert key in report
+    assert (report["folds"], report["repeats"], report["threshold_policy"]) == (3, 2, "inner_val")
+    for name in METRIC_NAMES:
+        s = report[name]
+        assert set(s) == {"mean", "std", "ci95_low", "ci95_high"}
+        assert 0.0 <= s["ci95_low"] <= s["ci95_high"] <= 1.0
+    fold_keys = {"repeat", "fold", "train_ids", "val_ids", "test_ids", "threshold"}
+    for f in report["per_fold"]:
+        assert fold_keys | {"balanced_accuracy", "auroc"} <= set(f)
+    assert report["seed"] == 3 and report["versions"]["lympho-mil"]
+    assert report["config"]["content"]["model"]["class_path"] == "TabularMLP"
+    assert "Cross-validation" in (single / "cv_report.md").read_text()
+    pytest.importorskip("matplotlib")
+    for name in ("roc.png", "per_fold_balanced_accuracy.png"):
+        assert (single / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_seed_gives_the_same_report(single: Path, paired: Path) -> None:
+    # The comparison ran the same tabular config on the same seed in another process state.
+    again = paired / "tabular"
+    assert without_timing(load_report(single)) == without_timing(load_report(again))
+    pd.testing.assert_frame_equal(
+        pd.read_csv(single / "oof_predictions.csv"), pd.read_csv(again / "oof_predictions.csv")
+    )
+
+
+def test_predict_writes_the_fold_ensemble(single: Path, dlmi_root: Path) -> None:
+    submission = pd.read_csv(single / "predictions.csv")
+    detail = pd.read_csv(single / "predictions_detail.csv").set_index("id")
+    assert list(submission.columns) == ["Id", "Predicted"]
+    unlabelled = pd.read_csv(dlmi_root / "testset" / "testset_data.csv")["ID"]
+    assert sorted(submission["Id"]) == sorted(unlabelled)
+
+    # Independent route: reload every fold's checkpoint and average it by hand.
+    report = load_report(single)
+    datamodule = PatientBagDataModule(
+        str(dlmi_root), image_size=32, cache_dir=str(single.parent / "cache")
+    )
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    probabilities = []
+    for f in report["per_fold"]:
+        model = TabularMLP.load_from_checkpoint(
+            single / "folds" / f"r{f['repeat']}_f{f['fold']}" / "model.ckpt"
+        )
+        assert float(model.threshold) == pytest.approx(f["threshold"])  # carried in the file
+        records = [r for b in trainer.predict(model, datamodule.predict_dataloader()) for r in b]
+        probabilities.append(pd.Series({r["id"]: r["probability"] for r in records}))
+    mean = pd.concat(probabilities, axis=1).mean(axis=1)
+    threshold = float(np.median([f["threshold"] for f in report["per_fold"]]))
+    np.testing.assert_allclose(detail.loc[mean.index, "probability"], mean, atol=1e-6)
+    assert report["ensemble"]["threshold"] == pytest.approx(threshold)
+    expected = (mean >= threshold).astype(int)
+    assert submission.set_index("Id").loc[mean.index, "Predicted"].tolist() == expected.tolist()
+
+
+def test_paired_comparison_table(paired: Path) -> None:
+    table = json.loads((paired / "comparison.json").read_text())
+    assert table["reference"] == "tabular" and table["models"] == ["tabular", "small"]
+    reference, other = load_report(paired / "tabular"), load_report(paired / "small")
+    pairs = list(zip(reference["per_fold"], other["per_fold"], strict=True))
+    for a, b in pairs:  # identical splits
+        assert [a[k] for k in ("train_ids", "val_ids", "test_ids")] == [
+            b[k] for k in ("train_ids", "val_ids", "test_ids")
+        ]
+    diff = table["difference"]["small"]
+    for name in METRIC_NAMES:
+        assert diff[name]["ci95_low"] <= diff[name]["ci95_high"]
+        assert diff[name]["mean"] == pytest.approx(other[name]["mean"] - reference[name]["mean"])
+    per_split = [s["balanced_accuracy"] for s in table["per_split_difference"]["small"]]
+    expected = [b["balanced_accuracy"] - a["balanced_accuracy"] for a, b in pairs]
+    assert per_split == pytest.approx(expected)
+    assert "Difference to tabular" in (paired / "comparison.md").read_text()
+
+
+def test_existing_report_is_not_overwritten(single: Path, configs: dict[str, Path]) -> None:
+    before = (single / "cv_report.json").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(cv_args(configs["tabular"], out=single))
+    assert exc.value.code == 2
+    assert (single / "cv_report.json").read_bytes() == before
+
+
+def test_python_api_with_a_dict_config_and_an_image_model(
+    configs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load(configs["image"].read_text())
+    result = cross_validate(
+        config,
+        folds=2,
+        repeats=1,
+        seed=0,
+        threshold_policy="fixed",
+        overrides=["--trainer.max_epochs=1"],
+        n_bootstrap=50,
+        verbose=False,
+    )
+    assert result.out_dir is None and not list(tmp_path.iterdir())  # nothing written
+    assert [f["threshold"] for f in result.report["per_fold"]] == [0.5, 0.5]
+    assert result.report["threshold_policy"] == "fixed"
+    assert result.report["config"]["content"]["model"]["class_path"] == "MeanPoolMIL"
+    assert result.report["config"]["source"] == "dict"
+    assert result.oof["id"].is_unique and len(result.oof) == result.report["n_patients"]
