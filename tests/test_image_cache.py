@@ -168,7 +168,7 @@ def test_loader_with_two_workers(synthetic_dlmi: Path, cache_dir: Path) -> None:
         for i in range(6)
     ]
 
-    def to_tensor(crops: np.ndarray) -> torch.Tensor:
+    def to_tensor(crops: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         return torch.from_numpy(crops).float()
 
     dataset = BagDataset(bags, cache, to_tensor)

@@ -10,18 +10,23 @@ their instances (:meth:`BagDataModule.build_store`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 from lightning import LightningDataModule
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lympho_mil.data.batch import collate_bags
 from lympho_mil.data.clinical import FEATURE_NAMES, fit_standardization
-from lympho_mil.data.dataset import Bag, BagDataset, InstanceStore
+from lympho_mil.data.dataset import (
+    Bag,
+    BagDataset,
+    EpochSeededSampler,
+    InstanceStore,
+    InstanceTransform,
+)
 from lympho_mil.data.dlmi import read_dlmi
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.image_cache import CropSpec, ImageCache
@@ -43,7 +48,8 @@ class BagDataModule(LightningDataModule):
         val_fraction: share of the labelled patients held out for validation (holdout policy).
         test_fraction: share held out first as a test split (0: none).
         n_folds, fold: k-fold policy instead of holdout: validate on fold ``fold``.
-        seed: seed of the splits.
+        seed: seed of the splits and of the data randomness (order, subsets, augmentation),
+            which depends only on (seed, epoch) so resumed runs replay the same batches.
         train_ids, val_ids, test_ids: explicit patient lists (override the policy); used by
             cross-validation.
         predict_ids: patients to predict (default: every unlabelled patient).
@@ -93,7 +99,7 @@ class BagDataModule(LightningDataModule):
         """The instance store behind ``Bag.rows`` and the bags that remain usable."""
         raise NotImplementedError
 
-    def instance_transform(self, stage: str) -> Callable[[np.ndarray], Tensor]:
+    def instance_transform(self, stage: str) -> InstanceTransform:
         """Store rows -> float tensor, for ``stage`` in :data:`STAGES`."""
         raise NotImplementedError
 
@@ -203,10 +209,12 @@ class BagDataModule(LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(split, split))
+        dataset = self.datasets[split]
+        sampler = EpochSeededSampler(len(dataset), shuffle=split == "train", seed=self.seed)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
-            shuffle=split == "train",
+            sampler=sampler,
             collate_fn=collate_bags,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -317,6 +325,10 @@ class PatientBagDataModule(BagDataModule):
             start += n
         return bags
 
+    def instance_paths(self, bag_id: str) -> list[Path]:
+        """Files of patient ``bag_id``'s crops, in the order of its ``instance_ids``."""
+        return [self._paths[row] for row in self.bags[bag_id].rows]
+
     def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
         cache = ImageCache.build_or_load(
             self._paths, self.crop_spec, self.cache_dir, self.skip_bad_images
@@ -333,7 +345,7 @@ class PatientBagDataModule(BagDataModule):
             usable.append(Bag(bag.bag_id, bag.label, bag.rows[keep], ids, bag.tabular))
         return cache, usable
 
-    def instance_transform(self, stage: str) -> Callable[[np.ndarray], Tensor]:
+    def instance_transform(self, stage: str) -> InstanceTransform:
         augment = None
         if stage == "train" and self.augment:
             augment = train_augmentation(affine=self.affine, color_jitter=self.color_jitter)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from lympho_mil.data.batch import BagSample
 
@@ -40,18 +40,24 @@ class Bag:
             )
 
 
-class BagDataset(Dataset[BagSample]):
-    """Yields :class:`BagSample` s; with ``max_instances`` a fresh random subset each access.
+InstanceTransform = Callable[[np.ndarray, np.random.Generator], Tensor]
+"""Store rows -> tensor; draws any randomness (augmentation) from the generator it is given."""
 
-    The subset is drawn from torch's RNG, which Lightning seeds per worker, so runs repeat
-    under ``seed_everything(..., workers=True)``.
+
+class BagDataset(Dataset[BagSample]):
+    """Yields :class:`BagSample` s; with ``max_instances`` a random subset of each bag.
+
+    Indexing with ``(index, seed)`` (what :class:`EpochSeededSampler` yields) makes every
+    random choice of that access (the subset, the augmentation) a function of ``seed`` alone,
+    so a run resumed from a checkpoint sees exactly the bags an uninterrupted run would. A plain
+    ``index`` draws the seed from torch's RNG.
     """
 
     def __init__(
         self,
         bags: Sequence[Bag],
         store: InstanceStore,
-        to_tensor: Callable[[np.ndarray], Tensor],
+        to_tensor: InstanceTransform,
         max_instances: int | None = None,
     ) -> None:
         if max_instances is not None and max_instances < 1:
@@ -64,13 +70,18 @@ class BagDataset(Dataset[BagSample]):
     def __len__(self) -> int:
         return len(self.bags)
 
-    def __getitem__(self, index: int) -> BagSample:
+    def __getitem__(self, key: int | tuple[int, int]) -> BagSample:
+        if isinstance(key, tuple):
+            index, seed = key
+        else:
+            index, seed = key, int(torch.randint(0, 2**31 - 1, ()).item())
+        rng = np.random.default_rng(seed)
         bag = self.bags[index]
         keep = np.arange(len(bag.rows))
         if self.max_instances is not None and len(keep) > self.max_instances:
-            keep = np.sort(torch.randperm(len(keep))[: self.max_instances].numpy())
+            keep = np.sort(rng.choice(len(keep), self.max_instances, replace=False))
         return BagSample(
-            instances=self.to_tensor(self.store[bag.rows[keep]]),
+            instances=self.to_tensor(self.store[bag.rows[keep]], rng),
             tabular=torch.tensor(bag.tabular, dtype=torch.float32),
             label=float(bag.label),
             bag_id=bag.bag_id,
@@ -80,3 +91,26 @@ class BagDataset(Dataset[BagSample]):
     @property
     def labels(self) -> np.ndarray:
         return np.array([b.label for b in self.bags])
+
+
+class EpochSeededSampler(Sampler[tuple[int, int]]):
+    """Yields ``(index, seed)`` pairs whose order and seeds depend only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so the data randomness of epoch
+    ``e`` is the same whether the run was interrupted and resumed or not.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int) -> None:
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=generator) if self.shuffle else range(self.n)
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=generator)
+        return iter(zip([int(i) for i in order], seeds.tolist(), strict=True))

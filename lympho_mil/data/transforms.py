@@ -71,8 +71,9 @@ class BagToTensor:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
-    def __call__(self, crops: np.ndarray) -> Tensor:
+    def __call__(self, crops: np.ndarray, rng: np.random.Generator) -> Tensor:
         if self.augment is not None:
+            self.augment.set_random_seed(int(rng.integers(2**31 - 1)))
             crops = np.stack([self.augment(image=c)["image"] for c in crops])
         x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
         return (x / 255.0 - self.mean) / self.std
@@ -84,8 +85,8 @@ class FeaturesToTensor:
     def __init__(self, noise_std: float = 0.0) -> None:
         self.noise_std = noise_std
 
-    def __call__(self, features: np.ndarray) -> Tensor:
-        x = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    def __call__(self, features: np.ndarray, rng: np.random.Generator) -> Tensor:
+        x = np.asarray(features, dtype=np.float32)
         if self.noise_std > 0:
-            x = x + self.noise_std * torch.randn_like(x)
-        return x
+            x = x + self.noise_std * rng.standard_normal(x.shape, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x))
