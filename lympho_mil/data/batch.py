@@ -17,6 +17,11 @@ label          float[B]                            1 tumoral, 0 reactive, -1 unk
 bag_id         list[str] (B)                       patient ids
 instance_id    list[list[str]] (B x n_b)           crop file names of the real instances
 =============  ==================================  =========================================
+
+One exception, on the way to the device only: with ``PatientBagDataModule(augment="gpu")``
+the *training* loader yields ``instances`` as raw pixels ``uint8[B, N, C, H, W]`` (a quarter
+of the bytes to copy), and that datamodule's ``on_after_batch_transfer`` hook augments and
+normalises them on the device. Models therefore always receive float instances.
 """
 
 from __future__ import annotations

@@ -9,16 +9,19 @@ their instances (:meth:`BagDataModule.build_store`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lympho_mil.data.batch import collate_bags
+from lympho_mil.data.batch import BagBatch, collate_bags
 from lympho_mil.data.clinical import FEATURE_NAMES, fit_standardization
 from lympho_mil.data.dataset import (
     Bag,
@@ -29,6 +32,7 @@ from lympho_mil.data.dataset import (
 )
 from lympho_mil.data.dlmi import read_dlmi
 from lympho_mil.data.errors import DataError
+from lympho_mil.data.gpu_augment import DeviceAugment, pixels_to_tensor
 from lympho_mil.data.image_cache import CropSpec, ImageCache
 from lympho_mil.data.splits import holdout_split, kfold_split
 from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor, train_augmentation
@@ -250,7 +254,11 @@ class PatientBagDataModule(BagDataModule):
             ``~/.cache/lympho_mil``; never inside ``root`` unless you point it there).
         skip_bad_images: skip unreadable images with a warning instead of failing.
         reference_date: date at which ages are computed (ISO format).
-        augment: train-time augmentation (flips, 90-degree rotations, affine, colour).
+        augment: train-time augmentation. True: per crop on the CPU (albumentations: flips,
+            90-degree rotations, affine, colour), in the loader. "gpu": the training loader
+            ships raw uint8 crops and :meth:`on_after_batch_transfer` augments whole batches
+            on the training device (flips, 90-degree rotations, colour; no affine; see
+            :mod:`lympho_mil.data.gpu_augment`), so workers only slice the cache. False: none.
         affine, color_jitter: probabilities of those augmentation steps.
         mean, std: per-channel normalisation of pixels in [0, 1].
         **kwargs: split and loader settings of :class:`BagDataModule`.
@@ -266,7 +274,7 @@ class PatientBagDataModule(BagDataModule):
         cache_dir: str | None = None,
         skip_bad_images: bool = False,
         reference_date: str = "2020-01-01",
-        augment: bool = True,
+        augment: bool | Literal["gpu"] = True,
         affine: float = 0.5,
         color_jitter: float = 0.5,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
@@ -302,6 +310,8 @@ class PatientBagDataModule(BagDataModule):
             pin_memory=pin_memory,
             persistent_workers=persistent_workers,
         )
+        if augment not in (True, False, "gpu"):
+            raise ValueError(f"augment must be True, False or 'gpu', got {augment!r}")
         self.root = Path(root).expanduser()
         self.crop_spec = CropSpec(image_size, center_crop)
         self.cache_dir = cache_dir
@@ -311,6 +321,8 @@ class PatientBagDataModule(BagDataModule):
         self.affine = affine
         self.color_jitter = color_jitter
         self.mean, self.std = tuple(mean), tuple(std)
+        self._generator: torch.Generator | None = None  # of augment="gpu", per epoch
+        self._generator_key: tuple[int, torch.device] | None = None
         self._paths: list[Path] = []
 
     def load_bags(self) -> list[Bag]:
@@ -346,7 +358,38 @@ class PatientBagDataModule(BagDataModule):
         return cache, usable
 
     def instance_transform(self, stage: str) -> InstanceTransform:
+        if stage == "train" and self.augment == "gpu":
+            return pixels_to_tensor
         augment = None
         if stage == "train" and self.augment:
             augment = train_augmentation(affine=self.affine, color_jitter=self.color_jitter)
         return BagToTensor(augment, self.mean, self.std)
+
+    @cached_property
+    def device_augment(self) -> DeviceAugment:
+        """The on-device pipeline of ``augment="gpu"`` (the CPU path's colour settings)."""
+        return DeviceAugment(self.mean, self.std, color_p=self.color_jitter)
+
+    def on_after_batch_transfer(self, batch: BagBatch, dataloader_idx: int) -> BagBatch:
+        """Raw uint8 crops (``augment="gpu"``) -> augmented when training, normalised.
+
+        The draws come from a generator on the batch's device seeded by ``(seed, epoch)`` at
+        the first batch of each epoch, so they repeat as the loader's own draws do.
+        """
+        if not isinstance(batch, BagBatch) or batch.instances.dtype != torch.uint8:
+            return batch
+        generator = None
+        if self.trainer is not None and self.trainer.training:
+            generator = self._epoch_generator(batch.instances.device)
+        instances = self.device_augment(
+            batch.instances, batch.mask, train=generator is not None, generator=generator
+        )
+        return dataclasses.replace(batch, instances=instances)
+
+    def _epoch_generator(self, device: torch.device) -> torch.Generator:
+        epoch = self.trainer.current_epoch
+        if self._generator is None or self._generator_key != (epoch, device):
+            seed = np.random.SeedSequence([self.seed, epoch, 1]).generate_state(1)[0]
+            self._generator = torch.Generator(device).manual_seed(int(seed))
+            self._generator_key = (epoch, device)
+        return self._generator

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lympho_mil.data.batch import BagBatch
+from lympho_mil.models.acceleration import use_channels_last
 from lympho_mil.models.base import BagClassifier, BagOutput
 from lympho_mil.nn import build_instance_encoder, build_pooling, encode_instances, freeze
 
@@ -27,6 +28,8 @@ class EncoderMixin:
         encoder_kwargs: dict[str, Any] | None,
         encoder_weights: str | None,
         freeze_encoder: bool,
+        channels_last: bool = False,
+        compile_encoder: bool = False,
     ) -> nn.Module:
         module = build_instance_encoder(
             encoder,
@@ -37,6 +40,10 @@ class EncoderMixin:
         )
         if freeze_encoder:
             freeze(module)
+        if channels_last:
+            use_channels_last(module)
+        if compile_encoder:
+            module.compile()  # in place: state_dict keys stay unprefixed, checkpoints portable
         return module
 
 
@@ -69,6 +76,10 @@ class MILClassifier(EncoderMixin, BagClassifier):
         encoder_weights: local weights file for a timm encoder (nothing is downloaded).
         freeze_encoder: keep the encoder fixed (eval mode, no gradients).
         chunk_size: encode at most this many crops at once (bounds memory on big bags).
+        channels_last: keep the encoder's weights and 4-D inputs channels-last (faster convs
+            on CUDA under mixed precision; see :mod:`lympho_mil.models.acceleration`).
+        compile_encoder: ``torch.compile`` the encoder (in place: checkpoints stay loadable
+            with or without it). Compilation costs seconds to minutes at the first batches.
         attention_hidden: hidden size of the attention network.
         dropout: dropout before the head.
         pooling: "attention", "gated_attention", "mean" or "max" (fixed by the subclasses).
@@ -86,6 +97,8 @@ class MILClassifier(EncoderMixin, BagClassifier):
         encoder_weights: str | None = None,
         freeze_encoder: bool = False,
         chunk_size: int | None = 128,
+        channels_last: bool = False,
+        compile_encoder: bool = False,
         attention_hidden: int = 128,
         dropout: float = 0.0,
         **kwargs: Any,
@@ -97,6 +110,8 @@ class MILClassifier(EncoderMixin, BagClassifier):
             encoder_kwargs,
             encoder_weights,
             freeze_encoder,
+            channels_last,
+            compile_encoder,
         )
         self.pooling_name = self.default_pooling
         self.chunk_size = chunk_size
@@ -167,6 +182,8 @@ class InstanceMIL(EncoderMixin, BagClassifier):
         encoder_weights: str | None = None,
         freeze_encoder: bool = False,
         chunk_size: int | None = 128,
+        channels_last: bool = False,
+        compile_encoder: bool = False,
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
@@ -177,6 +194,8 @@ class InstanceMIL(EncoderMixin, BagClassifier):
             encoder_kwargs,
             encoder_weights,
             freeze_encoder,
+            channels_last,
+            compile_encoder,
         )
         self.chunk_size = chunk_size
         self.dropout = dropout

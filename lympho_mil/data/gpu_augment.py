@@ -1,0 +1,144 @@
+"""Augmentation of whole batches on the training device (pure torch, vectorised per crop).
+
+With ``PatientBagDataModule(augment="gpu")`` the training loader only slices the decoded-crop
+cache and ships raw ``uint8`` pixels (4x fewer bytes than float32); after the copy to the
+device, :class:`DeviceAugment` draws a random dihedral view (flips x 90-degree rotations)
+and a colour jitter for every crop at once and normalises. Padded slots stay zeros.
+Nothing here syncs with the host. It runs on any device, the CPU included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DIHEDRAL_VIEWS = 8
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
+
+
+def dihedral(x: Tensor, view: int) -> Tensor:
+    """View ``view`` (0-7) of ``x[..., H, W]``: ``view % 4`` quarter turns, then a left-right
+    flip when ``view >= 4``. View 0 is ``x`` itself."""
+    if not 0 <= view < DIHEDRAL_VIEWS:
+        raise ValueError(f"view must be in 0..7, got {view}")
+    x = torch.rot90(x, view % 4, dims=(-2, -1))
+    return x.flip(-1) if view >= 4 else x
+
+
+def dihedral_views(x: Tensor) -> Tensor:
+    """``x[M, C, H, W]`` -> its 8 dihedral views ``[M, 8, C, H, W]`` (view 0 first)."""
+    return torch.stack([dihedral(x, v) for v in range(DIHEDRAL_VIEWS)], dim=1)
+
+
+def pixels_to_tensor(crops: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:
+    """uint8[n, H, W, C] cached crops -> uint8[n, C, H, W] (no scaling: that happens on the
+    device, see :class:`DeviceAugment`). An instance transform that draws nothing."""
+    return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
+
+
+def normalize_pixels(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 or [0, 1] float ``pixels[..., C, H, W]`` -> float32 ``(x - mean) / std``, computed
+    as :class:`~lympho_mil.data.transforms.BagToTensor` does on the CPU."""
+    x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+    shape = (len(mean), 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
+    return (x - mean_t) / std_t
+
+
+def random_dihedral(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A uniformly drawn dihedral view of every crop of ``x[B, N, C, S, S]`` (square crops).
+
+    Each view is a composition of an optional transpose, an optional up-down flip and an
+    optional left-right flip (three independent fair coins per crop), selected with
+    ``torch.where``: an exact permutation of each crop's pixels, any dtype.
+    """
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rotations need square crops, got {tuple(x.shape[-2:])}")
+    coins = torch.rand((3, *x.shape[:2], 1, 1, 1), generator=generator, device=x.device) < 0.5
+    x = torch.where(coins[0], x.transpose(-1, -2), x)
+    x = torch.where(coins[1], x.flip(-2), x)
+    return torch.where(coins[2], x.flip(-1), x)
+
+
+def color_jitter(
+    x: Tensor,
+    brightness: float = 0.1,
+    contrast: float = 0.1,
+    saturation: float = 0.1,
+    p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Per-crop brightness, contrast and saturation jitter of ``x[B, N, 3, H, W]`` in [0, 1].
+
+    Each strength ``s`` draws a factor in ``[1 - s, 1 + s]`` per crop (0 disables the step);
+    with probability ``1 - p`` a crop keeps factors of 1. The blends are torchvision's:
+    brightness scales, contrast blends with the crop's mean grey, saturation with each
+    pixel's grey; values are clamped to [0, 1] after each step.
+    """
+    lead = (*x.shape[:2], 1, 1, 1)
+    applied = torch.rand(lead, generator=generator, device=x.device) < p
+
+    def factor(strength: float) -> Tensor:
+        u = torch.rand(lead, generator=generator, device=x.device) * 2 - 1
+        return torch.where(applied, 1 + strength * u, torch.ones_like(u))
+
+    luma = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    if brightness > 0:
+        x = (x * factor(brightness)).clamp(0, 1)
+    if contrast > 0:
+        grey = (x * luma).sum(dim=-3, keepdim=True).mean(dim=(-2, -1), keepdim=True)
+        x = torch.lerp(grey, x, factor(contrast)).clamp(0, 1)
+    if saturation > 0:
+        grey = (x * luma).sum(dim=-3, keepdim=True)
+        x = torch.lerp(grey, x, factor(saturation)).clamp(0, 1)
+    return x
+
+
+@dataclass(frozen=True)
+class DeviceAugment:
+    """Raw crops ``uint8[B, N, C, H, W]`` -> normalised float32, augmented when training.
+
+    Args:
+        mean, std: per-channel normalisation of pixels in [0, 1].
+        dihedral: a random flip/90-degree rotation view per crop (see :func:`random_dihedral`).
+        brightness, contrast, saturation: jitter strengths (see :func:`color_jitter`).
+        color_p: probability that a crop's colours are jittered (0 disables it).
+
+    A ``generator`` passed to a call must live on the pixels' device.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dihedral: bool = True
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    color_p: float = 0.5
+
+    def __call__(
+        self,
+        pixels: Tensor,
+        mask: Tensor,
+        train: bool,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``pixels[B, N, C, H, W]``, ``mask[B, N]`` -> float32, zero where ``mask`` is False."""
+        x = pixels
+        if train and self.dihedral:
+            x = random_dihedral(x, generator)
+        if train and self.color_p > 0:
+            x = color_jitter(
+                x.float() / 255.0 if x.dtype == torch.uint8 else x,
+                self.brightness,
+                self.contrast,
+                self.saturation,
+                self.color_p,
+                generator,
+            )
+        x = normalize_pixels(x, self.mean, self.std)
+        return x.masked_fill(~mask.view(*mask.shape, 1, 1, 1), 0.0)
