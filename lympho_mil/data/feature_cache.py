@@ -1,0 +1,334 @@
+"""Embeddings of every crop by a frozen encoder, computed once and memory-mapped.
+
+Heads (attention MIL, mean pooling, ...) then train on ``float[B, N, D]`` features in seconds,
+which is what makes repeated cross-validation affordable. The cache file is
+``<cache_dir>/features-<key>.npy`` (``float16`` or ``float32[M, V, D]``: every crop, ``V = 1``
+or its 8 dihedral views) plus a JSON sidecar with a checksum, like the decoded-crop cache it
+is computed from (:mod:`lympho_mil.data.image_cache`). ``key`` hashes the encoder's name and
+settings, a digest of its weights, the crop spec, the normalisation, the views, the storage
+dtype and the key of the decoded crops: any change gives a new key and a new extraction.
+
+Features are label-free and computed for every crop, so one extraction serves every fold of
+a cross-validation without leakage: each fold's datamodule finds the cache on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lympho_mil.data.datamodule import PatientBagDataModule
+from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
+from lympho_mil.data.errors import DataError
+from lympho_mil.data.gpu_augment import DIHEDRAL_VIEWS, dihedral_views, normalize_pixels
+from lympho_mil.data.image_cache import (
+    CropSpec,
+    ImageCache,
+    MemmapRows,
+    default_cache_dir,
+    is_intact,
+    read_sidecar,
+    write_cache,
+)
+from lympho_mil.data.transforms import FeaturesToTensor
+from lympho_mil.nn.encoders import BUILTIN_ENCODERS, TimmEncoder, build_instance_encoder
+
+log = logging.getLogger(__name__)
+
+FEATURE_CACHE_VERSION = 1
+EvalView = Literal["mean", "identity"]
+
+
+def weights_digest(module: nn.Module) -> str:
+    """Hash of every state_dict entry of ``module``: name, dtype, shape and values."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How cached crops become cached features, apart from the encoder's weights.
+
+    ``encoder`` names the extractor (with its ``encoder_kwargs``); ``crop`` is the spec of
+    the decoded crops; ``mean``/``std`` normalise pixels in [0, 1] before the encoder;
+    ``dihedral`` also stores the 8 flip/rotation views of every crop; ``dtype`` is the
+    storage type of the features.
+    """
+
+    encoder: str
+    crop: CropSpec
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    encoder_kwargs: tuple[tuple[str, Any], ...] = ()
+    dihedral: bool = False
+    dtype: Literal["float16", "float32"] = "float16"
+
+    @property
+    def views(self) -> int:
+        """V: stored views per crop."""
+        return DIHEDRAL_VIEWS if self.dihedral else 1
+
+
+def feature_cache_key(spec: FeatureSpec, weights: str, images_key: str) -> str:
+    """Hash of the spec, the encoder's weights digest and the decoded crops' cache key."""
+    described = [FEATURE_CACHE_VERSION, asdict(spec), weights, images_key]
+    return hashlib.sha256(json.dumps(described, default=str).encode()).hexdigest()[:24]
+
+
+def extract_features(
+    images: InstanceStore,
+    n_crops: int,
+    encoder: nn.Module,
+    spec: FeatureSpec,
+    out: np.ndarray,
+    device: torch.device,
+    batch_size: int = 256,
+) -> None:
+    """Fill ``out[M, V, D]`` with ``encoder``'s embeddings of the ``M = n_crops`` cached crops
+    (and of their dihedral views), ``batch_size`` encoder inputs at a time, in eval mode under
+    ``torch.inference_mode`` on ``device`` (the encoder is moved there). Pixels travel as
+    uint8 and are normalised there exactly as the image loaders do."""
+    rows_per_step = max(1, batch_size // spec.views)
+    encoder.eval().to(device)
+    with torch.inference_mode():
+        for start in range(0, n_crops, rows_per_step):
+            rows = np.arange(start, min(start + rows_per_step, n_crops))
+            pixels = torch.from_numpy(images[rows]).to(device).permute(0, 3, 1, 2)
+            x = normalize_pixels(pixels, spec.mean, spec.std)
+            if spec.dihedral:
+                x = dihedral_views(x).flatten(0, 1)
+            h = encoder(x).reshape(len(rows), spec.views, -1)
+            out[rows] = h.float().cpu().numpy()
+
+
+class FeatureCache(MemmapRows):
+    """``float16/32[M, V, D]`` crop embeddings, memory-mapped; picklable.
+
+    ``rows`` of the decoded-crop cache and of this one are the same crops.
+    """
+
+    @property
+    def views(self) -> int:
+        return int(self.array.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.array.shape[2])
+
+    @classmethod
+    def build_or_load(
+        cls,
+        images: ImageCache,
+        encoder: nn.Module,
+        spec: FeatureSpec,
+        cache_dir: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 256,
+    ) -> FeatureCache:
+        """Load the features of ``images`` by ``encoder`` if cached and intact, else extract."""
+        cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        weights = weights_digest(encoder)
+        key = feature_cache_key(spec, weights, images.path.stem)
+        data_path = cache_dir / f"features-{key}.npy"
+        meta_path = cache_dir / f"features-{key}.json"
+        meta = read_sidecar(meta_path, FEATURE_CACHE_VERSION)
+        if (
+            meta is not None
+            and data_path.is_file()
+            and is_intact(data_path, meta["checksum"], "feature cache")
+        ):
+            return cls(data_path)
+        shape = (len(images), spec.views, int(encoder.out_dim))
+
+        def fill(array: np.ndarray) -> dict[str, Any]:
+            log.info(
+                "extracting %s features of %d crops into %s", spec.encoder, shape[0], data_path
+            )
+            start = time.perf_counter()
+            extract_features(
+                images, shape[0], encoder, spec, array, torch.device(device), batch_size
+            )
+            return {"seconds": round(time.perf_counter() - start, 3)}
+
+        description = {**asdict(spec), "weights": weights, "images": images.path.stem}
+        write_cache(
+            data_path,
+            meta_path,
+            shape,
+            spec.dtype,
+            fill,
+            {"version": FEATURE_CACHE_VERSION, "key": key, **description},
+        )
+        return cls(data_path)
+
+
+class SelectView:
+    """Cached ``[n, V, D]`` features -> float32 ``[n, D]``: one random view per crop
+    (``"random"``, training), the mean over views, or view 0 (the crop as it is)."""
+
+    def __init__(
+        self, mode: Literal["random", "mean", "identity"], to_tensor: FeaturesToTensor
+    ) -> None:
+        if mode not in ("random", "mean", "identity"):
+            raise ValueError(f"mode must be 'random', 'mean' or 'identity', got {mode!r}")
+        self.mode = mode
+        self.to_tensor = to_tensor
+
+    def __call__(self, features: np.ndarray, rng: np.random.Generator) -> Tensor:
+        if self.mode == "random":
+            views = rng.integers(features.shape[1], size=len(features))
+            picked = features[np.arange(len(features)), views]
+        elif self.mode == "mean":
+            picked = features.astype(np.float32).mean(axis=1)
+        else:
+            picked = features[:, 0]
+        return self.to_tensor(picked, rng)
+
+
+class CachedFeatureDataModule(PatientBagDataModule):
+    """DLMI patients as bags of frozen-encoder features ``float[n, D]``, extracted once.
+
+    Crops are decoded into the image cache as for :class:`PatientBagDataModule`, then every
+    crop is embedded once by the encoder and the features are cached (see the module
+    docstring). Models read them with ``encoder="identity"`` (or ``"mlp"``) and ``in_dim``
+    equal to :attr:`feature_dim`; a mismatch stops ``setup`` with both sizes named.
+
+    Args:
+        root: the DLMI folder.
+        encoder: the extractor: any :func:`~lympho_mil.nn.build_instance_encoder` name
+            (``small_cnn``, a timm model such as ``resnet18``, ...).
+        encoder_weights: local weights file of the extractor (a state dict of the timm
+            backbone, or of the built-in encoder module). Without it the encoder keeps its
+            initial weights drawn under ``encoder_seed``: reproducible, but only a plumbing
+            demonstration.
+        encoder_kwargs: extra constructor arguments (e.g. ``{"out_dim": 64}``).
+        encoder_seed: seed of the initial weights.
+        dihedral: also embed the 8 flip/90-degree rotation views of every crop; training
+            then draws one view per crop per step (the augmentation of a frozen encoder).
+        eval_view: with ``dihedral``, what validation, test and predict see: ``"mean"`` of
+            the 8 views or the ``"identity"`` view.
+        feature_dtype: storage type of the cache.
+        noise_std: Gaussian noise added to training features.
+        extract_batch_size: encoder inputs per forward during extraction.
+        extract_device: where to extract (None: the Trainer's device when the datamodule is
+            attached to one, else the CPU).
+        **kwargs: everything :class:`PatientBagDataModule` takes (``image_size``,
+            ``center_crop``, ``cache_dir``, ``mean``, ``std``, splits, loaders). Its image
+            augmentation settings do not apply to features.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        encoder: str = "small_cnn",
+        encoder_weights: str | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
+        encoder_seed: int = 0,
+        dihedral: bool = False,
+        eval_view: EvalView = "mean",
+        feature_dtype: Literal["float16", "float32"] = "float16",
+        noise_std: float = 0.0,
+        extract_batch_size: int = 256,
+        extract_device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(root, **kwargs)
+        if eval_view not in ("mean", "identity"):
+            raise ValueError(f"eval_view must be 'mean' or 'identity', got {eval_view!r}")
+        self.encoder_name = encoder
+        self.encoder_weights = encoder_weights
+        self.encoder_kwargs = dict(encoder_kwargs or {})
+        self.encoder_seed = encoder_seed
+        self.eval_view = eval_view
+        self.noise_std = noise_std
+        self.extract_batch_size = extract_batch_size
+        self.extract_device = extract_device
+        self.feature_spec = FeatureSpec(
+            encoder,
+            self.crop_spec,
+            self.mean,
+            self.std,
+            tuple(sorted(self.encoder_kwargs.items())),
+            dihedral,
+            feature_dtype,
+        )
+
+    @cached_property
+    def extractor(self) -> nn.Module:
+        """The frozen encoder, its initial weights drawn under ``encoder_seed``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.encoder_seed)
+            module = build_instance_encoder(
+                self.encoder_name, weights_path=self._timm_weights, **self.encoder_kwargs
+            )
+        if self.encoder_weights is not None and not isinstance(module, TimmEncoder):
+            if not Path(self.encoder_weights).is_file():
+                raise FileNotFoundError(f"weights file not found: {self.encoder_weights}")
+            state = torch.load(self.encoder_weights, map_location="cpu", weights_only=True)
+            module.load_state_dict(state)
+        return module.requires_grad_(False).eval()
+
+    @property
+    def _timm_weights(self) -> str | None:
+        return None if self.encoder_name in BUILTIN_ENCODERS else self.encoder_weights
+
+    @property
+    def feature_dim(self) -> int:
+        """D, the size of a crop's feature vector (the model's ``in_dim``)."""
+        return int(self.extractor.out_dim)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._check_model_in_dim()
+        super().setup(stage)
+
+    def _check_model_in_dim(self) -> None:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        hparams = getattr(model, "hparams", {})
+        if "in_dim" in hparams and hparams["in_dim"] != self.feature_dim:
+            raise DataError(
+                f"the model's in_dim is {hparams['in_dim']} but the cached features of encoder "
+                f"{self.encoder_name!r} have {self.feature_dim} dimensions; set the model's "
+                f"in_dim to {self.feature_dim} (with encoder 'identity' or 'mlp')"
+            )
+
+    def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
+        images, usable = super().build_store(bags)
+        assert isinstance(images, ImageCache)
+        store = FeatureCache.build_or_load(
+            images,
+            self.extractor,
+            self.feature_spec,
+            self.cache_dir,
+            self._device(),
+            self.extract_batch_size,
+        )
+        self.extractor.cpu()  # give back the accelerator's memory after an extraction
+        return store, usable
+
+    def _device(self) -> torch.device:
+        if self.extract_device is not None:
+            return torch.device(self.extract_device)
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def instance_transform(self, stage: str) -> InstanceTransform:
+        to_tensor = FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
+        if stage == "train":
+            return SelectView("random", to_tensor)
+        return SelectView(self.eval_view, to_tensor)
