@@ -1,0 +1,84 @@
+"""What the MIL benchmark scripts share: the models by short name, one fit, the machine."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import platform
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, TypeVar
+
+import lightning as L
+import numpy as np
+import torch
+
+from lympho_mil.data.datamodule import BagDataModule
+from lympho_mil.models import (
+    AttentionMIL,
+    BagClassifier,
+    GatedAttentionMIL,
+    MaxPoolMIL,
+    MeanPoolMIL,
+)
+
+T = TypeVar("T")
+
+MODELS: dict[str, type[BagClassifier]] = {
+    "attention": AttentionMIL,
+    "gated": GatedAttentionMIL,
+    "mean": MeanPoolMIL,
+    "max": MaxPoolMIL,
+}
+
+
+def quiet(threads: int) -> None:
+    """Silence Lightning's per-fit chatter; ``threads`` torch threads."""
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def fit_predict(
+    make_model: Callable[[], BagClassifier], data: BagDataModule, epochs: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train for ``epochs`` fixed epochs (no validation, no checkpoint) on the datamodule's
+    training bags; return ``(labels, probabilities)`` of its ``predict_ids`` bags."""
+    L.seed_everything(seed, workers=True, verbose=False)
+    model = make_model()
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, data)
+    records = [r for batch in trainer.predict(model, data) for r in batch]
+    labels = np.array([r["label"] for r in records])
+    return labels, np.array([r["probability"] for r in records])
+
+
+def run_tasks(fn: Callable[[T], Any], tasks: Sequence[T], jobs: int, threads: int) -> Iterator[Any]:
+    """``fn(t)`` for each task, in order, from ``jobs`` worker processes of ``threads`` threads."""
+    if jobs == 1:
+        yield from map(fn, tasks)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, context, initializer=quiet, initargs=(threads,)) as pool:
+        yield from pool.map(fn, tasks)
+
+
+def machine() -> str:
+    """Where the figures come from (the load average matters on a shared machine)."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (
+        f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, "
+        f"{torch.get_num_threads()} torch thread(s), load avg {load} at start"
+    )

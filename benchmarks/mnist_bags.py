@@ -1,0 +1,115 @@
+"""MNIST-bags (Ilse et al., 2018): test AUC against the number of training bags.
+
+    python benchmarks/mnist_bags.py --data ../shared/data/mnist
+        [--train-bags 50 100 150 200 300 400 500] [--runs 5] [--model attention gated ...]
+
+A bag is positive when it holds a 9; bag lengths ~ Normal(mean 10, variance 2). Run ``r``
+draws its training bags from the first 5,000 images and its 1,000 test bags from the last
+5,000 (seed ``r``: every training-set size of a run meets the same test bags). Each fit is the
+library's model (LeNet encoder) on :class:`MNISTBagsDataModule` with the Lightning Trainer,
+for a fixed budget of optimiser steps set in advance (no validation, nothing chosen on the
+test bags). Prints one JSON line per (model, training-set size) with the mean and standard
+deviation of the AUC over runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from mil_common import MODELS, fit_predict, machine, quiet, run_tasks
+from sklearn.metrics import roc_auc_score
+
+from lympho_mil.data.bag_sources import MNISTBagsDataModule
+from lympho_mil.models import BagClassifier
+
+
+def epochs_for(n_bags: int, batch_size: int, steps: int, min_epochs: int) -> int:
+    """Epochs giving about ``steps`` optimiser steps (at least ``min_epochs``)."""
+    return max(min_epochs, math.ceil(steps / math.ceil(n_bags / batch_size)))
+
+
+def make_model(args: argparse.Namespace, model_name: str) -> BagClassifier:
+    return MODELS[model_name](
+        encoder="lenet",
+        embed_dim=500,
+        attention_hidden=128,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+    )
+
+
+def fit_run(args: argparse.Namespace, model_name: str, task: tuple[int, int]) -> float:
+    """Test AUC of one run (bag draw and seed ``run``) with ``n_bags`` training bags."""
+    n_bags, run = task
+    data = MNISTBagsDataModule(
+        str(args.data),
+        n_train_bags=n_bags,
+        n_test_bags=args.test_bags,
+        bag_seed=run,
+        batch_size=args.batch_size,
+    )
+    epochs = epochs_for(n_bags, args.batch_size, args.steps, args.min_epochs)
+    y, prob = fit_predict(partial(make_model, args, model_name), data, epochs, seed=run)
+    return float(roc_auc_score(y, prob))
+
+
+def learning_curve(args: argparse.Namespace, model_name: str) -> Iterator[dict[str, object]]:
+    """One result per training-set size, as soon as its runs are done."""
+    tasks = [(n_bags, run) for n_bags in args.train_bags for run in range(args.runs)]
+    fit = partial(fit_run, args, model_name)
+    aucs: list[float] = []
+    start = time.perf_counter()
+    for (n_bags, _), auc in zip(tasks, run_tasks(fit, tasks, args.jobs, args.threads), strict=True):
+        aucs.append(auc)
+        if len(aucs) < args.runs:
+            continue
+        yield {
+            "dataset": "mnist_bags",
+            "model": model_name,
+            "train_bags": n_bags,
+            "test_bags": args.test_bags,
+            "auc_mean": round(float(np.mean(aucs)), 4),
+            "auc_std": round(float(np.std(aucs, ddof=1)), 4) if len(aucs) > 1 else None,
+            "auc_per_run": [round(a, 4) for a in aucs],
+            "runs": args.runs,
+            "epochs": epochs_for(n_bags, args.batch_size, args.steps, args.min_epochs),
+            "batch_size": args.batch_size,
+            "jobs": args.jobs,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        aucs, start = [], time.perf_counter()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="folder of the IDX files")
+    parser.add_argument(
+        "--train-bags", type=int, nargs="+", default=[50, 100, 150, 200, 300, 400, 500]
+    )
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--model", nargs="+", choices=sorted(MODELS), default=["attention"])
+    parser.add_argument("--test-bags", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1000, help="optimiser steps per fit")
+    parser.add_argument("--min-epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--jobs", type=int, default=1, help="fits run in parallel processes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    args = parser.parse_args()
+    quiet(args.threads)
+    where = machine()
+    for name in args.model:
+        for result in learning_curve(args, name):
+            print(json.dumps(result | {"machine": where}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
