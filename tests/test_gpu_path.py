@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lympho_mil.data import PatientBagDataModule, collate_bags
+from lympho_mil.data import BagBatch, PatientBagDataModule, collate_bags
 from lympho_mil.data.batch import BagSample
 from lympho_mil.data.gpu_augment import (
     DeviceAugment,
@@ -255,3 +255,33 @@ def test_compiled_encoder_computes_the_same_outputs() -> None:
     batch = image_batch()
     with torch.no_grad():
         torch.testing.assert_close(compiled(batch).logit, plain(batch).logit, rtol=1e-4, atol=1e-5)
+
+
+# -- transfer -----------------------------------------------------------------------------------
+def test_batches_are_copied_without_blocking_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = AttentionMIL(encoder="identity", in_dim=4)
+    batch = collate_bags([BagSample(torch.ones(2, 4), torch.zeros(0), 1.0, "b", ["0", "1"])])
+    calls: list[tuple[str, bool]] = []
+
+    def record(self, device, non_blocking=False):  # type: ignore[no-untyped-def]
+        calls.append((torch.device(device).type, non_blocking))
+        return self
+
+    monkeypatch.setattr(BagBatch, "to", record)
+    for device in ("cuda", "cpu"):
+        moved = model.transfer_batch_to_device(batch, torch.device(device), 0)
+        assert isinstance(moved, BagBatch)
+    assert calls == [("cuda", True), ("cpu", False)]
+
+
+def test_raw_pixels_reaching_a_model_are_a_clear_error() -> None:
+    model = AttentionMIL(encoder="small_cnn", encoder_kwargs={"width": 8}, embed_dim=8)
+    raw = collate_bags(
+        [
+            BagSample(
+                torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.zeros(0), 1.0, "b", ["0", "1"]
+            )
+        ]
+    )
+    with pytest.raises(TypeError, match="datamodule="):
+        model.training_step(raw, 0)

@@ -4,6 +4,8 @@
 ``predictions_detail.csv``  id, probability, predicted, threshold, n_instances (+ label if known)
 ``attention.csv``           id, file, weight (each crop's share of the decision, sums to 1 per
                             patient), and the crop's own probability where the model has one
+``explanations.md``         with ``explain=True``: one page of per-patient montages
+                            (``montages/<id>.png``, see :mod:`lympho_mil.evaluation.explain`)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from lympho_mil.evaluation.explain import EXPLANATION_FILE, write_explanations
 from lympho_mil.files import atomic_write_csv, check_writable
 
 PREDICTION_FILES = ("predictions.csv", "predictions_detail.csv", "attention.csv")
@@ -73,15 +76,32 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         output_dir: folder of the three files.
         overwrite: replace existing files (otherwise predict refuses to start).
+        explain: also write a montage of the most and least weighted crops per patient and
+            a summary page (needs a datamodule with ``instance_paths``, e.g. image bags).
+        explain_top_k: crops per row of a montage.
     """
 
-    def __init__(self, output_dir: str = "predictions", overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        output_dir: str = "predictions",
+        overwrite: bool = False,
+        explain: bool = False,
+        explain_top_k: int = 8,
+    ) -> None:
         super().__init__(write_interval="epoch")
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
+        self.explain = explain
+        self.explain_top_k = explain_top_k
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        check_writable([self.output_dir / n for n in PREDICTION_FILES], self.overwrite)
+        names = PREDICTION_FILES + ((EXPLANATION_FILE,) if self.explain else ())
+        check_writable([self.output_dir / n for n in names], self.overwrite)
+        if self.explain and not hasattr(trainer.datamodule, "instance_paths"):
+            raise ValueError(
+                "explain needs a datamodule of image files with instance_paths(); "
+                f"{type(trainer.datamodule).__name__} has none"
+            )
 
     def write_on_epoch_end(
         self,
@@ -97,6 +117,15 @@ class PredictionWriter(BasePredictionWriter):
             records = [r for part in gathered for r in part]
         if trainer.is_global_zero:
             paths = write_predictions(records, self.output_dir, self.overwrite)
+            if self.explain:
+                write_explanations(
+                    records,
+                    trainer.datamodule.instance_paths,
+                    self.output_dir,
+                    self.explain_top_k,
+                    self.overwrite,
+                    type(pl_module).__name__,
+                )
             print(
                 f"predictions for {len({r['id'] for r in records})} patients written to "
                 f"{paths['predictions.csv'].parent}"

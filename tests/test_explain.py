@@ -1,0 +1,117 @@
+"""Montages and the summary page, through the real ``lympho-mil predict --prediction.explain``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from lympho_mil.cli import main
+from lympho_mil.data.errors import DataError
+from lympho_mil.evaluation.explain import (
+    EXPLANATION_FILE,
+    MONTAGE_DIR,
+    crop_scores,
+    montage_size,
+    rank_crops,
+    write_explanations,
+)
+
+TOP_K = 3
+
+
+def predict_config(tmp_path: Path, root: Path, model: str) -> Path:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": False,
+        },
+        "model": {
+            "class_path": model,
+            "init_args": {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 16},
+        },
+        "data": {
+            "class_path": "PatientBagDataModule",
+            "init_args": {"root": str(root), "image_size": 32, "cache_dir": str(tmp_path / "c")},
+        },
+        "prediction": {"explain": True, "explain_top_k": TOP_K},
+    }
+    path = tmp_path / f"{model}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "kind"),
+    [("AttentionMIL", "share of the decision"), ("InstanceMIL", "crop probability")],
+)
+def test_predict_explain_writes_one_montage_per_patient(
+    synthetic_dlmi: Path, tmp_path: Path, model: str, kind: str
+) -> None:
+    out = tmp_path / "pred"
+    config = predict_config(tmp_path, synthetic_dlmi, model)
+    main(["predict", "--config", str(config), "--prediction.output_dir", str(out)])
+
+    detail = pd.read_csv(out / "predictions_detail.csv", dtype={"id": str})
+    montages = sorted((out / MONTAGE_DIR).iterdir())
+    assert [p.name for p in montages] == [f"{pid}.png" for pid in sorted(detail["id"])]
+    for path in montages:
+        with Image.open(path) as image:
+            assert image.format == "PNG"
+            assert image.size == montage_size(TOP_K)
+            assert image.getextrema() != ((255, 255),) * 3  # not blank
+
+    summary = (out / EXPLANATION_FILE).read_text()
+    assert f"highest {kind}" in summary
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", summary)
+    assert sorted(links) == [f"{MONTAGE_DIR}/{p.name}" for p in montages]
+    assert all((out / link).is_file() for link in links)
+    by_probability = detail.sort_values("probability", ascending=False, kind="stable")["id"]
+    assert links == [f"{MONTAGE_DIR}/{pid}.png" for pid in by_probability]
+
+    # a second run refuses to overwrite the summary page before predicting anything
+    with pytest.raises(SystemExit):
+        main(["predict", "--config", str(config), "--prediction.output_dir", str(out)])
+
+
+def record(pid: str, weights: list[float] | None, crop_probability: list[float] | None) -> dict:
+    n = len(weights or crop_probability or [0.0])
+    return {
+        "id": pid,
+        "label": -1,
+        "probability": 0.7,
+        "threshold": 0.5,
+        "n_instances": n,
+        "instance_ids": [f"{i:06d}.jpg" for i in range(n)],
+        "weights": weights,
+        "instance_probability": crop_probability,
+    }
+
+
+def test_crop_scores_prefer_crop_probabilities() -> None:
+    assert crop_scores(record("P1", [0.5, 0.5], [0.9, 0.1])) == ([0.9, 0.1], "crop probability")
+    assert crop_scores(record("P1", [0.2, 0.8], None)) == ([0.2, 0.8], "share of the decision")
+    with pytest.raises(ValueError, match="no per-crop score"):
+        crop_scores(record("P1", None, None))
+
+
+def test_rank_crops_disjoint_rows() -> None:
+    scores = [0.1, 0.5, 0.3, 0.05, 0.05]
+    assert rank_crops(scores, 2) == ([1, 2], [4, 3])
+    assert rank_crops(scores, 3) == ([1, 2, 0], [4, 3])  # 5 crops < 2 * 3: top row first
+    assert rank_crops([0.4, 0.6], 4) == ([1, 0], [])
+
+
+def test_unsafe_patient_id_never_becomes_a_file_name(tmp_path: Path) -> None:
+    crop = tmp_path / "000000.jpg"
+    Image.new("RGB", (8, 8)).save(crop)
+    with pytest.raises(DataError, match="not a plain folder name"):
+        write_explanations([record("../evil", [1.0], None)], lambda _: [crop], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
