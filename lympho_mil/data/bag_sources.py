@@ -284,8 +284,8 @@ class MNISTBagsDataModule(FeatureBagDataModule):
 
     Args:
         root: folder of the IDX files.
-        n_train_bags, n_test_bags, bag_length_mean, bag_length_var, target_digit,
-            train_pool: as :func:`mnist_bags`.
+        n_train_bags, n_test_bags, bag_length_mean, bag_length_var, target_digit, train_pool:
+            as :func:`mnist_bags`.
         bag_seed: seed of the bag draw.
         val_bags: training bags held out for validation.
         standardize, noise_std: as :class:`FeatureBagDataModule`.
