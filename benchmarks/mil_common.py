@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -65,14 +66,29 @@ def fit_predict(
     return labels, np.array([r["probability"] for r in records])
 
 
-def run_tasks(fn: Callable[[T], Any], tasks: Sequence[T], jobs: int, threads: int) -> Iterator[Any]:
-    """``fn(t)`` for each task, in order, from ``jobs`` worker processes of ``threads`` threads."""
+class Timed:
+    """``fn`` returning ``(result, CPU seconds it took)`` (picklable for worker processes)."""
+
+    def __init__(self, fn: Callable[[T], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, task: T) -> tuple[Any, float]:
+        start = time.process_time()
+        result = self.fn(task)
+        return result, time.process_time() - start
+
+
+def run_tasks(
+    fn: Callable[[T], Any], tasks: Sequence[T], jobs: int, threads: int
+) -> Iterator[tuple[Any, float]]:
+    """``(fn(t), CPU seconds)`` for each task, in order, from ``jobs`` worker processes of
+    ``threads`` torch threads each."""
     if jobs == 1:
-        yield from map(fn, tasks)
+        yield from map(Timed(fn), tasks)
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, context, initializer=quiet, initargs=(threads,)) as pool:
-        yield from pool.map(fn, tasks)
+        yield from pool.map(Timed(fn), tasks)
 
 
 def machine() -> str:

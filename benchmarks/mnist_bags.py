@@ -65,9 +65,12 @@ def learning_curve(args: argparse.Namespace, model_name: str) -> Iterator[dict[s
     tasks = [(n_bags, run) for n_bags in args.train_bags for run in range(args.runs)]
     fit = partial(fit_run, args, model_name)
     aucs: list[float] = []
+    cpu: list[float] = []
     start = time.perf_counter()
-    for (n_bags, _), auc in zip(tasks, run_tasks(fit, tasks, args.jobs, args.threads), strict=True):
+    results = run_tasks(fit, tasks, args.jobs, args.threads)
+    for (n_bags, _), (auc, fit_cpu) in zip(tasks, results, strict=True):
         aucs.append(auc)
+        cpu.append(fit_cpu)
         if len(aucs) < args.runs:
             continue
         yield {
@@ -83,8 +86,9 @@ def learning_curve(args: argparse.Namespace, model_name: str) -> Iterator[dict[s
             "batch_size": args.batch_size,
             "jobs": args.jobs,
             "seconds": round(time.perf_counter() - start, 1),
+            "cpu_seconds_per_fit": round(float(np.median(cpu)), 1),
         }
-        aucs, start = [], time.perf_counter()
+        aucs, cpu, start = [], [], time.perf_counter()
 
 
 def main() -> None:

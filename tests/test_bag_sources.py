@@ -215,6 +215,21 @@ def test_feature_datamodule_yields_bag_batches(tmp_path: Path) -> None:
     assert not np.allclose(store[data.bags["4"].rows].mean(0), 0.0, atol=1e-3)
 
 
+def test_standardisation_clips_to_the_training_range(tmp_path: Path) -> None:
+    """A rare sparse feature must not explode on values never seen in training."""
+    x, ids, labels = instance_table()
+    x[:, 0] = 0.0
+    x[np.flatnonzero(BAG_IDS == 7)[0], 0] = 1e-3  # the one non-zero training value
+    x[BAG_IDS == 4, 0] = 50.0  # far outside the training range
+    path = write_csv(tmp_path / "sparse.csv", x, ids, labels)
+    data = FeatureBagDataModule(str(path), train_ids=["3", "7", "9"], val_ids=[], test_ids=["4"])
+    data.setup("test")
+    store = data.datasets["test"].store
+    train_rows = np.concatenate([data.bags[i].rows for i in ["3", "7", "9"]])
+    np.testing.assert_allclose(store[data.bags["4"].rows, 0], store[train_rows, 0].max())
+    assert np.abs(store).max() < 10
+
+
 def test_mnist_datamodule_splits_and_shapes(mnist_dir: Path) -> None:
     data = MNISTBagsDataModule(
         str(mnist_dir), n_train_bags=12, n_test_bags=5, train_pool=150, val_bags=2, batch_size=3

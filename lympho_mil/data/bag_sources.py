@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.io
 import scipy.sparse
+from sklearn.preprocessing import StandardScaler
 
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
@@ -222,12 +223,14 @@ class FeatureBagDataModule(BagDataModule):
     """Bags of a classic MIL file (``.mat`` or ``.csv``, see :func:`read_mil_file`).
 
     Instances are ``float[n, D]`` vectors (``in_dim`` = D), standardised per feature with
-    means and scales of the *training* bags' instances. Models take ``encoder="mlp"`` or
+    means and scales of the *training* bags' instances, after clipping every feature to the
+    range seen in training: in sparse features (Elephant) a value never seen in training
+    would otherwise reach ``|z|`` in the thousands. Models take ``encoder="mlp"`` or
     ``"identity"`` with ``in_dim``.
 
     Args:
         path: the data file.
-        standardize: z-score features with training-instance statistics.
+        standardize: clip to the training range and z-score with training statistics.
         noise_std: Gaussian noise added to training instances (after standardisation).
         **kwargs: split and loader settings of :class:`BagDataModule`.
     """
@@ -266,10 +269,12 @@ class FeatureBagDataModule(BagDataModule):
         if not self.standardize or not train:
             return self._features, list(bags)
         rows = np.concatenate([self.bags[i].rows for i in train])
-        mean = self._features[rows].mean(axis=0)
-        scale = self._features[rows].std(axis=0)
-        scale[scale == 0] = 1.0
-        return ((self._features - mean) / scale).astype(np.float32), list(bags)
+        flat = self._features.reshape(len(self._features), -1)
+        seen = flat[rows]
+        scaler = StandardScaler().fit(seen)  # (near-)constant features keep scale 1
+        clipped = np.clip(flat, seen.min(axis=0), seen.max(axis=0))
+        store = scaler.transform(clipped).astype(np.float32).reshape(self._features.shape)
+        return store, list(bags)
 
     def instance_transform(self, stage: str) -> InstanceTransform:
         return FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
