@@ -7,6 +7,7 @@ the training patients, flow from the datamodule into the model at instantiation.
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,10 +20,10 @@ from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (re
 from lympho_mil.data.errors import DataError
 from lympho_mil.evaluation.predictions import PredictionWriter
 from lympho_mil.files import OutputExistsError
-from lympho_mil.models import BagClassifier
+from lympho_mil.models import BagClassifier, CheckpointFormatError
 
 MONITOR = "val_balanced_accuracy"
-USER_ERRORS = (DataError, OutputExistsError, FileNotFoundError)
+USER_ERRORS = (DataError, OutputExistsError, FileNotFoundError, CheckpointFormatError)
 
 
 class LymphoCLI(LightningCLI):
@@ -36,13 +37,20 @@ class LymphoCLI(LightningCLI):
             "data.tabular_stats", "model.init_args.tabular_stats", apply_on="instantiate"
         )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # ``last.ckpt`` refreshed every epoch (Lightning's ``save_last`` writes it only when a
+        # best checkpoint is written), so a killed run resumes from its latest epoch.
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
         parser.set_defaults(
             {
                 "checkpoint.monitor": MONITOR,
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch{epoch:03d}-bacc{val_balanced_accuracy:.3f}",
                 "checkpoint.auto_insert_metric_name": False,
+                "last_checkpoint.monitor": "step",
+                "last_checkpoint.mode": "max",
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(PredictionWriter, "prediction")
@@ -141,6 +149,14 @@ def main(args: Sequence[str] | None = None) -> None:
         build_cli(None if args is None else argv)
     except (*USER_ERRORS, ConfigError) as exc:
         print(f"lympho-mil: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except pickle.UnpicklingError as exc:
+        print(
+            "lympho-mil: error: refusing to load a checkpoint that holds more than tensors and "
+            "plain values (it could run code when loaded; only weights_only=True loading is "
+            f"allowed): {str(exc).splitlines()[0]}",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
 
 

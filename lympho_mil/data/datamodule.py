@@ -18,8 +18,10 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
+from torch.utils.data import DataLoader, Sampler
 
 from lympho_mil.data.batch import BagBatch, collate_bags
 from lympho_mil.data.clinical import FEATURE_NAMES, fit_standardization
@@ -214,7 +216,10 @@ class BagDataModule(LightningDataModule):
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(split, split))
         dataset = self.datasets[split]
-        sampler = EpochSeededSampler(len(dataset), shuffle=split == "train", seed=self.seed)
+        sampler: Sampler = EpochSeededSampler(len(dataset), split == "train", self.seed)
+        if split != "train" and torch.distributed.is_available() and dist.is_initialized():
+            # each patient evaluated exactly once across ranks (Lightning would pad)
+            sampler = UnrepeatedDistributedSamplerWrapper(sampler, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -1,6 +1,11 @@
 """LightningModules: one base class (loss, metrics, optimiser) and small subclasses."""
 
-from lympho_mil.models.base import BagClassifier, BagOutput, NonFiniteLossError
+from lympho_mil.models.base import (
+    BagClassifier,
+    BagOutput,
+    CheckpointFormatError,
+    NonFiniteLossError,
+)
 from lympho_mil.models.mil import (
     AttentionMIL,
     GatedAttentionMIL,
@@ -15,6 +20,7 @@ __all__ = [
     "AttentionMIL",
     "BagClassifier",
     "BagOutput",
+    "CheckpointFormatError",
     "GatedAttentionMIL",
     "GatedFusionMIL",
     "InstanceMIL",

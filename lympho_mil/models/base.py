@@ -6,6 +6,7 @@ Subclasses build their networks in :meth:`BagClassifier.configure_models` and co
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal, NamedTuple
 
 import torch
@@ -38,6 +39,14 @@ class BagOutput(NamedTuple):
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint lacks lympho-mil's format marker or carries another version."""
+
+
+CHECKPOINT_FORMAT = 1
+"""Version of what :class:`BagClassifier` adds to a checkpoint (``checkpoint["lympho_mil"]``)."""
 
 
 class BagClassifier(LightningModule):
@@ -117,16 +126,8 @@ class BagClassifier(LightningModule):
                 "learning rate or check these patients' inputs"
             )
         prob = torch.sigmoid(out.logit.detach().float())
-        self.metrics[f"{split}_metrics"].update(prob, (prob >= self.threshold).long(), batch.label)
-        self.log(
-            f"{split}_loss",
-            loss,
-            batch_size=len(batch),
-            prog_bar=split != "train",
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-        )
+        predicted = (prob >= self.threshold).long()
+        self.metrics[f"{split}_metrics"].update(prob, predicted, batch.label, loss)
         return loss
 
     def training_step(self, batch: BagBatch, batch_idx: int) -> Tensor:
@@ -143,7 +144,7 @@ class BagClassifier(LightningModule):
         self.log_dict(
             {f"{split}_{k}": v for k, v in values.items()},
             prog_bar=split != "train",
-            sync_dist=False,  # torchmetrics already synchronised the states
+            sync_dist=False,  # torchmetrics already synchronised the states exactly
         )
         self.metrics[f"{split}_metrics"].reset()
 
@@ -184,6 +185,27 @@ class BagClassifier(LightningModule):
                 }
             )
         return records
+
+    # -- reproducibility and checkpoints --------------------------------------------------
+    def on_train_batch_start(self, batch: BagBatch, batch_idx: int) -> None:
+        """Under ``seed_everything``, reseed torch from (seed, epoch, batch): dropout and any
+        other model randomness of a step is then the same in a resumed run as in an
+        uninterrupted one (the data side does the same, see ``EpochSeededSampler``)."""
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if seed is not None:
+            torch.manual_seed((int(seed) * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lympho_mil"] = {"format": CHECKPOINT_FORMAT, "class": type(self).__name__}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("lympho_mil")
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise CheckpointFormatError(
+                f"checkpoint format {found!r} is not the one this lympho-mil reads "
+                f"({CHECKPOINT_FORMAT}); was it written by lympho-mil?"
+            )
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     BinaryAUROC,
     BinaryF1Score,
@@ -44,19 +44,24 @@ class PatientMetrics(nn.Module):
             }
         )
         self.auroc = BinaryAUROC()
+        self.loss = MeanMetric()
 
-    def update(self, prob: Tensor, predicted: Tensor, target: Tensor) -> None:
+    def update(self, prob: Tensor, predicted: Tensor, target: Tensor, loss: Tensor) -> None:
+        """``loss`` is the batch's mean loss; it is averaged weighted by batch size."""
         target = target.long()
         self.by_label.update(predicted.long(), target)
         self.auroc.update(prob.float(), target)
+        self.loss.update(loss.detach().float(), weight=len(target))
 
     def compute(self) -> dict[str, Tensor]:
+        """:data:`METRIC_NAMES` and ``loss`` (the mean over patients, exact under DDP)."""
         out = dict(self.by_label.compute())
         out["auroc"] = self.auroc.compute()
-        return {name: out[name] for name in METRIC_NAMES}
+        return {**{name: out[name] for name in METRIC_NAMES}, "loss": self.loss.compute()}
 
     def reset(self) -> None:
         self.by_label.reset()
+        self.loss.reset()
         self.auroc.reset()
 
 

@@ -1,0 +1,325 @@
+"""Faults a long run must survive: kills and resume, determinism, hostile checkpoints, DDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from lympho_mil.cli import main
+from lympho_mil.data.synthetic import make_synthetic_dlmi
+
+REPO = Path(__file__).resolve().parents[1]
+
+KILL_POINT = '''
+import time
+from pathlib import Path
+from lightning.pytorch.callbacks import Callback
+
+class PauseAt(Callback):
+    """Writes a marker, then waits to be killed, at one training batch (test-only)."""
+
+    def __init__(self, epoch: int, batch: int, marker: str) -> None:
+        self.epoch, self.batch, self.marker = epoch, batch, marker
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            Path(self.marker).write_text("paused")
+            for _ in range(600):  # until killed; SIGTERM lets Lightning stop after this step
+                if getattr(trainer, "received_sigterm", False):
+                    return
+                time.sleep(0.2)
+'''
+
+
+@pytest.fixture(scope="module")
+def dlmi_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("reliability") / "dlmi"
+    return make_synthetic_dlmi(root, n_patients=16, image_size=32, seed=2, max_cells=18)
+
+
+def write_config(folder: Path, root: Path, epochs: int = 3, **trainer: object) -> Path:
+    config = {
+        "seed_everything": 3,
+        "trainer": {
+            "max_epochs": epochs,
+            "accelerator": "cpu",
+            "deterministic": True,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": False,
+            "default_root_dir": str(folder),
+            **trainer,
+        },
+        "model": {
+            "class_path": "AttentionMIL",
+            "init_args": {"encoder_kwargs": {"width": 8}, "embed_dim": 16, "dropout": 0.3},
+        },
+        "data": {
+            "class_path": "PatientBagDataModule",
+            "init_args": {
+                "root": str(root),
+                "image_size": 32,
+                "cache_dir": str(folder / "cache"),
+                "batch_size": 3,
+                "max_instances": 6,
+            },
+        },
+        "checkpoint": {"dirpath": str(folder / "ckpt")},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def final_state(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(folder / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def run_cli(args: list[str], cwd: Path, env_path: Path | None = None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if env_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(env_path), env.get("PYTHONPATH", "")])
+    code = f"from lympho_mil.cli import main; main({args!r})"
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_two_fits_with_one_seed_are_identical(dlmi_root: Path, tmp_path: Path) -> None:
+    predictions = []
+    for name in ("a", "b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = write_config(folder, dlmi_root, epochs=2)
+        main(["fit", "--config", str(config)])
+        main(
+            [
+                "predict",
+                "--config",
+                str(config),
+                "--ckpt_path",
+                str(folder / "ckpt/last.ckpt"),
+                "--prediction.output_dir",
+                str(folder / "pred"),
+            ]
+        )
+        predictions.append(pd.read_csv(folder / "pred" / "predictions_detail.csv"))
+    assert_same_state(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+    pd.testing.assert_frame_equal(predictions[0], predictions[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_killed_mid_epoch_then_resumed_matches_uninterrupted(
+    dlmi_root: Path, tmp_path: Path, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    main(["fit", "--config", str(write_config(reference, dlmi_root))])
+
+    run = tmp_path / "killed"
+    run.mkdir()
+    (run / "killpoint.py").write_text(KILL_POINT)
+    config = write_config(run, dlmi_root)
+    marker = run / "paused"
+    pause = {
+        "class_path": "killpoint.PauseAt",
+        "init_args": {"epoch": 2, "batch": 2, "marker": str(marker)},
+    }
+    process = run_cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.callbacks+",
+            yaml.safe_dump(pause, default_flow_style=True).strip(),
+        ],
+        run,
+        run,
+    )
+    deadline = time.time() + 240
+    while not marker.exists():
+        assert process.poll() is None, process.stderr.read() if process.stderr else ""
+        assert time.time() < deadline, "the run never reached the kill point"
+        time.sleep(0.2)
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    interrupted = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert interrupted["epoch"] < 3  # the kill really cut the run short
+
+    monkeypatch.syspath_prepend(str(run))  # the checkpoint's hparams name the test callback
+    main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert_same_state(final_state(reference), final_state(run))
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_usable(
+    dlmi_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fsspec.implementations.local import LocalFileOpener
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+
+    config = write_config(tmp_path, dlmi_root, epochs=1)
+    main(["fit", "--config", str(config)])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    before = last.read_bytes()
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    checkpoint["epoch"] = 99
+
+    def write_half_then_die(self: LocalFileOpener, data: bytes) -> int:
+        self.f.write(data[: len(data) // 2])
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(LocalFileOpener, "write", write_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        _atomic_save(checkpoint, last)  # what Trainer.save_checkpoint calls
+    assert last.read_bytes() == before
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 0
+
+
+class Boom:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_that_runs_code_is_refused(
+    dlmi_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Boom()}, evil)
+    config = write_config(tmp_path, dlmi_root)
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "predict",
+                "--config",
+                str(config),
+                "--ckpt_path",
+                str(evil),
+                "--prediction.output_dir",
+                str(tmp_path / "pred"),
+            ]
+        )
+    assert exc.value.code == 2
+    assert "refusing to load a checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "pred" / "predictions.csv").exists()
+
+
+def test_a_checkpoint_without_the_format_marker_is_refused(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, dlmi_root, epochs=1)
+    main(["fit", "--config", str(config)])
+    checkpoint = torch.load(tmp_path / "ckpt/last.ckpt", map_location="cpu", weights_only=True)
+    del checkpoint["lympho_mil"]
+    torch.save(checkpoint, tmp_path / "foreign.ckpt")
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "predict",
+                "--config",
+                str(config),
+                "--ckpt_path",
+                str(tmp_path / "foreign.ckpt"),
+                "--prediction.output_dir",
+                str(tmp_path / "pred"),
+            ]
+        )
+    assert "checkpoint format None is not the one" in capsys.readouterr().err
+    assert not (tmp_path / "pred").exists()
+
+
+DDP_SCRIPT = """
+import json, sys
+import lightning as L
+from lympho_mil import AttentionMIL, PatientBagDataModule
+from lympho_mil.evaluation import PredictionWriter
+
+root, cache, out, devices, ckpt = sys.argv[1:6]
+L.seed_everything(0)
+dm = PatientBagDataModule(root, image_size=32, cache_dir=cache, batch_size=2, max_instances=6,
+                          val_fraction=0.5)
+model = AttentionMIL(encoder_kwargs={"width": 8}, embed_dim=16, tabular_dim=dm.tabular_dim,
+                     tabular_stats=dm.tabular_stats)
+kwargs = dict(accelerator="cpu", devices=int(devices), logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False)
+if int(devices) > 1:
+    kwargs["strategy"] = "ddp"
+trainer = L.Trainer(max_epochs=1, **kwargs)
+if ckpt == "train":  # fit under this strategy, then evaluate the saved model
+    trainer.fit(model, dm)
+    ckpt = out + "/model.ckpt"
+    trainer.save_checkpoint(ckpt)
+metrics = trainer.validate(model, dm, ckpt_path=ckpt, verbose=False)[0]
+writer = PredictionWriter(out + "/pred", overwrite=True)
+L.Trainer(callbacks=[writer], **kwargs).predict(model, dm.val_dataloader(), ckpt_path=ckpt,
+                                               return_predictions=False)
+if trainer.is_global_zero:
+    with open(out + "/metrics.json", "w") as handle:
+        json.dump(metrics, handle)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(dlmi_root: Path, tmp_path: Path) -> None:
+    """Fit under DDP (2 processes), then evaluate that model with 2 processes and with 1."""
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    results = {}
+    for devices, ckpt in ((2, "train"), (1, str(tmp_path / "devices2" / "model.ckpt"))):
+        out = tmp_path / f"devices{devices}"
+        out.mkdir()
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(script),
+                str(dlmi_root),
+                str(tmp_path / "cache"),
+                str(out),
+                str(devices),
+                ckpt,
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        metrics = pd.read_json(out / "metrics.json", typ="series")
+        detail = pd.read_csv(out / "pred" / "predictions_detail.csv")
+        results[devices] = (metrics, detail)
+    (single, single_pred), (ddp, ddp_pred) = results[1], results[2]
+    assert ddp["val_balanced_accuracy"] == single["val_balanced_accuracy"]
+    assert ddp["val_auroc"] == pytest.approx(single["val_auroc"], abs=1e-6)
+    assert ddp["val_loss"] == pytest.approx(single["val_loss"], rel=1e-4)
+    assert ddp_pred["id"].is_unique and sorted(ddp_pred["id"]) == sorted(single_pred["id"])
+    merged = ddp_pred.merge(single_pred, on="id", suffixes=("_ddp", "_single"))
+    assert merged["probability_ddp"].to_numpy() == pytest.approx(
+        merged["probability_single"].to_numpy(), abs=1e-5
+    )
