@@ -161,16 +161,14 @@ def test_oof_predictions_hold_each_patient_once_per_repeat(single: Path, dlmi_ro
 def test_thresholds_come_from_inner_validation_only(single: Path) -> None:
     report = load_report(single)
     inner = pd.read_csv(single / "inner_val_predictions.csv")
-    oof = pd.read_csv(single / "oof_predictions.csv")
     for f in report["per_fold"]:
         rows = inner[(inner["repeat"] == f["repeat"]) & (inner["fold"] == f["fold"])]
+        # The threshold is a function of these rows alone, and none is a test patient.
         assert sorted(rows["id"]) == sorted(f["val_ids"])
         assert not set(rows["id"]) & set(f["test_ids"])
         recomputed = choose_threshold("inner_val", rows["probability"], rows["label"])
         assert f["threshold"] == pytest.approx(recomputed, abs=1e-6)
-        # The test fold's predictions play no part: scrambling them changes nothing.
-        test = oof[(oof["repeat"] == f["repeat"]) & (oof["fold"] == f["fold"])]
-        assert not set(test["id"]) & set(rows["id"])
+    assert len({f["threshold"] for f in report["per_fold"]}) > 1  # really chosen, not fixed
 
 
 def test_report_has_every_key(single: Path) -> None:

@@ -3,12 +3,12 @@
 Repeat ``r`` splits the labelled patients into K stratified folds (seed ``seed + r``). For
 each outer fold, an inner validation split is carved from the other patients only. The fold
 run trains on the inner training patients (the clinical standardisation is fitted on them),
-keeps the checkpoint that is best on the inner validation patients (the CLI's forced
-``ModelCheckpoint`` on ``val_balanced_accuracy``), chooses its decision threshold there too,
-then predicts the outer fold once. Each fold run is the ``fit`` CLI itself
-(:func:`lympho_mil.cli.build_cli`) with the fold's patient lists as overrides, so any config
-that ``fit`` accepts works unchanged. Several configs run on identical splits and get a
-paired comparison.
+keeps the checkpoint that is best on the inner validation patients (the CLI's
+``ModelCheckpoint``: ``val_balanced_accuracy`` unless the config monitors something else),
+chooses its decision threshold there too, then predicts the outer fold once. Each fold run
+is the ``fit`` CLI itself (:func:`lympho_mil.cli.build_cli`) with the fold's patient lists
+as overrides, so any config that ``fit`` accepts works unchanged. Several configs run on
+identical splits and get a paired comparison.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,11 +196,12 @@ def cross_validate(
     settings = CVSettings(
         folds, repeats, seed, threshold_policy, inner_val_fraction, n_bootstrap, predict, verbose
     )
-    return _run_configs([config], settings, out_dir, overrides, overwrite, compare=False).results[0]
+    named = dict(zip(config_names([config]), [config], strict=True))
+    return _run_configs(named, settings, out_dir, overrides, overwrite, compare=False).results[0]
 
 
 def compare_configs(
-    configs: Sequence[ConfigSource],
+    configs: Sequence[ConfigSource] | Mapping[str, ConfigSource],
     folds: int = 5,
     repeats: int = 1,
     seed: int = 0,
@@ -215,15 +216,21 @@ def compare_configs(
 ) -> Comparison:
     """Cross-validate several configs on identical splits; compare each with the first.
 
-    Each config's outputs go to ``out_dir/<name>/`` (name: the file's stem), the paired table
-    to ``out_dir/comparison.json`` and ``comparison.md``. Arguments as :func:`cross_validate`.
+    Each config's outputs go to ``out_dir/<name>/``, the paired table to
+    ``out_dir/comparison.json`` and ``comparison.md``. ``configs`` maps names to configs, or
+    is a list (names from :func:`config_names`). Other arguments as :func:`cross_validate`.
     """
-    if len(configs) < 2:
+    named = (
+        dict(configs)
+        if isinstance(configs, Mapping)
+        else dict(zip(config_names(configs), configs, strict=True))
+    )
+    if len(named) < 2:
         raise ValueError("compare_configs needs at least two configs")
     settings = CVSettings(
         folds, repeats, seed, threshold_policy, inner_val_fraction, n_bootstrap, predict, verbose
     )
-    return _run_configs(configs, settings, out_dir, overrides, overwrite, compare=True)
+    return _run_configs(named, settings, out_dir, overrides, overwrite, compare=True)
 
 
 def config_names(configs: Sequence[ConfigSource]) -> list[str]:
@@ -236,14 +243,14 @@ def config_names(configs: Sequence[ConfigSource]) -> list[str]:
 
 
 def _run_configs(
-    configs: Sequence[ConfigSource],
+    named: dict[str, ConfigSource],
     settings: CVSettings,
     out_dir: str | Path | None,
     overrides: Sequence[str] | None,
     overwrite: bool,
     compare: bool,
 ) -> Comparison:
-    names = config_names(configs)
+    names, configs = list(named), list(named.values())
     overrides = list(overrides or [])
     root = Path(out_dir) if out_dir is not None else None
     dirs = {n: (root / n if compare else root) if root else None for n in names}
@@ -310,7 +317,7 @@ def _labelled_patients(
     source: list[str], overrides: list[str], predict: bool
 ) -> tuple[list[str], list[int]]:
     """Instantiate the config once to list its labelled patients (sorted) and their labels."""
-    from lympho_mil.cli import build_cli
+    from lympho_mil.cli import build_cli  # here: the CLI imports this package
 
     with _quiet_lightning():
         cli = build_cli(
@@ -329,7 +336,7 @@ def _fold_args(split: FoldSplit, settings: CVSettings, fold_dir: Path) -> list[s
         "class_path": "lightning.pytorch.loggers.CSVLogger",
         "init_args": {"save_dir": str(fold_dir), "name": "", "version": ""},
     }
-    return [
+    args = [
         f"--seed_everything={settings.seed + split.repeat * settings.folds + split.fold}",
         f"--data.train_ids={json.dumps(split.train_ids)}",
         f"--data.val_ids={json.dumps(split.val_ids)}",
@@ -339,6 +346,11 @@ def _fold_args(split: FoldSplit, settings: CVSettings, fold_dir: Path) -> list[s
         f"--checkpoint.dirpath={fold_dir / 'checkpoints'}",
         "--checkpoint.save_last=false",
     ]
+    if not settings.predict:
+        # Every trainer.predict sets the datamodule up for "predict"; without the ensemble,
+        # point that split at the test fold so data without unlabelled patients works.
+        args.append(f"--data.predict_ids={json.dumps(split.test_ids)}")
+    return args
 
 
 def _run_fold(
@@ -352,7 +364,7 @@ def _run_fold(
 ) -> FoldRun:
     """Train on the inner training patients, choose checkpoint and threshold on the inner
     validation patients, then predict the test fold (and the unlabelled patients)."""
-    from lympho_mil.cli import build_cli
+    from lympho_mil.cli import build_cli  # here: the CLI imports this package
 
     start = time.perf_counter()
     fold_dir = fold_root / f"r{split.repeat}_f{split.fold}"

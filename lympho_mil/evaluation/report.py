@@ -188,8 +188,8 @@ def _json(content: dict[str, Any]) -> str:
 
 
 # -- markdown ---------------------------------------------------------------------------------
-def _interval(summary: dict[str, Any]) -> str:
-    return f"[{summary['ci95_low']:.3f}, {summary['ci95_high']:.3f}]"
+def _interval(summary: dict[str, Any], number: str = "{:.3f}") -> str:
+    return f"[{number.format(summary['ci95_low'])}, {number.format(summary['ci95_high'])}]"
 
 
 def _std(summary: dict[str, Any]) -> str:
@@ -266,7 +266,9 @@ def comparison_markdown(table: dict[str, Any]) -> str:
         "|---|" + "---|" * len(METRIC_NAMES),
     ]
     for name, diff in table["difference"].items():
-        cells = " | ".join(f"{diff[m]['mean']:+.3f} {_interval(diff[m])}" for m in METRIC_NAMES)
+        cells = " | ".join(
+            f"{diff[m]['mean']:+.3f} {_interval(diff[m], '{:+.3f}')}" for m in METRIC_NAMES
+        )
         lines.append(f"| {name} | {cells} |")
     lines += ["", "Mean per-split difference (outer test folds):", ""]
     for name, rows in table["per_split_difference"].items():
