@@ -16,6 +16,7 @@ from lympho_mil.data import (
     collate_bags,
     make_synthetic_dlmi,
 )
+from lympho_mil.evaluation import compare_configs, cross_validate
 from lympho_mil.models import (
     AttentionMIL,
     BagClassifier,
@@ -49,5 +50,7 @@ __all__ = [
     "TabularMLP",
     "__version__",
     "collate_bags",
+    "compare_configs",
+    "cross_validate",
     "make_synthetic_dlmi",
 ]
