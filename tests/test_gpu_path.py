@@ -17,6 +17,7 @@ from lympho_mil.data.gpu_augment import (
     color_jitter,
     dihedral,
     dihedral_views,
+    random_affine,
     random_dihedral,
 )
 from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor
@@ -63,6 +64,22 @@ def test_random_dihedral_draws_one_view_per_crop_uniformly() -> None:
         random_dihedral(x[..., :4], seeded(0))
 
 
+# -- affine -------------------------------------------------------------------------------------
+def test_random_affine_warps_a_share_of_the_crops() -> None:
+    x = pixels(b=4, n=25, size=16).float() / 255
+    assert torch.equal(random_affine(x, p=0.0, generator=seeded(0)), x)
+    still = random_affine(x, p=1.0, scale=(1.0, 1.0), translate=0.0, degrees=0.0)
+    torch.testing.assert_close(still, x, rtol=0, atol=1e-5)  # the identity warp
+    ones = torch.ones(2, 50, 3, 16, 16)
+    rotated = random_affine(ones, p=1.0, scale=(1.0, 1.0), translate=0.0, generator=seeded(0))
+    assert rotated.min() >= 0 and rotated.max() <= 1 + 1e-6
+    assert (rotated[..., 0, 0] < 0.5).float().mean() > 0.5  # corners leave the rotated crop
+    half = random_affine(x, p=0.5, generator=seeded(1))
+    untouched = (half == x).flatten(2).all(-1)
+    assert 20 < untouched.sum() < 80  # about half of 100 crops
+    assert torch.equal(random_affine(x, p=0.5, generator=seeded(1)), half)
+
+
 # -- colour -------------------------------------------------------------------------------------
 def test_color_jitter_is_per_crop_bounded_and_can_be_disabled() -> None:
     x = pixels(b=4, n=6).float() / 255
@@ -102,11 +119,11 @@ def test_device_augment_respects_the_mask_and_matches_the_cpu_normalisation() ->
     assert trained.dtype == torch.float32
     assert (trained[~mask] == 0).all() and (evaluated[~mask] == 0).all()
     assert not torch.allclose(trained[mask], evaluated[mask])
-    geometric = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, color_p=0.0)
+    geometric = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, affine=0.0, color_p=0.0)
     flipped = geometric(raw, mask, train=True, generator=seeded(0))
     views = dihedral_views(evaluated[mask])
     assert (views == flipped[mask].unsqueeze(1)).flatten(2).all(-1).any(1).all()
-    disabled = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, dihedral=False, color_p=0.0)
+    disabled = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, False, affine=0.0, color_p=0.0)
     assert torch.equal(disabled(raw, mask, train=True, generator=seeded(0)), evaluated)
 
 

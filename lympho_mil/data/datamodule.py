@@ -262,7 +262,7 @@ class PatientBagDataModule(BagDataModule):
         augment: train-time augmentation. True: per crop on the CPU (albumentations: flips,
             90-degree rotations, affine, colour), in the loader. "gpu": the training loader
             ships raw uint8 crops and :meth:`on_after_batch_transfer` augments whole batches
-            on the training device (flips, 90-degree rotations, colour; no affine; see
+            on the training device (flips, 90-degree rotations, affine, colour; see
             :mod:`lympho_mil.data.gpu_augment`), so workers only slice the cache. False: none.
         affine, color_jitter: probabilities of those augmentation steps.
         mean, std: per-channel normalisation of pixels in [0, 1].
@@ -372,8 +372,8 @@ class PatientBagDataModule(BagDataModule):
 
     @cached_property
     def device_augment(self) -> DeviceAugment:
-        """The on-device pipeline of ``augment="gpu"`` (the CPU path's colour settings)."""
-        return DeviceAugment(self.mean, self.std, color_p=self.color_jitter)
+        """The on-device pipeline of ``augment="gpu"`` (the CPU path's probabilities)."""
+        return DeviceAugment(self.mean, self.std, affine=self.affine, color_p=self.color_jitter)
 
     def on_after_batch_transfer(self, batch: BagBatch, dataloader_idx: int) -> BagBatch:
         """Raw uint8 crops (``augment="gpu"``) -> augmented when training, normalised.

@@ -2,9 +2,10 @@
 
 With ``PatientBagDataModule(augment="gpu")`` the training loader only slices the decoded-crop
 cache and ships raw ``uint8`` pixels (4x fewer bytes than float32); after the copy to the
-device, :class:`DeviceAugment` draws a random dihedral view (flips x 90-degree rotations)
-and a colour jitter for every crop at once and normalises. Padded slots stay zeros.
-Nothing here syncs with the host. It runs on any device, the CPU included.
+device, :class:`DeviceAugment` draws a random dihedral view (flips x 90-degree rotations), a
+mild affine warp and a colour jitter for every crop at once, and normalises: the steps of the
+CPU pipeline (:func:`lympho_mil.data.transforms.train_augmentation`) but hue. Padded slots
+stay zeros. Nothing here syncs with the host. It runs on any device, the CPU included.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 DIHEDRAL_VIEWS = 8
@@ -65,6 +67,33 @@ def random_dihedral(x: Tensor, generator: torch.Generator | None = None) -> Tens
     return torch.where(coins[2], x.flip(-1), x)
 
 
+def random_affine(
+    x: Tensor,
+    p: float = 0.5,
+    scale: tuple[float, float] = (0.9, 1.1),
+    translate: float = 0.05,
+    degrees: float = 15.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """With probability ``p`` per crop, warp ``x[B, N, C, H, W]`` (float) by a random rotation
+    (``+-degrees``), scale and translation (``+-translate`` of the side), bilinear, zeros
+    outside, as the CPU pipeline's ``Affine``. Other crops are returned exactly."""
+    lead = (*x.shape[:2],)
+    draws = torch.rand((5, *lead), generator=generator, device=x.device)
+    applied = draws[0] < p
+    angle = torch.deg2rad((draws[1] * 2 - 1) * degrees)
+    zoom = scale[0] + draws[2] * (scale[1] - scale[0])
+    shift = (draws[3:] * 2 - 1) * translate * 2  # affine_grid spans [-1, 1]: twice the side
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # output -> input coordinates
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[0]], -1), torch.stack([sin, cos, shift[1]], -1)], -2
+    ).flatten(0, 1)
+    flat = x.flatten(0, 1)
+    grid = F.affine_grid(theta.to(flat.dtype), list(flat.shape), align_corners=False)
+    warped = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return torch.where(applied.view(*lead, 1, 1, 1), warped.view_as(x), x)
+
+
 def color_jitter(
     x: Tensor,
     brightness: float = 0.1,
@@ -106,6 +135,7 @@ class DeviceAugment:
     Args:
         mean, std: per-channel normalisation of pixels in [0, 1].
         dihedral: a random flip/90-degree rotation view per crop (see :func:`random_dihedral`).
+        affine: probability of a random affine warp per crop (see :func:`random_affine`).
         brightness, contrast, saturation: jitter strengths (see :func:`color_jitter`).
         color_p: probability that a crop's colours are jittered (0 disables it).
 
@@ -115,6 +145,7 @@ class DeviceAugment:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     dihedral: bool = True
+    affine: float = 0.5
     brightness: float = 0.1
     contrast: float = 0.1
     saturation: float = 0.1
@@ -131,9 +162,13 @@ class DeviceAugment:
         x = pixels
         if train and self.dihedral:
             x = random_dihedral(x, generator)
+        if train and (self.affine > 0 or self.color_p > 0):
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        if train and self.affine > 0:
+            x = random_affine(x, self.affine, generator=generator)
         if train and self.color_p > 0:
             x = color_jitter(
-                x.float() / 255.0 if x.dtype == torch.uint8 else x,
+                x,
                 self.brightness,
                 self.contrast,
                 self.saturation,
