@@ -4,10 +4,10 @@
 
 Writes a small synthetic DLMI dataset, then cross-validates two models on identical
 patient-level splits (3 folds x R repeats): the clinical-only ``TabularMLP`` and the
-``GatedFusionMIL`` image + clinical model. Each fold trains on its inner training patients,
-keeps the checkpoint and the threshold that are best on its inner validation patients, and
-predicts its outer fold once. The paired table says by how much the second model differs
-from the first, with a patient-bootstrap interval.
+``GatedFusionMIL`` image + clinical model (a few minutes on a CPU). Each fold trains on its
+inner training patients, keeps the checkpoint and the threshold that are best on its inner
+validation patients, and predicts its outer fold once. The paired table says by how much
+the second model differs from the first, with a patient-bootstrap interval.
 
 The same from the command line, with config files (unknown options go to every fold's fit):
 

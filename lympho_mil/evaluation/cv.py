@@ -374,6 +374,7 @@ def _run_fold(
         trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
         # cv writes its own prediction files; the CLI's writer would fire on every predict.
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, PredictionWriter)]
+        datamodule.setup()  # every split over one instance store (the trainer: one per stage)
         trainer.fit(model, datamodule=datamodule)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
