@@ -130,7 +130,8 @@ def main() -> None:
         records, data = train_and_predict(args, root)
         seconds = time.perf_counter() - start
         if args.explain:
-            write_explanations(records, data.instance_paths, args.explain, overwrite=True)
+            name = MODELS[args.model].__name__
+            write_explanations(records, data.instance_paths, args.explain, 8, True, name)
         truth = pd.read_csv(root / "ground_truth.csv", dtype={"ID": str})
         result = {"benchmark": "attention_auroc", "model": args.model}
         result |= attention_scores(records, truth)

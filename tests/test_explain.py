@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -11,7 +12,9 @@ import yaml
 from PIL import Image
 
 from lympho_mil.cli import main
+from lympho_mil.data import FeatureBagDataModule
 from lympho_mil.data.errors import DataError
+from lympho_mil.evaluation import PredictionWriter
 from lympho_mil.evaluation.explain import (
     EXPLANATION_FILE,
     MONTAGE_DIR,
@@ -115,3 +118,10 @@ def test_unsafe_patient_id_never_becomes_a_file_name(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a plain folder name"):
         write_explanations([record("../evil", [1.0], None)], lambda _: [crop], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_explain_needs_a_datamodule_of_image_files(tmp_path: Path) -> None:
+    writer = PredictionWriter(str(tmp_path), explain=True)
+    trainer = SimpleNamespace(datamodule=FeatureBagDataModule(path="bags.csv"))
+    with pytest.raises(ValueError, match="FeatureBagDataModule has none"):
+        writer.on_predict_start(trainer, None)  # type: ignore[arg-type]

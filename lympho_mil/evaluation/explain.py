@@ -106,6 +106,12 @@ def _read_crop(path: Path, tile: int) -> Image.Image:
         raise DataError(f"patient {path.parent.name}: cannot read crop {path}: {exc}") from exc
 
 
+def _format_score(score: float, kind: str) -> str:
+    if kind == "crop probability":
+        return f"p = {score:.2f}"
+    return f"{score:.1%}" if score >= 0.0005 else "<0.1%"
+
+
 def _verdict(record: dict[str, Any]) -> str:
     predicted = "tumoral" if record["probability"] >= record["threshold"] else "reactive"
     return f"{predicted} (p = {record['probability']:.3f}, threshold {record['threshold']:.2f})"
@@ -144,9 +150,8 @@ def write_explanations(
         pid = check_patient_id(record["id"], "the predicted patients")
         scores, kind = crop_scores(record)
         files = {p.name: p for p in instance_paths(pid)}
-        fmt = "p = {:.2f}" if kind == "crop probability" else "{:.1%}"
         captioned = [
-            (files[name], f"{fmt.format(score)}  {Path(name).stem}")
+            (files[name], f"{_format_score(score, kind)}  {Path(name).stem}")
             for name, score in zip(record["instance_ids"], scores, strict=True)
         ]
         top, bottom = rank_crops(scores, top_k)
