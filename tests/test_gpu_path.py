@@ -13,6 +13,7 @@ import torch
 from lympho_mil.data import BagBatch, PatientBagDataModule, collate_bags
 from lympho_mil.data.batch import BagSample
 from lympho_mil.data.gpu_augment import (
+    BagAugment,
     DeviceAugment,
     color_jitter,
     dihedral,
@@ -125,6 +126,28 @@ def test_device_augment_respects_the_mask_and_matches_the_cpu_normalisation() ->
     assert (views == flipped[mask].unsqueeze(1)).flatten(2).all(-1).any(1).all()
     disabled = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, False, affine=0.0, color_p=0.0)
     assert torch.equal(disabled(raw, mask, train=True, generator=seeded(0)), evaluated)
+
+
+def test_bag_augment_is_the_device_pipeline_on_one_bag(gpu_dm: PatientBagDataModule) -> None:
+    crops = pixels(b=1, n=6, size=SIZE)[0].permute(0, 2, 3, 1).numpy()  # uint8[n, H, W, 3]
+    augment = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD)
+    bag = BagAugment(augment)
+    out = bag(crops, np.random.default_rng(3))
+    assert out.shape == (6, 3, SIZE, SIZE) and out.dtype == torch.float32
+    torch.testing.assert_close(bag(crops, np.random.default_rng(3)), out)
+    assert not torch.allclose(bag(crops, np.random.default_rng(4)), out)
+    evaluated = augment(
+        torch.from_numpy(crops).permute(0, 3, 1, 2)[None],
+        torch.ones(1, 6, dtype=torch.bool),
+        train=False,
+    )[0]
+    assert not torch.allclose(out, evaluated)
+    loader = PatientBagDataModule(
+        str(gpu_dm.root), image_size=SIZE, augment="torch", batch_size=3, max_instances=4
+    )
+    batch = next(iter(loader.train_dataloader()))
+    assert batch.instances.dtype == torch.float32 and (batch.instances[~batch.mask] == 0).all()
+    assert isinstance(loader.instance_transform("train"), BagAugment)
 
 
 @pytest.fixture
@@ -275,20 +298,21 @@ def test_compiled_encoder_computes_the_same_outputs() -> None:
 
 
 # -- transfer -----------------------------------------------------------------------------------
-def test_batches_are_copied_without_blocking_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = AttentionMIL(encoder="identity", in_dim=4)
-    batch = collate_bags([BagSample(torch.ones(2, 4), torch.zeros(0), 1.0, "b", ["0", "1"])])
+def test_batches_are_copied_without_blocking_on_cuda() -> None:
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
     calls: list[tuple[str, bool]] = []
 
-    def record(self, device, non_blocking=False):  # type: ignore[no-untyped-def]
-        calls.append((torch.device(device).type, non_blocking))
-        return self
+    class Probe:
+        def to(self, device: torch.device, non_blocking: bool = False) -> Probe:
+            calls.append((torch.device(device).type, non_blocking))
+            return self
 
-    monkeypatch.setattr(BagBatch, "to", record)
+    batch = BagBatch(Probe(), Probe(), Probe(), Probe(), ["b"], [["0"]])  # type: ignore[arg-type]
     for device in ("cuda", "cpu"):
-        moved = model.transfer_batch_to_device(batch, torch.device(device), 0)
+        moved = move_data_to_device(batch, torch.device(device))  # what Lightning calls
         assert isinstance(moved, BagBatch)
-    assert calls == [("cuda", True), ("cpu", False)]
+    assert calls == [("cuda", True)] * 4 + [("cpu", False)] * 4
 
 
 def test_raw_pixels_reaching_a_model_are_a_clear_error() -> None:

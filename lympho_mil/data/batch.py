@@ -68,7 +68,11 @@ class BagBatch:
         """Called by ``DataLoader(pin_memory=True)`` in the worker's pinning thread."""
         return self._map(lambda t: t.pin_memory())
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> BagBatch:
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> BagBatch:
+        """Copy to ``device``; on CUDA non-blocking by default, so copies from pinned memory
+        overlap with compute (Lightning calls this with the device alone)."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def _map(self, fn: Any) -> BagBatch:

@@ -101,15 +101,6 @@ class BagClassifier(LightningModule):
         return bce_with_logits(out.logit, batch.label, self.pos_weight)
 
     # -- steps -----------------------------------------------------------------------------
-    def transfer_batch_to_device(
-        self, batch: Any, device: torch.device, dataloader_idx: int
-    ) -> Any:
-        """Copy a :class:`BagBatch` with ``non_blocking`` on CUDA (Lightning's default passes it
-        to plain tensors only), so copies from pinned memory overlap with compute."""
-        if isinstance(batch, BagBatch):
-            return batch.to(device, non_blocking=device.type == "cuda")
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def _shared_step(self, batch: BagBatch, split: str) -> Tensor:
         if batch.instances.dtype == torch.uint8:
             raise TypeError(
