@@ -298,21 +298,21 @@ def test_compiled_encoder_computes_the_same_outputs() -> None:
 
 
 # -- transfer -----------------------------------------------------------------------------------
-def test_batches_are_copied_without_blocking_on_cuda() -> None:
-    from lightning.fabric.utilities.apply_func import move_data_to_device
-
+def test_batches_are_copied_without_blocking_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a Trainer does with a batch: non-blocking tensor copies to CUDA, plain to the CPU."""
+    model = AttentionMIL(encoder="identity", in_dim=4)
+    batch = collate_bags([BagSample(torch.ones(2, 4), torch.zeros(0), 1.0, "b", ["0", "1"])])
     calls: list[tuple[str, bool]] = []
 
-    class Probe:
-        def to(self, device: torch.device, non_blocking: bool = False) -> Probe:
-            calls.append((torch.device(device).type, non_blocking))
-            return self
+    def record(self, device, *args, non_blocking=False, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((torch.device(device).type, non_blocking))
+        return self
 
-    batch = BagBatch(Probe(), Probe(), Probe(), Probe(), ["b"], [["0"]])  # type: ignore[arg-type]
+    monkeypatch.setattr(torch.Tensor, "to", record)
     for device in ("cuda", "cpu"):
-        moved = move_data_to_device(batch, torch.device(device))  # what Lightning calls
+        moved = model.transfer_batch_to_device(batch, torch.device(device), 0)
         assert isinstance(moved, BagBatch)
-    assert calls == [("cuda", True)] * 4 + [("cpu", False)] * 4
+    assert calls == [("cuda", True)] * 4 + [("cpu", False)] * 4  # instances, mask, tabular, label
 
 
 def test_raw_pixels_reaching_a_model_are_a_clear_error() -> None:
