@@ -37,6 +37,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # as a plain open() would create it
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -45,6 +46,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_csv(path: str | Path, frame: pd.DataFrame, overwrite: bool = False) -> Path:

@@ -1,0 +1,34 @@
+"""Output files: atomic, never overwritten silently, created with the usual permissions."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from lympho_mil.files import OutputExistsError, atomic_write_bytes, atomic_write_text
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
+    path = atomic_write_text(tmp_path / "out" / "a.csv", "first")
+    with pytest.raises(OutputExistsError, match="a.csv"):
+        atomic_write_text(path, "second")
+    assert path.read_text() == "first"
+    atomic_write_text(path, "second", overwrite=True)
+    assert path.read_text() == "second"
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        atomic_write_bytes(tmp_path / "b.bin", "not bytes")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_follow_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        path = atomic_write_bytes(tmp_path / "c.png", b"\x89PNG")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
