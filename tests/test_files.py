@@ -12,7 +12,7 @@ from lympho_mil.files import OutputExistsError, atomic_write_bytes, atomic_write
 
 def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     path = atomic_write_text(tmp_path / "out" / "a.csv", "first")
-    with pytest.raises(OutputExistsError, match="a.csv"):
+    with pytest.raises(OutputExistsError, match=r"a\.csv"):
         atomic_write_text(path, "second")
     assert path.read_text() == "first"
     atomic_write_text(path, "second", overwrite=True)
