@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -285,37 +285,9 @@ class PatientBagDataModule(BagDataModule):
         color_jitter: float = 0.5,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
-        batch_size: int = 4,
-        max_instances: int | None = None,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
-        n_folds: int | None = None,
-        fold: int = 0,
-        seed: int = 0,
-        train_ids: list[str] | None = None,
-        val_ids: list[str] | None = None,
-        test_ids: list[str] | None = None,
-        predict_ids: list[str] | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            max_instances=max_instances,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            n_folds=n_folds,
-            fold=fold,
-            seed=seed,
-            train_ids=train_ids,
-            val_ids=val_ids,
-            test_ids=test_ids,
-            predict_ids=predict_ids,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-        )
+        super().__init__(**kwargs)
         if augment not in (True, False, "torch", "gpu"):
             raise ValueError(f"augment must be True, False, 'torch' or 'gpu', got {augment!r}")
         self.root = Path(root).expanduser()
