@@ -7,8 +7,8 @@ The model and data settings are the quickstart's (``examples/configs/quickstart.
 per batch, two loader workers. The first epoch (worker start, warm-up) is left out; one JSON
 line per augmentation mode gives the median training-epoch time (validation excluded) and the
 median validation time. ``--augment``: ``cpu`` (albumentations per crop in the loader
-workers, the default), ``torch`` (the vectorised torch pipeline per bag in the workers) or
-``gpu`` (the same pipeline per batch after the transfer: here in the main process).
+workers, the default) or ``gpu`` (the torch pipeline per batch after the transfer: on a
+CPU-only machine, in the main process).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from speed_common import emit, parser, quiet
 from lympho_mil.data import PatientBagDataModule
 from lympho_mil.models import GatedFusionMIL
 
-AUGMENT = {"cpu": True, "torch": "torch", "gpu": "gpu", "none": False}
+AUGMENT = {"cpu": True, "gpu": "gpu", "none": False}
 
 
 class EpochTimer(L.Callback):
@@ -50,7 +50,7 @@ class EpochTimer(L.Callback):
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--augment", default="cpu,torch,gpu", help="of cpu,torch,gpu,none")
+    p.add_argument("--augment", default="cpu,gpu", help="of cpu,gpu,none")
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args()
     quiet()

@@ -9,8 +9,8 @@ differs: the warm memory-mapped cache, or a naive store that opens, decodes and 
 every JPEG with PIL on every access (as the original study's per-crop loader did). Passes
 alternate between the two; one JSON line per (image size, augmentation) gives the medians
 and their ratio. ``--augment``: ``none``, ``cpu`` (albumentations per crop, the default
-pipeline), ``torch`` (the vectorised torch pipeline, bag by bag) or ``gpu`` (the loader only
-slices uint8 crops; augmentation runs later on the device and is not part of this figure).
+pipeline) or ``gpu`` (the loader only slices uint8 crops; augmentation runs later on the
+device and is not part of this figure).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from speed_common import emit, parser
 from lympho_mil.data import PatientBagDataModule
 from lympho_mil.data.image_cache import CropSpec, decode_crop
 
-AUGMENT = {"none": False, "cpu": True, "torch": "torch", "gpu": "gpu"}
+AUGMENT = {"none": False, "cpu": True, "gpu": "gpu"}
 
 
 class NaiveStore:
@@ -57,7 +57,7 @@ def one_pass(dm: PatientBagDataModule) -> tuple[int, float]:
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", default="64,224", help="image sizes, comma-separated")
-    p.add_argument("--augment", default="none,cpu,torch,gpu", help="of none,cpu,torch,gpu")
+    p.add_argument("--augment", default="none,cpu,gpu", help="of none,cpu,gpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-instances", type=int, default=24)
     p.add_argument("--workers", type=int, default=0)

@@ -13,7 +13,6 @@ import torch
 from lympho_mil.data import BagBatch, PatientBagDataModule, collate_bags
 from lympho_mil.data.batch import BagSample
 from lympho_mil.data.gpu_augment import (
-    BagAugment,
     DeviceAugment,
     color_jitter,
     dihedral,
@@ -126,28 +125,6 @@ def test_device_augment_respects_the_mask_and_matches_the_cpu_normalisation() ->
     assert (views == flipped[mask].unsqueeze(1)).flatten(2).all(-1).any(1).all()
     disabled = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, False, affine=0.0, color_p=0.0)
     assert torch.equal(disabled(raw, mask, train=True, generator=seeded(0)), evaluated)
-
-
-def test_bag_augment_is_the_device_pipeline_on_one_bag(gpu_dm: PatientBagDataModule) -> None:
-    crops = pixels(b=1, n=6, size=SIZE)[0].permute(0, 2, 3, 1).numpy()  # uint8[n, H, W, 3]
-    augment = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD)
-    bag = BagAugment(augment)
-    out = bag(crops, np.random.default_rng(3))
-    assert out.shape == (6, 3, SIZE, SIZE) and out.dtype == torch.float32
-    torch.testing.assert_close(bag(crops, np.random.default_rng(3)), out)
-    assert not torch.allclose(bag(crops, np.random.default_rng(4)), out)
-    evaluated = augment(
-        torch.from_numpy(crops).permute(0, 3, 1, 2)[None],
-        torch.ones(1, 6, dtype=torch.bool),
-        train=False,
-    )[0]
-    assert not torch.allclose(out, evaluated)
-    loader = PatientBagDataModule(
-        str(gpu_dm.root), image_size=SIZE, augment="torch", batch_size=3, max_instances=4
-    )
-    batch = next(iter(loader.train_dataloader()))
-    assert batch.instances.dtype == torch.float32 and (batch.instances[~batch.mask] == 0).all()
-    assert isinstance(loader.instance_transform("train"), BagAugment)
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from lympho_mil.data.dataset import (
 )
 from lympho_mil.data.dlmi import read_dlmi
 from lympho_mil.data.errors import DataError
-from lympho_mil.data.gpu_augment import BagAugment, DeviceAugment, pixels_to_tensor
+from lympho_mil.data.gpu_augment import DeviceAugment, pixels_to_tensor
 from lympho_mil.data.image_cache import CropSpec, ImageCache
 from lympho_mil.data.splits import holdout_split, kfold_split
 from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor, train_augmentation
@@ -260,11 +260,10 @@ class PatientBagDataModule(BagDataModule):
         skip_bad_images: skip unreadable images with a warning instead of failing.
         reference_date: date at which ages are computed (ISO format).
         augment: train-time augmentation: flips, 90-degree rotations, affine, colour. True:
-            albumentations, crop by crop, in the loader. "torch": the vectorised torch
-            pipeline of :mod:`lympho_mil.data.gpu_augment` (no hue), bag by bag, in the loader.
-            "gpu": the same pipeline on whole batches after their transfer to the training
-            device (:meth:`on_after_batch_transfer`); the loader only slices uint8 crops.
-            False: none.
+            albumentations, crop by crop, in the loader. "gpu": the loader only slices uint8
+            crops; the torch pipeline of :mod:`lympho_mil.data.gpu_augment` (no hue) augments
+            whole batches after their transfer to the training device
+            (:meth:`on_after_batch_transfer`). False: none.
         affine, color_jitter: probabilities of those augmentation steps.
         mean, std: per-channel normalisation of pixels in [0, 1].
         **kwargs: split and loader settings of :class:`BagDataModule`.
@@ -280,7 +279,7 @@ class PatientBagDataModule(BagDataModule):
         cache_dir: str | None = None,
         skip_bad_images: bool = False,
         reference_date: str = "2020-01-01",
-        augment: bool | Literal["torch", "gpu"] = True,
+        augment: bool | Literal["gpu"] = True,
         affine: float = 0.5,
         color_jitter: float = 0.5,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
@@ -288,8 +287,8 @@ class PatientBagDataModule(BagDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if augment not in (True, False, "torch", "gpu"):
-            raise ValueError(f"augment must be True, False, 'torch' or 'gpu', got {augment!r}")
+        if augment not in (True, False, "gpu"):
+            raise ValueError(f"augment must be True, False or 'gpu', got {augment!r}")
         self.root = Path(root).expanduser()
         self.crop_spec = CropSpec(image_size, center_crop)
         self.cache_dir = cache_dir
@@ -338,8 +337,6 @@ class PatientBagDataModule(BagDataModule):
     def instance_transform(self, stage: str) -> InstanceTransform:
         if stage == "train" and self.augment == "gpu":
             return pixels_to_tensor
-        if stage == "train" and self.augment == "torch":
-            return BagAugment(self.device_augment)
         augment = None
         if stage == "train" and self.augment:
             augment = train_augmentation(affine=self.affine, color_jitter=self.color_jitter)
@@ -347,7 +344,7 @@ class PatientBagDataModule(BagDataModule):
 
     @cached_property
     def device_augment(self) -> DeviceAugment:
-        """The torch pipeline of ``augment="torch"``/``"gpu"`` (the CPU path's probabilities)."""
+        """The on-device pipeline of ``augment="gpu"`` (the CPU path's probabilities)."""
         return DeviceAugment(self.mean, self.std, affine=self.affine, color_p=self.color_jitter)
 
     def on_after_batch_transfer(self, batch: BagBatch, dataloader_idx: int) -> BagBatch:

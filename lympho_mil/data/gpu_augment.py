@@ -5,8 +5,8 @@ cache and ships raw ``uint8`` pixels (4x fewer bytes than float32); after the co
 device, :class:`DeviceAugment` draws a random dihedral view (flips x 90-degree rotations), a
 mild affine warp and a colour jitter for every crop at once, and normalises: the steps of the
 CPU pipeline (:func:`lympho_mil.data.transforms.train_augmentation`) but hue. Padded slots
-stay zeros. Nothing here syncs with the host. It runs on any device, the CPU included:
-``augment="torch"`` runs it bag by bag in the loader workers (:class:`BagAugment`).
+stay zeros. Nothing here syncs with the host. It runs on any device, the CPU included, but
+it pays on a GPU: on a CPU, albumentations per crop in the loader workers is as fast.
 """
 
 from __future__ import annotations
@@ -178,21 +178,3 @@ class DeviceAugment:
             )
         x = normalize_pixels(x, self.mean, self.std)
         return x.masked_fill(~mask.view(*mask.shape, 1, 1, 1), 0.0)
-
-
-class BagAugment:
-    """:class:`DeviceAugment` on one bag inside a loader worker (``augment="torch"``):
-    uint8[n, H, W, C] cached crops -> augmented, normalised float32[n, C, H, W].
-
-    Vectorised over the bag's crops on the CPU; its draws come from the loader's generator,
-    like any instance transform's.
-    """
-
-    def __init__(self, augment: DeviceAugment) -> None:
-        self.augment = augment
-
-    def __call__(self, crops: np.ndarray, rng: np.random.Generator) -> Tensor:
-        generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-        pixels = pixels_to_tensor(crops).unsqueeze(0)
-        mask = torch.ones(pixels.shape[:2], dtype=torch.bool)
-        return self.augment(pixels, mask, train=True, generator=generator)[0]
