@@ -17,6 +17,7 @@ from lympho_mil.evaluation.cv import (
     cv_splits,
 )
 from lympho_mil.evaluation.ensemble import ensemble_records
+from lympho_mil.evaluation.explain import write_explanations
 from lympho_mil.evaluation.predictions import PredictionWriter, write_predictions
 from lympho_mil.evaluation.thresholds import best_balanced_accuracy_threshold, choose_threshold
 
@@ -37,5 +38,6 @@ __all__ = [
     "paired_difference",
     "stratified_bootstrap_weights",
     "weighted_binary_metrics",
+    "write_explanations",
     "write_predictions",
 ]
