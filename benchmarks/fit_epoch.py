@@ -52,8 +52,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--augment", default="cpu,gpu", help="of cpu,gpu,none")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
     quiet()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     for augment in args.augment.split(","):
         dm = PatientBagDataModule(
             str(args.data),
