@@ -35,6 +35,7 @@ def predict_config(tmp_path: Path, root: Path, model: str) -> Path:
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "logger": False,
+            "default_root_dir": str(tmp_path),  # where the CLI saves config.yaml
         },
         "model": {
             "class_path": model,
