@@ -26,9 +26,7 @@ def ensure_synthetic_dlmi(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     try:
-        make_synthetic_dlmi(
-            tmp, n_patients, image_size, seed, max_cells=max_cells, overwrite=True
-        )
+        make_synthetic_dlmi(tmp, n_patients, image_size, seed, max_cells=max_cells, overwrite=True)
         tmp.rename(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
