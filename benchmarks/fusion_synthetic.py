@@ -4,7 +4,7 @@ signal (clinical values overlap between classes; tumoral patients carry 20-70 % 
 cells).
 
     python benchmarks/fusion_synthetic.py [--patients 160] [--folds 3] [--repeats 1]
-        [--epochs 12] [--out DIR]
+        [--epochs 12] [--tabular-epochs 40] [--image-size 64] [--out DIR]
 
 Runs :func:`lympho_mil.evaluation.compare_configs` (inner validation picks checkpoint and
 threshold) and prints one JSON line per model (balanced accuracy and AUROC with 95 %
@@ -45,7 +45,7 @@ def config(model: str, init_args: dict[str, Any], args: argparse.Namespace) -> d
             "class_path": "SyntheticDataModule",
             "init_args": {
                 "n_patients": args.patients,
-                "image_size": 64,
+                "image_size": args.image_size,
                 "batch_size": 8,
                 "max_instances": 24,
                 "num_workers": 0,
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--tabular-epochs", type=int, default=40)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     out = args.out or Path(tempfile.mkdtemp(prefix="fusion-synthetic-"))
