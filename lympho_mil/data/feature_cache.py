@@ -177,17 +177,43 @@ class FeatureCache(MemmapRows):
         return cls(data_path)
 
 
+@dataclass(frozen=True)
+class FeatureScaling:
+    """Per-feature ``clip(x, low, high)`` then ``(x - mean) / scale``; ``float32[D]`` each."""
+
+    low: np.ndarray
+    high: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray) -> FeatureScaling:
+        """Range, mean and standard deviation of ``features[n, D]`` (scale 1 where constant)."""
+        x = np.asarray(features, dtype=np.float64)
+        std = x.std(axis=0)
+        scale = np.where(std > 1e-8, std, 1.0)
+        return cls(*(v.astype(np.float32) for v in (x.min(0), x.max(0), x.mean(0), scale)))
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        return (np.clip(features, self.low, self.high) - self.mean) / self.scale
+
+
 class SelectView:
     """Cached ``[n, V, D]`` features -> float32 ``[n, D]``: one random view per crop
-    (``"random"``, training), the mean over views, or view 0 (the crop as it is)."""
+    (``"random"``, training), the mean over views, or view 0 (the crop as it is); then the
+    optional ``scaling``."""
 
     def __init__(
-        self, mode: Literal["random", "mean", "identity"], to_tensor: FeaturesToTensor
+        self,
+        mode: Literal["random", "mean", "identity"],
+        to_tensor: FeaturesToTensor,
+        scaling: FeatureScaling | None = None,
     ) -> None:
         if mode not in ("random", "mean", "identity"):
             raise ValueError(f"mode must be 'random', 'mean' or 'identity', got {mode!r}")
         self.mode = mode
         self.to_tensor = to_tensor
+        self.scaling = scaling
 
     def __call__(self, features: np.ndarray, rng: np.random.Generator) -> Tensor:
         if self.mode == "random":
@@ -197,6 +223,8 @@ class SelectView:
             picked = features.astype(np.float32).mean(axis=1)
         else:
             picked = features[:, 0]
+        if self.scaling is not None:
+            picked = self.scaling(picked.astype(np.float32))
         return self.to_tensor(picked, rng)
 
 
@@ -223,7 +251,11 @@ class CachedFeatureDataModule(PatientBagDataModule):
         eval_view: with ``dihedral``, what validation, test and predict see: ``"mean"`` of
             the 8 views or the ``"identity"`` view.
         feature_dtype: storage type of the cache.
-        noise_std: Gaussian noise added to training features.
+        standardize: clip every feature to the range of the training patients' crops and
+            z-score it with their mean and standard deviation (for features on unequal
+            scales, such as ``encoder="morphology"``); fitted per split, like the clinical
+            standardisation, on the mean over views, and saved in checkpoints.
+        noise_std: Gaussian noise added to training features (after standardisation).
         extract_batch_size: encoder inputs per forward during extraction.
         extract_device: where to extract (None: the Trainer's device when the datamodule is
             attached to one, else the CPU).
@@ -242,6 +274,7 @@ class CachedFeatureDataModule(PatientBagDataModule):
         dihedral: bool = False,
         eval_view: EvalView = "mean",
         feature_dtype: Literal["float16", "float32"] = "float16",
+        standardize: bool = False,
         noise_std: float = 0.0,
         extract_batch_size: int = 256,
         extract_device: str | None = None,
@@ -255,6 +288,8 @@ class CachedFeatureDataModule(PatientBagDataModule):
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder_seed = encoder_seed
         self.eval_view = eval_view
+        self.standardize = standardize
+        self.scaling: FeatureScaling | None = None
         self.noise_std = noise_std
         self.extract_batch_size = extract_batch_size
         self.extract_device = extract_device
@@ -318,7 +353,28 @@ class CachedFeatureDataModule(PatientBagDataModule):
             self.extract_batch_size,
         )
         self.extractor.cpu()  # give back the accelerator's memory after an extraction
+        if self.standardize and self.scaling is None:
+            train = [self.bags[i].rows for i in self.split_ids["train"]]
+            rows = np.sort(np.concatenate(train))
+            self.scaling = FeatureScaling.fit(store[rows].astype(np.float32).mean(axis=1))
         return store, usable
+
+    def state_dict(self) -> dict[str, Any]:
+        """The feature standardisation, saved in checkpoints: ``predict`` on other patients
+        (another folder, another split) then scales features exactly as in training."""
+        if self.scaling is None:
+            return {}
+        return {"feature_scaling": {k: v.tolist() for k, v in asdict(self.scaling).items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the standardisation of a checkpoint, also in datasets already set up."""
+        saved = state_dict.get("feature_scaling")
+        if saved is None:
+            return
+        self.scaling = FeatureScaling(**{k: np.asarray(v, np.float32) for k, v in saved.items()})
+        for dataset in self.datasets.values():
+            if isinstance(dataset.to_tensor, SelectView):
+                dataset.to_tensor.scaling = self.scaling
 
     def _device(self) -> torch.device:
         if self.extract_device is not None:
@@ -330,5 +386,5 @@ class CachedFeatureDataModule(PatientBagDataModule):
     def instance_transform(self, stage: str) -> InstanceTransform:
         to_tensor = FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
         if stage == "train":
-            return SelectView("random", to_tensor)
-        return SelectView(self.eval_view, to_tensor)
+            return SelectView("random", to_tensor, self.scaling)
+        return SelectView(self.eval_view, to_tensor, self.scaling)

@@ -12,6 +12,7 @@ from lympho_mil.nn.encoders import (
     freeze,
 )
 from lympho_mil.nn.fusion import ConcatFusion, FusionOutput, GatedFusion, mixture_nll
+from lympho_mil.nn.morphology import MORPHOLOGY_FEATURES, MorphologyEncoder
 from lympho_mil.nn.pooling import (
     POOLINGS,
     AttentionPooling,
@@ -25,6 +26,7 @@ from lympho_mil.nn.tabular import Standardize, TabularEncoder
 
 __all__ = [
     "BUILTIN_ENCODERS",
+    "MORPHOLOGY_FEATURES",
     "POOLINGS",
     "AttentionPooling",
     "ConcatFusion",
@@ -37,6 +39,7 @@ __all__ = [
     "MLPEncoder",
     "MaxPooling",
     "MeanPooling",
+    "MorphologyEncoder",
     "SmallCNN",
     "Standardize",
     "TabularEncoder",

@@ -16,7 +16,9 @@ import timm
 import torch
 from torch import Tensor, nn
 
-BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity")
+from lympho_mil.nn.morphology import MorphologyEncoder
+
+BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity", "morphology")
 
 
 class SmallCNN(nn.Module):
@@ -167,7 +169,8 @@ def build_instance_encoder(
 ) -> nn.Module:
     """The encoder called ``name``: one of ``BUILTIN_ENCODERS`` or any timm model name.
 
-    ``in_dim`` is required by "mlp" and "identity"; ``out_dim`` is ignored by "identity" and
+    ``in_dim`` is required by "mlp" and "identity"; ``out_dim`` is ignored by "identity",
+    "morphology" (fixed hand-crafted features, :class:`~lympho_mil.nn.MorphologyEncoder`) and
     timm models (whose ``out_dim`` is their feature size); ``pretrained`` and
     ``weights_path`` only apply to timm models; ``kwargs`` go to the encoder's constructor.
     """
@@ -181,6 +184,8 @@ def build_instance_encoder(
         if name == "mlp":
             return MLPEncoder(in_dim, out_dim=out_dim, **kwargs)
         return IdentityEncoder(in_dim, **kwargs)
+    if name == "morphology":
+        return MorphologyEncoder(**kwargs)
     return TimmEncoder(name, pretrained=pretrained, weights_path=weights_path, **kwargs)
 
 

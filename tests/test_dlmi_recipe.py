@@ -1,0 +1,137 @@
+"""The DLMI recipe: standardised morphology features in the feature cache, and its configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lympho_mil.cli import main
+from lympho_mil.data import CachedFeatureDataModule, CropSpec, read_dlmi
+from lympho_mil.data.feature_cache import FeatureScaling
+from lympho_mil.data.image_cache import decode_crop
+from lympho_mil.data.transforms import BagToTensor
+from lympho_mil.models import MeanPoolMIL
+from lympho_mil.nn import MORPHOLOGY_FEATURES, MorphologyEncoder
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+RECIPE_CONFIGS = ("dlmi.yaml", "dlmi_attention.yaml")
+SIZE = 32
+
+
+def morphology_dm(root: Path, cache_dir: Path, **kwargs: object) -> CachedFeatureDataModule:
+    return CachedFeatureDataModule(
+        str(root),
+        encoder="morphology",
+        image_size=SIZE,
+        cache_dir=str(cache_dir),
+        feature_dtype="float32",
+        val_fraction=0.3,
+        **kwargs,
+    )
+
+
+def stacked(dm: CachedFeatureDataModule, split: str) -> np.ndarray:
+    """float[crops, D]: the features every crop of ``split`` reaches the model with."""
+    dataset = dm.datasets[split]
+    return np.concatenate([dataset[(i, 0)].instances.numpy() for i in range(len(dataset))])
+
+
+def test_features_are_standardised_on_the_training_patients(
+    synthetic_dlmi: Path, cache_dir: Path
+) -> None:
+    raw = morphology_dm(synthetic_dlmi, cache_dir)
+    scaled = morphology_dm(synthetic_dlmi, cache_dir, standardize=True)
+    raw.setup("fit")
+    scaled.setup("fit")
+    assert raw.scaling is None and scaled.scaling is not None
+    train_raw, train = stacked(raw, "train"), stacked(scaled, "train")
+    assert train.shape == (len(train_raw), len(MORPHOLOGY_FEATURES))
+    varying = train_raw.std(axis=0) > 1e-6
+    assert varying.sum() > len(MORPHOLOGY_FEATURES) // 2  # the nuclei were found
+    np.testing.assert_allclose(train.mean(axis=0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(train.std(axis=0)[varying], 1.0, rtol=1e-3)
+    np.testing.assert_allclose(
+        train[:, varying] * scaled.scaling.scale[varying] + scaled.scaling.mean[varying],
+        train_raw[:, varying],
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    # validation crops are clipped to the training range, then scaled the same way
+    val_raw, val = stacked(raw, "val"), stacked(scaled, "val")
+    np.testing.assert_allclose(val, scaled.scaling(val_raw), rtol=1e-5, atol=1e-6)
+    assert (val <= train.max(axis=0) + 1e-5).all() and (val >= train.min(axis=0) - 1e-5).all()
+
+
+def test_feature_scaling_of_constant_and_out_of_range_values() -> None:
+    scaling = FeatureScaling.fit(np.array([[0.0, 5.0], [2.0, 5.0]], np.float32))
+    np.testing.assert_allclose(scaling.scale, [1.0, 1.0])  # std of [0, 2] is 1; constant -> 1
+    np.testing.assert_allclose(scaling(np.array([[10.0, 7.0]], np.float32)), [[1.0, 0.0]])
+
+
+def test_standardisation_travels_in_the_checkpoint(
+    synthetic_dlmi: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """``predict`` from a checkpoint scales features as in training, whatever its own split."""
+    trained = morphology_dm(synthetic_dlmi, cache_dir, standardize=True, seed=0)
+    model = MeanPoolMIL(encoder="identity", in_dim=len(MORPHOLOGY_FEATURES))
+    quiet = {"logger": False, "enable_progress_bar": False, "default_root_dir": tmp_path}
+    trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, **quiet)
+    trainer.fit(model, trained)
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint, weights_only=True)
+    other = morphology_dm(synthetic_dlmi, cache_dir, standardize=True, seed=1)
+    other.setup("predict")
+    refitted = other.scaling
+    assert refitted is not None and not np.allclose(refitted.mean, trained.scaling.mean)
+    L.Trainer(**quiet).predict(model, datamodule=other, ckpt_path=checkpoint)
+    restored = other.datasets["predict"].to_tensor.scaling
+    for scaling in (other.scaling, restored):
+        np.testing.assert_array_equal(scaling.mean, trained.scaling.mean)
+        np.testing.assert_array_equal(scaling.scale, trained.scaling.scale)
+
+
+@pytest.mark.parametrize("name", RECIPE_CONFIGS)
+def test_recipe_configs_match_the_feature_size(name: str) -> None:
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    assert config["data"]["init_args"]["encoder"] == "morphology"
+    assert config["model"]["init_args"]["in_dim"] == len(MORPHOLOGY_FEATURES)
+
+
+@pytest.mark.slow
+def test_recipe_fits_through_the_cli(synthetic_dlmi: Path, tmp_path: Path) -> None:
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "dlmi.yaml"),
+            f"--data.root={synthetic_dlmi}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            f"--data.image_size={SIZE}",
+            "--data.center_crop=null",
+            "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+            "--trainer.logger=false",
+        ]
+    )
+    assert list((tmp_path / "ckpt").glob("epoch*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_morphology_finds_the_nucleus_of_real_crops(shared_data: Path) -> None:
+    """On real 112 px centre crops, the centred nucleus is found in nearly every crop."""
+    _, records = read_dlmi(shared_data / "dlmi-dev")
+    paths = [p for r in records[:4] for p in r.paths[:12]]
+    crops = np.stack([decode_crop(p, CropSpec(112, 112)) for p in paths])
+    with torch.no_grad():
+        features = MorphologyEncoder()(BagToTensor()(crops, np.random.default_rng(0)))
+    diameter = features[:, MORPHOLOGY_FEATURES.index("nucleus_diameter")]
+    assert (diameter > 0.2).float().mean() > 0.9  # a lymphocyte nucleus spans ~50 px of 112
+    assert ((diameter > 0.25) & (diameter < 0.85)).float().mean() > 0.9
