@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -21,6 +22,12 @@ from lympho_mil.nn import MORPHOLOGY_FEATURES, MorphologyEncoder
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 RECIPE_CONFIGS = ("dlmi.yaml", "dlmi_attention.yaml")
 SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def features_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One cache for the morphology features of the synthetic patients: extracted once."""
+    return tmp_path_factory.mktemp("morphology")
 
 
 def morphology_dm(root: Path, cache_dir: Path, **kwargs: object) -> CachedFeatureDataModule:
@@ -42,10 +49,10 @@ def stacked(dm: CachedFeatureDataModule, split: str) -> np.ndarray:
 
 
 def test_features_are_standardised_on_the_training_patients(
-    synthetic_dlmi: Path, cache_dir: Path
+    synthetic_dlmi: Path, features_dir: Path
 ) -> None:
-    raw = morphology_dm(synthetic_dlmi, cache_dir)
-    scaled = morphology_dm(synthetic_dlmi, cache_dir, standardize=True)
+    raw = morphology_dm(synthetic_dlmi, features_dir)
+    scaled = morphology_dm(synthetic_dlmi, features_dir, standardize=True)
     raw.setup("fit")
     scaled.setup("fit")
     assert raw.scaling is None and scaled.scaling is not None
@@ -74,17 +81,17 @@ def test_feature_scaling_of_constant_and_out_of_range_values() -> None:
 
 
 def test_standardisation_travels_in_the_checkpoint(
-    synthetic_dlmi: Path, cache_dir: Path, tmp_path: Path
+    synthetic_dlmi: Path, features_dir: Path, tmp_path: Path
 ) -> None:
     """``predict`` from a checkpoint scales features as in training, whatever its own split."""
-    trained = morphology_dm(synthetic_dlmi, cache_dir, standardize=True, seed=0)
+    trained = morphology_dm(synthetic_dlmi, features_dir, standardize=True, seed=0)
     model = MeanPoolMIL(encoder="identity", in_dim=len(MORPHOLOGY_FEATURES))
     quiet = {"logger": False, "enable_progress_bar": False, "default_root_dir": tmp_path}
     trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, **quiet)
     trainer.fit(model, trained)
     checkpoint = tmp_path / "model.ckpt"
     trainer.save_checkpoint(checkpoint, weights_only=True)
-    other = morphology_dm(synthetic_dlmi, cache_dir, standardize=True, seed=1)
+    other = morphology_dm(synthetic_dlmi, features_dir, standardize=True, seed=1)
     other.setup("predict")
     refitted = other.scaling
     assert refitted is not None and not np.allclose(refitted.mean, trained.scaling.mean)
@@ -103,24 +110,28 @@ def test_recipe_configs_match_the_feature_size(name: str) -> None:
 
 
 @pytest.mark.slow
-def test_recipe_fits_through_the_cli(synthetic_dlmi: Path, tmp_path: Path) -> None:
-    main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "dlmi.yaml"),
-            f"--data.root={synthetic_dlmi}",
-            f"--data.cache_dir={tmp_path / 'cache'}",
-            f"--data.image_size={SIZE}",
-            "--data.center_crop=null",
-            "--trainer.max_epochs=2",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
-            "--trainer.logger=false",
-        ]
-    )
-    assert list((tmp_path / "ckpt").glob("epoch*.ckpt"))
+def test_recipe_fits_and_predicts_through_the_cli(
+    synthetic_dlmi: Path, features_dir: Path, tmp_path: Path
+) -> None:
+    common = [
+        "--config",
+        str(CONFIGS / "dlmi.yaml"),
+        f"--data.root={synthetic_dlmi}",
+        f"--data.cache_dir={features_dir}",
+        f"--data.image_size={SIZE}",
+        "--data.center_crop=null",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false",
+    ]
+    main(["fit", *common, "--trainer.max_epochs=2", f"--checkpoint.dirpath={tmp_path / 'ckpt'}"])
+    best = sorted((tmp_path / "ckpt").glob("epoch*.ckpt"))
+    assert best
+    out = tmp_path / "pred"
+    main(["predict", *common, f"--ckpt_path={best[0]}", f"--prediction.output_dir={out}"])
+    submission = pd.read_csv(out / "predictions.csv")
+    unlabelled = pd.read_csv(synthetic_dlmi / "testset" / "testset_data.csv")["ID"]
+    assert sorted(submission["Id"]) == sorted(unlabelled)
 
 
 @pytest.mark.slow
