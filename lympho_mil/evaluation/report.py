@@ -192,6 +192,21 @@ def _interval(summary: dict[str, Any], number: str = "{:.3f}") -> str:
     return f"[{number.format(summary['ci95_low'])}, {number.format(summary['ci95_high'])}]"
 
 
+def _metric_table(rows: dict[str, dict[str, Any]], number: str) -> list[str]:
+    """Markdown rows: one per model, each metric as ``mean [CI]`` formatted with ``number``."""
+    lines = [
+        f"| model | {' | '.join(LABELS[m] for m in METRIC_NAMES)} |",
+        "|---|" + "---|" * len(METRIC_NAMES),
+    ]
+    for name, metrics in rows.items():
+        cells = " | ".join(
+            f"{number.format(metrics[m]['mean'])} {_interval(metrics[m], number)}"
+            for m in METRIC_NAMES
+        )
+        lines.append(f"| {name} | {cells} |")
+    return lines
+
+
 def _std(summary: dict[str, Any]) -> str:
     return "-" if summary["std"] is None else f"{summary['std']:.3f}"
 
@@ -242,7 +257,6 @@ def cv_markdown(report: dict[str, Any]) -> str:
 def comparison_markdown(table: dict[str, Any]) -> str:
     """A short human summary of ``comparison.json``."""
     level = round(100 * CI_LEVEL)
-    header = " | ".join(LABELS[m] for m in METRIC_NAMES)
     lines = [
         f"# Paired comparison (reference: {table['reference']})",
         "",
@@ -250,26 +264,12 @@ def comparison_markdown(table: dict[str, Any]) -> str:
         f"repeats on identical splits (seed {table['seed']}); threshold policy "
         f"`{table['threshold_policy']}`. Cells: mean over repeats [{level}% bootstrap CI].",
         "",
-        f"| model | {header} |",
-        "|---|" + "---|" * len(METRIC_NAMES),
-    ]
-    for name, metrics in table["metrics"].items():
-        cells = " | ".join(
-            f"{metrics[m]['mean']:.3f} {_interval(metrics[m])}" for m in METRIC_NAMES
-        )
-        lines.append(f"| {name} | {cells} |")
-    lines += [
+        *_metric_table(table["metrics"], "{:.3f}"),
         "",
         f"## Difference to {table['reference']} (paired by patient and repeat)",
         "",
-        f"| model | {header} |",
-        "|---|" + "---|" * len(METRIC_NAMES),
+        *_metric_table(table["difference"], "{:+.3f}"),
     ]
-    for name, diff in table["difference"].items():
-        cells = " | ".join(
-            f"{diff[m]['mean']:+.3f} {_interval(diff[m], '{:+.3f}')}" for m in METRIC_NAMES
-        )
-        lines.append(f"| {name} | {cells} |")
     lines += ["", "Mean per-split difference (outer test folds):", ""]
     for name, rows in table["per_split_difference"].items():
         bacc = np.mean([r["balanced_accuracy"] for r in rows])
