@@ -19,6 +19,8 @@ import torch
 from lympho_mil.cli import main
 from lympho_mil.data import BagBatch, DataError
 from lympho_mil.data.bag_sources import (
+    MNIST_MEAN,
+    MNIST_STD,
     FeatureBagDataModule,
     FeatureBags,
     MNISTBagsDataModule,
@@ -244,6 +246,19 @@ def test_mnist_datamodule_splits_and_shapes(mnist_dir: Path) -> None:
     batch = next(iter(data.test_dataloader()))
     assert batch.instances.shape[0] == 3 and batch.instances.shape[2:] == (1, 28, 28)
     assert batch.bag_id == ["test0000", "test0001", "test0002"]
+
+
+def test_mnist_normalisation_uses_the_fixed_mnist_statistics(mnist_dir: Path) -> None:
+    settings = {"n_train_bags": 4, "n_test_bags": 2, "train_pool": 150, "batch_size": 2}
+    raw = MNISTBagsDataModule(str(mnist_dir), normalize=False, **settings)
+    normed = MNISTBagsDataModule(str(mnist_dir), **settings)
+    for data in (raw, normed):
+        data.setup("test")
+    batch_raw = next(iter(raw.test_dataloader()))
+    batch = next(iter(normed.test_dataloader()))
+    x_raw, x = batch_raw.instances[batch_raw.mask], batch.instances[batch.mask]  # no padding
+    assert x_raw.min() >= 0.0 and x_raw.max() <= 1.0
+    torch.testing.assert_close(x, (x_raw - MNIST_MEAN) / MNIST_STD)
 
 
 def separable_bags(n_bags: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

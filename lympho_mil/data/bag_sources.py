@@ -29,6 +29,7 @@ from lympho_mil.data.errors import DataError
 from lympho_mil.data.transforms import FeaturesToTensor
 
 NO_TABULAR = np.zeros(0, dtype=np.float32)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the MNIST training set, in [0, 1]
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -283,7 +284,10 @@ class FeatureBagDataModule(BagDataModule):
 class MNISTBagsDataModule(FeatureBagDataModule):
     """MNIST-bags (see :func:`mnist_bags`): train on ``train*`` bags, test on ``test*`` bags.
 
-    Instances are ``float[n, 1, 28, 28]`` digits in [0, 1]; models take ``encoder="lenet"``.
+    Instances are ``float[n, 1, 28, 28]`` digits, in [0, 1] or, with ``normalize`` (the
+    default), shifted and scaled by the usual MNIST pixel mean and standard deviation
+    (``MNIST_MEAN``, ``MNIST_STD``: fixed constants, nothing fitted on the bags); models take
+    ``encoder="lenet"``.
     By default there is no validation split (``val_bags`` moves the last training bags there)
     and training runs for a fixed number of epochs; ``predict`` covers the test bags.
 
@@ -293,6 +297,7 @@ class MNISTBagsDataModule(FeatureBagDataModule):
             as :func:`mnist_bags`.
         bag_seed: seed of the bag draw.
         val_bags: training bags held out for validation.
+        normalize: ``(pixel - MNIST_MEAN) / MNIST_STD`` on every image.
         standardize, noise_std: as :class:`FeatureBagDataModule`.
         **kwargs: loader settings of :class:`BagDataModule`; explicit ids, if given,
             replace the default ones.
@@ -309,6 +314,7 @@ class MNISTBagsDataModule(FeatureBagDataModule):
         train_pool: int = 5000,
         bag_seed: int = 0,
         val_bags: int = 0,
+        normalize: bool = True,
         standardize: bool = False,
         noise_std: float = 0.0,
         **kwargs: Any,
@@ -327,6 +333,7 @@ class MNISTBagsDataModule(FeatureBagDataModule):
             if kwargs.get(key) is None:
                 kwargs[key] = value
         super().__init__(path=root, standardize=standardize, noise_std=noise_std, **kwargs)
+        self.normalize = normalize
         self.mnist_settings = {
             "n_train_bags": n_train_bags,
             "n_test_bags": n_test_bags,
@@ -338,4 +345,7 @@ class MNISTBagsDataModule(FeatureBagDataModule):
         }
 
     def read_source(self) -> FeatureBags:
-        return read_mnist_bags(self.path, **self.mnist_settings)
+        source = read_mnist_bags(self.path, **self.mnist_settings)
+        if not self.normalize:
+            return source
+        return FeatureBags((source.features - MNIST_MEAN) / MNIST_STD, source.bags)
