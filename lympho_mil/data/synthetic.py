@@ -261,8 +261,14 @@ def _patients(
     max_cells: int,
     tumoral_fraction: float,
     reference: date,
+    clinical_overlap: float = 0.0,
 ) -> list[_Patient]:
-    """Labels, split, clinical values and bag composition, in a shuffled order."""
+    """Labels, split, clinical values and bag composition, in a shuffled order.
+
+    With ``clinical_overlap`` > 0, that share of patients draws its clinical values from a
+    class picked at random (tumoral with probability ``tumoral_fraction``) instead of its own;
+    their crops keep their own class. At 0 no extra random numbers are drawn.
+    """
     n_tumoral = min(max(round(tumoral_fraction * n_patients), 1), n_patients - 1)
     labels = np.r_[np.ones(n_tumoral, int), np.zeros(n_patients - n_tumoral, int)]
     test = np.zeros(n_patients, bool)
@@ -277,16 +283,21 @@ def _patients(
 
     patients = []
     for i, label in enumerate(labels):
-        if label:
+        clinical_class = label
+        if clinical_overlap and rng.random() < clinical_overlap:
+            clinical_class = int(rng.random() < tumoral_fraction)
+        if clinical_class:
             age = rng.normal(72.0, 11.0)
             count = np.exp(rng.normal(np.log(15.0), 1.1))
             male = rng.random() < 0.6
-            fill = rng.beta(2.5, 1.5)
-            fraction = rng.uniform(0.2, 0.7)
         else:
             age = rng.normal(55.0, 18.0)
             count = rng.uniform(4.0, 8.0)
             male = rng.random() < 0.5
+        if label:
+            fill = rng.beta(2.5, 1.5)
+            fraction = rng.uniform(0.2, 0.7)
+        else:
             fill = rng.beta(1.5, 2.5)
             fraction = rng.uniform(0.0, 0.05)
         days = round(float(np.clip(age, 20.0, 100.0)) * 365.25)
@@ -332,6 +343,7 @@ def make_synthetic_dlmi(
     tumoral_fraction: float = 0.65,
     jpeg_quality: int = 90,
     reference_date: str = "2020-01-01",
+    clinical_overlap: float = 0.0,
     overwrite: bool = False,
 ) -> Path:
     """Write a synthetic dataset in the DLMI 2024 layout under ``root`` and return ``root``.
@@ -342,6 +354,12 @@ def make_synthetic_dlmi(
     every csv), and ``ground_truth.csv`` with columns ``ID,file,abnormal,kind,label,split``
     (every crop, with the true labels of test patients too). Ages are taken at
     ``reference_date``. The same arguments give byte-identical files.
+
+    ``clinical_overlap`` in [0, 1] weakens the clinical signal independently of the crops: that
+    share of patients gets the clinical values of a class drawn at random (tumoral with
+    probability ``tumoral_fraction``), so the classes' clinical distributions overlap more and
+    the two modalities stay independent given the label. 0 (the default) leaves every output
+    unchanged; 1 makes the clinical vector carry no information.
 
     Raises:
         FileExistsError: ``root`` is not empty and ``overwrite`` is False. With ``overwrite``,
@@ -358,6 +376,8 @@ def make_synthetic_dlmi(
         raise ValueError(f"need 1 <= min_cells <= max_cells, got {min_cells}, {max_cells}")
     if not 0.0 < tumoral_fraction < 1.0:
         raise ValueError(f"tumoral_fraction must be in (0, 1), got {tumoral_fraction}")
+    if not 0.0 <= clinical_overlap <= 1.0:
+        raise ValueError(f"clinical_overlap must be in [0, 1], got {clinical_overlap}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
     reference = date.fromisoformat(reference_date)
@@ -373,6 +393,7 @@ def make_synthetic_dlmi(
         max_cells,
         tumoral_fraction,
         reference,
+        clinical_overlap,
     )
     renderer = _Renderer(image_size, np.random.default_rng(seeds[1]))
 

@@ -13,7 +13,12 @@ from lympho_mil.data.synthetic import make_synthetic_dlmi
 
 
 def ensure_synthetic_dlmi(
-    root: str | Path, n_patients: int, image_size: int, seed: int, max_cells: int
+    root: str | Path,
+    n_patients: int,
+    image_size: int,
+    seed: int,
+    max_cells: int,
+    clinical_overlap: float = 0.0,
 ) -> Path:
     """Write the synthetic dataset into ``root`` unless it is already complete there.
 
@@ -26,7 +31,15 @@ def ensure_synthetic_dlmi(
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     try:
-        make_synthetic_dlmi(tmp, n_patients, image_size, seed, max_cells=max_cells, overwrite=True)
+        make_synthetic_dlmi(
+            tmp,
+            n_patients,
+            image_size,
+            seed,
+            max_cells=max_cells,
+            clinical_overlap=clinical_overlap,
+            overwrite=True,
+        )
         tmp.rename(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -38,10 +51,11 @@ class SyntheticDataModule(PatientBagDataModule):
     """Synthetic blood-smear patients in the DLMI layout, generated once into a cache folder.
 
     Args:
-        root: where the dataset lives (default: ``<cache>/synthetic/n<N>-px<S>-seed<K>``);
-            generated there if absent, reused otherwise.
-        n_patients, synthetic_size, synthetic_seed, max_cells: generator settings (see
-            :func:`lympho_mil.data.synthetic.make_synthetic_dlmi`).
+        root: where the dataset lives (default: ``<cache>/synthetic/n<N>-px<S>-cells<C>-seed<K>``,
+            with ``-overlap<Q>`` when ``clinical_overlap`` is not 0); generated there if absent,
+            reused otherwise.
+        n_patients, synthetic_size, synthetic_seed, max_cells, clinical_overlap: generator
+            settings (see :func:`lympho_mil.data.synthetic.make_synthetic_dlmi`).
         **kwargs: everything :class:`PatientBagDataModule` takes (image size, splits, ...).
     """
 
@@ -52,10 +66,15 @@ class SyntheticDataModule(PatientBagDataModule):
         synthetic_size: int = 64,
         synthetic_seed: int = 0,
         max_cells: int = 60,
+        clinical_overlap: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if root is None:
             name = f"n{n_patients}-px{synthetic_size}-cells{max_cells}-seed{synthetic_seed}"
+            if clinical_overlap:
+                name += f"-overlap{clinical_overlap:g}"
             root = str(default_cache_dir() / "synthetic" / name)
-        ensure_synthetic_dlmi(root, n_patients, synthetic_size, synthetic_seed, max_cells)
+        ensure_synthetic_dlmi(
+            root, n_patients, synthetic_size, synthetic_seed, max_cells, clinical_overlap
+        )
         super().__init__(root=root, **kwargs)

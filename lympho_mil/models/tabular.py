@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from lympho_mil.data.batch import BagBatch
-from lympho_mil.models.base import BagClassifier, BagOutput
+from lympho_mil.models.base import BagClassifier, BagOutput, bce_with_logits
 from lympho_mil.models.mil import MILClassifier
 from lympho_mil.nn import ConcatFusion, GatedFusion, TabularEncoder
 
@@ -49,11 +49,17 @@ class GatedFusionMIL(MILClassifier):
     exact logit of ``p``, see :func:`lympho_mil.nn.mixture_nll`). ``fusion="concat"`` is the
     plain concatenation baseline.
 
+    With ``expert_loss_weight`` w > 0 (gated fusion only), the loss becomes
+    ``NLL(p) + w * (BCE(s_img) + BCE(s_tab))``: each expert is also trained on the label by
+    itself, the usual remedy when one expert (here the clinical one) learns much faster than
+    the other and the gate stops passing gradient to the slow one.
+
     Args:
         pooling: the image pooling ("attention", "gated_attention", "mean", "max").
         fusion: "gated" or "concat".
         tabular_hidden, tabular_embed_dim: sizes of the clinical MLP.
         gate_hidden: hidden size of the gate network.
+        expert_loss_weight: weight w of the experts' auxiliary BCE (0: the mixture NLL only).
         **kwargs: encoder settings of :class:`MILClassifier` and those of the base class.
     """
 
@@ -64,13 +70,19 @@ class GatedFusionMIL(MILClassifier):
         tabular_hidden: int = 32,
         tabular_embed_dim: int = 16,
         gate_hidden: int = 32,
+        expert_loss_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        if expert_loss_weight < 0:
+            raise ValueError(f"expert_loss_weight must be >= 0, got {expert_loss_weight}")
+        if expert_loss_weight and fusion != "gated":
+            raise ValueError("expert_loss_weight needs fusion='gated' (concat has no experts)")
         self.default_pooling = pooling
         self.fusion_kind = fusion
         self.tabular_hidden = tabular_hidden
         self.tabular_embed_dim = tabular_embed_dim
         self.gate_hidden = gate_hidden
+        self.expert_loss_weight = expert_loss_weight
         super().__init__(**kwargs)
 
     def configure_models(self) -> None:
@@ -102,3 +114,13 @@ class GatedFusionMIL(MILClassifier):
             if v is not None
         }
         return BagOutput(logit=fused.logit, weights=weights, extras=extras)
+
+    def loss(self, out: BagOutput, batch: BagBatch) -> Tensor:
+        """The mixture NLL, plus ``expert_loss_weight`` times each expert's own BCE."""
+        loss = super().loss(out, batch)
+        if not self.expert_loss_weight or out.extras is None:
+            return loss
+        for name in ("image_logit", "tabular_logit"):
+            expert = bce_with_logits(out.extras[name], batch.label, self.pos_weight)
+            loss = loss + self.expert_loss_weight * expert
+        return loss
