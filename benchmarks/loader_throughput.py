@@ -8,9 +8,10 @@ subsets of ``--max-instances`` crops, same transform); only the store behind the
 differs: the warm memory-mapped cache, or a naive store that opens, decodes and resizes
 every JPEG with PIL on every access (as the original study's per-crop loader did). Passes
 alternate between the two; one JSON line per (image size, augmentation) gives the medians
-and their ratio. ``--augment``: ``none``, ``cpu`` (albumentations per crop, the default
-pipeline) or ``gpu`` (the loader only slices uint8 crops; augmentation runs later on the
-device and is not part of this figure).
+and their ratio. ``--augment``: ``none``, ``cpu`` (``augment=True``, the default pipeline:
+:class:`~lympho_mil.data.transforms.BagAugment` then normalisation, in the loader) or ``gpu``
+(the loader only slices uint8 crops; augmentation and normalisation run later on the device
+and are not part of this figure). One torch and one OpenCV thread: figures per core.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from speed_common import emit, parser
@@ -64,6 +66,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(1)  # the loader's work is per crop; keep the comparison per core
+    cv2.setNumThreads(1)
     for size in map(int, args.sizes.split(",")):
         for augment in args.augment.split(","):
             dm = PatientBagDataModule(

@@ -37,7 +37,7 @@ from lympho_mil.data.errors import DataError
 from lympho_mil.data.gpu_augment import DeviceAugment, pixels_to_tensor
 from lympho_mil.data.image_cache import CropSpec, ImageCache
 from lympho_mil.data.splits import holdout_split, kfold_split
-from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor, train_augmentation
+from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagAugment, BagToTensor
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,8 @@ class PatientBagDataModule(BagDataModule):
         skip_bad_images: skip unreadable images with a warning instead of failing.
         reference_date: date at which ages are computed (ISO format).
         augment: train-time augmentation: flips, 90-degree rotations, affine, colour. True:
-            albumentations, crop by crop, in the loader. "gpu": the loader only slices uint8
+            :class:`~lympho_mil.data.transforms.BagAugment` on each bag in the loader (OpenCV,
+            random per crop, no hue). "gpu": the loader only slices uint8
             crops; the torch pipeline of :mod:`lympho_mil.data.gpu_augment` (no hue) augments
             whole batches after their transfer to the training device
             (:meth:`on_after_batch_transfer`). False: none.
@@ -339,7 +340,7 @@ class PatientBagDataModule(BagDataModule):
             return pixels_to_tensor
         augment = None
         if stage == "train" and self.augment:
-            augment = train_augmentation(affine=self.affine, color_jitter=self.color_jitter)
+            augment = BagAugment(affine=self.affine, color_jitter=self.color_jitter)
         return BagToTensor(augment, self.mean, self.std)
 
     @cached_property

@@ -4,9 +4,9 @@ With ``PatientBagDataModule(augment="gpu")`` the training loader only slices the
 cache and ships raw ``uint8`` pixels (4x fewer bytes than float32); after the copy to the
 device, :class:`DeviceAugment` draws a random dihedral view (flips x 90-degree rotations), a
 mild affine warp and a colour jitter for every crop at once, and normalises: the steps of the
-CPU pipeline (:func:`lympho_mil.data.transforms.train_augmentation`) but hue. Padded slots
-stay zeros. Nothing here syncs with the host. It runs on any device, the CPU included, but
-it pays on a GPU: on a CPU, albumentations per crop in the loader workers is as fast.
+CPU pipeline (:class:`lympho_mil.data.transforms.BagAugment`). Padded slots stay zeros.
+Nothing here syncs with the host. It runs on any device, the CPU included, but it pays on a
+GPU: on a CPU, :class:`~lympho_mil.data.transforms.BagAugment` in the loader is faster.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lympho_mil.data.transforms import channel_planes
 
 DIHEDRAL_VIEWS = 8
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
@@ -38,9 +40,9 @@ def dihedral_views(x: Tensor) -> Tensor:
 
 
 def pixels_to_tensor(crops: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:
-    """uint8[n, H, W, C] cached crops -> uint8[n, C, H, W] (no scaling: that happens on the
+    """uint8[n, H, W, 3] cached crops -> uint8[n, 3, H, W] (no scaling: that happens on the
     device, see :class:`DeviceAugment`). An instance transform that draws nothing."""
-    return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2)
+    return channel_planes(crops).transpose(0, 1)
 
 
 def normalize_pixels(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

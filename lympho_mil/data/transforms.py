@@ -1,19 +1,48 @@
-"""Per-crop augmentation (albumentations) and conversion of a bag to a float tensor."""
+"""Bag transforms on cached uint8 crops: random augmentation, then a normalised float tensor.
+
+:class:`BagAugment` (the default training augmentation) draws every random choice of a bag at
+once and applies it with at most two OpenCV calls per crop: one geometric (a dihedral view, or
+a warp composing that view with a mild affine) and one colour map. :class:`BagToTensor` then
+converts the whole bag to ``float32[n, 3, H, W]`` in one channel split and two vectorised
+passes. An albumentations pipeline (:func:`train_augmentation`, or your own) still plugs into
+:class:`BagToTensor`; it runs crop by crop, several times slower.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights, as the device pipeline's
+
+BagAugmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+"""uint8[n, H, W, 3] crops -> augmented uint8[n, H, W, 3]; all randomness from the generator."""
+
+# The 8 dihedral views as (x, y) -> (a x + b y, c x + d y) about the crop's centre.
+_DIHEDRAL = np.array(
+    [
+        [[1, 0], [0, 1]],
+        [[0, -1], [1, 0]],
+        [[-1, 0], [0, -1]],
+        [[0, 1], [-1, 0]],
+        [[-1, 0], [0, 1]],
+        [[1, 0], [0, -1]],
+        [[0, 1], [1, 0]],
+        [[0, -1], [-1, 0]],
+    ],
+    dtype=np.float64,
+)
 
 
 def train_augmentation(
@@ -23,10 +52,10 @@ def train_augmentation(
     color_jitter: float = 0.5,
     jitter_strength: float = 0.1,
 ) -> A.Compose:
-    """Training pipeline on uint8 HWC crops: flips, 90-degree rotations, mild affine, colour.
+    """The default steps as an albumentations pipeline on uint8 HWC crops (with hue jitter),
+    a starting point for custom pipelines: pass it, or your own, to :class:`BagToTensor`.
 
     ``affine`` and ``color_jitter`` are the probabilities of those steps (0 disables them).
-    Cells have no canonical orientation, so flips and right-angle rotations are free.
     """
     steps: list[A.BasicTransform] = []
     if flips:
@@ -52,31 +81,151 @@ def train_augmentation(
     return A.Compose(steps)
 
 
-class BagToTensor:
-    """uint8[n, H, W, 3] crops -> float32[n, 3, H, W], augmented per crop, then normalised.
+@dataclass(frozen=True)
+class BagAugment:
+    """Per-crop random augmentation of a bag ``uint8[n, S, S, 3]`` (square crops).
 
-    Normalisation is vectorised over the whole bag; ``augment`` (an albumentations pipeline,
-    or None for evaluation) runs crop by crop on the decoded pixels.
+    Every crop gets a uniformly drawn dihedral view (flips x 90-degree rotations, exact pixel
+    moves); with probability ``affine`` that view is composed with a rotation of up to
+    ``degrees``, a zoom in ``scale`` and a shift of up to ``translate`` of the side (bilinear,
+    black outside); with probability ``color_jitter`` its brightness, contrast and saturation
+    are scaled by factors in ``[1 - jitter_strength, 1 + jitter_strength]``, composed into one
+    affine colour map (contrast about the crop's mean grey, saturation about each pixel's grey)
+    clipped once to [0, 255]. The steps of the device pipeline
+    (:class:`~lympho_mil.data.gpu_augment.DeviceAugment`); no hue jitter.
+    """
+
+    dihedral: bool = True
+    affine: float = 0.5
+    color_jitter: float = 0.5
+    jitter_strength: float = 0.1
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05
+    degrees: float = 15.0
+
+    def __call__(self, crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        n, height, width, _ = crops.shape
+        if self.dihedral and height != width:
+            raise ValueError(f"rotations need square crops, got {height}x{width}")
+        views = rng.integers(len(_DIHEDRAL), size=n) if self.dihedral else np.zeros(n, int)
+        warp = rng.random(n) < self.affine
+        warps = self._warp_matrices(views, rng.random((4, n)), width)
+        jitter = rng.random(n) < self.color_jitter
+        colours = _colour_maps(*(1 + self.jitter_strength * (rng.random((3, n)) * 2 - 1)))
+        out = np.empty_like(crops)
+        for i, (view, warped, jittered) in enumerate(
+            zip(views.tolist(), warp.tolist(), jitter.tolist(), strict=True)
+        ):
+            if warped:
+                cv2.warpAffine(crops[i], warps[i], (width, height), out[i], cv2.INTER_LINEAR)
+            else:
+                _dihedral_into(crops[i], view, out[i])
+            if jittered:
+                colour = colours[i].copy()
+                colour[:, 3] *= float(LUMA @ np.asarray(cv2.mean(out[i])[:3]))
+                cv2.transform(out[i], colour, out[i])
+        return out
+
+    def _warp_matrices(self, views: np.ndarray, draws: np.ndarray, side: int) -> np.ndarray:
+        """float[n, 2, 3]: each crop's dihedral view, then a rotation and zoom about the
+        centre, then a shift; ``draws[4, n]`` uniform in [0, 1) (angle, zoom, dx, dy)."""
+        angle = np.deg2rad((draws[0] * 2 - 1) * self.degrees)
+        zoom = self.scale[0] + draws[1] * (self.scale[1] - self.scale[0])
+        cos, sin = np.cos(angle) * zoom, np.sin(angle) * zoom
+        rotation = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
+        linear = rotation @ _DIHEDRAL[views]
+        centre = np.full(2, (side - 1) / 2)
+        shift = (draws[2:].T * 2 - 1) * self.translate * side
+        return np.concatenate([linear, (centre + shift - linear @ centre)[..., None]], -1)
+
+
+def _dihedral_into(crop: np.ndarray, view: int, out: np.ndarray) -> None:
+    """Write dihedral ``view`` (0-7, the rows of ``_DIHEDRAL``) of ``crop`` into ``out``."""
+    if view == 0:
+        np.copyto(out, crop)
+    elif view in (1, 3):
+        cv2.rotate(
+            crop, cv2.ROTATE_90_CLOCKWISE if view == 1 else cv2.ROTATE_90_COUNTERCLOCKWISE, out
+        )
+    elif view == 2:
+        cv2.flip(crop, -1, out)
+    elif view in (4, 5):
+        cv2.flip(crop, 1 if view == 4 else 0, out)
+    else:
+        cv2.transpose(crop, out)
+        if view == 7:
+            cv2.flip(out, -1, out)
+
+
+def _colour_maps(
+    brightness: np.ndarray, contrast: np.ndarray, saturation: np.ndarray
+) -> np.ndarray:
+    """float[n, 3, 4] colour maps ``x -> M x + t m`` (``m``: the crop's mean grey, to be
+    multiplied into the last column): brightness, contrast and saturation factors in turn.
+
+    With grey weights ``w``: ``b x``, then ``c y + (1 - c) b m``, then
+    ``s z + (1 - s) (w . z)``; the saturation step keeps grey, so the offset stays grey.
+    """
+    s = saturation[:, None, None]
+    saturate = s * np.eye(3) + (1 - s) * np.outer(np.ones(3), LUMA)
+    linear = (brightness * contrast)[:, None, None] * saturate
+    offset = np.broadcast_to(((1 - contrast) * brightness)[:, None, None], (len(s), 3, 1))
+    return np.concatenate([linear, offset], -1)
+
+
+class PerCrop:
+    """An albumentations pipeline applied crop by crop, seeded from the bag's generator."""
+
+    def __init__(self, transform: A.BasicTransform | A.BaseCompose) -> None:
+        self.transform = transform
+
+    def __call__(self, crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        self.transform.set_random_seed(int(rng.integers(2**31 - 1)))
+        return np.stack([self.transform(image=c)["image"] for c in crops])
+
+
+def channel_planes(crops: np.ndarray) -> Tensor:
+    """uint8[n, H, W, 3] -> uint8[3, n, H, W], one OpenCV transpose of the bag's pixels (several
+    times faster than a strided copy of the HWC -> CHW permutation)."""
+    n, height, width, channels = crops.shape
+    if channels != 3:
+        raise ValueError(f"expected RGB crops [n, H, W, 3], got {crops.shape}")
+    pixels = np.ascontiguousarray(crops).reshape(-1, 3)
+    return torch.from_numpy(cv2.transpose(pixels)).view(3, n, height, width)
+
+
+class BagToTensor:
+    """uint8[n, H, W, 3] crops -> float32[n, 3, H, W], augmented (optional), then normalised.
+
+    ``augment``: a :data:`BagAugmentation` (e.g. :class:`BagAugment`), an albumentations
+    pipeline (run crop by crop), or None (evaluation). The conversion is vectorised over the
+    bag: one channel split of all its pixels, then ``x / 255`` and ``(x - mean) / std`` folded
+    into one multiply-add per channel.
     """
 
     def __init__(
         self,
-        augment: A.BasicTransform | None = None,
+        augment: BagAugmentation | A.BasicTransform | A.BaseCompose | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std > 0; got {mean}, {std}")
-        self.augment = augment
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        albumentations = isinstance(augment, A.BasicTransform | A.BaseCompose)
+        self.augment = PerCrop(augment) if albumentations else augment
+        std_t = torch.tensor(std, dtype=torch.float64)
+        self.scale = (1 / (255 * std_t)).float().view(3, 1, 1, 1)
+        self.shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).float().view(3, 1, 1, 1)
 
     def __call__(self, crops: np.ndarray, rng: np.random.Generator) -> Tensor:
         if self.augment is not None:
-            self.augment.set_random_seed(int(rng.integers(2**31 - 1)))
-            crops = np.stack([self.augment(image=c)["image"] for c in crops])
-        x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float()
-        return (x / 255.0 - self.mean) / self.std
+            crops = self.augment(crops, rng)
+        planes = channel_planes(crops)
+        n, height, width = planes.shape[1:]
+        out = torch.empty((n, 3, height, width), dtype=torch.float32)
+        by_channel = out.transpose(0, 1)  # [3, n, H, W], blocks of H x W contiguous
+        by_channel.copy_(planes).mul_(self.scale).add_(self.shift)
+        return out
 
 
 class FeaturesToTensor:
