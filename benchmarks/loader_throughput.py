@@ -1,7 +1,7 @@
 """Crops per second of the training loader: decoded-crop cache vs decoding every JPEG.
 
     python benchmarks/loader_throughput.py [--data DLMI_FOLDER] [--sizes 64,224]
-        [--augment none,cpu,gpu] [--repeats 5] [--workers 0]
+        [--augment none,cpu,gpu,albumentations] [--repeats 5] [--workers 0] [--stages]
 
 Both loaders are the same ``PatientBagDataModule`` training loader (same bags, same random
 subsets of ``--max-instances`` crops, same transform); only the store behind the rows
@@ -11,11 +11,18 @@ alternate between the two; one JSON line per (image size, augmentation) gives th
 and their ratio. ``--augment``: ``none``, ``cpu`` (``augment=True``, the default pipeline:
 :class:`~lympho_mil.data.transforms.BagAugment` then normalisation, in the loader) or ``gpu``
 (the loader only slices uint8 crops; augmentation and normalisation run later on the device
-and are not part of this figure). One torch and one OpenCV thread: figures per core.
+and are not part of this figure); ``albumentations`` (opt-in, for comparison) runs the same
+steps as :func:`~lympho_mil.data.transforms.train_augmentation` crop by crop, the default
+before ``BagAugment``. One torch and one OpenCV thread: figures per core. ``--stages`` adds,
+per image size, one ``loader_stages`` line: the median microseconds per crop of each step of
+one batch (the first ``--batch-size`` training bags, ``--max-instances`` crops each): naive
+decoding, slicing the cache, ``BagToTensor`` alone, ``BagAugment`` alone, the albumentations
+steps alone, and ``collate_bags`` padding the float crops into one batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -25,10 +32,11 @@ import numpy as np
 import torch
 from speed_common import emit, parser
 
-from lympho_mil.data import PatientBagDataModule
+from lympho_mil.data import PatientBagDataModule, collate_bags
 from lympho_mil.data.image_cache import CropSpec, decode_crop
+from lympho_mil.data.transforms import BagAugment, BagToTensor, train_augmentation
 
-AUGMENT = {"none": False, "cpu": True, "gpu": "gpu"}
+AUGMENT = {"none": False, "cpu": True, "gpu": "gpu", "albumentations": True}
 
 
 class NaiveStore:
@@ -56,14 +64,47 @@ def one_pass(dm: PatientBagDataModule) -> tuple[int, float]:
     return crops, time.perf_counter() - start
 
 
+def stage_costs(dm: PatientBagDataModule, repeats: int) -> dict[str, float]:
+    """Median microseconds per crop of each loader step on one batch of training bags."""
+    dataset, rng = dm.datasets["train"], np.random.default_rng(0)
+    bags = dataset.bags[: dm.batch_size]
+    rows = [bag.rows[: dm.max_instances] for bag in bags]
+    naive = NaiveStore(row_paths(dm), dm.crop_spec)
+    crops = [dataset.store[r] for r in rows]
+    to_tensor = BagToTensor(None, dm.mean, dm.std)
+    samples = [  # float crops, whatever the loader's own transform
+        dataclasses.replace(dataset[(i, 0)], instances=to_tensor(c, rng))
+        for i, c in enumerate(crops)
+    ]
+    augment = BagAugment(affine=dm.affine, color_jitter=dm.color_jitter)
+    per_crop = BagToTensor(train_augmentation(affine=dm.affine, color_jitter=dm.color_jitter))
+    steps = {
+        "naive_decode": lambda: [naive[r] for r in rows],
+        "slice_cache": lambda: [dataset.store[r] for r in rows],
+        "to_tensor": lambda: [to_tensor(c, rng) for c in crops],
+        "bag_augment": lambda: [augment(c, rng) for c in crops],
+        "albumentations": lambda: [per_crop.augment(c, rng) for c in crops],
+        "collate": lambda: collate_bags(samples),
+    }
+    n = sum(len(r) for r in rows)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) / n * 1e6)
+    return {f"{name}_us": round(statistics.median(t), 1) for name, t in times.items()}
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--sizes", default="64,224", help="image sizes, comma-separated")
-    p.add_argument("--augment", default="none,cpu,gpu", help="of none,cpu,gpu")
+    p.add_argument("--augment", default="none,cpu,gpu", help="of none,cpu,gpu,albumentations")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-instances", type=int, default=24)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--stages", action="store_true", help="also time each loader step")
     args = p.parse_args()
     torch.set_num_threads(1)  # the loader's work is per crop; keep the comparison per core
     cv2.setNumThreads(1)
@@ -82,6 +123,9 @@ def main() -> None:
             dm.setup("fit")  # decodes into the cache once if it is cold
             setup_s = time.perf_counter() - start
             dataset = dm.datasets["train"]
+            if augment == "albumentations":
+                steps = train_augmentation(affine=dm.affine, color_jitter=dm.color_jitter)
+                dataset.to_tensor = BagToTensor(steps, dm.mean, dm.std)
             cached, naive = dataset.store, NaiveStore(row_paths(dm), dm.crop_spec)
             rates: dict[str, list[float]] = {"cached": [], "naive": []}
             for _ in range(args.repeats):
@@ -89,6 +133,7 @@ def main() -> None:
                     dataset.store = store
                     crops, seconds = one_pass(dm)
                     rates[name].append(crops / seconds)
+            dataset.store = cached
             cached_rate = statistics.median(rates["cached"])
             naive_rate = statistics.median(rates["naive"])
             emit(
@@ -103,6 +148,8 @@ def main() -> None:
                 ratio=round(cached_rate / naive_rate, 2),
                 setup_s=round(setup_s, 2),
             )
+        if args.stages:
+            emit("loader_stages", image_size=size, **stage_costs(dm, args.repeats))
 
 
 if __name__ == "__main__":
