@@ -95,6 +95,14 @@ def test_expert_loss_weight_is_checked_and_saved() -> None:
     assert GatedFusionMIL(**TINY_ENCODER, tabular_dim=3).expert_loss_weight == 0.0
 
 
+def test_confidence_gate_is_saved_and_built() -> None:
+    model = GatedFusionMIL(**TINY_ENCODER, gate_input="confidence", tabular_dim=3)
+    assert model.hparams["gate_input"] == "confidence"
+    assert [p.shape for p in model.fusion.gate.parameters()] == [(1, 2), (1,)]
+    out = model(tiny_batch())
+    assert out.extras is not None and out.extras["gate"].shape == (6,)
+
+
 def lymph_count_auroc(overlap: float) -> float:
     patients = _patients(np.random.default_rng(5), 2000, 0.0, 1, 2, 0.65, date(2020, 1, 1), overlap)
     labels = [p.label for p in patients]

@@ -81,8 +81,11 @@ def test_gated_fusion_experts_are_linear_heads() -> None:
         (-200.0, "tabular_head"),
     ],
 )
-def test_saturated_gate_keeps_loss_finite_and_expert_gradient(bias: float, expert: str) -> None:
-    fusion = GatedFusion(DI, DT, hidden=8)
+@pytest.mark.parametrize("gate_input", ["embeddings", "confidence"])
+def test_saturated_gate_keeps_loss_finite_and_expert_gradient(
+    bias: float, expert: str, gate_input: str
+) -> None:
+    fusion = GatedFusion(DI, DT, hidden=8, gate_input=gate_input)  # type: ignore[arg-type]
     with torch.no_grad():
         fusion.gate[-1].weight.zero_()
         fusion.gate[-1].bias.fill_(bias)
@@ -134,3 +137,27 @@ def test_fusion_under_bf16_autocast() -> None:
             out = fusion(z_img, z_tab)
         assert out.logit.dtype == out.prob.dtype == torch.float32
         torch.testing.assert_close(out.prob, ref.prob, atol=2e-2, rtol=2e-2)
+
+
+def test_confidence_gate_starts_with_the_more_confident_expert() -> None:
+    """At start ``g = sigmoid(|s_img| - |s_tab|)``, so ``p`` sides with ``s_img + s_tab``."""
+    fusion = GatedFusion(DI, DT, gate_input="confidence")
+    out = fusion(torch.randn(64, DI) * 3, torch.randn(64, DT) * 3)
+    s_img, s_tab = out.image_logit, out.tabular_logit
+    torch.testing.assert_close(out.gate, torch.sigmoid(s_img.abs() - s_tab.abs()))
+    disagree = (s_img > 0) != (s_tab > 0)
+    assert disagree.sum() > 5
+    assert torch.equal(out.logit > 0, s_img + s_tab > 0)
+
+
+def test_confidence_gate_does_not_pull_on_the_experts() -> None:
+    fusion = GatedFusion(DI, DT, gate_input="confidence")
+    out = fusion(torch.randn(B, DI), torch.randn(B, DT))
+    out.gate.sum().backward()
+    assert fusion.image_head.weight.grad is None and fusion.tabular_head.weight.grad is None
+    assert fusion.gate[0].weight.grad is not None and fusion.gate[0].weight.grad.abs().sum() > 0
+
+
+def test_gate_input_is_checked() -> None:
+    with pytest.raises(ValueError, match="gate_input"):
+        GatedFusion(DI, DT, gate_input="logits")  # type: ignore[arg-type]

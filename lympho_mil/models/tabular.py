@@ -52,13 +52,16 @@ class GatedFusionMIL(MILClassifier):
     With ``expert_loss_weight`` w > 0 (gated fusion only), the loss becomes
     ``NLL(p) + w * (BCE(s_img) + BCE(s_tab))``: each expert is also trained on the label by
     itself, the usual remedy when one expert (here the clinical one) learns much faster than
-    the other and the gate stops passing gradient to the slow one.
+    the other and the gate stops passing gradient to the slow one. ``gate_input="confidence"``
+    gates on the experts' detached confidences instead of the embeddings (see
+    :class:`lympho_mil.nn.GatedFusion`).
 
     Args:
         pooling: the image pooling ("attention", "gated_attention", "mean", "max").
         fusion: "gated" or "concat".
         tabular_hidden, tabular_embed_dim: sizes of the clinical MLP.
-        gate_hidden: hidden size of the gate network.
+        gate_hidden: hidden size of the gate network (``gate_input="embeddings"``).
+        gate_input: what the gate sees: "embeddings" (published model) or "confidence".
         expert_loss_weight: weight w of the experts' auxiliary BCE (0: the mixture NLL only).
         **kwargs: encoder settings of :class:`MILClassifier` and those of the base class.
     """
@@ -71,6 +74,7 @@ class GatedFusionMIL(MILClassifier):
         tabular_embed_dim: int = 16,
         gate_hidden: int = 32,
         expert_loss_weight: float = 0.0,
+        gate_input: Literal["embeddings", "confidence"] = "embeddings",
         **kwargs: Any,
     ) -> None:
         if expert_loss_weight < 0:
@@ -83,6 +87,7 @@ class GatedFusionMIL(MILClassifier):
         self.tabular_embed_dim = tabular_embed_dim
         self.gate_hidden = gate_hidden
         self.expert_loss_weight = expert_loss_weight
+        self.gate_input = gate_input
         super().__init__(**kwargs)
 
     def configure_models(self) -> None:
@@ -94,7 +99,9 @@ class GatedFusionMIL(MILClassifier):
             self.tabular_dim, self.tabular_hidden, self.tabular_embed_dim
         )
         if self.fusion_kind == "gated":
-            self.fusion: nn.Module = GatedFusion(dim, self.tabular_embed_dim, self.gate_hidden)
+            self.fusion: nn.Module = GatedFusion(
+                dim, self.tabular_embed_dim, self.gate_hidden, self.gate_input
+            )
         elif self.fusion_kind == "concat":
             self.fusion = ConcatFusion(dim, self.tabular_embed_dim)
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,26 +25,51 @@ class FusionOutput(NamedTuple):
 class GatedFusion(nn.Module):
     """Mixture of two experts (Sahasrabudhe et al., IEEE JBHI 2021).
 
-    ``p = g * sigmoid(s_img) + (1 - g) * sigmoid(s_tab)`` with ``s_img = Linear(z_img)``,
-    ``s_tab = Linear(z_tab)`` and the gate ``g = sigmoid(MLP([z_img, z_tab]))``. The logit of
-    ``p`` is computed in log space in float32 (log-sum-exp of log-sigmoids), so it stays finite
-    and the chosen expert keeps its gradient even when the gate saturates to exactly 0 or 1.
-    Train with ``mixture_nll``.
+    ``p = g * sigmoid(s_img) + (1 - g) * sigmoid(s_tab)`` with ``s_img = Linear(z_img)`` and
+    ``s_tab = Linear(z_tab)``. The gate ``g`` is, with ``gate_input="embeddings"`` (the
+    published model), ``sigmoid(MLP([z_img, z_tab]))``; with ``gate_input="confidence"``,
+    ``sigmoid(a * |s_img| - b * |s_tab| + c)`` on the experts' detached logits (``a = b = 1``,
+    ``c = 0`` at start): trust the more confident expert. When the modalities are independent
+    given the label, the decision of the more confident of two calibrated experts that disagree
+    is that of the sum of their log-odds, which no single expert reaches; the gate's three
+    parameters learn fast on few patients and, being fed detached logits, never pull on the
+    experts. The logit of ``p`` is computed in log space in float32 (log-sum-exp of
+    log-sigmoids), so it stays finite and the chosen expert keeps its gradient even when the
+    gate saturates to exactly 0 or 1. Train with ``mixture_nll``.
     """
 
-    def __init__(self, image_dim: int, tabular_dim: int, hidden: int = 32) -> None:
+    def __init__(
+        self,
+        image_dim: int,
+        tabular_dim: int,
+        hidden: int = 32,
+        gate_input: Literal["embeddings", "confidence"] = "embeddings",
+    ) -> None:
         super().__init__()
         self.image_head = nn.Linear(image_dim, 1)
         self.tabular_head = nn.Linear(tabular_dim, 1)
-        self.gate = nn.Sequential(
-            nn.Linear(image_dim + tabular_dim, hidden), nn.GELU(), nn.Linear(hidden, 1)
-        )
+        self.gate_input = gate_input
+        if gate_input == "embeddings":
+            self.gate = nn.Sequential(
+                nn.Linear(image_dim + tabular_dim, hidden), nn.GELU(), nn.Linear(hidden, 1)
+            )
+        elif gate_input == "confidence":
+            self.gate = nn.Sequential(nn.Linear(2, 1))
+            with torch.no_grad():
+                self.gate[0].weight.copy_(torch.tensor([[1.0, -1.0]]))
+                self.gate[0].bias.zero_()
+        else:
+            raise ValueError(f"gate_input must be 'embeddings' or 'confidence', got {gate_input!r}")
 
     def forward(self, z_img: Tensor, z_tab: Tensor) -> FusionOutput:
         """``z_img[B, Di]``, ``z_tab[B, Dt]`` -> ``FusionOutput`` of ``[B]`` tensors."""
         s_img = self.image_head(z_img).squeeze(-1).float()
         s_tab = self.tabular_head(z_tab).squeeze(-1).float()
-        gate_logit = self.gate(torch.cat([z_img, z_tab], dim=-1)).squeeze(-1).float()
+        if self.gate_input == "confidence":
+            gate_in = torch.stack([s_img, s_tab], dim=-1).detach().abs()
+        else:
+            gate_in = torch.cat([z_img, z_tab], dim=-1)
+        gate_logit = self.gate(gate_in).squeeze(-1).float()
         log_g, log_1mg = F.logsigmoid(gate_logit), F.logsigmoid(-gate_logit)
         log_p = torch.logaddexp(log_g + F.logsigmoid(s_img), log_1mg + F.logsigmoid(s_tab))
         log_q = torch.logaddexp(log_g + F.logsigmoid(-s_img), log_1mg + F.logsigmoid(-s_tab))
