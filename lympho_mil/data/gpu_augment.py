@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lympho_mil.data.transforms import channel_planes
+from lympho_mil.data.transforms import LUMA, channel_planes
 
 DIHEDRAL_VIEWS = 8
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
 
 
 def dihedral(x: Tensor, view: int) -> Tensor:

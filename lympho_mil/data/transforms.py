@@ -24,7 +24,7 @@ from torch import Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights, as the device pipeline's
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
 
 BagAugmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 """uint8[n, H, W, 3] crops -> augmented uint8[n, H, W, 3]; all randomness from the generator."""
