@@ -13,9 +13,8 @@ import yaml
 
 from lympho_mil.cli import main
 from lympho_mil.data import CachedFeatureDataModule, CropSpec, read_dlmi
-from lympho_mil.data.feature_cache import FeatureScaling
 from lympho_mil.data.image_cache import decode_crop
-from lympho_mil.data.transforms import BagToTensor
+from lympho_mil.data.transforms import BagToTensor, FeatureScaling
 from lympho_mil.models import MeanPoolMIL
 from lympho_mil.nn import MORPHOLOGY_FEATURES, MorphologyEncoder
 

@@ -21,12 +21,11 @@ import numpy as np
 import pandas as pd
 import scipy.io
 import scipy.sparse
-from sklearn.preprocessing import StandardScaler
 
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
 from lympho_mil.data.errors import DataError
-from lympho_mil.data.transforms import FeaturesToTensor
+from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
 
 NO_TABULAR = np.zeros(0, dtype=np.float32)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the MNIST training set, in [0, 1]
@@ -272,9 +271,8 @@ class FeatureBagDataModule(BagDataModule):
         rows = np.concatenate([self.bags[i].rows for i in train])
         flat = self._features.reshape(len(self._features), -1)
         seen = flat[rows]
-        scaler = StandardScaler().fit(seen)  # (near-)constant features keep scale 1
-        clipped = np.clip(flat, seen.min(axis=0), seen.max(axis=0))
-        store = scaler.transform(clipped).astype(np.float32).reshape(self._features.shape)
+        scaling = FeatureScaling.fit(seen)  # (near-)constant features keep scale 1
+        store = scaling(flat).astype(np.float32).reshape(self._features.shape)
         return store, list(bags)
 
     def instance_transform(self, stage: str) -> InstanceTransform:

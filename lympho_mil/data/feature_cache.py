@@ -41,7 +41,7 @@ from lympho_mil.data.image_cache import (
     read_sidecar,
     write_cache,
 )
-from lympho_mil.data.transforms import FeaturesToTensor
+from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
 from lympho_mil.nn.encoders import BUILTIN_ENCODERS, TimmEncoder, build_instance_encoder
 
 log = logging.getLogger(__name__)
@@ -175,27 +175,6 @@ class FeatureCache(MemmapRows):
             {"version": FEATURE_CACHE_VERSION, "key": key, **description},
         )
         return cls(data_path)
-
-
-@dataclass(frozen=True)
-class FeatureScaling:
-    """Per-feature ``clip(x, low, high)`` then ``(x - mean) / scale``; ``float32[D]`` each."""
-
-    low: np.ndarray
-    high: np.ndarray
-    mean: np.ndarray
-    scale: np.ndarray
-
-    @classmethod
-    def fit(cls, features: np.ndarray) -> FeatureScaling:
-        """Range, mean and standard deviation of ``features[n, D]`` (scale 1 where constant)."""
-        x = np.asarray(features, dtype=np.float64)
-        std = x.std(axis=0)
-        scale = np.where(std > 1e-8, std, 1.0)
-        return cls(*(v.astype(np.float32) for v in (x.min(0), x.max(0), x.mean(0), scale)))
-
-    def __call__(self, features: np.ndarray) -> np.ndarray:
-        return (np.clip(features, self.low, self.high) - self.mean) / self.scale
 
 
 class SelectView:

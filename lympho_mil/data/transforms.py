@@ -228,6 +228,27 @@ class BagToTensor:
         return out
 
 
+@dataclass(frozen=True)
+class FeatureScaling:
+    """Per-feature ``clip(x, low, high)`` then ``(x - mean) / scale``; ``float32[D]`` each."""
+
+    low: np.ndarray
+    high: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray) -> FeatureScaling:
+        """Range, mean and standard deviation of ``features[n, D]`` (scale 1 where constant)."""
+        x = np.asarray(features, dtype=np.float64)
+        std = x.std(axis=0)
+        scale = np.where(std > 1e-8, std, 1.0)
+        return cls(*(v.astype(np.float32) for v in (x.min(0), x.max(0), x.mean(0), scale)))
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        return (np.clip(features, self.low, self.high) - self.mean) / self.scale
+
+
 class FeaturesToTensor:
     """float[n, D] precomputed features -> float32[n, D] (optionally with Gaussian noise)."""
 
