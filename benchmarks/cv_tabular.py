@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
+from mil_common import machine
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -34,14 +32,6 @@ from lympho_mil.evaluation import CVResult, cross_validate, metric_summary
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tabular_mlp.yaml"
 REPORTED = ("balanced_accuracy", "auroc")
-
-
-def machine() -> str:
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (
-        f"{platform.node()} {platform.machine()}, {os.cpu_count()} cpus, "
-        f"{torch.get_num_threads()} torch thread(s), load avg {load} at start"
-    )
 
 
 def logistic_reference(result: CVResult, data: Path, seed: int, n_bootstrap: int) -> dict:

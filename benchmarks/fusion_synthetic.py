@@ -31,15 +31,12 @@ embeddings, first repeat of seed 1 at 20 epochs).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from speed_common import emit
 
 from lympho_mil.evaluation import compare_configs
 from lympho_mil.evaluation.bootstrap import paired_difference
@@ -139,41 +136,30 @@ def main() -> None:
         named, folds=args.folds, repeats=args.repeats, out_dir=out, overwrite=True
     )
     seconds = time.perf_counter() - start
-    machine = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
     results = dict(zip(named, comparison.results, strict=True))
     for name, result in results.items():
         report = result.report
-        print(
-            json.dumps(
-                {
-                    "name": "fusion_synthetic",
-                    "model": name,
-                    "patients": report["n_patients"],
-                    "data_seed": args.data_seed,
-                    "clinical_overlap": args.clinical_overlap,
-                    "folds": args.folds,
-                    "repeats": args.repeats,
-                    "balanced_accuracy": report["balanced_accuracy"],
-                    "auroc": report["auroc"],
-                    "seconds": round(sum(run.seconds for run in result.runs), 1),
-                    "seconds_all_models": round(seconds, 1),
-                    "load_average": os.getloadavg(),
-                    "machine": machine,
-                }
-            )
+        emit(
+            "fusion_synthetic",
+            model=name,
+            patients=report["n_patients"],
+            data_seed=args.data_seed,
+            clinical_overlap=args.clinical_overlap,
+            folds=args.folds,
+            repeats=args.repeats,
+            balanced_accuracy=report["balanced_accuracy"],
+            auroc=report["auroc"],
+            seconds=round(sum(run.seconds for run in result.runs), 1),
+            seconds_all_models=round(seconds, 1),
         )
     fusion = results[FUSION]
     for name in ("TabularMLP", "AttentionMIL"):
         difference = paired_difference(results[name].oof, fusion.oof, seed=0)
-        print(
-            json.dumps(
-                {
-                    "name": "fusion_synthetic_paired",
-                    "difference": f"{FUSION} - {name}",
-                    "balanced_accuracy": difference["balanced_accuracy"],
-                    "auroc": difference["auroc"],
-                }
-            )
+        emit(
+            "fusion_synthetic_paired",
+            difference=f"{FUSION} - {name}",
+            balanced_accuracy=difference["balanced_accuracy"],
+            auroc=difference["auroc"],
         )
 
 
