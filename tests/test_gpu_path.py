@@ -136,7 +136,7 @@ def gpu_dm(synthetic_dlmi: Path) -> PatientBagDataModule:
 
 def test_gpu_augment_loader_ships_uint8_for_training_only(gpu_dm: PatientBagDataModule) -> None:
     train = next(iter(gpu_dm.train_dataloader()))
-    assert train.instances.dtype == torch.uint8 and train.instances.shape[2:] == (3, SIZE, SIZE)
+    assert train.instances.dtype == torch.uint8 and train.instances.shape[2:] == (SIZE, SIZE, 3)
     assert next(iter(gpu_dm.val_dataloader())).instances.dtype == torch.float32
     normalised = gpu_dm.on_after_batch_transfer(train, 0)  # no trainer: not training
     dataset = gpu_dm.datasets["train"]
@@ -145,9 +145,7 @@ def test_gpu_augment_loader_ships_uint8_for_training_only(gpu_dm: PatientBagData
         bag = bags[bag_id]
         rows = bag.rows[[bag.instance_ids.index(name) for name in train.instance_id[i]]]
         cached = dataset.store[rows]  # uint8[n, H, W, 3]
-        assert torch.equal(
-            train.instances[i, : len(rows)], torch.from_numpy(cached).permute(0, 3, 1, 2)
-        )
+        assert torch.equal(train.instances[i, : len(rows)], torch.from_numpy(cached))
         expected = BagToTensor(None, IMAGENET_MEAN, IMAGENET_STD)(cached, np.random.default_rng())
         torch.testing.assert_close(normalised.instances[i, : len(rows)], expected)
     assert (normalised.instances[~train.mask] == 0).all()

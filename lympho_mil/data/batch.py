@@ -19,9 +19,10 @@ instance_id    list[list[str]] (B x n_b)           crop file names of the real i
 =============  ==================================  =========================================
 
 One exception, on the way to the device only: with ``PatientBagDataModule(augment="gpu")``
-the *training* loader yields ``instances`` as raw pixels ``uint8[B, N, C, H, W]`` (a quarter
-of the bytes to copy), and that datamodule's ``on_after_batch_transfer`` hook augments and
-normalises them on the device. Models therefore always receive float instances.
+the *training* loader yields ``instances`` as raw pixels ``uint8[B, N, H, W, C]`` (channels
+last, as cached: a quarter of the bytes to copy, no channel split), and that datamodule's
+``on_after_batch_transfer`` hook moves the channels, augments and normalises them on the
+device. Models therefore always receive float instances.
 """
 
 from __future__ import annotations

@@ -262,8 +262,9 @@ class PatientBagDataModule(BagDataModule):
         augment: train-time augmentation: flips, 90-degree rotations, affine, colour. True:
             :class:`~lympho_mil.data.transforms.BagAugment` on each bag in the loader (OpenCV,
             random per crop, no hue). "gpu": the loader only slices uint8
-            crops; the torch pipeline of :mod:`lympho_mil.data.gpu_augment` (no hue) augments
-            whole batches after their transfer to the training device
+            crops (shipped channels last); the torch pipeline of
+            :mod:`lympho_mil.data.gpu_augment` (no hue) augments whole batches after their
+            transfer to the training device
             (:meth:`on_after_batch_transfer`). False: none.
         affine, color_jitter: probabilities of those augmentation steps.
         mean, std: per-channel normalisation of pixels in [0, 1].
@@ -359,8 +360,9 @@ class PatientBagDataModule(BagDataModule):
         generator = None
         if self.trainer is not None and self.trainer.training:
             generator = self._epoch_generator(batch.instances.device)
+        pixels = batch.instances.permute(0, 1, 4, 2, 3)  # [B, N, H, W, C] -> [B, N, C, H, W]
         instances = self.device_augment(
-            batch.instances, batch.mask, train=generator is not None, generator=generator
+            pixels, batch.mask, train=generator is not None, generator=generator
         )
         return dataclasses.replace(batch, instances=instances)
 

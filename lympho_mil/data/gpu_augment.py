@@ -1,10 +1,11 @@
 """Augmentation of whole batches on the training device (pure torch, vectorised per crop).
 
 With ``PatientBagDataModule(augment="gpu")`` the training loader only slices the decoded-crop
-cache and ships raw ``uint8`` pixels (4x fewer bytes than float32); after the copy to the
-device, :class:`DeviceAugment` draws a random dihedral view (flips x 90-degree rotations), a
-mild affine warp and a colour jitter for every crop at once, and normalises: the steps of the
-CPU pipeline (:class:`lympho_mil.data.transforms.BagAugment`). Padded slots stay zeros.
+cache and ships raw ``uint8`` pixels, channels last as cached (4x fewer bytes than float32, and
+no channel split on the CPU); after the copy to the device, the channels move in front and
+:class:`DeviceAugment` draws a random dihedral view (flips x 90-degree rotations), a mild
+affine warp and a colour jitter for every crop at once, and normalises: the steps of the CPU
+pipeline (:class:`lympho_mil.data.transforms.BagAugment`). Padded slots stay zeros.
 Nothing here syncs with the host. It runs on any device, the CPU included, but it pays on a
 GPU: on a CPU, :class:`~lympho_mil.data.transforms.BagAugment` in the loader is faster.
 """
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lympho_mil.data.transforms import LUMA, channel_planes
+from lympho_mil.data.transforms import LUMA
 
 DIHEDRAL_VIEWS = 8
 
@@ -39,9 +40,13 @@ def dihedral_views(x: Tensor) -> Tensor:
 
 
 def pixels_to_tensor(crops: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:
-    """uint8[n, H, W, 3] cached crops -> uint8[n, 3, H, W] (no scaling: that happens on the
-    device, see :class:`DeviceAugment`). An instance transform that draws nothing."""
-    return channel_planes(crops).transpose(0, 1)
+    """uint8[n, H, W, 3] cached crops -> the same pixels as a tensor, channels still last (no
+    copy): the loader then only slices and pads, and the device moves the channels in
+    :meth:`~lympho_mil.data.PatientBagDataModule.on_after_batch_transfer`. An instance
+    transform that draws nothing."""
+    if crops.ndim != 4 or crops.shape[-1] != 3:
+        raise ValueError(f"expected RGB crops [n, H, W, 3], got {crops.shape}")
+    return torch.from_numpy(np.ascontiguousarray(crops))
 
 
 def normalize_pixels(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
