@@ -82,7 +82,8 @@ class MILClassifier(EncoderMixin, BagClassifier):
             with or without it). Compilation costs seconds to minutes at the first batches.
         attention_hidden: hidden size of the attention network.
         dropout: dropout before the head.
-        pooling: "attention", "gated_attention", "mean" or "max" (fixed by the subclasses).
+        pooling: "attention", "gated_attention", "mean", "max" or "distribution" (fixed by the
+            subclasses).
         **kwargs: loss, optimiser and clinical settings of :class:`BagClassifier`.
     """
 
@@ -122,12 +123,14 @@ class MILClassifier(EncoderMixin, BagClassifier):
 
     def configure_models(self) -> None:
         self.configure_bag_embedding()
-        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.encoder.out_dim, 1))
+        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.bag_dim, 1))
 
     def configure_bag_embedding(self) -> None:
-        """The instance encoder and the pooling (shared with the fusion model)."""
+        """The instance encoder and the pooling (shared with the fusion model); ``bag_dim`` is
+        the size of the pooled embedding."""
         self.encoder = self.build_encoder(*self.encoder_settings)
         self.pooling = build_pooling(self.pooling_name, self.encoder.out_dim, self.attention_hidden)
+        self.bag_dim = self.pooling.output_dim(self.encoder.out_dim)
 
     def embed(self, batch: BagBatch) -> tuple[Tensor, Tensor]:
         """Pooled bag embedding z[B, D] and crop weights[B, N]."""

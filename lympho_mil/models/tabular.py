@@ -57,7 +57,8 @@ class GatedFusionMIL(MILClassifier):
     :class:`lympho_mil.nn.GatedFusion`).
 
     Args:
-        pooling: the image pooling ("attention", "gated_attention", "mean", "max").
+        pooling: the image pooling ("attention", "gated_attention", "mean", "max",
+            "distribution").
         fusion: "gated" or "concat".
         tabular_hidden, tabular_embed_dim: sizes of the clinical MLP.
         gate_hidden: hidden size of the gate network (``gate_input="embeddings"``).
@@ -94,7 +95,7 @@ class GatedFusionMIL(MILClassifier):
         if self.tabular_dim < 1:
             raise ValueError("GatedFusionMIL needs a clinical vector (tabular_dim >= 1)")
         self.configure_bag_embedding()
-        dim = self.encoder.out_dim
+        dim = self.bag_dim
         self.tabular_encoder = TabularEncoder(
             self.tabular_dim, self.tabular_hidden, self.tabular_embed_dim
         )

@@ -16,6 +16,7 @@ from lympho_mil.nn.morphology import MORPHOLOGY_FEATURES, MorphologyEncoder
 from lympho_mil.nn.pooling import (
     POOLINGS,
     AttentionPooling,
+    DistributionPooling,
     GatedAttentionPooling,
     MaxPooling,
     MeanPooling,
@@ -30,6 +31,7 @@ __all__ = [
     "POOLINGS",
     "AttentionPooling",
     "ConcatFusion",
+    "DistributionPooling",
     "FusionOutput",
     "GatedAttentionPooling",
     "GatedFusion",

@@ -11,6 +11,8 @@ instance; an empty bag gives NaN (attention) or -inf (max).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +33,10 @@ class MILPooling(nn.Module):
     """Base of the pooling operators; ``has_attention`` says whether weights are returned."""
 
     has_attention: bool = False
+
+    def output_dim(self, dim: int) -> int:
+        """Size of the bag embedding ``z`` for instance embeddings of size ``dim``."""
+        return dim
 
 
 class MeanPooling(MILPooling):
@@ -91,11 +97,42 @@ class GatedAttentionPooling(AttentionPooling):
         return super()._hidden(h) * torch.sigmoid(_linear32(self.U, h))
 
 
+class DistributionPooling(MILPooling):
+    """The mean of the real instances and, per feature, the share of them above fixed levels.
+
+    ``z = [mean_n h, mean_n sigmoid((h - t_1) / T), ..., mean_n sigmoid((h - t_K) / T)]``: on
+    standardised features (z-scores over training instances), the levels ``(-1, 1)`` give the
+    share of atypically low and high instances of each feature, what a haematologist reads off
+    a smear. The soft step (temperature ``T``) keeps gradients for a trainable encoder.
+    """
+
+    def __init__(self, levels: Sequence[float] = (-1.0, 1.0), temperature: float = 0.1) -> None:
+        super().__init__()
+        if not levels or temperature <= 0:
+            raise ValueError(f"need levels and temperature > 0, got {levels}, {temperature}")
+        self.register_buffer("levels", torch.tensor(list(levels), dtype=torch.float32))
+        self.temperature = temperature
+
+    def output_dim(self, dim: int) -> int:
+        return dim * (1 + self.levels.numel())
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, None]:
+        """``h[B, N, D]``, ``mask[B, N]`` -> ``(z[B, D * (1 + K)], None)``."""
+        x = _clean(h, mask).float()
+        count = mask.sum(dim=1).float()[:, None]  # [B, 1]
+        steps = torch.sigmoid((x.unsqueeze(-1) - self.levels) / self.temperature)  # [B, N, D, K]
+        shares = (steps * mask[:, :, None, None]).sum(dim=1) / count.unsqueeze(-1)  # [B, D, K]
+        mean = x.sum(dim=1) / count
+        z = torch.cat([mean, shares.transpose(1, 2).flatten(1)], dim=1)
+        return z.to(h.dtype), None
+
+
 POOLINGS: dict[str, type[MILPooling]] = {
     "mean": MeanPooling,
     "max": MaxPooling,
     "attention": AttentionPooling,
     "gated_attention": GatedAttentionPooling,
+    "distribution": DistributionPooling,
 }
 
 
