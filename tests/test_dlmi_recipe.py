@@ -14,6 +14,7 @@ import yaml
 from lympho_mil.cli import main
 from lympho_mil.data import CachedFeatureDataModule, CropSpec, read_dlmi
 from lympho_mil.data.image_cache import decode_crop
+from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.data.transforms import BagToTensor, FeatureScaling
 from lympho_mil.models import MeanPoolMIL
 from lympho_mil.nn import MORPHOLOGY_FEATURES, MorphologyEncoder
@@ -108,17 +109,24 @@ def test_recipe_configs_match_the_feature_size(name: str) -> None:
     assert config["model"]["init_args"]["in_dim"] == len(MORPHOLOGY_FEATURES)
 
 
+def recipe_args(root: Path, features_dir: Path) -> list[str]:
+    """The recipe's config on the tiny synthetic crops (32 px, no centre crop)."""
+    return [
+        "--config",
+        str(CONFIGS / "dlmi.yaml"),
+        f"--data.root={root}",
+        f"--data.cache_dir={features_dir}",
+        f"--data.image_size={SIZE}",
+        "--data.center_crop=null",
+    ]
+
+
 @pytest.mark.slow
 def test_recipe_fits_and_predicts_through_the_cli(
     synthetic_dlmi: Path, features_dir: Path, tmp_path: Path
 ) -> None:
     common = [
-        "--config",
-        str(CONFIGS / "dlmi.yaml"),
-        f"--data.root={synthetic_dlmi}",
-        f"--data.cache_dir={features_dir}",
-        f"--data.image_size={SIZE}",
-        "--data.center_crop=null",
+        *recipe_args(synthetic_dlmi, features_dir),
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=false",
@@ -131,6 +139,25 @@ def test_recipe_fits_and_predicts_through_the_cli(
     submission = pd.read_csv(out / "predictions.csv")
     unlabelled = pd.read_csv(synthetic_dlmi / "testset" / "testset_data.csv")["ID"]
     assert sorted(submission["Id"]) == sorted(unlabelled)
+
+
+@pytest.mark.slow
+def test_recipe_cross_validates_through_the_cli(tmp_path: Path) -> None:
+    """``lympho-mil cv`` with the recipe predicts every labelled patient once, out of fold,
+    with the late-fusion experts' logits."""
+    root = make_synthetic_dlmi(
+        tmp_path / "dlmi", n_patients=24, image_size=SIZE, seed=2, min_cells=3, max_cells=8
+    )
+    out = tmp_path / "cv"
+    args = ["--folds=2", f"--out={out}", "--n-bootstrap=50", "--trainer.max_epochs=2"]
+    main(["cv", *recipe_args(root, tmp_path / "cache"), *args])
+    oof = pd.read_csv(out / "oof_predictions.csv")
+    labelled = pd.read_csv(root / "trainset" / "trainset_true.csv")["ID"]
+    assert sorted(oof["id"]) == sorted(labelled)
+    assert oof["probability"].between(0, 1).all()
+    model = torch.load(out / "folds" / "r0_f0" / "model.ckpt", weights_only=False)
+    weights = model["state_dict"]
+    assert {"fusion.image_head.weight", "fusion.tabular_head.weight"} <= set(weights)
 
 
 @pytest.mark.slow
