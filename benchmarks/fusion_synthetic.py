@@ -2,9 +2,9 @@
 identical cross-validation splits of synthetic patients where both modalities carry partial
 signal, independently given the label.
 
-    python benchmarks/fusion_synthetic.py [--patients 400] [--data-seed 0] [--folds 5]
-        [--repeats 5] [--min-cells 1] [--max-cells 4] [--clinical-overlap 0.15]
-        [--epochs 30] [--encoder identity] [--checkpoint final] [--expert-loss-weight 1.0]
+    python benchmarks/fusion_synthetic.py [--patients 600] [--data-seed 0] [--folds 5]
+        [--repeats 5] [--min-cells 1] [--max-cells 3] [--clinical-overlap 0.15]
+        [--epochs 30] [--encoder mlp] [--expert-loss-weight 1.0]
         [--gate-input confidence] [--variants] [--threads 1] [--out DIR]
 
 The data (:func:`lympho_mil.data.synthetic.make_synthetic_dlmi`, 224 px crops): tumoral
@@ -70,11 +70,6 @@ def config(
     model: str, init_args: dict[str, Any], data: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
     """A ``fit`` config on the benchmark's data folder."""
-    checkpoint = (
-        {"monitor": "epoch", "mode": "max"}
-        if args.checkpoint == "final"
-        else {"monitor": "val_loss", "mode": "min"}
-    )
     init = {**data["init_args"], "root": str(args.root), "batch_size": 16, "num_workers": 0}
     return {
         "seed_everything": 0,
@@ -84,7 +79,7 @@ def config(
             "logger": False,
             "enable_model_summary": False,
         },
-        "checkpoint": checkpoint,
+        "checkpoint": {"monitor": "epoch", "mode": "max"},  # the final epoch
         "model": {"class_path": model, "init_args": init_args},
         "data": {"class_path": data["class_path"], "init_args": init},
     }
@@ -121,16 +116,15 @@ def configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=400)
+    parser.add_argument("--patients", type=int, default=600)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-cells", type=int, default=1)
-    parser.add_argument("--max-cells", type=int, default=4)
+    parser.add_argument("--max-cells", type=int, default=3)
     parser.add_argument("--clinical-overlap", type=float, default=0.15)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--encoder", choices=("identity", "mlp"), default="identity")
-    parser.add_argument("--checkpoint", choices=("final", "val_loss"), default="final")
+    parser.add_argument("--encoder", choices=("identity", "mlp"), default="mlp")
     parser.add_argument("--expert-loss-weight", type=float, default=1.0)
     parser.add_argument("--gate-input", choices=("embeddings", "confidence"), default="confidence")
     parser.add_argument("--variants", action="store_true")
