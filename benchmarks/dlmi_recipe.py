@@ -80,19 +80,20 @@ def candidates(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def variants(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The other heads tried on the recipe's features (same data, epochs and checkpointing),
-    and the pixel-level fusion model of gated_fusion_mil.yaml."""
+def variants(first: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The heads tried around the first recipe (``first``: mean pooling, concatenation MLP)
+    on its features (same data, epochs and checkpointing), and the pixel-level fusion model
+    of gated_fusion_mil.yaml."""
 
     mlp = {"encoder": "mlp", "embed_dim": 32, "encoder_kwargs": {"hidden": 64, "dropout": 0.1}}
     attention = {"pooling": "attention", "attention_hidden": 32, "fusion": "gated"}
     return {
         "attention_mlp": changed(
-            recipe, "AttentionMIL", **mlp, attention_hidden=32, pooling=None, fusion=None
+            first, "AttentionMIL", **mlp, attention_hidden=32, pooling=None, fusion=None
         ),
-        "fusion_mlp_gated_attention": changed(recipe, **mlp, **attention),
-        "fusion_mlp_concat_mean": changed(recipe, **mlp),
-        "fusion_linear_gated_attention": changed(recipe, **attention),
+        "fusion_mlp_gated_attention": changed(first, **mlp, **attention),
+        "fusion_mlp_concat_mean": changed(first, **mlp),
+        "fusion_linear_gated_attention": changed(first, **attention),
         "pixels_gated_fusion_small_cnn": load("gated_fusion_mil.yaml"),  # CNN from scratch
     }
 
@@ -178,7 +179,7 @@ def main() -> None:
         "recipe": recipe,
     }
     if args.variants:
-        configs.update(variants(recipe))
+        configs.update(variants(candidates(recipe)["mean_concat"]))
     pool = candidates(recipe) if args.nested else {}
     configs.update({n: c for n, c in pool.items() if c not in configs.values()})
     overrides = [f"--data.root={args.data}"]
