@@ -1,22 +1,28 @@
 """Training crops per second on CUDA: the real pipeline against one in-memory batch.
 
     python benchmarks/gpu_throughput.py [--data DLMI_FOLDER] [--steps 60] [--warmup 15]
-        [--augment gpu|cpu] [--workers N] [--compile]
+        [--augment gpu|cpu] [--cache-on-device] [--workers N] [--compile]
 
 A ResNet-18 ``AttentionMIL`` (channels-last) trains on 224 px crops, 8 bags of 32 crops per
 step, fed (a) by the real pipeline: ``PatientBagDataModule`` over the warm decoded-crop cache,
 ``--workers`` loader processes, pinned memory, non-blocking copies, uint8 transfer and batch
-augmentation on the device (``--augment gpu``), and (b) by one batch already on the device,
-repeated: the upper bound. One JSON line per precision (``bf16-mixed`` = AMP on,
-``32-true`` = off) with both rates and their ratio. Without CUDA it prints
-``{"skipped": "no CUDA device"}``; ``--allow-cpu`` runs the same code on the CPU as a smoke
-test of the script (its figures mean nothing).
+augmentation on the device (``--augment gpu``), and (b) by one normalised batch already on the
+device, repeated as many times per epoch as the real loader has batches (so both pay the same
+epoch ends: metrics, logging): the upper bound. One JSON line per precision (``bf16-mixed`` =
+AMP on, ``32-true`` = off) with both rates and their ratio, and one ``loader_alone`` line: the
+crops per second of the training loader iterated with nothing else running (pinned batches,
+no copy to the device), which the pipeline cannot exceed. ``--cache-on-device``
+(``PatientBagDataModule(cache_on_device=True)``, with ``--augment gpu``): the decoded crops
+are copied to the GPU once, the loader ships row numbers and the device gathers the pixels.
+Without CUDA it prints ``{"skipped": "no CUDA device"}``; ``--allow-cpu`` runs the same code
+on the CPU as a smoke test of the script (its figures mean nothing).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 import lightning as L
@@ -91,6 +97,54 @@ def crops_per_second(
     return int(timer.crops) / timer.seconds
 
 
+def loader_crops_per_second(loader: DataLoader, batches: int) -> float:
+    """Real crops per second of ``batches`` batches of ``loader`` (epochs chained), after one
+    warm-up epoch that starts the workers."""
+    sum(1 for _ in loader)
+    crops, start = 0, time.perf_counter()
+    while batches > 0:
+        for batch in loader:
+            crops += int(batch.mask.sum())
+            batches -= 1
+            if batches == 0:
+                break
+    return crops / (time.perf_counter() - start)
+
+
+def device_side_ms(dm: PatientBagDataModule, raw: BagBatch, repeats: int = 20) -> dict:
+    """Median milliseconds of the device-side work on one raw training batch: the gather of
+    ``cache_on_device``, and the augmentation of the pixels as shipped (channels last) and
+    made contiguous first."""
+    device = raw.instances.device
+
+    def timed(step) -> float:  # type: ignore[no-untyped-def]
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return round(statistics.median(times) * 1000, 2)
+
+    figures, pixels = {}, raw.instances
+    if pixels.dtype == torch.int64:
+        figures["gather_ms"] = timed(lambda: dm.device_pixels(device)[raw.instances])
+        pixels = dm.device_pixels(device)[raw.instances]
+    chw = pixels.permute(0, 1, 4, 2, 3)
+    generator = torch.Generator(device).manual_seed(0)
+    figures["augment_channels_last_ms"] = timed(
+        lambda: dm.device_augment(chw, raw.mask, True, generator)
+    )
+    figures["augment_contiguous_ms"] = timed(
+        lambda: dm.device_augment(chw.contiguous(), raw.mask, True, generator)
+    )
+    figures["crops"] = int(raw.mask.sum())
+    return figures
+
+
 def make_model(args) -> AttentionMIL:  # type: ignore[no-untyped-def]
     L.seed_everything(0, verbose=False)
     return AttentionMIL(
@@ -107,6 +161,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--augment", choices=["gpu", "cpu"], default="gpu")
+    p.add_argument("--cache-on-device", action="store_true", help="crops kept on the GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on a CPU")
     args = p.parse_args()
@@ -121,6 +176,7 @@ def main() -> None:
         image_size=args.image_size,
         cache_dir=args.cache_dir,
         augment="gpu" if args.augment == "gpu" else True,
+        cache_on_device=args.cache_on_device,
         batch_size=args.batch_size,
         max_instances=args.max_instances,
         num_workers=args.workers,
@@ -128,9 +184,22 @@ def main() -> None:
         persistent_workers=args.workers > 0,
     )
     dm.setup("fit")  # warm the decoded-crop cache before timing
-    first = next(iter(dm.train_dataloader())).to(device)
+    loader = dm.train_dataloader()
+    emit(
+        "loader_alone",
+        device,
+        image_size=args.image_size,
+        augment=args.augment,
+        cache_on_device=args.cache_on_device,
+        workers=args.workers,
+        batches_per_epoch=len(loader),
+        crops_per_s=round(loader_crops_per_second(loader, args.warmup + args.steps), 1),
+    )
+    first = next(iter(loader)).to(device)
+    emit("device_side", device, **device_side_ms(dm, first))
     on_device = dm.on_after_batch_transfer(first, 0)  # normalised, as training would see it
-    in_memory = DataLoader(Repeated(on_device, args.warmup + args.steps + 1), batch_size=None)
+    in_memory = DataLoader(Repeated(on_device, len(loader)), batch_size=None)
+    del loader  # its workers stop
     for precision in ("bf16-mixed", "32-true"):
         real = crops_per_second(make_model(args), dm, args, precision)
         upper = crops_per_second(make_model(args), in_memory, args, precision)
@@ -142,6 +211,7 @@ def main() -> None:
             image_size=args.image_size,
             crops_per_step=args.batch_size * args.max_instances,
             augment=args.augment,
+            cache_on_device=args.cache_on_device,
             workers=args.workers,
             steps_timed=args.steps,
             pipeline_crops_per_s=round(real, 1),

@@ -3,6 +3,7 @@ channels-last and compiled encoders that keep checkpoints loadable."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
@@ -210,6 +211,29 @@ def test_trainer_applies_the_hook_repeatably(synthetic_dlmi: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
+def test_cache_on_device_ships_rows_and_trains_on_the_same_pixels(synthetic_dlmi: Path) -> None:
+    def make(cache_on_device: bool) -> PatientBagDataModule:
+        return PatientBagDataModule(
+            str(synthetic_dlmi),
+            image_size=SIZE,
+            augment="gpu",
+            cache_on_device=cache_on_device,
+            batch_size=3,
+            max_instances=4,
+        )
+
+    dm = make(True)
+    rows = next(iter(dm.train_dataloader()))
+    assert rows.instances.dtype == torch.int64 and rows.instances.shape == rows.mask.shape
+    gathered, _ = fit_recording(dm, epochs=2)
+    shipped, _ = fit_recording(make(False), epochs=2)
+    assert len(gathered) == len(shipped) > 0
+    assert all(torch.equal(a, b) for a, b in zip(gathered, shipped, strict=True))
+    assert next(iter(dm.val_dataloader())).instances.dtype == torch.float32
+    with pytest.raises(ValueError, match="cache_on_device"):
+        PatientBagDataModule(str(synthetic_dlmi), augment=True, cache_on_device=True)
+
+
 # -- model side: channels-last, torch.compile ---------------------------------------------------
 def image_batch(n_bags: int = 2, size: int = 32) -> object:
     generator = torch.Generator().manual_seed(0)
@@ -301,3 +325,6 @@ def test_raw_pixels_reaching_a_model_are_a_clear_error() -> None:
     )
     with pytest.raises(TypeError, match="datamodule="):
         model.training_step(raw, 0)
+    rows = dataclasses.replace(raw, instances=torch.zeros(1, 2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="row numbers"):
+        model.training_step(rows, 0)

@@ -20,6 +20,15 @@ class InstanceStore(Protocol):
     def __getitem__(self, rows: np.ndarray) -> np.ndarray: ...
 
 
+class RowNumbers:
+    """A store that yields the row numbers it is asked for: for loaders that ship rows and let
+    the training device gather the instances (``PatientBagDataModule(cache_on_device=True)``).
+    """
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        return rows
+
+
 @dataclass(frozen=True)
 class Bag:
     """One patient: its label, its rows in the instance store and its clinical vector."""

@@ -12,6 +12,7 @@ GPU: on a CPU, :class:`~lympho_mil.data.transforms.BagAugment` in the loader is 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,14 +50,27 @@ def pixels_to_tensor(crops: np.ndarray, rng: np.random.Generator | None = None) 
     return torch.from_numpy(np.ascontiguousarray(crops))
 
 
+def rows_to_tensor(rows: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:
+    """int64[n] row numbers -> a tensor (``cache_on_device``: the device gathers the pixels).
+    An instance transform that draws nothing."""
+    return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64))
+
+
 def normalize_pixels(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 or [0, 1] float ``pixels[..., C, H, W]`` -> float32 ``(x - mean) / std``, computed
     as :class:`~lympho_mil.data.transforms.BagToTensor` does on the CPU."""
     x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
-    shape = (len(mean), 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape)
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape)
-    return (x - mean_t) / std_t
+    mean_t = channel_constant(tuple(mean), x.device, torch.float32)
+    return (x - mean_t) / channel_constant(tuple(std), x.device, torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def channel_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``values`` as a ``[C, 1, 1]`` tensor on ``device``, made once per device: a copy from
+    the host to a GPU waits for the device, so one per training step would stall the
+    pipeline. Never an inference tensor, so autograd may use it."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype).view(-1, 1, 1).to(device)
 
 
 def random_dihedral(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -123,7 +137,7 @@ def color_jitter(
         u = torch.rand(lead, generator=generator, device=x.device) * 2 - 1
         return torch.where(applied, 1 + strength * u, torch.ones_like(u))
 
-    luma = torch.tensor(LUMA, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    luma = channel_constant(tuple(LUMA.tolist()), x.device, x.dtype)
     if brightness > 0:
         x = (x * factor(brightness)).clamp(0, 1)
     if contrast > 0:

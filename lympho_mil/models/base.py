@@ -102,11 +102,12 @@ class BagClassifier(LightningModule):
 
     # -- steps -----------------------------------------------------------------------------
     def _shared_step(self, batch: BagBatch, split: str) -> Tensor:
-        if batch.instances.dtype == torch.uint8:
+        if not batch.instances.is_floating_point():
             raise TypeError(
-                "raw uint8 crops reached the model: a PatientBagDataModule(augment='gpu') "
-                "normalises them in its on_after_batch_transfer hook, so pass it to the Trainer "
-                "as datamodule=..., not its loaders"
+                f"{batch.instances.dtype} instances (raw crops or row numbers) reached the "
+                "model: a PatientBagDataModule(augment='gpu') turns them into normalised crops "
+                "in its on_after_batch_transfer hook, so pass it to the Trainer as "
+                "datamodule=..., not its loaders"
             )
         out = self(batch)
         loss = self.loss(out, batch)

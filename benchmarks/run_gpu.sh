@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The CUDA checks of one GPU session, in one call: the CUDA tests, then the GPU benchmarks.
+#
+#     bash benchmarks/run_gpu.sh DLMI_FOLDER [OUT_DIR]
+#
+# Prints the GPU, the test summary and the benchmarks' JSON lines (also written to OUT_DIR).
+# Each step has its own time limit so one hang cannot eat a short GPU lease.
+set -uo pipefail
+data=${1:?usage: run_gpu.sh DLMI_FOLDER [OUT_DIR]}
+out=${2:-.}
+export PYTHONUNBUFFERED=1
+here=$(dirname "$0")
+cache=$(mktemp -d)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short "$here/../tests/test_cuda.py" \
+    "$here/../tests/test_gpu_path.py" "$here/../tests/test_datamodule.py::test_batch_pin_memory_on_cuda" \
+    >"$out/pytest.txt" 2>&1
+grep -E "^(FAILED|ERROR)|passed|failed" "$out/pytest.txt"
+timeout 180 python3 "$here/gpu_throughput.py" --data "$data" --cache-dir "$cache" --batch-size 4 \
+    --max-instances 64 --workers 8 | tee "$out/gpu_throughput.jsonl"
+timeout 80 python3 "$here/eval_memory.py" --data "$data" --cache-dir "$cache" | tee "$out/eval_memory.jsonl"
+timeout 90 python3 "$here/gpu_throughput.py" --data "$data" --cache-dir "$cache" --batch-size 4 \
+    --max-instances 64 --workers 8 --augment cpu | tee "$out/gpu_throughput_cpu_augment.jsonl"
