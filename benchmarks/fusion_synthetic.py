@@ -30,6 +30,21 @@ threshold) and prints one JSON line per model (balanced accuracy and AUROC with 
 patient-bootstrap intervals), then the paired differences of ``GatedFusionMIL`` minus each
 single-modality model. ``--variants`` adds the gated fusion with the other gate input, without
 the experts' auxiliary loss, and the concatenation fusion.
+
+Every setting was fixed on generator seed 1 (``--data-seed 1``; figures: balanced accuracy,
+one repeat of 5-fold CV on 400 patients unless said): 1-3 crops per patient (with 2-6 the
+images alone reached 0.876 against clinical 0.774 and fusion 0.883: the features find the
+abnormal cells almost perfectly, so the crop count sets the image signal; with 1-3 the two
+balance, 0.811 and 0.801); the MLP instance encoder (images 0.850 against 0.775 with the
+identity encoder, at 1-4 crops: the stronger single-modality baseline); the confidence gate
+with expert loss weight 1 (fusion 0.857; embedding gate 0.850, no expert loss 0.818,
+concatenation 0.830); 30 epochs (half the cost of 60; clinical 0.801 at 30, 0.774 at 60);
+600 patients to narrow the intervals (5 repeats: clinical 0.759, images 0.790, fusion 0.826).
+"Fusion beats a modality" was fixed before seed 0 was run: the 95 % interval of the paired
+difference excludes 0. Seed 0, run once (defaults; 480 labelled patients, 5 folds x 5
+repeats; 471 s on 2 shared CPU cores, load average 2.5): clinical 0.832 [0.804, 0.858],
+images 0.787 [0.755, 0.816], fusion 0.872 [0.845, 0.897]; fusion - clinical +0.041
+[+0.010, +0.071], fusion - images +0.085 [+0.063, +0.110] (docs/models.md).
 """
 
 from __future__ import annotations
