@@ -392,8 +392,7 @@ class PatientBagDataModule(BagDataModule):
         generator = None
         if self.trainer is not None and self.trainer.training:
             generator = self._epoch_generator(batch.instances.device)
-        # [B, N, H, W, C] -> [B, N, C, H, W], contiguous: the augmentation's kernels are faster
-        pixels = batch.instances.permute(0, 1, 4, 2, 3).contiguous()
+        pixels = batch.instances.permute(0, 1, 4, 2, 3)  # [B, N, H, W, C] -> [B, N, C, H, W]
         instances = self.device_augment(
             pixels, batch.mask, train=generator is not None, generator=generator
         )
