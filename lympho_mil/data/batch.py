@@ -97,10 +97,11 @@ def collate_bags(samples: Sequence[BagSample]) -> BagBatch:
     sizes = [s.instances.shape[0] for s in samples]
     n_max = max(sizes)
     first = samples[0].instances
-    instances = first.new_zeros((len(samples), n_max, *first.shape[1:]))
+    instances = first.new_empty((len(samples), n_max, *first.shape[1:]))
     mask = torch.zeros(len(samples), n_max, dtype=torch.bool)
     for i, (sample, n) in enumerate(zip(samples, sizes, strict=True)):
         instances[i, :n] = sample.instances
+        instances[i, n:] = 0  # only the padding is zeroed: real slots are written once
         mask[i, :n] = True
     return BagBatch(
         instances=instances,
