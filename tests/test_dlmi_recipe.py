@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import lightning as L
 import numpy as np
@@ -20,6 +23,7 @@ from lympho_mil.models import MeanPoolMIL
 from lympho_mil.nn import MORPHOLOGY_FEATURES, MorphologyEncoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RECIPE_CONFIGS = ("dlmi.yaml", "dlmi_attention.yaml")
 SIZE = 32
 
@@ -172,3 +176,43 @@ def test_morphology_finds_the_nucleus_of_real_crops(shared_data: Path) -> None:
     diameter = features[:, MORPHOLOGY_FEATURES.index("nucleus_diameter")]
     assert (diameter > 0.2).float().mean() > 0.9  # a lymphocyte nucleus spans ~50 px of 112
     assert ((diameter > 0.25) & (diameter < 0.85)).float().mean() > 0.9
+
+
+def ssl_script() -> ModuleType:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module("dlmi_ssl")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_contrastive_loss_rewards_matching_views() -> None:
+    nt_xent = ssl_script().nt_xent
+    z = torch.nn.functional.one_hot(torch.arange(4), 8).float()
+    assert nt_xent(z, z, temperature=0.05) < 1e-6  # each view finds its partner only
+    assert nt_xent(z, z.roll(1, dims=0), temperature=0.05) > 10  # partners are strangers
+
+
+@pytest.mark.slow
+def test_pretrained_encoder_loads_into_the_feature_cache(
+    synthetic_dlmi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """benchmarks/dlmi_ssl.py on random crops; its weights become the frozen extractor."""
+    crops = tmp_path / "crops.npy"
+    np.save(crops, np.random.default_rng(0).integers(0, 256, (40, SIZE, SIZE, 3), np.uint8))
+    weights = tmp_path / "encoder.pt"
+    argv = ["--crops", str(crops), "--out", str(weights), "--epochs", "1", "--batch-size", "16"]
+    monkeypatch.setattr(sys, "argv", ["dlmi_ssl.py", *argv, "--width", "4", "--out-dim", "8"])
+    ssl_script().main()
+    dm = CachedFeatureDataModule(
+        str(synthetic_dlmi),
+        encoder="small_cnn",
+        encoder_weights=str(weights),
+        encoder_kwargs={"width": 4, "out_dim": 8},
+        image_size=SIZE,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    saved = torch.load(weights, weights_only=True)
+    for name, tensor in dm.extractor.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name])
+    assert dm.feature_dim == 8
