@@ -14,6 +14,7 @@ from lightning import Trainer
 
 from lympho_mil.cli import main
 from lympho_mil.data import PatientBagDataModule
+from lympho_mil.data.errors import DataError
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.evaluation import cross_validate
 from lympho_mil.evaluation.thresholds import choose_threshold
@@ -277,3 +278,18 @@ def test_python_api_with_a_dict_config_and_an_image_model(
     assert result.report["config"]["content"]["model"]["class_path"] == "MeanPoolMIL"
     assert result.report["config"]["source"] == "dict"
     assert result.oof["id"].is_unique and len(result.oof) == result.report["n_patients"]
+
+
+def test_cross_validation_of_a_subset_of_patients(
+    configs: dict[str, Path], dlmi_root: Path
+) -> None:
+    """What a nested cross-validation runs inside an outer training fold."""
+    ids = sorted(labelled_ids(dlmi_root))
+    labels = pd.read_csv(dlmi_root / "clinical_annotation.csv").set_index("ID")["LABEL"]
+    pool = [i for i in ids if labels[i] == 0][:4] + [i for i in ids if labels[i] == 1][:8]
+    result = cross_validate(
+        configs["tabular"], folds=2, n_bootstrap=20, verbose=False, patients=pool
+    )
+    assert sorted(result.oof["id"]) == sorted(pool) and result.report["n_patients"] == len(pool)
+    with pytest.raises(DataError, match="not among the labelled"):
+        cross_validate(configs["tabular"], folds=2, verbose=False, patients=[*pool, "nobody"])

@@ -71,6 +71,7 @@ class CVSettings:
     n_bootstrap: int = DEFAULT_RESAMPLES
     predict: bool = False
     verbose: bool = True
+    patients: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.threshold_policy not in THRESHOLD_POLICIES:
@@ -176,6 +177,7 @@ def cross_validate(
     overwrite: bool = False,
     n_bootstrap: int = DEFAULT_RESAMPLES,
     verbose: bool = True,
+    patients: Sequence[str] | None = None,
 ) -> CVResult:
     """Repeated stratified patient-level k-fold cross-validation of a ``fit`` config.
 
@@ -192,9 +194,19 @@ def cross_validate(
         overwrite: replace an existing report in ``out_dir``.
         n_bootstrap: resamples of the patient-level bootstrap.
         verbose: print one line per fold.
+        patients: cross-validate these labelled patients only (default: all of them), e.g.
+            the training patients of an outer fold in a nested cross-validation.
     """
     settings = CVSettings(
-        folds, repeats, seed, threshold_policy, inner_val_fraction, n_bootstrap, predict, verbose
+        folds,
+        repeats,
+        seed,
+        threshold_policy,
+        inner_val_fraction,
+        n_bootstrap,
+        predict,
+        verbose,
+        tuple(patients) if patients is not None else None,
     )
     named = dict(zip(config_names([config]), [config], strict=True))
     return _run_configs(named, settings, out_dir, overrides, overwrite, compare=False).results[0]
@@ -213,6 +225,7 @@ def compare_configs(
     overwrite: bool = False,
     n_bootstrap: int = DEFAULT_RESAMPLES,
     verbose: bool = True,
+    patients: Sequence[str] | None = None,
 ) -> Comparison:
     """Cross-validate several configs on identical splits; compare each with the first.
 
@@ -228,7 +241,15 @@ def compare_configs(
     if len(named) < 2:
         raise ValueError("compare_configs needs at least two configs")
     settings = CVSettings(
-        folds, repeats, seed, threshold_policy, inner_val_fraction, n_bootstrap, predict, verbose
+        folds,
+        repeats,
+        seed,
+        threshold_policy,
+        inner_val_fraction,
+        n_bootstrap,
+        predict,
+        verbose,
+        tuple(patients) if patients is not None else None,
     )
     return _run_configs(named, settings, out_dir, overrides, overwrite, compare=True)
 
@@ -262,7 +283,7 @@ def _run_configs(
         for name, other in zip(names[1:], patients[1:], strict=True):
             if other != patients[0]:
                 raise DataError(f"config {name} sees other labelled patients than {names[0]}")
-        ids, labels = patients[0]
+        ids, labels = _restrict(*patients[0], settings.patients)
         splits = cv_splits(
             ids,
             labels,
@@ -329,6 +350,20 @@ def _labelled_patients(
     if predict and not cli.datamodule.split_ids["predict"]:
         raise DataError("--predict: the data has no unlabelled patients to predict")
     return [b.bag_id for b in labelled], [int(b.label) for b in labelled]
+
+
+def _restrict(
+    ids: list[str], labels: list[int], keep: tuple[str, ...] | None
+) -> tuple[list[str], list[int]]:
+    """The labelled patients among ``keep`` (all when None); unknown ids are an error."""
+    if keep is None:
+        return ids, labels
+    unknown = sorted(set(keep) - set(ids))
+    if unknown:
+        raise DataError(f"patients not among the labelled patients of the data: {unknown[:5]}")
+    wanted = set(keep)
+    pairs = [(i, y) for i, y in zip(ids, labels, strict=True) if i in wanted]
+    return [i for i, _ in pairs], [y for _, y in pairs]
 
 
 def _fold_args(split: FoldSplit, settings: CVSettings, fold_dir: Path) -> list[str]:
