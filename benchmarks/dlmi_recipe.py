@@ -22,7 +22,6 @@ and the wall time of its whole CV. ``--out`` also receives every model's ``cv_re
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,15 +35,7 @@ from speed_common import emit, parser, quiet
 
 from lympho_mil.data import CachedFeatureDataModule, PatientBagDataModule
 from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
-from lympho_mil.evaluation.cv import (
-    CVResult,
-    CVSettings,
-    _config_source,
-    _prediction_rows,
-    _run_fold,
-    compare_configs,
-    cv_splits,
-)
+from lympho_mil.evaluation.cv import CVResult, compare_configs, cross_validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 METRICS = ("balanced_accuracy", "auroc")
@@ -133,29 +124,29 @@ def nested_selection(
     """
     names = list(results)
     first = results[names[0]]
-    label_of = dict(zip(first.oof["id"], first.oof["label"], strict=False))
-    settings = CVSettings(folds=inner_folds, seed=seed, verbose=False)
     rows, picks = [], []
-    with tempfile.TemporaryDirectory(prefix="dlmi-nested-") as scratch:
-        for outer in (run.split for run in first.runs):
-            pool = sorted(outer.train_ids + outer.val_ids)
-            inner = cv_splits(pool, [label_of[i] for i in pool], inner_folds, 1, seed, 0.2)
-            scores = {}
-            for name in names:
-                source = _config_source(configs[name])
-                root = Path(scratch) / f"r{outer.repeat}_f{outer.fold}" / name
-                runs = [_run_fold(name, source, overrides, s, settings, root, None) for s in inner]
-                oof = pd.DataFrame([r for run in runs for r in _prediction_rows(run, run.test)])
-                scores[name] = (
-                    balanced_accuracy_score(oof["label"], oof["predicted"]),
-                    roc_auc_score(oof["label"], oof["probability"]),
-                )
-            pick = max(names, key=lambda n: scores[n])
-            picks.append(pick)
-            oof = results[pick].oof
-            kept = oof[(oof["repeat"] == outer.repeat) & (oof["fold"] == outer.fold)]
-            rows.append(kept)
-            emit("nested_fold", repeat=outer.repeat, fold=outer.fold, pick=pick, inner=scores)
+    for outer in (run.split for run in first.runs):
+        pool = sorted(outer.train_ids + outer.val_ids)
+        scores = {}
+        for name in names:
+            inner = cross_validate(
+                configs[name],
+                folds=inner_folds,
+                seed=seed,
+                overrides=overrides,
+                n_bootstrap=1,
+                verbose=False,
+                patients=pool,
+            ).oof
+            scores[name] = (
+                balanced_accuracy_score(inner["label"], inner["predicted"]),
+                roc_auc_score(inner["label"], inner["probability"]),
+            )
+        pick = max(names, key=lambda n: scores[n])
+        picks.append(pick)
+        oof = results[pick].oof
+        rows.append(oof[(oof["repeat"] == outer.repeat) & (oof["fold"] == outer.fold)])
+        emit("nested_fold", repeat=outer.repeat, fold=outer.fold, pick=pick, inner=scores)
     return pd.concat(rows, ignore_index=True), picks
 
 
