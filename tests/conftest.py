@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 
@@ -50,6 +52,16 @@ def cache_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("lympho_mil_cache")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """Code run in-process (benchmarks' ``main``, the CLI with loader workers) may set torch's
+    thread count; later tests must not inherit it (a CPU reduction's summation order, hence
+    bit-exact results, depends on it)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
