@@ -71,9 +71,11 @@ class CVSettings:
     n_bootstrap: int = DEFAULT_RESAMPLES
     predict: bool = False
     verbose: bool = True
-    patients: tuple[str, ...] | None = None
+    patients: Sequence[str] | None = None  # a subset of the labelled patients (None: all)
 
     def __post_init__(self) -> None:
+        if self.patients is not None:
+            object.__setattr__(self, "patients", tuple(self.patients))
         if self.threshold_policy not in THRESHOLD_POLICIES:
             raise ValueError(
                 f"threshold_policy must be one of {THRESHOLD_POLICIES}, "
@@ -206,7 +208,7 @@ def cross_validate(
         n_bootstrap,
         predict,
         verbose,
-        tuple(patients) if patients is not None else None,
+        patients,
     )
     named = dict(zip(config_names([config]), [config], strict=True))
     return _run_configs(named, settings, out_dir, overrides, overwrite, compare=False).results[0]
@@ -249,7 +251,7 @@ def compare_configs(
         n_bootstrap,
         predict,
         verbose,
-        tuple(patients) if patients is not None else None,
+        patients,
     )
     return _run_configs(named, settings, out_dir, overrides, overwrite, compare=True)
 
@@ -353,7 +355,7 @@ def _labelled_patients(
 
 
 def _restrict(
-    ids: list[str], labels: list[int], keep: tuple[str, ...] | None
+    ids: list[str], labels: list[int], keep: Sequence[str] | None
 ) -> tuple[list[str], list[int]]:
     """The labelled patients among ``keep`` (all when None); unknown ids are an error."""
     if keep is None:
