@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CUDA checks of one GPU session, in one call: the CUDA tests, then the GPU benchmarks.
+# The CUDA checks of one GPU session, in one call: the main throughput figure (crops on the
+# device), the CUDA tests, then the other pipelines and the evaluation memory.
 #
 #     bash benchmarks/run_gpu.sh DLMI_FOLDER [OUT_DIR]
 #
@@ -13,12 +14,17 @@ here=$(dirname "$0")
 cache=$(mktemp -d)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)"
+run() {  # run LIMIT NAME ARGS...: one gpu_throughput.py measurement, its lines kept in OUT/NAME.jsonl
+    local limit=$1 name=$2
+    shift 2
+    timeout "$limit" python3 "$here/gpu_throughput.py" --data "$data" --cache-dir "$cache" \
+        --batch-size 4 --max-instances 64 --steps 100 "$@" | tee "$out/$name.jsonl"
+}
+run 150 gpu_throughput_on_device --cache-on-device --workers 0
 timeout 200 python3 -m pytest -q -p no:cacheprovider --tb=short "$here/../tests/test_cuda.py" \
     "$here/../tests/test_gpu_path.py" "$here/../tests/test_datamodule.py::test_batch_pin_memory_on_cuda" \
     >"$out/pytest.txt" 2>&1
 grep -E "^(FAILED|ERROR)|passed|failed" "$out/pytest.txt"
-timeout 180 python3 "$here/gpu_throughput.py" --data "$data" --cache-dir "$cache" --batch-size 4 \
-    --max-instances 64 --workers 8 | tee "$out/gpu_throughput.jsonl"
-timeout 80 python3 "$here/eval_memory.py" --data "$data" --cache-dir "$cache" | tee "$out/eval_memory.jsonl"
-timeout 90 python3 "$here/gpu_throughput.py" --data "$data" --cache-dir "$cache" --batch-size 4 \
-    --max-instances 64 --workers 8 --augment cpu | tee "$out/gpu_throughput_cpu_augment.jsonl"
+run 120 gpu_throughput_on_device_2_workers --cache-on-device --workers 2
+run 120 gpu_throughput_uint8 --workers 8
+timeout 60 python3 "$here/eval_memory.py" --data "$data" --cache-dir "$cache" | tee "$out/eval_memory.jsonl"

@@ -14,12 +14,12 @@ import torch
 from lympho_mil.data import BagBatch, PatientBagDataModule, collate_bags
 from lympho_mil.data.batch import BagSample
 from lympho_mil.data.gpu_augment import (
+    DIHEDRAL_MATRICES,
     DeviceAugment,
-    color_jitter,
     dihedral,
     dihedral_views,
-    random_affine,
-    random_dihedral,
+    random_warps,
+    warp,
 )
 from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor
 from lympho_mil.models import AttentionMIL, InstanceMIL
@@ -50,58 +50,44 @@ def test_the_eight_views_are_distinct_pixel_permutations() -> None:
         dihedral(x, 8)
 
 
-def test_random_dihedral_draws_one_view_per_crop_uniformly() -> None:
-    x = pixels(b=8, n=50)
-    out = random_dihedral(x, seeded(0))
-    assert out.dtype == torch.uint8 and out.shape == x.shape
-    views = dihedral_views(x.flatten(0, 1))  # [M, 8, C, H, W]
-    same = (views == out.flatten(0, 1).unsqueeze(1)).flatten(2).all(-1)  # [M, 8]
-    assert (same.sum(1) == 1).all()  # each crop is exactly one of its views
-    counts = torch.bincount(same.float().argmax(1), minlength=8)
-    assert counts.min() > 25  # 400 crops over 8 views: about 50 each
-    assert torch.equal(random_dihedral(x, seeded(0)), out)
-    assert not torch.equal(random_dihedral(x, seeded(1)), out)
-    with pytest.raises(ValueError, match="square"):
-        random_dihedral(x[..., :4], seeded(0))
+def as_views(theta: torch.Tensor) -> torch.Tensor:
+    """``theta[..., 2, 3]`` -> bool[M, 8]: which dihedral matrix each linear part is."""
+    matrices = torch.tensor(DIHEDRAL_MATRICES, dtype=theta.dtype)
+    return (theta[..., :2].reshape(-1, 1, 2, 2) == matrices).flatten(2).all(-1)
 
 
-# -- affine -------------------------------------------------------------------------------------
-def test_random_affine_warps_a_share_of_the_crops() -> None:
-    x = pixels(b=4, n=25, size=16).float() / 255
-    assert torch.equal(random_affine(x, p=0.0, generator=seeded(0)), x)
-    still = random_affine(x, p=1.0, scale=(1.0, 1.0), translate=0.0, degrees=0.0)
-    torch.testing.assert_close(still, x, rtol=0, atol=1e-5)  # the identity warp
-    ones = torch.ones(2, 50, 3, 16, 16)
-    rotated = random_affine(ones, p=1.0, scale=(1.0, 1.0), translate=0.0, generator=seeded(0))
+def test_random_warps_draw_every_dihedral_view_and_warp_a_share() -> None:
+    theta = random_warps((8, 50), affine=0.0, generator=seeded(0))
+    assert theta.shape == (8, 50, 2, 3) and (theta[..., 2] == 0).all()  # no shift
+    views = as_views(theta)
+    assert (views.sum(1) == 1).all()  # each crop gets exactly one view
+    assert views.sum(0).min() > 25  # 400 crops over 8 views: about 50 each
+    assert torch.equal(random_warps((8, 50), affine=0.0, generator=seeded(0)), theta)
+    assert not torch.equal(random_warps((8, 50), affine=0.0, generator=seeded(1)), theta)
+    plain = random_warps((8, 50), dihedral=False, affine=0.0, generator=seeded(0))
+    assert as_views(plain)[:, 0].all()  # the identity
+    half = random_warps((4, 25), affine=0.5, generator=seeded(1))
+    warped = ~as_views(half).any(1)
+    assert 20 < warped.sum() < 80  # about half of 100 crops
+    zoom = torch.linalg.det(half[..., :2].flatten(0, 1)[warped]).abs().rsqrt()
+    assert ((zoom > 0.9 - 1e-6) & (zoom < 1.1 + 1e-6)).all()
+    assert (half[..., 2].abs() <= 0.1 + 1e-6).all()  # shifts up to 5 % of the side
+
+
+def test_a_dihedral_warp_moves_pixels_exactly_up_to_rounding() -> None:
+    x = pixels(b=2, n=1, size=16).float().expand(2, 8, 3, 16, 16)
+    matrices = torch.tensor(DIHEDRAL_MATRICES, dtype=torch.float32)
+    theta = torch.cat([matrices, torch.zeros(8, 2, 1)], -1).expand(2, 8, 2, 3)
+    out = warp(x, theta)
+    for b in range(2):
+        views = dihedral_views(x[b, :1])[0]  # [8, C, H, W]
+        error = (out[b].unsqueeze(1) - views).abs().flatten(2).amax(-1)  # [matrix, view]
+        assert (error.min(1).values < 0.05).all()  # each matrix gives a view, to 0.05 / 255
+        assert len(set(error.argmin(1).tolist())) == 8  # all eight of them
+    ones = torch.ones(1, 50, 3, 16, 16)
+    rotated = warp(ones, random_warps((1, 50), affine=1.0, generator=seeded(0)))
     assert rotated.min() >= 0 and rotated.max() <= 1 + 1e-6
-    assert (rotated[..., 0, 0] < 0.5).float().mean() > 0.5  # corners leave the rotated crop
-    half = random_affine(x, p=0.5, generator=seeded(1))
-    untouched = (half == x).flatten(2).all(-1)
-    assert 20 < untouched.sum() < 80  # about half of 100 crops
-    assert torch.equal(random_affine(x, p=0.5, generator=seeded(1)), half)
-
-
-# -- colour -------------------------------------------------------------------------------------
-def test_color_jitter_is_per_crop_bounded_and_can_be_disabled() -> None:
-    x = pixels(b=4, n=6).float() / 255
-    assert torch.equal(color_jitter(x, 0.0, 0.0, 0.0, generator=seeded(0)), x)
-    assert torch.equal(color_jitter(x, 0.3, 0.3, 0.3, p=0.0, generator=seeded(0)), x)
-    out = color_jitter(x, 0.3, 0.3, 0.3, p=1.0, generator=seeded(0))
-    assert out.min() >= 0 and out.max() <= 1 and not torch.allclose(out, x)
-    brighter = color_jitter(x, brightness=0.3, contrast=0, saturation=0, generator=seeded(0))
-    ratios = (brighter / x.clamp(min=1e-3)).flatten(2).median(-1).values  # [B, N]
-    assert len(set(ratios.flatten().round(decimals=3).tolist())) > 10  # one factor per crop
-    assert ((ratios > 0.69) & (ratios < 1.31)).all()
-    half = color_jitter(x, 0.3, 0.3, 0.3, p=0.5, generator=seeded(0))
-    untouched = (half == x).flatten(2).all(-1)
-    assert 0 < untouched.sum() < untouched.numel()
-    assert torch.equal(color_jitter(x, 0.3, 0.3, 0.3, generator=seeded(0)), out)
-
-
-def test_grey_crops_keep_their_saturation() -> None:
-    grey = torch.full((1, 2, 3, 4, 4), 0.4)
-    out = color_jitter(grey, brightness=0, contrast=0, saturation=0.5, generator=seeded(0))
-    torch.testing.assert_close(out, grey)
+    assert (rotated[0, :, 0, 0, 0] < 0.5).float().mean() > 0.3  # corners leave rotated crops
 
 
 # -- the whole device pipeline ------------------------------------------------------------------
@@ -123,9 +109,31 @@ def test_device_augment_respects_the_mask_and_matches_the_cpu_normalisation() ->
     geometric = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, affine=0.0, color_p=0.0)
     flipped = geometric(raw, mask, train=True, generator=seeded(0))
     views = dihedral_views(evaluated[mask])
-    assert (views == flipped[mask].unsqueeze(1)).flatten(2).all(-1).any(1).all()
+    error = (views - flipped[mask].unsqueeze(1)).abs().flatten(2).amax(-1)  # [crop, view]
+    assert (error.min(1).values < 1e-3).all()  # each crop is one of its views (up to rounding)
     disabled = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, False, affine=0.0, color_p=0.0)
     assert torch.equal(disabled(raw, mask, train=True, generator=seeded(0)), evaluated)
+    with pytest.raises(ValueError, match="mean"):
+        DeviceAugment((0.5, 0.5, 255.0), IMAGENET_STD)
+
+
+def test_device_colour_jitter_scales_a_share_of_the_crops_each_by_its_own_factor() -> None:
+    raw = pixels(b=4, n=25).clamp(20, 180)  # 1.3 x 180 < 255: never clamped
+    mask = torch.ones(4, 25, dtype=torch.bool)
+    bright = DeviceAugment((0, 0, 0), (1, 1, 1), False, 0.0, 0.3, 0.0, 0.0, color_p=0.5)
+    out = bright(raw, mask, train=True, generator=seeded(0))
+    ratios = out * 255 / raw.float()  # [B, N, C, H, W]
+    per_crop = ratios.flatten(2)
+    torch.testing.assert_close(per_crop.amin(-1), per_crop.amax(-1))  # one factor per crop
+    factors = per_crop[..., 0]
+    assert ((factors > 0.7 - 1e-5) & (factors < 1.3 + 1e-5)).all()
+    unchanged = (factors - 1).abs() < 1e-6
+    assert 20 < unchanged.sum() < 80 and len(set(factors.flatten().round(decimals=4).tolist())) > 30
+    assert torch.equal(bright(raw, mask, train=True, generator=seeded(0)), out)
+    grey = torch.full((1, 3, 3, 4, 4), 100, dtype=torch.uint8)
+    saturated = DeviceAugment((0, 0, 0), (1, 1, 1), False, 0.0, 0.0, 0.0, 0.5, color_p=1.0)
+    grey_out = saturated(grey, torch.ones(1, 3, dtype=torch.bool), True, seeded(0))
+    torch.testing.assert_close(grey_out, grey.float() / 255)  # saturation keeps grey
 
 
 @pytest.fixture

@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lympho_mil.data.transforms import (
-    LUMA,
-    BagAugment,
-    BagToTensor,
-    _colour_maps,
-    train_augmentation,
-)
+from lympho_mil.data.gpu_augment import LUMA, colour_maps
+from lympho_mil.data.transforms import BagAugment, BagToTensor, train_augmentation
 
 GEOMETRIC = BagAugment(affine=0.0, color_jitter=0.0)
 
@@ -86,11 +81,12 @@ def test_colour_jitter_scales_each_crop_by_its_own_factor() -> None:
 def test_colour_map_is_brightness_then_contrast_then_saturation() -> None:
     pixel = np.random.default_rng(0).random((10, 3)) * 255  # [pixels, RGB] of one crop
     b, c, s = np.array([1.08]), np.array([0.93]), np.array([1.05])
-    mean_grey = (pixel @ LUMA).mean()
+    luma = np.array(LUMA)
+    mean_grey = (pixel @ luma).mean()
     y = b * pixel
-    z = c * y + (1 - c) * (y @ LUMA).mean()
-    expected = s * z + (1 - s) * (z @ LUMA)[:, None]
-    colour = _colour_maps(b, c, s)[0]
+    z = c * y + (1 - c) * (y @ luma).mean()
+    expected = s * z + (1 - s) * (z @ luma)[:, None]
+    colour = colour_maps(*map(torch.from_numpy, (b, c, s)))[0].numpy()
     mapped = pixel @ colour[:, :3].T + colour[:, 3] * mean_grey
     np.testing.assert_allclose(mapped, expected)
 

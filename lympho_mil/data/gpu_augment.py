@@ -3,11 +3,14 @@
 With ``PatientBagDataModule(augment="gpu")`` the training loader only slices the decoded-crop
 cache and ships raw ``uint8`` pixels, channels last as cached (4x fewer bytes than float32, and
 no channel split on the CPU); after the copy to the device, the channels move in front and
-:class:`DeviceAugment` draws a random dihedral view (flips x 90-degree rotations), a mild
-affine warp and a colour jitter for every crop at once, and normalises: the steps of the CPU
-pipeline (:class:`lympho_mil.data.transforms.BagAugment`). Padded slots stay zeros.
-Nothing here syncs with the host. It runs on any device, the CPU included, but it pays on a
-GPU: on a CPU, :class:`~lympho_mil.data.transforms.BagAugment` in the loader is faster.
+:class:`DeviceAugment` augments every crop of the batch in three passes over its pixels: one
+warp (a random dihedral view, composed with a mild affine for a share of the crops: one
+``grid_sample``), one reduction (each crop's mean grey) and one affine colour map (jitter and
+normalisation composed into a 3x4 matrix per crop, applied as a batched matrix product, clamped
+once). These are the steps of the CPU pipeline (:class:`lympho_mil.data.transforms.BagAugment`),
+with the same colour maps (:func:`colour_maps`). Padded slots stay zeros. Nothing here syncs
+with the host. It runs on any device, the CPU included, but it pays on a GPU: on a CPU,
+:class:`~lympho_mil.data.transforms.BagAugment` in the loader is faster.
 """
 
 from __future__ import annotations
@@ -21,9 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lympho_mil.data.transforms import LUMA
-
 DIHEDRAL_VIEWS = 8
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey weights, as torchvision's rgb_to_grayscale
+
+# The 8 dihedral views as (x, y) -> (a x + b y, c x + d y) about the crop's centre.
+DIHEDRAL_MATRICES = (
+    ((1, 0), (0, 1)),
+    ((0, -1), (1, 0)),
+    ((-1, 0), (0, -1)),
+    ((0, 1), (-1, 0)),
+    ((-1, 0), (0, 1)),
+    ((1, 0), (0, -1)),
+    ((0, 1), (1, 0)),
+    ((0, -1), (-1, 0)),
+)
 
 
 def dihedral(x: Tensor, view: int) -> Tensor:
@@ -60,93 +74,72 @@ def normalize_pixels(pixels: Tensor, mean: Sequence[float], std: Sequence[float]
     """uint8 or [0, 1] float ``pixels[..., C, H, W]`` -> float32 ``(x - mean) / std``, computed
     as :class:`~lympho_mil.data.transforms.BagToTensor` does on the CPU."""
     x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
-    mean_t = channel_constant(tuple(mean), x.device, torch.float32)
-    return (x - mean_t) / channel_constant(tuple(std), x.device, torch.float32)
+    mean_t = device_constant(tuple(mean), x.device, torch.float32).view(-1, 1, 1)
+    return (x - mean_t) / device_constant(tuple(std), x.device, torch.float32).view(-1, 1, 1)
 
 
 @functools.lru_cache(maxsize=64)
-def channel_constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``values`` as a ``[C, 1, 1]`` tensor on ``device``, made once per device: a copy from
-    the host to a GPU waits for the device, so one per training step would stall the
-    pipeline. Never an inference tensor, so autograd may use it."""
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``values`` (numbers, or nested tuples of them) as a tensor on ``device``, made once per
+    device: a copy from the host to a GPU waits for the device, so one per training step would
+    stall the pipeline. Never an inference tensor, so autograd may use it."""
     with torch.inference_mode(False):
-        return torch.tensor(values, dtype=dtype).view(-1, 1, 1).to(device)
+        return torch.tensor(values, dtype=dtype).to(device)
 
 
-def random_dihedral(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """A uniformly drawn dihedral view of every crop of ``x[B, N, C, S, S]`` (square crops).
+def colour_maps(brightness: Tensor, contrast: Tensor, saturation: Tensor) -> Tensor:
+    """Per-crop factors ``[...]`` -> colour maps ``[..., 3, 4]``: ``x -> M x + t m`` on RGB
+    pixels, where ``m`` is the crop's mean grey (to be multiplied into the last column).
 
-    Each view is a composition of an optional transpose, an optional up-down flip and an
-    optional left-right flip (three independent fair coins per crop), selected with
-    ``torch.where``: an exact permutation of each crop's pixels, any dtype.
+    With grey weights ``w`` (:data:`LUMA`): brightness ``b x``, then contrast
+    ``c y + (1 - c) b m``, then saturation ``s z + (1 - s) (w . z)``; the saturation step keeps
+    grey, so the offset stays grey. Factors of 1 give the identity.
     """
-    if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"rotations need square crops, got {tuple(x.shape[-2:])}")
-    coins = torch.rand((3, *x.shape[:2], 1, 1, 1), generator=generator, device=x.device) < 0.5
-    x = torch.where(coins[0], x.transpose(-1, -2), x)
-    x = torch.where(coins[1], x.flip(-2), x)
-    return torch.where(coins[2], x.flip(-1), x)
+    luma = device_constant(LUMA, brightness.device, brightness.dtype)
+    eye = torch.eye(3, dtype=brightness.dtype, device=brightness.device)
+    s = saturation[..., None, None]
+    linear = (brightness * contrast)[..., None, None] * (s * eye + (1 - s) * luma)
+    offset = ((1 - contrast) * brightness)[..., None, None].expand(*linear.shape[:-1], 1)
+    return torch.cat([linear, offset], -1)
 
 
-def random_affine(
-    x: Tensor,
-    p: float = 0.5,
+def random_warps(
+    lead: tuple[int, ...],
+    dihedral: bool = True,
+    affine: float = 0.5,
     scale: tuple[float, float] = (0.9, 1.1),
     translate: float = 0.05,
     degrees: float = 15.0,
     generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
 ) -> Tensor:
-    """With probability ``p`` per crop, warp ``x[B, N, C, H, W]`` (float) by a random rotation
-    (``+-degrees``), scale and translation (``+-translate`` of the side), bilinear, zeros
-    outside, as the CPU pipeline's ``Affine``. Other crops are returned exactly."""
-    lead = (*x.shape[:2],)
-    draws = torch.rand((5, *lead), generator=generator, device=x.device)
-    applied = draws[0] < p
+    """``theta[*lead, 2, 3]`` for :func:`warp`: per crop, a uniformly drawn dihedral view
+    (identity when ``dihedral`` is False), composed with probability ``affine`` with a rotation
+    of up to ``degrees``, a zoom in ``scale`` and a shift of up to ``translate`` of the side."""
+    views = torch.randint(
+        DIHEDRAL_VIEWS if dihedral else 1, lead, generator=generator, device=device
+    )
+    linear = device_constant(DIHEDRAL_MATRICES, torch.device(device), torch.float32)[views]
+    draws = torch.rand((5, *lead), generator=generator, device=device)
+    applied = draws[0] < affine
     angle = torch.deg2rad((draws[1] * 2 - 1) * degrees)
     zoom = scale[0] + draws[2] * (scale[1] - scale[0])
-    shift = (draws[3:] * 2 - 1) * translate * 2  # affine_grid spans [-1, 1]: twice the side
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # output -> input coordinates
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[0]], -1), torch.stack([sin, cos, shift[1]], -1)], -2
-    ).flatten(0, 1)
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    linear = torch.where(applied[..., None, None], rotation @ linear, linear)
+    shift = (draws[3:].movedim(0, -1) * 2 - 1) * translate * 2  # grids span [-1, 1]: twice the side
+    shift = shift * applied[..., None]
+    return torch.cat([linear, shift[..., None]], -1)
+
+
+def warp(x: Tensor, theta: Tensor) -> Tensor:
+    """``x[B, N, C, H, W]`` (float) resampled by ``theta[B, N, 2, 3]`` (output to input
+    coordinates, ``affine_grid``'s): bilinear, zeros outside. A dihedral ``theta`` moves pixels
+    exactly up to float rounding (about 1e-5 of the pixel range)."""
     flat = x.flatten(0, 1)
-    grid = F.affine_grid(theta.to(flat.dtype), list(flat.shape), align_corners=False)
+    grid = F.affine_grid(theta.flatten(0, 1).to(flat.dtype), list(flat.shape), align_corners=False)
     warped = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return torch.where(applied.view(*lead, 1, 1, 1), warped.view_as(x), x)
-
-
-def color_jitter(
-    x: Tensor,
-    brightness: float = 0.1,
-    contrast: float = 0.1,
-    saturation: float = 0.1,
-    p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Per-crop brightness, contrast and saturation jitter of ``x[B, N, 3, H, W]`` in [0, 1].
-
-    Each strength ``s`` draws a factor in ``[1 - s, 1 + s]`` per crop (0 disables the step);
-    with probability ``1 - p`` a crop keeps factors of 1. The blends are torchvision's:
-    brightness scales, contrast blends with the crop's mean grey, saturation with each
-    pixel's grey; values are clamped to [0, 1] after each step.
-    """
-    lead = (*x.shape[:2], 1, 1, 1)
-    applied = torch.rand(lead, generator=generator, device=x.device) < p
-
-    def factor(strength: float) -> Tensor:
-        u = torch.rand(lead, generator=generator, device=x.device) * 2 - 1
-        return torch.where(applied, 1 + strength * u, torch.ones_like(u))
-
-    luma = channel_constant(tuple(LUMA.tolist()), x.device, x.dtype)
-    if brightness > 0:
-        x = (x * factor(brightness)).clamp(0, 1)
-    if contrast > 0:
-        grey = (x * luma).sum(dim=-3, keepdim=True).mean(dim=(-2, -1), keepdim=True)
-        x = torch.lerp(grey, x, factor(contrast)).clamp(0, 1)
-    if saturation > 0:
-        grey = (x * luma).sum(dim=-3, keepdim=True)
-        x = torch.lerp(grey, x, factor(saturation)).clamp(0, 1)
-    return x
+    return warped.view(x.shape)
 
 
 @dataclass(frozen=True)
@@ -154,13 +147,14 @@ class DeviceAugment:
     """Raw crops ``uint8[B, N, C, H, W]`` -> normalised float32, augmented when training.
 
     Args:
-        mean, std: per-channel normalisation of pixels in [0, 1].
-        dihedral: a random flip/90-degree rotation view per crop (see :func:`random_dihedral`).
-        affine: probability of a random affine warp per crop (see :func:`random_affine`).
-        brightness, contrast, saturation: jitter strengths (see :func:`color_jitter`).
+        mean, std: per-channel normalisation of pixels in [0, 1] (``mean`` in [0, 1]).
+        dihedral: a random flip/90-degree rotation view per crop.
+        affine: probability of a random affine warp per crop (see :func:`random_warps`).
+        brightness, contrast, saturation: jitter strengths: factors in ``[1 - s, 1 + s]``.
         color_p: probability that a crop's colours are jittered (0 disables it).
 
-    A ``generator`` passed to a call must live on the pixels' device.
+    Training pixels are clamped to [0, 1] once, after the colour map. A ``generator`` passed
+    to a call must live on the pixels' device.
     """
 
     mean: tuple[float, ...]
@@ -172,6 +166,10 @@ class DeviceAugment:
     saturation: float = 0.1
     color_p: float = 0.5
 
+    def __post_init__(self) -> None:
+        if not all(0 <= m <= 1 for m in self.mean) or not all(s > 0 for s in self.std):
+            raise ValueError(f"need mean in [0, 1] and std > 0, got {self.mean}, {self.std}")
+
     def __call__(
         self,
         pixels: Tensor,
@@ -180,21 +178,42 @@ class DeviceAugment:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """``pixels[B, N, C, H, W]``, ``mask[B, N]`` -> float32, zero where ``mask`` is False."""
-        x = pixels
-        if train and self.dihedral:
-            x = random_dihedral(x, generator)
-        if train and (self.affine > 0 or self.color_p > 0):
-            x = x.float() / 255.0 if x.dtype == torch.uint8 else x
-        if train and self.affine > 0:
-            x = random_affine(x, self.affine, generator=generator)
-        if train and self.color_p > 0:
-            x = color_jitter(
-                x,
-                self.brightness,
-                self.contrast,
-                self.saturation,
-                self.color_p,
-                generator,
+        keep = mask.view(*mask.shape, 1, 1, 1)
+        geometric = train and (self.dihedral or self.affine > 0)
+        colour = train and self.color_p > 0
+        if not (geometric or colour):
+            return normalize_pixels(pixels, self.mean, self.std).masked_fill(~keep, 0.0)
+        x = pixels.float()
+        if geometric:
+            theta = random_warps(
+                tuple(mask.shape), self.dihedral, self.affine, generator=generator, device=x.device
             )
-        x = normalize_pixels(x, self.mean, self.std)
-        return x.masked_fill(~mask.view(*mask.shape, 1, 1, 1), 0.0)
+            x = warp(x, theta)
+        maps = self._colour_maps(x, mask.shape, colour, generator)  # [B, N, 3, 4] on [0, 255]
+        std = device_constant(tuple(self.std), x.device, torch.float32)
+        mean = device_constant(tuple(self.mean), x.device, torch.float32)
+        maps = maps / std[:, None]
+        maps[..., 3] -= mean / std
+        maps = (maps * mask[..., None, None]).flatten(0, 1)
+        y = torch.baddbmm(maps[..., 3:], maps[..., :3], x.flatten(0, 1).flatten(-2))
+        low, high = -mean / std, (1 - mean) / std
+        return y.view(x.shape).clamp_(low.view(-1, 1, 1), high.view(-1, 1, 1))
+
+    def _colour_maps(
+        self, x: Tensor, lead: torch.Size, jitter: bool, generator: torch.Generator | None
+    ) -> Tensor:
+        """``[*lead, 3, 4]`` maps from pixels in [0, 255] to jittered pixels in [0, 1], the
+        mean grey already in the last column (identity / 255 without ``jitter``)."""
+        if not jitter:
+            return torch.eye(3, 4, device=x.device).expand(*lead, 3, 4) / 255.0
+        draws = torch.rand((4, *lead), generator=generator, device=x.device)
+        factors = [
+            torch.where(draws[0] < self.color_p, 1 + strength * (u * 2 - 1), 1.0)
+            for strength, u in zip(
+                (self.brightness, self.contrast, self.saturation), draws[1:], strict=True
+            )
+        ]
+        maps = colour_maps(*factors)
+        luma = device_constant(LUMA, x.device, torch.float32)
+        grey = x.mean(dim=(-2, -1)) @ luma  # [*lead], on [0, 255]
+        return torch.cat([maps[..., :3], maps[..., 3:] * grey[..., None, None]], -1) / 255.0

@@ -22,27 +22,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lympho_mil.data.gpu_augment import DIHEDRAL_MATRICES, LUMA, colour_maps
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R 601 weights, as torchvision's rgb_to_grayscale
 
 BagAugmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 """uint8[n, H, W, 3] crops -> augmented uint8[n, H, W, 3]; all randomness from the generator."""
 
-# The 8 dihedral views as (x, y) -> (a x + b y, c x + d y) about the crop's centre.
-_DIHEDRAL = np.array(
-    [
-        [[1, 0], [0, 1]],
-        [[0, -1], [1, 0]],
-        [[-1, 0], [0, -1]],
-        [[0, 1], [-1, 0]],
-        [[-1, 0], [0, 1]],
-        [[1, 0], [0, -1]],
-        [[0, 1], [1, 0]],
-        [[0, -1], [-1, 0]],
-    ],
-    dtype=np.float64,
-)
+_DIHEDRAL = np.array(DIHEDRAL_MATRICES, dtype=np.float64)
+_LUMA = np.array(LUMA)
 
 
 def train_augmentation(
@@ -111,7 +100,8 @@ class BagAugment:
         warp = rng.random(n) < self.affine
         warps = self._warp_matrices(views, rng.random((4, n)), width)
         jitter = rng.random(n) < self.color_jitter
-        colours = _colour_maps(*(1 + self.jitter_strength * (rng.random((3, n)) * 2 - 1)))
+        factors = 1 + self.jitter_strength * (rng.random((3, n)) * 2 - 1)
+        colours = colour_maps(*torch.from_numpy(factors)).numpy()
         out = np.empty_like(crops)
         for i, (view, warped, jittered) in enumerate(
             zip(views.tolist(), warp.tolist(), jitter.tolist(), strict=True)
@@ -122,7 +112,7 @@ class BagAugment:
                 _dihedral_into(crops[i], view, out[i])
             if jittered:
                 colour = colours[i].copy()
-                colour[:, 3] *= float(LUMA @ np.asarray(cv2.mean(out[i])[:3]))
+                colour[:, 3] *= float(_LUMA @ np.asarray(cv2.mean(out[i])[:3]))
                 cv2.transform(out[i], colour, out[i])
         return out
 
@@ -140,7 +130,7 @@ class BagAugment:
 
 
 def _dihedral_into(crop: np.ndarray, view: int, out: np.ndarray) -> None:
-    """Write dihedral ``view`` (0-7, the rows of ``_DIHEDRAL``) of ``crop`` into ``out``."""
+    """Write dihedral ``view`` (0-7, the rows of ``DIHEDRAL_MATRICES``) of ``crop`` into ``out``."""
     if view == 0:
         np.copyto(out, crop)
     elif view in (1, 3):
@@ -155,22 +145,6 @@ def _dihedral_into(crop: np.ndarray, view: int, out: np.ndarray) -> None:
         cv2.transpose(crop, out)
         if view == 7:
             cv2.flip(out, -1, out)
-
-
-def _colour_maps(
-    brightness: np.ndarray, contrast: np.ndarray, saturation: np.ndarray
-) -> np.ndarray:
-    """float[n, 3, 4] colour maps ``x -> M x + t m`` (``m``: the crop's mean grey, to be
-    multiplied into the last column): brightness, contrast and saturation factors in turn.
-
-    With grey weights ``w``: ``b x``, then ``c y + (1 - c) b m``, then
-    ``s z + (1 - s) (w . z)``; the saturation step keeps grey, so the offset stays grey.
-    """
-    s = saturation[:, None, None]
-    saturate = s * np.eye(3) + (1 - s) * np.outer(np.ones(3), LUMA)
-    linear = (brightness * contrast)[:, None, None] * saturate
-    offset = np.broadcast_to(((1 - contrast) * brightness)[:, None, None], (len(s), 3, 1))
-    return np.concatenate([linear, offset], -1)
 
 
 class PerCrop:
