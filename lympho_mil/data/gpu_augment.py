@@ -134,12 +134,28 @@ def random_warps(
 
 def warp(x: Tensor, theta: Tensor) -> Tensor:
     """``x[B, N, C, H, W]`` (float) resampled by ``theta[B, N, 2, 3]`` (output to input
-    coordinates, ``affine_grid``'s): bilinear, zeros outside. A dihedral ``theta`` moves pixels
-    exactly up to float rounding (about 1e-5 of the pixel range)."""
+    coordinates, ``affine_grid``'s with ``align_corners=False``): bilinear, zeros outside. A
+    dihedral ``theta`` moves pixels exactly up to float rounding (about 1e-5 of the range)."""
     flat = x.flatten(0, 1)
-    grid = F.affine_grid(theta.flatten(0, 1).to(flat.dtype), list(flat.shape), align_corners=False)
+    grid = sampling_grid(theta.flatten(0, 1).to(flat.dtype), *flat.shape[-2:])
     warped = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return warped.view(x.shape)
+
+
+def sampling_grid(theta: Tensor, height: int, width: int) -> Tensor:
+    """``theta[M, 2, 3]`` -> ``grid[M, H, W, 2]``, as ``F.affine_grid(theta, (M, C, H, W))``
+    computes it, but written in two broadcast passes (``affine_grid`` first materialises a
+    ``[M, H, W, 3]`` base grid and multiplies it by ``theta``: several times the traffic)."""
+    centres = [
+        (torch.arange(n, device=theta.device, dtype=theta.dtype) * 2 + 1) / n - 1
+        for n in (height, width)
+    ]
+    ys, xs = centres[0].view(1, -1, 1), centres[1].view(1, 1, -1)
+    grid = torch.empty(len(theta), height, width, 2, device=theta.device, dtype=theta.dtype)
+    for axis in range(2):
+        row = theta[:, axis].unsqueeze(-1).unsqueeze(-1)  # [M, 3, 1, 1]
+        torch.add(row[:, 0] * xs + row[:, 2], row[:, 1] * ys, out=grid[..., axis])
+    return grid
 
 
 @dataclass(frozen=True)
