@@ -151,7 +151,11 @@ def device_side_ms(dm: PatientBagDataModule, raw: BagBatch, repeats: int = 20) -
 def make_model(args) -> AttentionMIL:  # type: ignore[no-untyped-def]
     L.seed_everything(0, verbose=False)
     return AttentionMIL(
-        encoder="resnet18", channels_last=True, compile_encoder=args.compile, scheduler="none"
+        encoder="resnet18",
+        channels_last=True,
+        compile_encoder=args.compile,
+        shape_multiple=args.shape_multiple or None,
+        scheduler="none",
     )
 
 
@@ -166,6 +170,7 @@ def main() -> None:
     p.add_argument("--augment", choices=["gpu", "cpu"], default="gpu")
     p.add_argument("--cache-on-device", action="store_true", help="crops kept on the GPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--shape-multiple", type=int, default=16, help="0: one shape per crop count")
     p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on a CPU")
     args = p.parse_args()
     if not torch.cuda.is_available() and not args.allow_cpu:
@@ -216,6 +221,7 @@ def main() -> None:
             augment=args.augment,
             cache_on_device=args.cache_on_device,
             workers=args.workers,
+            shape_multiple=args.shape_multiple,
             steps_timed=args.steps,
             pipeline_crops_per_s=round(real, 1),
             in_memory_crops_per_s=round(upper, 1),

@@ -174,3 +174,20 @@ def test_encode_instances_rejects_bad_chunk_size() -> None:
     instances, mask = padded_bags([2], (5,))
     with pytest.raises(ValueError, match="chunk_size"):
         encode_instances(IdentityEncoder(5), instances, mask, chunk_size=0)
+    with pytest.raises(ValueError, match="shape_multiple"):
+        encode_instances(IdentityEncoder(5), instances, mask, shape_multiple=0)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "chunk_size", "calls"),
+    [([2, 5, 1], 3, [4, 4, 4]), ([1], None, [4]), ([2, 3], 4, [4, 4]), ([4, 4], 4, [4, 4])],
+)
+def test_shape_multiple_tops_up_every_call_and_drops_the_repeats(
+    sizes: list[int], chunk_size: int | None, calls: list[int]
+) -> None:
+    encoder = CountingEncoder(SmallCNN(in_chans=1, width=8, out_dim=6).eval())
+    instances, mask = padded_bags(sizes, (1, 28, 28))
+    plain = encode_instances(encoder.inner, instances, mask, chunk_size)
+    h = encode_instances(encoder, instances, mask, chunk_size, shape_multiple=4)
+    assert encoder.calls == calls
+    torch.testing.assert_close(h, plain)  # eval mode: the repeats change nothing

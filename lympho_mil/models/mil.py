@@ -76,6 +76,10 @@ class MILClassifier(EncoderMixin, BagClassifier):
         encoder_weights: local weights file for a timm encoder (nothing is downloaded).
         freeze_encoder: keep the encoder fixed (eval mode, no gradients).
         chunk_size: encode at most this many crops at once (bounds memory on big bags).
+        shape_multiple: top each encoder call up to a multiple of this many crops (repeats,
+            outputs dropped; see :func:`~lympho_mil.nn.encode_instances`): a few input shapes
+            instead of one per number of crops in a batch, for cuDNN plans and compiled
+            encoders on a GPU. 16 costs about 3 % more encoder work at 256 crops a step.
         channels_last: keep the encoder's weights and 4-D inputs channels-last (faster convs
             on CUDA under mixed precision; see :mod:`lympho_mil.models.acceleration`).
         compile_encoder: ``torch.compile`` the encoder (in place: checkpoints stay loadable
@@ -98,6 +102,7 @@ class MILClassifier(EncoderMixin, BagClassifier):
         encoder_weights: str | None = None,
         freeze_encoder: bool = False,
         chunk_size: int | None = 128,
+        shape_multiple: int | None = None,
         channels_last: bool = False,
         compile_encoder: bool = False,
         attention_hidden: int = 128,
@@ -116,6 +121,7 @@ class MILClassifier(EncoderMixin, BagClassifier):
         )
         self.pooling_name = self.default_pooling
         self.chunk_size = chunk_size
+        self.shape_multiple = shape_multiple
         self.attention_hidden = attention_hidden
         self.dropout = dropout
         super().__init__(**kwargs)
@@ -134,7 +140,9 @@ class MILClassifier(EncoderMixin, BagClassifier):
 
     def embed(self, batch: BagBatch) -> tuple[Tensor, Tensor]:
         """Pooled bag embedding z[B, D] and crop weights[B, N]."""
-        h = encode_instances(self.encoder, batch.instances, batch.mask, self.chunk_size)
+        h = encode_instances(
+            self.encoder, batch.instances, batch.mask, self.chunk_size, self.shape_multiple
+        )
         z, weights = self.pooling(h, batch.mask)
         if weights is None:
             weights = fallback_weights(h, batch.mask, self.pooling_name)
@@ -185,6 +193,7 @@ class InstanceMIL(EncoderMixin, BagClassifier):
         encoder_weights: str | None = None,
         freeze_encoder: bool = False,
         chunk_size: int | None = 128,
+        shape_multiple: int | None = None,
         channels_last: bool = False,
         compile_encoder: bool = False,
         dropout: float = 0.0,
@@ -201,6 +210,7 @@ class InstanceMIL(EncoderMixin, BagClassifier):
             compile_encoder,
         )
         self.chunk_size = chunk_size
+        self.shape_multiple = shape_multiple
         self.dropout = dropout
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -210,7 +220,9 @@ class InstanceMIL(EncoderMixin, BagClassifier):
         self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.encoder.out_dim, 1))
 
     def forward(self, batch: BagBatch) -> BagOutput:
-        h = encode_instances(self.encoder, batch.instances, batch.mask, self.chunk_size)
+        h = encode_instances(
+            self.encoder, batch.instances, batch.mask, self.chunk_size, self.shape_multiple
+        )
         crop_logits = self.head(h).squeeze(-1).float().masked_fill(~batch.mask, 0.0)
         n = batch.mask.sum(dim=1).clamp(min=1)
         weights = batch.mask.float() / n.unsqueeze(1)

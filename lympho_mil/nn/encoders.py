@@ -209,19 +209,37 @@ def freeze(module: nn.Module) -> None:
 
 
 def encode_instances(
-    encoder: nn.Module, instances: Tensor, mask: Tensor, chunk_size: int | None = None
+    encoder: nn.Module,
+    instances: Tensor,
+    mask: Tensor,
+    chunk_size: int | None = None,
+    shape_multiple: int | None = None,
 ) -> Tensor:
     """Encode the real instances of padded bags: ``instances[B, N, ...]``, ``mask[B, N]``.
 
     Only the ``M = mask.sum()`` real instances reach ``encoder``, in chunks of at most
-    ``chunk_size`` (None: all at once). Returns ``h[B, N, D]`` in the encoder's output dtype,
-    zero where ``mask`` is False. One host sync per call.
+    ``chunk_size`` (None: all at once). With ``shape_multiple``, each chunk is topped up to a
+    multiple of it with repeats of its own first instances, whose outputs are dropped: the
+    encoder then sees a few input shapes instead of one per value of ``M`` (on CUDA each new
+    shape costs cuDNN new plans, and a compiled encoder a new graph); the repeats count twice
+    in BatchNorm statistics. Returns ``h[B, N, D]`` in the encoder's output dtype, zero where
+    ``mask`` is False. One host sync per call.
     """
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}")
+    for name, value in (("chunk_size", chunk_size), ("shape_multiple", shape_multiple)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive integer or None, got {value}")
     index = mask.nonzero(as_tuple=True)
     flat = instances[index]
     chunks = flat.split(chunk_size) if chunk_size is not None else (flat,)
-    h_flat = torch.cat([encoder(chunk) for chunk in chunks])
+    h_flat = torch.cat([_encode_topped_up(encoder, chunk, shape_multiple) for chunk in chunks])
     out = h_flat.new_zeros(*mask.shape, *h_flat.shape[1:])
     return out.index_put(index, h_flat)
+
+
+def _encode_topped_up(encoder: nn.Module, x: Tensor, multiple: int | None) -> Tensor:
+    """``encoder(x)``, run on ``x`` topped up to a multiple of ``multiple`` rows (repeats)."""
+    extra = -len(x) % multiple if multiple is not None and len(x) > 0 else 0
+    if extra == 0:
+        return encoder(x)
+    repeats = torch.arange(extra, device=x.device) % len(x)
+    return encoder(torch.cat([x, x[repeats]]))[: len(x)]
