@@ -115,6 +115,8 @@ def test_device_augment_respects_the_mask_and_matches_the_cpu_normalisation() ->
     assert torch.equal(disabled(raw, mask, train=True, generator=seeded(0)), evaluated)
     with pytest.raises(ValueError, match="mean"):
         DeviceAugment((0.5, 0.5, 255.0), IMAGENET_STD)
+    with pytest.raises(ValueError, match="square"):
+        augment(raw[..., :4], mask, train=True, generator=seeded(0))
 
 
 def test_device_colour_jitter_scales_a_share_of_the_crops_each_by_its_own_factor() -> None:

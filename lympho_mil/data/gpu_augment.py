@@ -199,6 +199,8 @@ class DeviceAugment:
         colour = train and self.color_p > 0
         if not (geometric or colour):
             return normalize_pixels(pixels, self.mean, self.std).masked_fill(~keep, 0.0)
+        if geometric and self.dihedral and pixels.shape[-1] != pixels.shape[-2]:
+            raise ValueError(f"rotations need square crops, got {tuple(pixels.shape[-2:])}")
         x = pixels.float()
         if geometric:
             theta = random_warps(
