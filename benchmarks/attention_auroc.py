@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 from mil_common import machine, quiet
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from speed_common import quiet_trainer
 
 from lympho_mil import AttentionMIL, GatedAttentionMIL, PatientBagDataModule, make_synthetic_dlmi
 from lympho_mil.evaluation.explain import write_explanations
@@ -60,13 +61,8 @@ def train_and_predict(
         tabular_dim=data.tabular_dim,
         tabular_stats=data.tabular_stats,
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=args.epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, data)
     return [r for batch in trainer.predict(model, data) for r in batch], data

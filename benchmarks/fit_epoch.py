@@ -18,7 +18,7 @@ import time
 
 import lightning as L
 import torch
-from speed_common import emit, parser, quiet
+from speed_common import emit, parser, quiet, quiet_trainer
 
 from lympho_mil.data import PatientBagDataModule
 from lympho_mil.models import GatedFusionMIL
@@ -82,13 +82,8 @@ def main() -> None:
             tabular_stats=dm.tabular_stats,
         )
         timer = EpochTimer()
-        L.Trainer(
+        quiet_trainer(
             max_epochs=args.epochs,
-            accelerator="cpu",
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             num_sanity_val_steps=0,
             callbacks=[timer],
         ).fit(model, dm)

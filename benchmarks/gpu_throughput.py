@@ -33,7 +33,7 @@ import time
 
 import lightning as L
 import torch
-from speed_common import emit, parser, quiet
+from speed_common import emit, parser, quiet, quiet_trainer
 from torch.utils.data import DataLoader, Dataset
 
 from lympho_mil.data import BagBatch, PatientBagDataModule
@@ -83,17 +83,13 @@ def crops_per_second(
     model: L.LightningModule, data: PatientBagDataModule | DataLoader, args, precision: str
 ) -> float:  # type: ignore[no-untyped-def]
     timer = StepTimer(args.warmup)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         accelerator=args.accelerator,
         devices=1,
         precision=precision,
         max_steps=args.warmup + args.steps,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[timer],
     )
     if isinstance(data, DataLoader):

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import lightning as L
 import numpy as np
 import torch
+from speed_common import quiet_trainer
 
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.models import (
@@ -50,13 +51,8 @@ def fit_predict(
     training bags; return ``(labels, probabilities)`` of its ``predict_ids`` bags."""
     L.seed_everything(seed, workers=True, verbose=False)
     model = make_model()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )

@@ -1,4 +1,4 @@
-"""What the speed benchmarks share: the ``--data`` argument, the machine, JSON lines, quiet runs."""
+"""What the benchmarks share: the ``--data`` argument, the machine, JSON lines, quiet runs."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dlmi-dev"
@@ -53,3 +54,16 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+def quiet_trainer(**settings: Any) -> L.Trainer:
+    """``L.Trainer`` on the CPU unless told otherwise, without logger, checkpoints, progress
+    bar or model summary; ``settings`` on top."""
+    quiet_settings = {
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+    }
+    return L.Trainer(**{**quiet_settings, **settings})

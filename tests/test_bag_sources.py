@@ -15,6 +15,7 @@ import pytest
 import scipy.io
 import scipy.sparse
 import torch
+from trainers import quiet_trainer
 
 from lympho_mil.cli import main
 from lympho_mil.data import BagBatch, DataError
@@ -296,13 +297,8 @@ def test_tiny_attention_model_learns_separable_bags(tmp_path: Path) -> None:
     model = AttentionMIL(
         encoder="mlp", in_dim=data.in_dim, embed_dim=16, lr=1e-2, attention_hidden=16
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=10,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )

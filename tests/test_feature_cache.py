@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from trainers import quiet_trainer
 
 from lympho_mil.data import (
     CachedFeatureDataModule,
@@ -219,13 +220,8 @@ def test_select_view_modes() -> None:
 
 # -- heads on cached features -------------------------------------------------------------------
 def fit(model: L.LightningModule, dm: CachedFeatureDataModule) -> L.Trainer:
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, dm)
     return trainer

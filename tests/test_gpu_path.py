@@ -10,6 +10,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from trainers import quiet_trainer
 
 from lympho_mil.data import BagBatch, PatientBagDataModule, collate_bags
 from lympho_mil.data.batch import BagSample
@@ -194,13 +195,8 @@ def fit_recording(dm: PatientBagDataModule, epochs: int) -> tuple[list[torch.Ten
         encoder="small_cnn", encoder_kwargs={"width": 8}, embed_dim=8, tabular_dim=dm.tabular_dim
     )
     recorder = Recorder()
-    L.Trainer(
+    quiet_trainer(
         max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         callbacks=[recorder],

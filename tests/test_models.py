@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from trainers import quiet_trainer
 
 from lympho_mil import (
     AttentionMIL,
@@ -59,13 +60,8 @@ def loader(bags: list[Bag], store: np.ndarray, shuffle: bool) -> DataLoader:
 
 def fit_and_score(model: BagClassifier, epochs: int) -> float:
     bags, store = separable_bags()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, loader(bags, store, shuffle=True))
     records = [r for batch in trainer.predict(model, loader(bags, store, False)) for r in batch]
@@ -148,14 +144,9 @@ def test_bf16_mixed_precision_trains_on_cpu(model_cls: type[BagClassifier]) -> N
     L.seed_everything(0)
     bags, store = separable_bags(8)
     model = model_cls(**TINY_ENCODER, tabular_dim=3, tabular_stats=STATS)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
-        accelerator="cpu",
         precision="bf16-mixed",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, loader(bags, store, shuffle=True))
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
@@ -168,13 +159,8 @@ def test_non_finite_loss_names_step_and_patients() -> None:
     model = AttentionMIL(**TINY_ENCODER, tabular_dim=3, tabular_stats=STATS)
     with torch.no_grad():
         model.head[-1].bias.fill_(float("nan"))
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
         max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     with pytest.raises(NonFiniteLossError, match=r"global step 0.*patients \['B"):
         trainer.fit(model, loader(bags, store, shuffle=False))
