@@ -194,8 +194,8 @@ def main() -> None:
             model=result.name,
             folds=args.folds,
             repeats=args.repeats,
-            **{m: _interval(report[m]) for m in METRICS},
-            **{f"{m}_minus_tabular_mlp": _interval(difference[m]) for m in METRICS if difference},
+            **{m: interval(report[m]) for m in METRICS},
+            **{f"{m}_minus_tabular_mlp": interval(difference[m]) for m in METRICS if difference},
             cv_seconds=report["wall_time_s"],
         )
     if pool:
@@ -212,13 +212,13 @@ def main() -> None:
             folds=args.folds,
             repeats=args.repeats,
             picks=dict(Counter(picks)),
-            **{m: _interval(summary[m]) for m in METRICS},
-            **{f"{m}_minus_tabular_mlp": _interval(difference[m]) for m in METRICS},
+            **{m: interval(summary[m]) for m in METRICS},
+            **{f"{m}_minus_tabular_mlp": interval(difference[m]) for m in METRICS},
             selection_seconds=round(time.perf_counter() - start, 1),
         )
 
 
-def _interval(stats: dict[str, float]) -> list[float]:
+def interval(stats: dict[str, float]) -> list[float]:
     """[mean, CI low, CI high], rounded."""
     return [round(stats[k], 3) for k in ("mean", "ci95_low", "ci95_high")]
 
