@@ -16,6 +16,7 @@ from lympho_mil.data import BagSample, PatientBagDataModule, collate_bags
 from lympho_mil.data.gpu_augment import DeviceAugment, normalize_pixels
 from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lympho_mil.models import AttentionMIL
+from lympho_mil.nn import MorphologyEncoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -143,3 +144,11 @@ def test_chunked_evaluation_bounds_cuda_memory() -> None:
 
     small, whole = peak_mib(8), peak_mib(200)
     assert small < whole / 4, (small, whole)
+
+
+def test_morphology_features_on_cuda_match_the_cpu() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 64, 64)
+    encoder = MorphologyEncoder()
+    on_cpu = encoder(x)
+    torch.testing.assert_close(encoder.cuda()(x.cuda()).cpu(), on_cpu, rtol=1e-2, atol=1e-2)

@@ -164,3 +164,35 @@ def test_non_finite_loss_names_step_and_patients() -> None:
     )
     with pytest.raises(NonFiniteLossError, match=r"global step 0.*patients \['B"):
         trainer.fit(model, loader(bags, store, shuffle=False))
+
+
+def test_any_seed_everything_seed_trains() -> None:
+    """The per-step reseeding stays in torch's range for the largest seed Lightning takes."""
+    L.seed_everything(2**32 - 1, verbose=False)
+    bags, store = separable_bags(4)
+    model = TabularMLP(tabular_dim=3, tabular_stats=STATS)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, loader(bags, store, shuffle=True))
+    assert trainer.global_step > 0
+
+
+def test_a_threshold_asked_at_load_replaces_the_checkpoints(tmp_path) -> None:
+    bags, store = separable_bags(4)
+    model = TabularMLP(tabular_dim=3, tabular_stats=STATS)
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(model, loader(bags, store, shuffle=False))
+    model.threshold.fill_(0.4)  # as cv does with the threshold chosen on validation patients
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    assert float(TabularMLP.load_from_checkpoint(path).threshold) == pytest.approx(0.4)
+    assert float(TabularMLP.load_from_checkpoint(path, threshold=0.2).threshold) == pytest.approx(
+        0.2
+    )
+
+    def predicted_threshold(threshold: float) -> float:
+        fresh = TabularMLP(tabular_dim=3, tabular_stats=STATS, threshold=threshold)
+        batches = quiet_trainer().predict(fresh, loader(bags, store, False), ckpt_path=path)
+        return batches[0][0]["threshold"]
+
+    assert predicted_threshold(0.5) == pytest.approx(0.4)  # the config's own setting: kept
+    assert predicted_threshold(0.3) == pytest.approx(0.3)

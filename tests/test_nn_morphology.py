@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lympho_mil.nn import MORPHOLOGY_FEATURES, MorphologyEncoder, build_instance_encoder
-from lympho_mil.nn.morphology import reconstruct
+from lympho_mil.nn.morphology import _masked_quantiles, reconstruct
 
 SIDE = 64
 BACKGROUND = (0.95, 0.88, 0.78)  # beige, bright
@@ -51,6 +51,15 @@ def test_shape_dtype_and_no_parameters() -> None:
     assert out.shape == (5, len(MORPHOLOGY_FEATURES)) == (5, encoder.out_dim)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert not list(encoder.parameters())
+
+
+def test_constants_are_made_on_the_inputs_device() -> None:
+    """Feature extraction runs on the Trainer's device: no helper may fall back to the CPU
+    (the meta device stands in for CUDA here; tests/test_cuda.py runs the whole encoder)."""
+    nucleus = torch.zeros(2, 1, SIDE, SIDE, dtype=torch.bool, device="meta")
+    values = torch.zeros(2, 1, SIDE, SIDE, device="meta")
+    assert MorphologyEncoder._shape(nucleus).device.type == "meta"
+    assert _masked_quantiles(values, nucleus, (0.1, 0.9)).shape == (2, 2)
 
 
 def test_built_by_name() -> None:

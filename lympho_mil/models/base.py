@@ -60,7 +60,10 @@ class BagClassifier(LightningModule):
             minority reactive class when tumoral patients dominate.
         lr, weight_decay: AdamW settings (``--optimizer`` on the CLI replaces them).
         scheduler: "cosine" (annealed over ``trainer.max_epochs``) or "none".
-        threshold: decision threshold on the probability; carried in the checkpoint.
+        threshold: decision threshold on the probability; carried in the checkpoint (``cv``
+            stores the one chosen on a fold's validation patients). Loading a checkpoint keeps
+            its threshold unless another value than the checkpoint's own setting is asked for
+            (``load_from_checkpoint(path, threshold=t)``, ``--model.threshold t``).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class BagClassifier(LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.scheduler = scheduler
+        self.threshold_setting = float(threshold)  # the buffer may change (cv); this not
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         stats = tabular_stats or {"mean": [0.0] * tabular_dim, "scale": [1.0] * tabular_dim}
         self.standardize = Standardize(stats["mean"], stats["scale"])
@@ -185,10 +189,15 @@ class BagClassifier(LightningModule):
         uninterrupted one (the data side does the same, see ``EpochSeededSampler``)."""
         seed = os.environ.get("PL_GLOBAL_SEED")
         if seed is not None:
-            torch.manual_seed((int(seed) * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx)
+            step_seed = (int(seed) * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx
+            torch.manual_seed(step_seed % 2**63)  # any seed_everything seed (up to 2**32 - 1)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lympho_mil"] = {"format": CHECKPOINT_FORMAT, "class": type(self).__name__}
+        checkpoint["lympho_mil"] = {
+            "format": CHECKPOINT_FORMAT,
+            "class": type(self).__name__,
+            "threshold_setting": self.threshold_setting,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("lympho_mil")
@@ -198,6 +207,11 @@ class BagClassifier(LightningModule):
                 f"checkpoint format {found!r} is not the one this lympho-mil reads "
                 f"({CHECKPOINT_FORMAT}); was it written by lympho-mil?"
             )
+        saved = meta.get("threshold_setting")
+        if saved is not None and self.threshold_setting != saved:
+            # a threshold other than the checkpoint's own setting was asked for: it wins over
+            # the one the checkpoint carries (e.g. chosen on validation patients by ``cv``)
+            checkpoint["state_dict"]["threshold"] = torch.tensor(self.threshold_setting)
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -100,7 +100,9 @@ def _masked_std(values: Tensor, mask: Tensor) -> Tensor:
 def _masked_quantiles(values: Tensor, mask: Tensor, q: Sequence[float]) -> Tensor:
     """Quantiles of ``values[M, 1, H, W]`` over ``mask`` -> ``[M, len(q)]`` (0 if empty)."""
     flat = values.flatten(1).masked_fill(~mask.flatten(1), float("nan"))
-    out = torch.nanquantile(flat, torch.tensor(q, dtype=values.dtype), dim=1).T
+    out = torch.nanquantile(
+        flat, torch.tensor(q, dtype=values.dtype, device=values.device), dim=1
+    ).T
     return out.nan_to_num(0.0)
 
 
@@ -167,7 +169,9 @@ class MorphologyEncoder(nn.Module):
         side = float(min(rgb.shape[-2:]))
         nucleus, nuclear = self.nucleus_mask(rgb)
         grey = rgb.mean(dim=1, keepdim=True)
-        shape = self._shape(nucleus) / torch.tensor([side] * 3 + [1.0] * 3 + [side])
+        shape = self._shape(nucleus) / torch.tensor(
+            [side] * 3 + [1.0] * 3 + [side], device=x.device
+        )
         inner = _erode(nucleus, 3)
         dy = F.pad((grey[..., 1:, :] - grey[..., :-1, :]).abs(), (0, 0, 0, 1))
         dx = F.pad((grey[..., :, 1:] - grey[..., :, :-1]).abs(), (0, 1, 0, 0))
@@ -214,8 +218,8 @@ class MorphologyEncoder(nn.Module):
         mask = nucleus[:, 0].float()
         area = mask.sum((1, 2))
         safe = area.clamp(min=1.0)
-        ys = torch.arange(h, dtype=mask.dtype).view(1, h, 1)
-        xs = torch.arange(w, dtype=mask.dtype).view(1, 1, w)
+        ys = torch.arange(h, dtype=mask.dtype, device=mask.device).view(1, h, 1)
+        xs = torch.arange(w, dtype=mask.dtype, device=mask.device).view(1, 1, w)
         cy = (ys * mask).sum((1, 2)) / safe
         cx = (xs * mask).sum((1, 2)) / safe
         dy, dx = ys - cy.view(-1, 1, 1), xs - cx.view(-1, 1, 1)
