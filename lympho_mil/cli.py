@@ -63,6 +63,17 @@ class LymphoCLI(LightningCLI):
         super().instantiate_classes()
         share_cpu_with_loader_workers(self.trainer, self.datamodule)
 
+    def _require_checkpoint(self) -> None:
+        """validate, test and predict score a trained model: without ``--ckpt_path`` they
+        would score the freshly initialised weights of the config."""
+        if self.config[self.subcommand].get("ckpt_path") is None:
+            raise ConfigError(
+                f"lympho-mil {self.subcommand} needs --ckpt_path (a checkpoint of `fit` or a "
+                "fold model.ckpt of `cv`); without one it would use untrained weights"
+            )
+
+    before_validate = before_test = before_predict = _require_checkpoint
+
     def after_fit(self) -> None:
         """Report the best checkpoint's validation metrics (the quickstart ends with these)."""
         callback = self.trainer.checkpoint_callback
@@ -138,8 +149,11 @@ def check_class_names(argv: Sequence[str]) -> None:
             value = argv[i + 1]
         if key in ("--model", "--data"):
             given.append((key[2:], value))
-        elif key == "--config" and Path(value).is_file():
-            config = yaml.safe_load(Path(value).read_text()) or {}
+        elif key == "--config" and _is_file(value):
+            try:
+                config = yaml.safe_load(Path(value).read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"cannot read config {value}: {exc}") from None
             for section in ("model", "data"):
                 entry = config.get(section) if isinstance(config, dict) else None
                 if isinstance(entry, dict) and isinstance(entry.get("class_path"), str):
@@ -152,6 +166,14 @@ def check_class_names(argv: Sequence[str]) -> None:
                 f"unknown {section} {name!r}; valid choices: {', '.join(choices)} "
                 "(or a full import path such as mypackage.MyModel)"
             )
+
+
+def _is_file(value: str) -> bool:
+    """Whether ``value`` names a file (an inline config may be too long to be a path)."""
+    try:
+        return Path(value).is_file()
+    except OSError:
+        return False
 
 
 class ConfigError(ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -94,6 +95,25 @@ def test_fit_test_predict_from_checkpoint(dlmi_root: Path, tmp_path: Path) -> No
         main(predict)
     assert exc.value.code == 2
     main([*predict, "--prediction.overwrite", "true"])
+
+    # new patients alone (no labelled ones to split): the checkpoint brings everything
+    cohort = new_cohort(dlmi_root, tmp_path / "cohort")
+    elsewhere = tmp_path / "pred_cohort"
+    main([*predict[:-1], str(elsewhere), "--data.root", str(cohort)])
+    again = pd.read_csv(elsewhere / "predictions_detail.csv").set_index("id")
+    first = detail.set_index("id").loc[again.index]
+    assert again["probability"].to_numpy() == pytest.approx(first["probability"].to_numpy())
+
+    for subcommand in ("validate", "test", "predict"):  # never untrained weights
+        with pytest.raises(SystemExit) as exc:
+            main([subcommand, "--config", str(config)])
+        assert exc.value.code == 2
+
+
+def new_cohort(root: Path, out: Path) -> Path:
+    """A DLMI folder with only the unlabelled patients of ``root`` (testset/)."""
+    shutil.copytree(root / "testset", out / "testset")
+    return out
 
 
 def test_checkpoint_carries_standardisation_and_threshold(dlmi_root: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -143,6 +144,15 @@ def test_recipe_fits_and_predicts_through_the_cli(
     submission = pd.read_csv(out / "predictions.csv")
     unlabelled = pd.read_csv(synthetic_dlmi / "testset" / "testset_data.csv")["ID"]
     assert sorted(submission["Id"]) == sorted(unlabelled)
+    # a folder of new patients alone: the checkpoint's feature and clinical scaling apply
+    cohort = tmp_path / "cohort"
+    shutil.copytree(synthetic_dlmi / "testset", cohort / "testset")
+    elsewhere = tmp_path / "pred_cohort"
+    args = [f"--ckpt_path={best[0]}", f"--prediction.output_dir={elsewhere}"]
+    main(["predict", *common, *args, f"--data.root={cohort}"])
+    detail = pd.read_csv(out / "predictions_detail.csv").set_index("id").sort_index()
+    again = pd.read_csv(elsewhere / "predictions_detail.csv").set_index("id").sort_index()
+    assert again["probability"].to_numpy() == pytest.approx(detail["probability"].to_numpy())
 
 
 @pytest.mark.slow

@@ -28,7 +28,13 @@ from lympho_mil.data.feature_cache import (
     weights_digest,
 )
 from lympho_mil.data.gpu_augment import dihedral
-from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor, FeaturesToTensor
+from lympho_mil.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BagToTensor,
+    FeatureScaling,
+    FeaturesToTensor,
+)
 from lympho_mil.models import AttentionMIL, MeanPoolMIL
 from lympho_mil.nn import SmallCNN
 
@@ -296,3 +302,26 @@ def test_cross_validation_extracts_once(
     labelled = {i for i, bag in make_dm(root, cache_dir).bags.items() if bag.label >= 0}
     assert len(result.runs) == 2 and set(result.oof["id"]) == labelled
     assert len(extractions) == 1
+
+
+def test_standardisation_fits_the_readable_training_crops_only(
+    dlmi_root: Path, cache_dir: Path
+) -> None:
+    dm = make_dm(dlmi_root, cache_dir, standardize=True, skip_bad_images=True)
+    for pid in dm.split_ids["train"]:
+        first = sorted((dlmi_root / "trainset" / pid).glob("*.jpg"))[0]
+        first.write_bytes(b"not a jpeg")
+    with pytest.warns(UserWarning, match="not a jpeg|cannot|unreadable|skipp"):
+        dm.setup("fit")
+    train = dm.datasets["train"]
+    rows = np.sort(np.concatenate([b.rows for b in train.bags]))
+    assert len(rows) < sum(len(dm.bags[i].rows) for i in dm.split_ids["train"])  # some unread
+    expected = FeatureScaling.fit(train.store[rows].astype(np.float32).mean(axis=1))
+    assert dm.scaling is not None
+    np.testing.assert_allclose(dm.scaling.mean, expected.mean, rtol=1e-5)
+    np.testing.assert_allclose(dm.scaling.low, expected.low)
+
+
+def test_crops_on_the_device_are_refused_for_features(synthetic_dlmi: Path) -> None:
+    with pytest.raises(ValueError, match="cached features"):
+        CachedFeatureDataModule(str(synthetic_dlmi), augment="gpu", cache_on_device=True)

@@ -136,12 +136,18 @@ class BagDataModule(LightningDataModule):
             self._check_explicit(splits, set(ids))
         else:
             splits = self._policy_split(ids, labels)
+        return {**splits, "predict": self.predict_split}
+
+    @cached_property
+    def predict_split(self) -> list[str]:
+        """The patients to predict: ``predict_ids``, else every unlabelled patient. Apart from
+        :attr:`split_ids`: a checkpoint predicts data that has no training split at all."""
         unlabelled = [b.bag_id for b in self.bags.values() if b.label == -1]
-        splits["predict"] = list(self.predict_ids) if self.predict_ids is not None else unlabelled
-        unknown = [i for i in splits["predict"] if i not in self.bags]
+        ids = list(self.predict_ids) if self.predict_ids is not None else unlabelled
+        unknown = [i for i in ids if i not in self.bags]
         if unknown:
             raise DataError(f"predict_ids not found in the data: {unknown[:10]}")
-        return splits
+        return ids
 
     def _policy_split(self, ids: list[str], labels: list[int]) -> dict[str, list[str]]:
         if len(set(labels)) < 2:
@@ -176,11 +182,24 @@ class BagDataModule(LightningDataModule):
 
     @cached_property
     def tabular_stats(self) -> dict[str, list[float]]:
-        """Means and scales of the clinical vector over the *training* patients only."""
-        if self.tabular_dim == 0:
-            return {"mean": [], "scale": []}
-        train = np.stack([self.bags[i].tabular for i in self.split_ids["train"]])
-        return fit_standardization(train)
+        """Means and scales of the clinical vector over the *training* patients only.
+
+        Data without a training split (only new patients to predict) gets the identity; the
+        model's checkpoint then brings the standardisation it was trained with.
+        """
+        train = self.training_patients()
+        if not train:
+            return {"mean": [0.0] * self.tabular_dim, "scale": [1.0] * self.tabular_dim}
+        return fit_standardization(np.stack([self.bags[i].tabular for i in train]))
+
+    def training_patients(self) -> list[str]:
+        """The training split's patient ids, or ``[]`` when the data cannot form one (only
+        unlabelled patients, say): what the data-dependent standardisations are fitted on.
+        ``fit`` itself still stops with the reason."""
+        try:
+            return self.split_ids["train"]
+        except DataError:
+            return []
 
     # -- Lightning hooks -------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -189,7 +208,7 @@ class BagDataModule(LightningDataModule):
             "validate": ("val",),
             "test": ("test",),
             "predict": ("predict",),
-            None: STAGES if self.split_ids["predict"] else STAGES[:-1],  # all that exist
+            None: STAGES if self.predict_split else STAGES[:-1],  # all that exist
         }[stage]
         if any(s not in self.datasets for s in wanted):
             store, usable = self.build_store(list(self.bags.values()))
@@ -204,7 +223,7 @@ class BagDataModule(LightningDataModule):
                 )
 
     def _ids_for(self, split: str) -> list[str]:
-        ids = self.split_ids[split]
+        ids = self.predict_split if split == "predict" else self.split_ids[split]
         if split == "val" and self.explicit_ids["val"] == []:
             return ids  # explicitly no validation: fixed epochs, ``limit_val_batches=0``
         if split == "test" and not ids:

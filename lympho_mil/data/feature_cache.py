@@ -259,6 +259,11 @@ class CachedFeatureDataModule(PatientBagDataModule):
         extract_device: str | None = None,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("cache_on_device"):
+            raise ValueError(
+                "cache_on_device copies decoded crops to the GPU for device augmentation; "
+                "CachedFeatureDataModule trains on cached features, which need neither"
+            )
         super().__init__(root, **kwargs)
         if eval_view not in ("mean", "identity"):
             raise ValueError(f"eval_view must be 'mean' or 'identity', got {eval_view!r}")
@@ -333,10 +338,22 @@ class CachedFeatureDataModule(PatientBagDataModule):
         )
         self.extractor.cpu()  # give back the accelerator's memory after an extraction
         if self.standardize and self.scaling is None:
-            train = [self.bags[i].rows for i in self.split_ids["train"]]
-            rows = np.sort(np.concatenate(train))
-            self.scaling = FeatureScaling.fit(store[rows].astype(np.float32).mean(axis=1))
+            self.scaling = self._fit_scaling(store, usable)
         return store, usable
+
+    def _fit_scaling(self, store: FeatureCache, usable: Sequence[Bag]) -> FeatureScaling | None:
+        """The standardisation of the training patients' readable crops (None without
+        training patients: a checkpoint's is loaded later, see :meth:`load_state_dict`)."""
+        by_id = {b.bag_id: b for b in usable}
+        train = [by_id[i].rows for i in self.training_patients() if i in by_id]
+        if not train:
+            log.warning(
+                "no training patients to fit the feature standardisation on: predict with a "
+                "checkpoint (ckpt_path), which carries the one it was trained with"
+            )
+            return None
+        rows = np.sort(np.concatenate(train))
+        return FeatureScaling.fit(store[rows].astype(np.float32).mean(axis=1))
 
     def state_dict(self) -> dict[str, Any]:
         """The feature standardisation, saved in checkpoints: ``predict`` on other patients
