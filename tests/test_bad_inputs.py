@@ -75,6 +75,24 @@ def test_missing_columns(dlmi_root: Path) -> None:
         read_dlmi(dlmi_root)
 
 
+def test_rows_ending_in_a_comma_keep_their_columns(dlmi_root: Path) -> None:
+    csv = dlmi_root / TRAIN_CSV
+    header, *rows = csv.read_text().splitlines()
+    csv.write_text("\n".join([header, *(r + "," for r in rows)]) + "\n")
+    frame, _ = read_dlmi(dlmi_root)
+    expected = pd.read_csv(dlmi_root / TRAIN_CSV, dtype=str, index_col=False)
+    assert set(expected["ID"]) <= set(frame.index)
+    assert (frame.loc[expected["ID"], "label"].to_numpy() == expected["LABEL"].astype(int)).all()
+
+
+def test_no_patient_rows(tmp_path: Path) -> None:
+    root = tmp_path / "dlmi"
+    (root / "trainset").mkdir(parents=True)
+    (root / TRAIN_CSV).write_text("ID,LABEL,GENDER,DOB,LYMPH_COUNT\n")
+    with raises_data_error("no patient rows"):
+        read_dlmi(root)
+
+
 def test_duplicate_ids(dlmi_root: Path) -> None:
     pid = first_train_id(dlmi_root)
     row = next(r for r in (dlmi_root / TRAIN_CSV).read_text().splitlines() if r.startswith(pid))

@@ -183,3 +183,15 @@ def test_bad_configuration_is_a_short_message(
     err = capsys.readouterr().err
     assert expected in err
     assert "Traceback" not in err
+
+
+def test_an_unreadable_config_is_a_short_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tabs.yaml"
+    config.write_text("model:\n\tclass_path: AttentionMIL\n")  # YAML forbids tab indentation
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"cannot read config {config}" in err and "Traceback" not in err

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from lympho_mil.data import synthetic_datamodule
 from lympho_mil.data.synthetic import make_synthetic_dlmi
+from lympho_mil.data.synthetic_datamodule import SyntheticDataModule, ensure_synthetic_dlmi
 
 HEADER = "ID,LABEL,GENDER,DOB,LYMPH_COUNT"
 TINY = {"n_patients": 12, "image_size": 32, "min_cells": 4, "max_cells": 20}
@@ -167,3 +169,25 @@ def test_rejects_bad_arguments(tmp_path: Path, bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         build(tmp_path / "dlmi", **bad)
     assert not (tmp_path / "dlmi").exists()
+
+
+def test_datamodule_with_fewer_cells_than_the_generators_minimum(tmp_path: Path) -> None:
+    dm = SyntheticDataModule(
+        root=str(tmp_path / "few"), n_patients=8, synthetic_size=16, max_cells=8, image_size=16
+    )
+    assert max(len(b.rows) for b in dm.bags.values()) <= 8
+
+
+def test_a_dataset_another_process_put_in_place_first_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "ds"
+
+    def racing(out: Path, *args: object, **kwargs: object) -> Path:
+        make_synthetic_dlmi(root, *args, **kwargs)  # the other process wins the race
+        return make_synthetic_dlmi(out, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic_datamodule, "make_synthetic_dlmi", racing)
+    assert ensure_synthetic_dlmi(root, 4, 16, 0, max_cells=4) == root
+    assert (root / "clinical_annotation.csv").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary folder left

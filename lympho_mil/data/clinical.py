@@ -33,7 +33,8 @@ def read_clinical_csv(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"clinical csv not found: {path}")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # index_col=False: rows ending in a comma must not shift every value one column left
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"cannot parse clinical csv {path}: {exc}") from exc
     table = table.loc[:, [c for c in table.columns if not c.startswith("Unnamed")]]

@@ -85,6 +85,8 @@ def read_dlmi(
     if not root.is_dir():
         raise DataError(f"data root {root} does not exist or is not a folder")
     raw = read_dlmi_table(root)
+    if raw.empty:
+        raise DataError(f"the clinical csv(s) under {root} have a header but no patient rows")
     for pid, source in zip(raw["ID"].str.strip(), raw["source"], strict=True):
         check_patient_id(pid, source)
     frame = validate_clinical(raw, reference_date)

@@ -11,6 +11,8 @@ from lympho_mil.data.datamodule import PatientBagDataModule
 from lympho_mil.data.image_cache import default_cache_dir
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 
+DEFAULT_MIN_CELLS = 16  # make_synthetic_dlmi's; lowered to max_cells when that is smaller
+
 
 def ensure_synthetic_dlmi(
     root: str | Path,
@@ -36,11 +38,17 @@ def ensure_synthetic_dlmi(
             n_patients,
             image_size,
             seed,
+            min_cells=min(DEFAULT_MIN_CELLS, max_cells),
             max_cells=max_cells,
             clinical_overlap=clinical_overlap,
             overwrite=True,
         )
         tmp.rename(root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / "clinical_annotation.csv").is_file():
+            raise
+        # another process (a DDP rank, a parallel run) put the same dataset in place first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
