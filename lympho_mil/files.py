@@ -14,13 +14,13 @@ class OutputExistsError(FileExistsError):
     """An output file exists and overwriting was not asked for."""
 
 
-def check_writable(paths: Sequence[Path], overwrite: bool) -> None:
-    """Raise :class:`OutputExistsError` naming the files that exist, unless ``overwrite``."""
+def check_writable(paths: Sequence[Path], overwrite: bool, hint: str = "overwrite=True") -> None:
+    """Raise :class:`OutputExistsError` naming the files that exist, unless ``overwrite``;
+    ``hint`` says how the caller's user allows overwriting."""
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise OutputExistsError(
-            f"output file(s) {existing} exist; pass overwrite=True (CLI: --...overwrite true) "
-            "or choose another output folder"
+            f"output file(s) {existing} exist; pass {hint} or choose another output folder"
         )
 
 

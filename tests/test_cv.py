@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -257,6 +258,21 @@ def test_existing_report_is_not_overwritten(single: Path, configs: dict[str, Pat
     assert (single / "cv_report.json").read_bytes() == before
 
 
+def test_overwrite_clears_an_earlier_run_only_once_the_new_one_starts(
+    single: Path, configs: dict[str, Path], tmp_path: Path
+) -> None:
+    out = Path(shutil.copytree(single, tmp_path / "again"))
+    with pytest.raises(SystemExit):  # a typo: the earlier run's files must survive
+        main([*cv_args(configs["tabular"], out=out), "--overwrite", "--trainer.max_epocs=2"])
+    assert (out / "folds" / "r1_f0" / "model.ckpt").is_file()
+    assert (out / "predictions.csv").is_file()
+    without_predict = [a for a in cv_args(configs["tabular"], out=out) if a != "--predict"]
+    main([*without_predict, "--overwrite", "--repeats=1"])
+    assert not (out / "predictions.csv").exists()  # no ensemble of models that are gone
+    assert sorted(p.name for p in (out / "folds").iterdir()) == [f"r0_f{i}" for i in range(FOLDS)]
+    assert load_report(out)["repeats"] == 1
+
+
 def test_python_api_with_a_dict_config_and_an_image_model(
     configs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -293,3 +309,15 @@ def test_cross_validation_of_a_subset_of_patients(
     assert sorted(result.oof["id"]) == sorted(pool) and result.report["n_patients"] == len(pool)
     with pytest.raises(DataError, match="not among the labelled"):
         cross_validate(configs["tabular"], folds=2, verbose=False, patients=[*pool, "nobody"])
+
+
+@pytest.mark.parametrize("bad", ["--repeats=0", "--folds=1", "--n-bootstrap=0"])
+def test_bad_cv_settings_are_one_line_errors(
+    configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["cv", "--config", str(configs["tabular"]), f"--out={tmp_path}", bad])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert bad.split("=")[0] in err and "must be an integer >=" in err
+    assert "Traceback" not in err

@@ -277,8 +277,7 @@ def _run_configs(
     overrides = list(overrides or [])
     root = Path(out_dir) if out_dir is not None else None
     dirs = {n: (root / n if compare else root) if root else None for n in names}
-    if root is not None:
-        _claim_outputs(root, list(dirs.values()), compare, settings.predict, overwrite)
+    stale = _claim_outputs(root, list(dirs.values()), compare, overwrite) if root else []
     with tempfile.TemporaryDirectory(prefix="lympho-cv-") as scratch:
         sources = [_config_source(c) for c in configs]
         patients = [_labelled_patients(s, overrides, settings.predict) for s in sources]
@@ -294,6 +293,7 @@ def _run_configs(
             settings.seed,
             settings.inner_val_fraction,
         )
+        _remove(stale)  # only now: configs and splits are sound, the run starts
         results = []
         for name, config, source in zip(names, configs, sources, strict=True):
             fold_root = (dirs[name] or Path(scratch) / name) / "folds"
@@ -313,17 +313,25 @@ def _run_configs(
 
 
 def _claim_outputs(
-    root: Path, dirs: list[Path | None], compare: bool, predict: bool, overwrite: bool
-) -> None:
-    """Refuse to start when a report exists (unless ``overwrite``); clear old fold runs."""
-    paths = [d / n for d in dirs if d is not None for n in cv_output_names(predict)]
+    root: Path, dirs: list[Path | None], compare: bool, overwrite: bool
+) -> list[Path]:
+    """Refuse to start when an earlier run's outputs exist (unless ``overwrite``); return them,
+    every file a cross-validation may write and the old fold models, for :func:`_remove`."""
+    paths = [d / n for d in dirs if d is not None for n in cv_output_names(predict=True)]
     paths += [d / "folds" for d in dirs if d is not None]
     if compare:
         paths += [root / n for n in COMPARISON_FILES]
-    check_writable(paths, overwrite)
-    for d in dirs:
-        if d is not None:
-            shutil.rmtree(d / "folds", ignore_errors=True)
+    check_writable(paths, overwrite, hint="cv --overwrite, or overwrite=True")
+    return [p for p in paths if p.exists()]
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    """Delete an earlier run's outputs: none of them may outlive the models they describe."""
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _config_source(config: ConfigSource) -> list[str]:
@@ -415,9 +423,10 @@ def _run_fold(
         trainer.fit(model, datamodule=datamodule)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
-            raise RuntimeError(
+            raise DataError(
                 f"{name} repeat {split.repeat} fold {split.fold}: no checkpoint was kept on the "
-                "inner validation patients (did validation run?)"
+                "inner validation patients; cv needs validation to run (check "
+                "trainer.limit_val_batches and check_val_every_n_epoch)"
             )
         val = _predict(trainer, model, datamodule.val_dataloader(), ckpt_path=best)
         chosen = choose_threshold(

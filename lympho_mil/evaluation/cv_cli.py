@@ -12,10 +12,23 @@ splits and compared with the first.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
 from lympho_mil.evaluation.cv import CVResult, compare_configs, cross_validate
 from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a fit config (repeat it to compare several models on identical splits)",
     )
-    parser.add_argument("--folds", type=int, default=5, help="outer folds K (default 5)")
-    parser.add_argument("--repeats", type=int, default=1, help="repeats R (default 1)")
+    parser.add_argument("--folds", type=at_least(2), default=5, help="outer folds K (default 5)")
+    parser.add_argument("--repeats", type=at_least(1), default=1, help="repeats R (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="repeat r shuffles with seed + r")
     parser.add_argument("--out", default="cv", help="output folder (default ./cv)")
     parser.add_argument(
@@ -53,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--n-bootstrap",
-        type=int,
+        type=at_least(1),
         default=DEFAULT_RESAMPLES,
         help=f"patient bootstrap resamples for the CIs (default {DEFAULT_RESAMPLES})",
     )

@@ -96,7 +96,11 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         names = PREDICTION_FILES + ((EXPLANATION_FILE,) if self.explain else ())
-        check_writable([self.output_dir / n for n in names], self.overwrite)
+        check_writable(
+            [self.output_dir / n for n in names],
+            self.overwrite,
+            hint="--prediction.overwrite true (PredictionWriter(overwrite=True))",
+        )
         if self.explain and not hasattr(trainer.datamodule, "instance_paths"):
             raise ValueError(
                 "explain needs a datamodule of image files with instance_paths(); "
