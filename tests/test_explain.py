@@ -61,7 +61,8 @@ def test_predict_explain_writes_one_montage_per_patient(
 ) -> None:
     out = tmp_path / "pred"
     config = predict_config(tmp_path, synthetic_dlmi, model)
-    main(["predict", "--config", str(config), "--prediction.output_dir", str(out)])
+    predict = ["predict", "--config", str(config), "--ckpt_path", str(one_step_checkpoint(config))]
+    main([*predict, "--prediction.output_dir", str(out)])
 
     detail = pd.read_csv(out / "predictions_detail.csv", dtype={"id": str})
     montages = sorted((out / MONTAGE_DIR).iterdir())
@@ -82,7 +83,15 @@ def test_predict_explain_writes_one_montage_per_patient(
 
     # a second run refuses to overwrite the summary page before predicting anything
     with pytest.raises(SystemExit):
-        main(["predict", "--config", str(config), "--prediction.output_dir", str(out)])
+        main([*predict, "--prediction.output_dir", str(out)])
+
+
+def one_step_checkpoint(config: Path) -> Path:
+    """``last.ckpt`` of one training step of ``config`` (predict needs a checkpoint)."""
+    folder = config.parent / "ckpt"
+    steps = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
+    main(["fit", "--config", str(config), *steps, f"--checkpoint.dirpath={folder}"])
+    return folder / "last.ckpt"
 
 
 def record(pid: str, weights: list[float] | None, crop_probability: list[float] | None) -> dict:
