@@ -74,6 +74,27 @@ class LymphoCLI(LightningCLI):
 
     before_validate = before_test = before_predict = _require_checkpoint
 
+    def before_fit(self) -> None:
+        """``--ckpt_path last`` resumes the newest run's ``last.ckpt``. Each run logs into a
+        new ``version_N`` folder, which holds no checkpoint yet, and Lightning alone would look
+        only there and silently start from scratch."""
+        config = self.config_init[self.subcommand]
+        callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
+        if config.get("ckpt_path") != "last" or callback is None or callback.dirpath:
+            return  # no resume, or a fixed checkpoint folder where Lightning finds last.ckpt
+        if logger is None or logger.root_dir is None:
+            return
+        found = sorted(
+            Path(logger.root_dir).glob("version_*/checkpoints/last.ckpt"),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not found:
+            raise ConfigError(
+                f"--ckpt_path last: no last.ckpt under {logger.root_dir}/version_*/checkpoints; "
+                "pass the checkpoint's path"
+            )
+        config["ckpt_path"] = str(found[-1])
+
     def after_fit(self) -> None:
         """Report the best checkpoint's validation metrics (the quickstart ends with these)."""
         callback = self.trainer.checkpoint_callback

@@ -195,3 +195,21 @@ def test_an_unreadable_config_is_a_short_message(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"cannot read config {config}" in err and "Traceback" not in err
+
+
+def test_ckpt_path_last_resumes_the_newest_run(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each run logs into a new version folder: ``last`` must find the previous one's."""
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    content = yaml.safe_load(config.read_text())
+    del content["checkpoint"]  # the default: checkpoints inside each run's version folder
+    config.write_text(yaml.safe_dump(content))
+    with pytest.raises(SystemExit) as exc:  # nothing to resume yet: an error, not a fresh start
+        main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert exc.value.code == 2 and "no last.ckpt" in capsys.readouterr().err
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    resumed = pd.read_csv(tmp_path / "logs" / "lightning_logs" / "version_1" / "metrics.csv")
+    epochs = set(resumed["epoch"].dropna().astype(int))
+    assert 1 in epochs and 0 not in epochs  # epoch 0 was the first run's
