@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import warnings
+
 import lightning as L
 import numpy as np
 import pytest
@@ -22,7 +25,7 @@ from lympho_mil import (
 )
 from lympho_mil.data.dataset import Bag, BagDataset
 from lympho_mil.data.transforms import BagToTensor
-from lympho_mil.models.metrics import balanced_accuracy
+from lympho_mil.models.metrics import BinaryBalancedAccuracy
 
 SIZE = 16
 IMAGE_MODELS = [AttentionMIL, GatedAttentionMIL, MeanPoolMIL, MaxPoolMIL, InstanceMIL]
@@ -65,9 +68,9 @@ def fit_and_score(model: BagClassifier, epochs: int) -> float:
     )
     trainer.fit(model, loader(bags, store, shuffle=True))
     records = [r for batch in trainer.predict(model, loader(bags, store, False)) for r in batch]
-    prob = torch.tensor([r["probability"] for r in records])
+    predicted = torch.tensor([int(r["probability"] >= 0.5) for r in records])
     target = torch.tensor([r["label"] for r in records])
-    return balanced_accuracy(prob, target, 0.5)
+    return float(BinaryBalancedAccuracy()(predicted, target))
 
 
 STATS = {"mean": [0.5, 0.0, 0.0], "scale": [0.6, 1.0, 1.0]}
@@ -196,3 +199,40 @@ def test_a_threshold_asked_at_load_replaces_the_checkpoints(tmp_path) -> None:
 
     assert predicted_threshold(0.5) == pytest.approx(0.4)  # the config's own setting: kept
     assert predicted_threshold(0.3) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize(
+    ("predicted", "target"),
+    [([1, 0, 1, 1], [1, 0, 0, 1]), ([1, 1, 0], [1, 1, 1]), ([0, 1, 0], [0, 0, 0]), ([1], [1])],
+)
+def test_balanced_accuracy_is_scikit_learns(predicted: list[int], target: list[int]) -> None:
+    """Also with one class only (an epoch's validation patients may all be tumoral)."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn warns about the absent class
+        expected = balanced_accuracy_score(target, predicted)
+    metric = BinaryBalancedAccuracy()(torch.tensor(predicted), torch.tensor(target))
+    assert float(metric) == pytest.approx(expected)
+
+
+def test_cosine_schedule_over_a_step_budget() -> None:
+    """With max_steps and no epoch count the learning rate anneals once, step by step."""
+    lrs: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    bags, store = separable_bags(8)
+    model = TabularMLP(lr=1e-2, tabular_dim=3, tabular_stats=STATS)
+    quiet_trainer(max_steps=12, callbacks=[Record()]).fit(model, loader(bags, store, True))
+    assert len(lrs) == 12 and lrs[0] == pytest.approx(1e-2)
+    assert all(b < a for a, b in itertools.pairwise(lrs)) and lrs[-1] > 0
+
+
+def test_settings_that_cannot_work_are_refused_at_construction() -> None:
+    with pytest.raises(ValueError, match="scheduler"):
+        TabularMLP(tabular_dim=3, scheduler="linear")
+    with pytest.raises(ValueError, match="tabular_dim is 3"):
+        TabularMLP(tabular_dim=3, tabular_stats={"mean": [0.0] * 4, "scale": [1.0] * 4})

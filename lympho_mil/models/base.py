@@ -59,7 +59,8 @@ class BagClassifier(LightningModule):
         pos_weight: weight of the positive (tumoral) class in the loss; < 1 favours the
             minority reactive class when tumoral patients dominate.
         lr, weight_decay: AdamW settings (``--optimizer`` on the CLI replaces them).
-        scheduler: "cosine" (annealed over ``trainer.max_epochs``) or "none".
+        scheduler: "cosine" (annealed over ``trainer.max_epochs``, or per step over
+            ``max_steps`` when no epoch count is set) or "none".
         threshold: decision threshold on the probability; carried in the checkpoint (``cv``
             stores the one chosen on a fold's validation patients). Loading a checkpoint keeps
             its threshold unless another value than the checkpoint's own setting is asked for
@@ -81,6 +82,15 @@ class BagClassifier(LightningModule):
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         if pos_weight is not None and pos_weight <= 0:
             raise ValueError(f"pos_weight must be > 0, got {pos_weight}")
+        if scheduler not in ("cosine", "none"):
+            raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        if tabular_stats is not None and any(
+            len(tabular_stats[k]) != tabular_dim for k in ("mean", "scale")
+        ):
+            raise ValueError(
+                f"tabular_stats hold {len(tabular_stats['mean'])} means and "
+                f"{len(tabular_stats['scale'])} scales but tabular_dim is {tabular_dim}"
+            )
         self.tabular_dim = tabular_dim
         self.pos_weight = pos_weight
         self.lr = lr
@@ -219,9 +229,14 @@ class BagClassifier(LightningModule):
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         if self.scheduler == "none":
             return optimizer
-        epochs = max(1, int(self.trainer.max_epochs or 1)) if self._trainer else 1
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        epochs = self.trainer.max_epochs if self._trainer else 1
+        if epochs is not None and epochs > 0:
+            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+            return {"optimizer": optimizer, "lr_scheduler": cosine}
+        # a step budget (max_steps) instead of epochs: anneal per step over it
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
 
 
 def bce_with_logits(logit: Tensor, target: Tensor, pos_weight: float | None) -> Tensor:

@@ -16,13 +16,15 @@ METRIC_NAMES = ("balanced_accuracy", "auroc", "sensitivity", "specificity", "f1"
 
 
 class BinaryBalancedAccuracy(BinaryStatScores):
-    """Mean of sensitivity and specificity (the challenge metric)."""
+    """Mean of sensitivity and specificity (the challenge metric); as scikit-learn, the mean
+    over the classes present only (the recall of the one class when the other is absent)."""
 
     def compute(self) -> Tensor:
         tp, fp, tn, fn = self._final_state()
-        sens = tp / (tp + fn).clamp(min=1)
-        spec = tn / (tn + fp).clamp(min=1)
-        return (sens + spec).float() / 2
+        positives, negatives = tp + fn, tn + fp
+        recalls = tp / positives.clamp(min=1) + tn / negatives.clamp(min=1)
+        present = (positives > 0).long() + (negatives > 0).long()
+        return recalls.float() / present.clamp(min=1)
 
 
 class PatientMetrics(nn.Module):
@@ -63,10 +65,3 @@ class PatientMetrics(nn.Module):
         self.by_label.reset()
         self.loss.reset()
         self.auroc.reset()
-
-
-def balanced_accuracy(prob: Tensor, target: Tensor, threshold: float) -> float:
-    """Balanced accuracy of ``prob >= threshold`` against 0/1 ``target`` (plain function)."""
-    metric = BinaryBalancedAccuracy()
-    metric.update((prob >= threshold).long(), target.long())
-    return float(metric.compute())
