@@ -236,3 +236,37 @@ def test_settings_that_cannot_work_are_refused_at_construction() -> None:
         TabularMLP(tabular_dim=3, scheduler="linear")
     with pytest.raises(ValueError, match="tabular_dim is 3"):
         TabularMLP(tabular_dim=3, tabular_stats={"mean": [0.0] * 4, "scale": [1.0] * 4})
+
+
+def test_max_pool_crop_weights_share_ties() -> None:
+    """Crop 1 holds dimension 0's maximum, crop 2 dimension 1's; dimensions 2-3 are 0 on every
+    real crop (a dead ReLU): their credit is shared, never all given to crop 0."""
+    from lympho_mil.models.mil import fallback_weights
+
+    h = torch.tensor([[[0.1, 0.2, 0.0, 0.0], [0.9, 0.1, 0.0, 0.0], [0.3, 0.8, 0.0, 0.0]]])
+    h = torch.cat([h, torch.full((1, 1, 4), 5.0)], dim=1)  # a padding row: never credited
+    mask = torch.tensor([[True, True, True, False]])
+    weights = fallback_weights(h, mask, "max")
+    third = 2 / 3 / 4  # two dead dimensions, each shared by the 3 real crops
+    assert weights[0].tolist() == pytest.approx([third, 0.25 + third, 0.25 + third, 0.0])
+    assert weights.sum().item() == pytest.approx(1.0)
+
+
+def test_a_checkpoint_reloads_without_the_encoders_initial_weights_file(tmp_path) -> None:
+    """The checkpoint holds the weights: predicting elsewhere needs no initial file."""
+    import timm
+
+    weights = tmp_path / "backbone.pt"
+    torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
+    model = AttentionMIL(encoder="test_resnet", encoder_weights=str(weights), attention_hidden=8)
+    bags, store = separable_bags(4)
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1)
+    trainer.fit(model, loader(bags, store, shuffle=False))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    weights.unlink()
+    reloaded = AttentionMIL.load_from_checkpoint(path)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor)
+    saved = torch.load(path, weights_only=True)["lympho_mil"]
+    assert saved["initial_encoder_weights"] == str(weights)  # provenance kept

@@ -208,6 +208,11 @@ class BagClassifier(LightningModule):
             "class": type(self).__name__,
             "threshold_setting": self.threshold_setting,
         }
+        hparams = checkpoint.get("hyper_parameters", {})
+        if hparams.get("encoder_weights") is not None:
+            # the state dict holds the weights: reloading must not need the initial file
+            checkpoint["lympho_mil"]["initial_encoder_weights"] = hparams["encoder_weights"]
+            hparams["encoder_weights"] = None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("lympho_mil")

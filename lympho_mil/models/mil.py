@@ -51,21 +51,23 @@ def fallback_weights(h: Tensor, mask: Tensor, pooling: str) -> Tensor:
     """Crop weights for poolings without attention, float[B, N] summing to 1 per bag.
 
     Mean pooling: uniform over the real crops. Max pooling: the share of embedding
-    dimensions whose maximum each crop holds.
+    dimensions whose maximum each crop holds, a tie shared by the crops that hold it (a
+    ReLU dimension that is 0 on every crop credits them all alike, not the first).
     """
     if pooling == "max":
         masked = h.float().masked_fill(~mask.unsqueeze(-1), float("-inf"))
-        winners = masked.argmax(dim=1)  # [B, D]
-        counts = torch.zeros(mask.shape, device=h.device).scatter_add_(
-            1, winners, torch.ones_like(winners, dtype=torch.float32)
-        )
-        return counts / h.shape[-1]
+        holds = (masked == masked.amax(dim=1, keepdim=True)) & mask.unsqueeze(-1)  # [B, N, D]
+        share = holds.float() / holds.sum(dim=1, keepdim=True).clamp(min=1)
+        return share.sum(dim=-1) / h.shape[-1]
     uniform = mask.float()
     return uniform / uniform.sum(dim=1, keepdim=True)
 
 
 class MILClassifier(EncoderMixin, BagClassifier):
     """Instance encoder -> pooling -> linear head.
+
+    Each subclass fixes the pooling (``default_pooling``: "attention", "gated_attention",
+    "mean" or "max"); :class:`~lympho_mil.models.GatedFusionMIL` takes it as an argument.
 
     Args:
         encoder: "small_cnn" (fast on CPU, GroupNorm), "lenet" (28 px digits), "mlp" or
@@ -84,10 +86,8 @@ class MILClassifier(EncoderMixin, BagClassifier):
             on CUDA under mixed precision; see :mod:`lympho_mil.models.acceleration`).
         compile_encoder: ``torch.compile`` the encoder (in place: checkpoints stay loadable
             with or without it). Compilation costs seconds to minutes at the first batches.
-        attention_hidden: hidden size of the attention network.
+        attention_hidden: hidden size of the attention network (attention poolings only).
         dropout: dropout before the head.
-        pooling: "attention", "gated_attention", "mean", "max" or "distribution" (fixed by the
-            subclasses).
         **kwargs: loss, optimiser and clinical settings of :class:`BagClassifier`.
     """
 

@@ -130,7 +130,10 @@ class TimmEncoder(nn.Module):
                 "once to a local file and pass it as weights_path"
             )
         if weights_path is not None and not Path(weights_path).is_file():
-            raise FileNotFoundError(f"weights file not found: {weights_path}")
+            raise FileNotFoundError(
+                f"weights file not found: {weights_path} (a lympho-mil checkpoint carries the "
+                "encoder's weights: with --ckpt_path, set encoder_weights to null)"
+            )
         self.model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
         self.out_dim: int = self.model.num_features  # type: ignore[assignment]
         if weights_path is not None:
