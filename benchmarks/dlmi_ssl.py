@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ def main() -> None:
     source.add_argument("--data", help="a DLMI folder")
     source.add_argument("--crops", help="uint8[M, H, W, 3] crops (.npy)")
     p.add_argument("--image-size", type=int, default=48)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", type=Path, required=True)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--width", type=int, default=16)
@@ -123,6 +124,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             loss_mean = total / steps_per_epoch
             print(f"epoch {epoch}: loss {loss_mean:.3f} ({seconds:.0f} s)", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.cpu() for k, v in encoder.state_dict().items()}, args.out)
 
 

@@ -182,6 +182,7 @@ def test_bad_jpeg_is_an_error_by_default(dlmi_root: Path, cache_dir: Path, how: 
         datamodule(dlmi_root, cache_dir).setup("fit")
     assert excinfo.type is DataError  # raised in the decoding thread pool, not wrapped
     assert str(bad) in str(excinfo.value) and bad.parent.name in str(excinfo.value)
+    assert "skip_bad_images=True" in str(excinfo.value)
     assert not list(cache_dir.glob("*.npy")) and not list(cache_dir.glob("*.tmp*"))
 
 
@@ -253,3 +254,11 @@ def test_data_root_is_never_modified(
         assert batch.mask.any(dim=1).all()
     assert list((tmp_path / "default-cache").glob("crops-*.npy"))
     assert tree_digest(synthetic_dlmi) == before
+
+
+@pytest.mark.parametrize(("setting", "value"), [("val_fraction", 0.0), ("test_fraction", 1.0)])
+def test_split_fractions_out_of_range(
+    dlmi_root: Path, cache_dir: Path, setting: str, value: float
+) -> None:
+    with pytest.raises(ValueError, match=setting):
+        datamodule(dlmi_root, cache_dir, **{setting: value})

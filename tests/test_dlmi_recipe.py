@@ -210,7 +210,7 @@ def test_pretrained_encoder_loads_into_the_feature_cache(
     """benchmarks/dlmi_ssl.py on random crops; its weights become the frozen extractor."""
     crops = tmp_path / "crops.npy"
     np.save(crops, np.random.default_rng(0).integers(0, 256, (40, SIZE, SIZE, 3), np.uint8))
-    weights = tmp_path / "encoder.pt"
+    weights = tmp_path / "new_folder" / "encoder.pt"  # the script creates the folder
     argv = ["--crops", str(crops), "--out", str(weights), "--epochs", "1", "--batch-size", "16"]
     monkeypatch.setattr(sys, "argv", ["dlmi_ssl.py", *argv, "--width", "4", "--out-dim", "8"])
     benchmark_script("dlmi_ssl").main()

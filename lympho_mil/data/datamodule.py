@@ -53,7 +53,8 @@ class BagDataModule(LightningDataModule):
         batch_size: bags per batch; bags are padded to the largest one and masked.
         max_instances: random subset size of each training bag per step (None: whole bags).
             Validation, test and predict always see whole bags.
-        val_fraction: share of the labelled patients held out for validation (holdout policy).
+        val_fraction: share of the labelled patients held out for validation (holdout policy);
+            with ``test_fraction``, a share of those left after the test split.
         test_fraction: share held out first as a test split (0: none).
         n_folds, fold: k-fold policy instead of holdout: validate on fold ``fold``.
         seed: seed of the splits and of the data randomness (order, subsets, augmentation),
@@ -84,6 +85,13 @@ class BagDataModule(LightningDataModule):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(
+                f"val_fraction must be in (0, 1), got {val_fraction}; to train without "
+                "validation, pass explicit train_ids and val_ids=[]"
+            )
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
         self.batch_size = batch_size
         self.max_instances = max_instances
         self.val_fraction = val_fraction

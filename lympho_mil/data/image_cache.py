@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -252,13 +253,17 @@ def _decode_into(
 ) -> list[int]:
     """Decode every path into its row of ``array`` (threads: PIL releases the GIL)."""
     bad: list[int] = []
+    failed = threading.Event()  # the first unreadable image stops the rest
 
     def fill(row: int) -> None:
+        if failed.is_set():
+            return
         try:
             array[row] = decode_crop(paths[row], spec)
-        except DataError:
+        except DataError as exc:
             if not skip_bad_images:
-                raise
+                failed.set()
+                raise DataError(f"{exc}; pass skip_bad_images=True to leave it out") from None
             bad.append(row)
 
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
