@@ -294,7 +294,10 @@ class MNISTBagsDataModule(FeatureBagDataModule):
         n_train_bags, n_test_bags, bag_length_mean, bag_length_var, target_digit, train_pool:
             as :func:`mnist_bags`.
         bag_seed: seed of the bag draw.
-        val_bags: training bags held out for validation.
+        val_bags: training bags held out for validation. They are drawn from the same
+            image pool as the training bags, so some of their digits also sit in training
+            bags (as in Ilse et al.'s protocol): validation scores read a little optimistic;
+            the test bags share no image with them.
         normalize: ``(pixel - MNIST_MEAN) / MNIST_STD`` on every image.
         standardize, noise_std: as :class:`FeatureBagDataModule`.
         **kwargs: loader settings of :class:`BagDataModule`; explicit ids, if given,
