@@ -22,12 +22,19 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
 from lympho_mil.data.errors import DataError
+from lympho_mil.evaluation.explain import ExplainError
 from lympho_mil.evaluation.predictions import PredictionWriter
 from lympho_mil.files import OutputExistsError
 from lympho_mil.models import BagClassifier, CheckpointFormatError
 
 MONITOR = "val_balanced_accuracy"
-USER_ERRORS = (DataError, OutputExistsError, FileNotFoundError, CheckpointFormatError)
+USER_ERRORS = (
+    DataError,
+    OutputExistsError,
+    FileNotFoundError,
+    CheckpointFormatError,
+    ExplainError,
+)
 
 
 class LymphoCLI(LightningCLI):

@@ -18,11 +18,14 @@ from lympho_mil.evaluation import PredictionWriter
 from lympho_mil.evaluation.explain import (
     EXPLANATION_FILE,
     MONTAGE_DIR,
+    ExplainError,
     crop_scores,
     montage_size,
     rank_crops,
     write_explanations,
 )
+from lympho_mil.evaluation.predictions import prediction_tables
+from lympho_mil.models import TabularMLP
 
 TOP_K = 3
 
@@ -135,3 +138,18 @@ def test_explain_needs_a_datamodule_of_image_files(tmp_path: Path) -> None:
     trainer = SimpleNamespace(datamodule=FeatureBagDataModule(path="bags.csv"))
     with pytest.raises(ValueError, match="FeatureBagDataModule has none"):
         writer.on_predict_start(trainer, None)  # type: ignore[arg-type]
+
+
+def test_explain_refuses_a_clinical_only_model_before_predicting(tmp_path: Path) -> None:
+    writer = PredictionWriter(str(tmp_path), explain=True)
+    trainer = SimpleNamespace(datamodule=None)
+    with pytest.raises(ExplainError, match="TabularMLP reads the clinical vector only"):
+        writer.on_predict_start(trainer, TabularMLP(tabular_dim=3))  # type: ignore[arg-type]
+    assert not list(tmp_path.iterdir())
+
+
+def test_attention_table_holds_only_what_the_model_gives() -> None:
+    tables = prediction_tables([record("P1", None, None), record("P2", None, None)])
+    assert list(tables["attention.csv"].columns) == ["id", "file"]  # a clinical-only model
+    tables = prediction_tables([record("P1", [0.25, 0.75], None)])
+    assert list(tables["attention.csv"].columns) == ["id", "file", "weight"]

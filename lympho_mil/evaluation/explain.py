@@ -38,17 +38,21 @@ def montage_size(top_k: int, tile: int = TILE) -> tuple[int, int]:
     return width, height
 
 
+class ExplainError(ValueError):
+    """Explanations were asked of a model or data that cannot give them."""
+
+
 def crop_scores(record: dict[str, Any]) -> tuple[list[float], str]:
     """The per-crop scores of a ``predict_step`` record and what they are.
 
     Crop probabilities where the model has them, else the crops' weights. Raises
-    ``ValueError`` for a model that gives neither (a clinical-only model reads no crop).
+    :class:`ExplainError` for a model that gives neither (a clinical-only model reads no crop).
     """
     if record["instance_probability"] is not None:
         return list(record["instance_probability"]), "crop probability"
     if record["weights"] is not None:
         return list(record["weights"]), "share of the decision"
-    raise ValueError(
+    raise ExplainError(
         f"patient {record['id']}: the model gives no per-crop score (weights or crop "
         "probabilities); explanations need a model that reads the crops"
     )

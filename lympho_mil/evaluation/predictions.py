@@ -3,7 +3,8 @@
 ``predictions.csv``         ``Id,Predicted``: the challenge submission format, one row a patient
 ``predictions_detail.csv``  id, probability, predicted, threshold, n_instances (+ label if known)
 ``attention.csv``           id, file, weight (each crop's share of the decision, sums to 1 per
-                            patient), and the crop's own probability where the model has one
+                            patient) and the crop's own probability, each where the model has
+                            it (a clinical-only model: the files alone)
 ``explanations.md``         with ``explain=True``: one page of per-patient montages
                             (``montages/<id>.png``, see :mod:`lympho_mil.evaluation.explain`)
 """
@@ -19,7 +20,7 @@ import torch
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lympho_mil.evaluation.explain import EXPLANATION_FILE, write_explanations
+from lympho_mil.evaluation.explain import EXPLANATION_FILE, ExplainError, write_explanations
 from lympho_mil.files import atomic_write_csv, check_writable
 
 PREDICTION_FILES = ("predictions.csv", "predictions_detail.csv", "attention.csv")
@@ -42,15 +43,17 @@ def prediction_tables(records: Sequence[dict[str, Any]]) -> dict[str, pd.DataFra
     submission = detail.rename(columns={"id": "Id", "predicted": "Predicted"})[["Id", "Predicted"]]
     crops = []
     for r in rows:
-        weights = r["weights"] or [1.0 / r["n_instances"]] * r["n_instances"]
-        crop_prob = r["instance_probability"] or [float("nan")] * r["n_instances"]
+        unknown = [float("nan")] * r["n_instances"]
+        weights = r["weights"] or unknown
+        crop_prob = r["instance_probability"] or unknown
         crops += [
             (r["id"], f, w, p)
             for f, w, p in zip(r["instance_ids"], weights, crop_prob, strict=True)
         ]
     attention = pd.DataFrame(crops, columns=["id", "file", "weight", "crop_probability"])
-    if attention["crop_probability"].isna().all():
-        attention = attention.drop(columns="crop_probability")
+    for column in ("weight", "crop_probability"):  # what the model does not give: left out
+        if attention[column].isna().all():
+            attention = attention.drop(columns=column)
     return {
         "predictions.csv": submission,
         "predictions_detail.csv": detail,
@@ -101,8 +104,13 @@ class PredictionWriter(BasePredictionWriter):
             self.overwrite,
             hint="--prediction.overwrite true (PredictionWriter(overwrite=True))",
         )
+        if self.explain and not getattr(pl_module, "reads_instances", True):
+            raise ExplainError(
+                f"explain needs a model that reads the crops; {type(pl_module).__name__} "
+                "reads the clinical vector only"
+            )
         if self.explain and not hasattr(trainer.datamodule, "instance_paths"):
-            raise ValueError(
+            raise ExplainError(
                 "explain needs a datamodule of image files with instance_paths(); "
                 f"{type(trainer.datamodule).__name__} has none"
             )

@@ -7,7 +7,7 @@ Subclasses build their networks in :meth:`BagClassifier.configure_models` and co
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,8 @@ class BagClassifier(LightningModule):
             its threshold unless another value than the checkpoint's own setting is asked for
             (``load_from_checkpoint(path, threshold=t)``, ``--model.threshold t``).
     """
+
+    reads_instances: ClassVar[bool] = True  # False: a clinical-only model ignores the crops
 
     def __init__(
         self,

@@ -20,6 +20,8 @@ class TabularMLP(BagClassifier):
         **kwargs: settings of :class:`BagClassifier` (``tabular_dim`` must be > 0).
     """
 
+    reads_instances = False
+
     def __init__(
         self, hidden: int = 32, embed_dim: int = 16, dropout: float = 0.1, **kwargs: Any
     ) -> None:
