@@ -15,6 +15,7 @@ import pytest
 import scipy.io
 import scipy.sparse
 import torch
+from sklearn.metrics import roc_auc_score
 from trainers import quiet_trainer
 
 from lympho_mil.cli import main
@@ -288,10 +289,16 @@ def one_thread() -> Iterator[None]:
 @pytest.mark.usefixtures("one_thread")
 def test_tiny_attention_model_learns_separable_bags(tmp_path: Path) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    path = write_csv(tmp_path / "sep.csv", *separable_bags(60, seed=0))
+    x, instance_bags, labels = separable_bags(60, seed=0)
+    path = write_csv(tmp_path / "sep.csv", x, instance_bags, labels)
     ids = [str(b) for b in range(60)]
     data = FeatureBagDataModule(
-        str(path), batch_size=8, train_ids=ids[:40], val_ids=[], test_ids=ids[40:]
+        str(path),
+        batch_size=8,
+        train_ids=ids[:40],
+        val_ids=[],
+        test_ids=ids[40:],
+        predict_ids=ids[40:],
     )
     L.seed_everything(0, verbose=False)
     model = AttentionMIL(
@@ -305,6 +312,11 @@ def test_tiny_attention_model_learns_separable_bags(tmp_path: Path) -> None:
     trainer.fit(model, data)
     (metrics,) = trainer.test(model, data, verbose=False)
     assert metrics["test_balanced_accuracy"] >= 0.9
+    # attention points at the witnesses (the shifted instances) inside unseen positive bags
+    records = [r for b in trainer.predict(model, datamodule=data) for r in b if r["label"] == 1]
+    witness = [bool(x[row, 0] > 3) for r in records for row in data.bags[r["id"]].rows]
+    weights = [w for r in records for w in r["weights"]]
+    assert roc_auc_score(witness, weights) > 0.9
 
 
 @pytest.mark.shared_data

@@ -17,7 +17,7 @@ from lympho_mil.cli import main
 from lympho_mil.data import PatientBagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.synthetic import make_synthetic_dlmi
-from lympho_mil.evaluation import cross_validate
+from lympho_mil.evaluation import compare_configs, cross_validate
 from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.models import TabularMLP
 from lympho_mil.models.metrics import METRIC_NAMES
@@ -321,3 +321,8 @@ def test_bad_cv_settings_are_one_line_errors(
     err = capsys.readouterr().err
     assert bad.split("=")[0] in err and "must be an integer >=" in err
     assert "Traceback" not in err
+
+
+def test_compare_configs_needs_two(configs: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="at least two configs"):
+        compare_configs([configs["tabular"]])

@@ -14,7 +14,7 @@ from PIL import Image
 from lympho_mil.cli import main
 from lympho_mil.data import FeatureBagDataModule
 from lympho_mil.data.errors import DataError
-from lympho_mil.evaluation import PredictionWriter
+from lympho_mil.evaluation import PredictionWriter, explain
 from lympho_mil.evaluation.explain import (
     EXPLANATION_FILE,
     MONTAGE_DIR,
@@ -153,3 +153,23 @@ def test_attention_table_holds_only_what_the_model_gives() -> None:
     assert list(tables["attention.csv"].columns) == ["id", "file"]  # a clinical-only model
     tables = prediction_tables([record("P1", [0.25, 0.75], None)])
     assert list(tables["attention.csv"].columns) == ["id", "file", "weight"]
+
+
+def test_montage_rows_hold_the_highest_and_lowest_scored_crops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [f"{i:06d}.jpg" for i in range(5)]
+    for name in names:
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rows = []
+    render = explain.render_montage
+
+    def spy(title, top, bottom, *args, **kwargs):  # type: ignore[no-untyped-def]
+        rows.append(([Path(p).name for p, _ in top], [Path(p).name for p, _ in bottom]))
+        return render(title, top, bottom, *args, **kwargs)
+
+    monkeypatch.setattr(explain, "render_montage", spy)
+    crops = record("P1", [0.1, 0.4, 0.05, 0.3, 0.15], None)
+    crops["instance_ids"] = names
+    write_explanations([crops], lambda _: [tmp_path / n for n in names], tmp_path / "out", top_k=2)
+    assert rows == [(["000001.jpg", "000003.jpg"], ["000002.jpg", "000000.jpg"])]

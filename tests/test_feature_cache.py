@@ -325,3 +325,21 @@ def test_standardisation_fits_the_readable_training_crops_only(
 def test_crops_on_the_device_are_refused_for_features(synthetic_dlmi: Path) -> None:
     with pytest.raises(ValueError, match="cached features"):
         CachedFeatureDataModule(str(synthetic_dlmi), augment="gpu", cache_on_device=True)
+
+
+@pytest.mark.parametrize("eval_view", ["mean", "identity"])
+def test_training_draws_a_view_evaluation_sees_the_chosen_one(
+    synthetic_dlmi: Path, shared_cache: Path, eval_view: str
+) -> None:
+    dm = make_dm(synthetic_dlmi, shared_cache, dihedral=True, eval_view=eval_view)
+    dm.setup("fit")
+    val = dm.datasets["val"]
+    stored = np.asarray(val.store[val.bags[0].rows], dtype=np.float32)  # [n, 8 views, D]
+    expected = stored.mean(axis=1) if eval_view == "mean" else stored[:, 0]
+    for seed in (0, 1):
+        np.testing.assert_allclose(val[(0, seed)].instances.numpy(), expected, rtol=1e-5)
+    train = dm.datasets["train"]
+    stored = np.asarray(train.store[train.bags[0].rows], dtype=np.float32)
+    draws = [train[(0, seed)].instances.numpy() for seed in range(4)]
+    assert all((draw[:, None] == stored).all(-1).any(1).all() for draw in draws)  # real views
+    assert any(not np.array_equal(draws[0], draw) for draw in draws[1:])

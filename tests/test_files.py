@@ -25,10 +25,11 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_files_follow_the_umask(tmp_path: Path) -> None:
-    previous = os.umask(0o022)
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
+    previous = os.umask(umask)
     try:
         path = atomic_write_bytes(tmp_path / "c.png", b"\x89PNG")
     finally:
         os.umask(previous)
-    assert path.stat().st_mode & 0o777 == 0o644
+    assert path.stat().st_mode & 0o777 == mode

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from trainers import quiet_trainer
 
@@ -23,8 +25,10 @@ from lympho_mil import (
     TabularMLP,
     collate_bags,
 )
+from lympho_mil.data import BagSample
 from lympho_mil.data.dataset import Bag, BagDataset
 from lympho_mil.data.transforms import BagToTensor
+from lympho_mil.evaluation import binary_metrics
 from lympho_mil.models.metrics import BinaryBalancedAccuracy
 
 SIZE = 16
@@ -147,12 +151,17 @@ def test_bf16_mixed_precision_trains_on_cpu(model_cls: type[BagClassifier]) -> N
     L.seed_everything(0)
     bags, store = separable_bags(8)
     model = model_cls(**TINY_ENCODER, tabular_dim=3, tabular_stats=STATS)
+    dtypes: set[torch.dtype] = set()
+    model.encoder.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    before = [p.detach().clone() for p in model.parameters()]
     trainer = quiet_trainer(
         max_epochs=1,
         precision="bf16-mixed",
     )
     trainer.fit(model, loader(bags, store, shuffle=True))
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert torch.bfloat16 in dtypes  # the encoder ran under bf16 autocast
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_non_finite_loss_names_step_and_patients() -> None:
@@ -216,6 +225,25 @@ def test_balanced_accuracy_is_scikit_learns(predicted: list[int], target: list[i
     assert float(metric) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("scheduler", ["cosine", "none"])
+def test_learning_rate_per_epoch(scheduler: str) -> None:
+    """Cosine: annealed over max_epochs, one step per epoch; none: constant."""
+    lrs: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer, module) -> None:  # type: ignore[no-untyped-def]
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    bags, store = separable_bags(8)
+    model = TabularMLP(lr=1e-2, scheduler=scheduler, tabular_dim=3, tabular_stats=STATS)
+    quiet_trainer(max_epochs=4, callbacks=[Record()]).fit(model, loader(bags, store, True))
+    if scheduler == "none":
+        assert lrs == [1e-2] * 4
+    else:
+        expected = [1e-2 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
+        assert lrs == pytest.approx(expected)
+
+
 def test_cosine_schedule_over_a_step_budget() -> None:
     """With max_steps and no epoch count the learning rate anneals once, step by step."""
     lrs: list[float] = []
@@ -270,3 +298,39 @@ def test_a_checkpoint_reloads_without_the_encoders_initial_weights_file(tmp_path
         torch.testing.assert_close(reloaded.state_dict()[name], tensor)
     saved = torch.load(path, weights_only=True)["lympho_mil"]
     assert saved["initial_encoder_weights"] == str(weights)  # provenance kept
+
+
+def test_instance_mil_averages_crop_logits_and_learns_each_crop() -> None:
+    """InstanceMIL: the patient logit is the mean crop logit; the loss is each crop's BCE
+    against its patient's label, averaged per patient (not the patient-level BCE)."""
+    model = InstanceMIL(encoder="identity", in_dim=4, pos_weight=2.0)
+    sizes = (2, 5)
+    samples = [
+        BagSample(torch.randn(n, 4), torch.zeros(0), float(n % 2), f"b{n}", ["x"] * n)
+        for n in sizes
+    ]
+    batch = collate_bags(samples)
+    out = model(batch)
+    weight = torch.tensor(2.0)
+    per_patient = []
+    for b, n in enumerate(sizes):
+        crop_logits = model.head(batch.instances[b, :n]).squeeze(-1)
+        torch.testing.assert_close(out.logit[b], crop_logits.mean())
+        target = batch.label[b].expand(n)
+        bce = F.binary_cross_entropy_with_logits(crop_logits, target, pos_weight=weight)
+        per_patient.append(bce)
+    torch.testing.assert_close(model.loss(out, batch), torch.stack(per_patient).mean())
+
+
+def test_logged_metrics_apply_the_models_threshold() -> None:
+    bags, store = separable_bags(16)
+    model = TabularMLP(tabular_dim=3, tabular_stats=STATS, threshold=0.3)
+    trainer = quiet_trainer()
+    (logged,) = trainer.validate(model, loader(bags, store, False), verbose=False)
+    records = [r for b in trainer.predict(model, loader(bags, store, False)) for r in b]
+    label = np.array([r["label"] for r in records])
+    prob = np.array([r["probability"] for r in records])
+    expected = binary_metrics(label, prob, (prob >= 0.3).astype(int))
+    assert expected != binary_metrics(label, prob, (prob >= 0.5).astype(int))  # 0.3 matters
+    for name, value in expected.items():
+        assert logged[f"val_{name}"] == pytest.approx(value, abs=1e-5), name

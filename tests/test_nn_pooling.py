@@ -140,3 +140,22 @@ def test_huge_activations_finite_in_half(pool: nn.Module, dtype: torch.dtype) ->
     if pool.has_attention:
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.sum(dim=1), torch.ones(3))
+
+
+def test_pooled_values_are_the_documented_formulas() -> None:
+    """Mean and max over the real crops; attention (Ilse et al. 2018) softmax(w^T tanh(V h)),
+    gated: softmax(w^T (tanh(V h) * sigmoid(U h))), and the weighted sum."""
+    h = torch.randn(1, 5, 8)
+    mask = torch.tensor([[True, True, True, False, False]])
+    real = h[0, :3]
+    torch.testing.assert_close(build_pooling("mean", 8)(h, mask)[0][0], real.mean(0))
+    torch.testing.assert_close(build_pooling("max", 8)(h, mask)[0][0], real.amax(0))
+    for name in ("attention", "gated_attention"):
+        pool = build_pooling(name, 8, hidden=4).eval()
+        hidden = torch.tanh(pool.V(real))
+        if name == "gated_attention":
+            hidden = hidden * torch.sigmoid(pool.U(real))
+        expected = torch.softmax(pool.w(hidden).squeeze(-1), 0)
+        z, weights = pool(h, mask)
+        torch.testing.assert_close(weights[0, :3], expected)
+        torch.testing.assert_close(z[0], (expected[:, None] * real).sum(0))
