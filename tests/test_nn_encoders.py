@@ -191,3 +191,18 @@ def test_shape_multiple_tops_up_every_call_and_drops_the_repeats(
     h = encode_instances(encoder, instances, mask, chunk_size, shape_multiple=4)
     assert encoder.calls == calls
     torch.testing.assert_close(h, plain)  # eval mode: the repeats change nothing
+
+
+def test_builtin_encoders_load_a_weights_file_strictly(tmp_path: Path) -> None:
+    trained = build_instance_encoder("small_cnn", width=4, out_dim=8)
+    path = tmp_path / "small_cnn.pt"
+    torch.save(trained.state_dict(), path)
+    loaded = build_instance_encoder("small_cnn", weights_path=str(path), width=4, out_dim=8)
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # another architecture's weights
+        build_instance_encoder("small_cnn", weights_path=str(path), width=8, out_dim=8)
+    with pytest.raises(FileNotFoundError, match="weights file not found"):
+        build_instance_encoder("small_cnn", weights_path=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="pretrained applies to timm models"):
+        build_instance_encoder("small_cnn", pretrained=True)

@@ -42,7 +42,7 @@ from lympho_mil.data.image_cache import (
     write_cache,
 )
 from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
-from lympho_mil.nn.encoders import BUILTIN_ENCODERS, TimmEncoder, build_instance_encoder
+from lympho_mil.nn.encoders import build_instance_encoder
 
 log = logging.getLogger(__name__)
 
@@ -293,18 +293,9 @@ class CachedFeatureDataModule(PatientBagDataModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.encoder_seed)
             module = build_instance_encoder(
-                self.encoder_name, weights_path=self._timm_weights, **self.encoder_kwargs
+                self.encoder_name, weights_path=self.encoder_weights, **self.encoder_kwargs
             )
-        if self.encoder_weights is not None and not isinstance(module, TimmEncoder):
-            if not Path(self.encoder_weights).is_file():
-                raise FileNotFoundError(f"weights file not found: {self.encoder_weights}")
-            state = torch.load(self.encoder_weights, map_location="cpu", weights_only=True)
-            module.load_state_dict(state)
         return module.requires_grad_(False).eval()
-
-    @property
-    def _timm_weights(self) -> str | None:
-        return None if self.encoder_name in BUILTIN_ENCODERS else self.encoder_weights
 
     @property
     def feature_dim(self) -> int:

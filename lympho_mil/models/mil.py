@@ -75,7 +75,8 @@ class MILClassifier(EncoderMixin, BagClassifier):
         embed_dim: output size of the built-in encoders.
         in_dim: feature size of precomputed feature bags (linked from the datamodule).
         encoder_kwargs: extra constructor arguments of the encoder.
-        encoder_weights: local weights file for a timm encoder (nothing is downloaded).
+        encoder_weights: local weights file of the encoder (a timm backbone's or a built-in
+            encoder's state dict; nothing is downloaded).
         freeze_encoder: keep the encoder fixed (eval mode, no gradients).
         chunk_size: encode at most this many crops at once (bounds memory on big bags).
         shape_multiple: top each encoder call up to a multiple of this many crops (repeats,

@@ -129,11 +129,8 @@ class TimmEncoder(nn.Module):
                 f"pretrained weights for {name!r} cannot be downloaded at run time; save them "
                 "once to a local file and pass it as weights_path"
             )
-        if weights_path is not None and not Path(weights_path).is_file():
-            raise FileNotFoundError(
-                f"weights file not found: {weights_path} (a lympho-mil checkpoint carries the "
-                "encoder's weights: with --ckpt_path, set encoder_weights to null)"
-            )
+        if weights_path is not None:
+            _existing(weights_path)
         self.model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
         self.out_dim: int = self.model.num_features  # type: ignore[assignment]
         if weights_path is not None:
@@ -174,22 +171,47 @@ def build_instance_encoder(
 
     ``in_dim`` is required by "mlp" and "identity"; ``out_dim`` is ignored by "identity",
     "morphology" (fixed hand-crafted features, :class:`~lympho_mil.nn.MorphologyEncoder`) and
-    timm models (whose ``out_dim`` is their feature size); ``pretrained`` and
-    ``weights_path`` only apply to timm models; ``kwargs`` go to the encoder's constructor.
+    timm models (whose ``out_dim`` is their feature size); ``kwargs`` go to the encoder's
+    constructor. ``weights_path``: a local weights file, the timm backbone's state dict or the
+    built-in module's (loaded strictly); ``pretrained`` applies to timm models only and needs
+    ``weights_path`` (nothing is downloaded).
     """
+    if name not in BUILTIN_ENCODERS:
+        return TimmEncoder(name, pretrained=pretrained, weights_path=weights_path, **kwargs)
+    if pretrained:
+        raise ValueError(
+            f"pretrained applies to timm models; the built-in {name!r} takes its trained "
+            "weights from a local file: weights_path"
+        )
+    module = _builtin_encoder(name, in_dim, out_dim, **kwargs)
+    if weights_path is not None:
+        state = torch.load(_existing(weights_path), map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+    return module
+
+
+def _builtin_encoder(name: str, in_dim: int | None, out_dim: int, **kwargs: Any) -> nn.Module:
     if name == "small_cnn":
         return SmallCNN(out_dim=out_dim, **kwargs)
     if name == "lenet":
         return LeNetEncoder(out_dim=out_dim, **kwargs)
-    if name in ("mlp", "identity"):
-        if in_dim is None:
-            raise ValueError(f"instance encoder {name!r} needs in_dim")
-        if name == "mlp":
-            return MLPEncoder(in_dim, out_dim=out_dim, **kwargs)
-        return IdentityEncoder(in_dim, **kwargs)
     if name == "morphology":
         return MorphologyEncoder(**kwargs)
-    return TimmEncoder(name, pretrained=pretrained, weights_path=weights_path, **kwargs)
+    if in_dim is None:
+        raise ValueError(f"instance encoder {name!r} needs in_dim")
+    if name == "mlp":
+        return MLPEncoder(in_dim, out_dim=out_dim, **kwargs)
+    return IdentityEncoder(in_dim, **kwargs)
+
+
+def _existing(weights_path: str) -> str:
+    """``weights_path`` if it is a file, else a ``FileNotFoundError`` that says what to do."""
+    if not Path(weights_path).is_file():
+        raise FileNotFoundError(
+            f"weights file not found: {weights_path} (a lympho-mil checkpoint carries the "
+            "encoder's weights: with --ckpt_path, set encoder_weights to null)"
+        )
+    return weights_path
 
 
 def _keep_eval(module: nn.Module, args: tuple[Any, ...]) -> None:
