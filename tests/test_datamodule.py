@@ -204,6 +204,12 @@ def test_collate_pads_to_the_largest_bag(shape: tuple[int, ...]) -> None:
     assert collate_bags([sample(bags[0], "x", t=0)]).tabular.shape == (1, 0)
 
 
+def test_collate_names_bags_of_another_crop_size() -> None:
+    bags = [sample(torch.zeros(2, 3, 8, 8), "a"), sample(torch.zeros(2, 3, 16, 16), "b")]
+    with pytest.raises(ValueError, match=r"bags \['b'\].*\(3, 8, 8\)"):
+        collate_bags(bags)
+
+
 def test_batch_to_device_and_pin_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     batch = collate_bags([sample(torch.randn(n, 4), f"b{n}") for n in (1, 3)])
     moved = batch.to("meta")

@@ -118,6 +118,12 @@ def test_device_augment_respects_the_mask_and_matches_the_cpu_normalisation() ->
         DeviceAugment((0.5, 0.5, 255.0), IMAGENET_STD)
     with pytest.raises(ValueError, match="square"):
         augment(raw[..., :4], mask, train=True, generator=seeded(0))
+    with pytest.raises(ValueError, match="square"):  # an affine warp alone too
+        DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, False)(raw[..., :4], mask, train=True)
+    with pytest.raises(ValueError, match="uint8"):  # floats would be read on the wrong scale
+        augment(raw.float() / 255, mask, train=True, generator=seeded(0))
+    with pytest.raises(ValueError, match="3 channel"):
+        DeviceAugment((0.5, 0.5), (0.2, 0.2))
 
 
 def test_device_colour_jitter_scales_a_share_of_the_crops_each_by_its_own_factor() -> None:

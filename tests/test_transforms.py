@@ -47,6 +47,12 @@ def test_each_crop_gets_its_own_dihedral_view_reproducibly() -> None:
     assert np.array_equal(BagAugment(False, 0.0, 0.0)(bag, np.random.default_rng(1)), bag)
     with pytest.raises(ValueError, match="square"):
         GEOMETRIC(bag[:, :, :5], np.random.default_rng(0))
+    with pytest.raises(ValueError, match="square"):  # an affine warp alone too
+        BagAugment(dihedral=False, affine=1.0)(bag[:, :, :5], np.random.default_rng(0))
+    fortran = np.asfortranarray(bag)  # any memory layout: OpenCV writes into C-ordered output
+    all_views = BagAugment(affine=0.5, color_jitter=0.5)
+    expected = all_views(bag, np.random.default_rng(3))
+    assert np.array_equal(all_views(fortran, np.random.default_rng(3)), expected)
 
 
 def test_a_warp_without_distortion_is_the_same_dihedral_view() -> None:

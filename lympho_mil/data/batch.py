@@ -97,6 +97,12 @@ def collate_bags(samples: Sequence[BagSample]) -> BagBatch:
     sizes = [s.instances.shape[0] for s in samples]
     n_max = max(sizes)
     first = samples[0].instances
+    odd = [s.bag_id for s in samples if s.instances.shape[1:] != first.shape[1:]]
+    if odd:
+        raise ValueError(
+            f"bags {odd[:5]} hold instances of another shape than bag {samples[0].bag_id}'s "
+            f"{tuple(first.shape[1:])}: every crop of a batch needs one size"
+        )
     instances = first.new_empty((len(samples), n_max, *first.shape[1:]))
     mask = torch.zeros(len(samples), n_max, dtype=torch.bool)
     for i, (sample, n) in enumerate(zip(samples, sizes, strict=True)):

@@ -27,7 +27,10 @@ from torch import Tensor
 DIHEDRAL_VIEWS = 8
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey weights, as torchvision's rgb_to_grayscale
 
-# The 8 dihedral views as (x, y) -> (a x + b y, c x + d y) about the crop's centre.
+# The 8 dihedral views as (x, y) -> (a x + b y, c x + d y) about the crop's centre. The CPU
+# (BagAugment) moves pixels forward by them; the device warp samples the input at the
+# matrix times the output position. The two number the views differently; both draw them
+# uniformly, so the set of views is the same.
 DIHEDRAL_MATRICES = (
     ((1, 0), (0, 1)),
     ((0, -1), (1, 0)),
@@ -183,6 +186,8 @@ class DeviceAugment:
     color_p: float = 0.5
 
     def __post_init__(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"need 3 channel means and stds, got {self.mean}, {self.std}")
         if not all(0 <= m <= 1 for m in self.mean) or not all(s > 0 for s in self.std):
             raise ValueError(f"need mean in [0, 1] and std > 0, got {self.mean}, {self.std}")
 
@@ -193,13 +198,19 @@ class DeviceAugment:
         train: bool,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """``pixels[B, N, C, H, W]``, ``mask[B, N]`` -> float32, zero where ``mask`` is False."""
+        """``uint8 pixels[B, N, 3, H, W]``, ``mask[B, N]`` -> float32, zero where ``mask`` is
+        False."""
+        if pixels.dtype != torch.uint8 or pixels.dim() != 5 or pixels.shape[2] != 3:
+            raise ValueError(
+                "DeviceAugment takes uint8 RGB crops [B, N, 3, H, W] (the loader's raw pixels), "
+                f"got {pixels.dtype} {tuple(pixels.shape)}"
+            )
         keep = mask.view(*mask.shape, 1, 1, 1)
         geometric = train and (self.dihedral or self.affine > 0)
         colour = train and self.color_p > 0
         if not (geometric or colour):
             return normalize_pixels(pixels, self.mean, self.std).masked_fill(~keep, 0.0)
-        if geometric and self.dihedral and pixels.shape[-1] != pixels.shape[-2]:
+        if geometric and pixels.shape[-1] != pixels.shape[-2]:
             raise ValueError(f"rotations need square crops, got {tuple(pixels.shape[-2:])}")
         x = pixels.float()
         if geometric:

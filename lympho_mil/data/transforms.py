@@ -94,7 +94,7 @@ class BagAugment:
 
     def __call__(self, crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         n, height, width, _ = crops.shape
-        if self.dihedral and height != width:
+        if (self.dihedral or self.affine > 0) and height != width:
             raise ValueError(f"rotations need square crops, got {height}x{width}")
         views = rng.integers(len(_DIHEDRAL), size=n) if self.dihedral else np.zeros(n, int)
         warp = rng.random(n) < self.affine
@@ -102,7 +102,7 @@ class BagAugment:
         jitter = rng.random(n) < self.color_jitter
         factors = 1 + self.jitter_strength * (rng.random((3, n)) * 2 - 1)
         colours = colour_maps(*torch.from_numpy(factors)).numpy()
-        out = np.empty_like(crops)
+        out = np.empty(crops.shape, crops.dtype)  # C order, whatever the input's, for OpenCV
         for i, (view, warped, jittered) in enumerate(
             zip(views.tolist(), warp.tolist(), jitter.tolist(), strict=True)
         ):

@@ -24,8 +24,9 @@ BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity", "m
 class SmallCNN(nn.Module):
     """Fast CPU CNN: 4 stride-2 conv stages (GroupNorm, GELU), global average pool, Linear.
 
-    ``x[M, in_chans, H, W]`` (any ``H, W >= 28``) -> ``[M, out_dim]``. GroupNorm, not BatchNorm:
-    batch statistics over the crops of one patient would be per-patient statistics.
+    ``x[M, in_chans, H, W]`` (any size: the pooling is global) -> ``[M, out_dim]``. GroupNorm,
+    not BatchNorm: batch statistics over the crops of one patient would be per-patient
+    statistics.
     """
 
     def __init__(self, in_chans: int = 3, width: int = 32, out_dim: int = 128) -> None:
