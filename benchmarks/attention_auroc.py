@@ -14,12 +14,15 @@ JSON line:
 - ``auroc_tumoral_pooled``: all crops of held-out tumoral patients pooled, the weight scaled
   by the bag size (``n * a``, 1 = uniform) so bags of different sizes compare;
 - ``auroc_all_pooled``: the same over every held-out crop, reactive patients included;
-- the patient-level AUROC and balanced accuracy of the held-out patients, for context.
+- the patient-level AUROC and balanced accuracy of the held-out patients, for context;
+- ``untrained``: the same figures for the model at its initial weights, the baseline (a
+  random network's attention is not uniform, and can already favour the abnormal cells).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -40,8 +43,9 @@ MODELS = {"attention": AttentionMIL, "gated": GatedAttentionMIL}
 
 def train_and_predict(
     args: argparse.Namespace, root: Path
-) -> tuple[list[dict], PatientBagDataModule]:
-    """Fit on the labelled patients (fixed epochs); predict records of the test patients."""
+) -> tuple[list[dict], list[dict], PatientBagDataModule]:
+    """Fit on the labelled patients (fixed epochs); predict records of the test patients by
+    the trained model and by the same model at its initial weights (the baseline)."""
     L.seed_everything(args.seed, workers=True, verbose=False)
     data = PatientBagDataModule(
         str(root),
@@ -61,11 +65,15 @@ def train_and_predict(
         tabular_dim=data.tabular_dim,
         tabular_stats=data.tabular_stats,
     )
+    initial = copy.deepcopy(model.state_dict())
     trainer = quiet_trainer(
         max_epochs=args.epochs,
     )
     trainer.fit(model, data)
-    return [r for batch in trainer.predict(model, data) for r in batch], data
+    trained = [r for batch in trainer.predict(model, data) for r in batch]
+    model.load_state_dict(initial)
+    untrained = [r for batch in quiet_trainer().predict(model, data) for r in batch]
+    return trained, untrained, data
 
 
 def attention_scores(records: list[dict], truth: pd.DataFrame) -> dict[str, float]:
@@ -121,9 +129,16 @@ def main() -> None:
         work = args.out or Path(tmp)
         root = work / f"synthetic-n{args.patients}-px{args.size}-seed{args.seed}"
         if not (root / "ground_truth.csv").is_file():
-            make_synthetic_dlmi(root, args.patients, args.size, args.seed, max_cells=args.max_cells)
+            make_synthetic_dlmi(
+                root,
+                args.patients,
+                args.size,
+                args.seed,
+                min_cells=min(16, args.max_cells),
+                max_cells=args.max_cells,
+            )
         start = time.perf_counter()
-        records, data = train_and_predict(args, root)
+        records, untrained, data = train_and_predict(args, root)
         seconds = time.perf_counter() - start
         if args.explain:
             name = MODELS[args.model].__name__
@@ -131,6 +146,7 @@ def main() -> None:
         truth = pd.read_csv(root / "ground_truth.csv", dtype={"ID": str})
         result = {"benchmark": "attention_auroc", "model": args.model}
         result |= attention_scores(records, truth)
+        result["untrained"] = attention_scores(untrained, truth)  # what training adds to
         result |= {"epochs": args.epochs, "size": args.size, "patients": args.patients}
         result |= {"fit_predict_seconds": round(seconds, 1), "machine": where}
         print(json.dumps(result), flush=True)

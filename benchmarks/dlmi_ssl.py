@@ -103,6 +103,8 @@ def main() -> None:
     params = [*encoder.parameters(), *projector.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = len(crops) // args.batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(crops)} crops")
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs * steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()

@@ -6,9 +6,10 @@ The model and data settings are the quickstart's (``examples/configs/quickstart.
 ``GatedFusionMIL`` with a ``small_cnn`` (width 16) on 64 px crops, 8 bags of at most 24 crops
 per batch, two loader workers. The first epoch (worker start, warm-up) is left out; one JSON
 line per augmentation mode gives the median training-epoch time (validation excluded) and the
-median validation time. ``--augment``: ``cpu`` (albumentations per crop in the loader
-workers, the default) or ``gpu`` (the torch pipeline per batch after the transfer: on a
-CPU-only machine, in the main process).
+median validation time. ``--augment``: ``cpu`` (the default ``BagAugment`` in the loader
+workers), ``gpu`` (the torch pipeline per batch after the transfer: on a CPU-only machine, in
+the main process) or ``none``. (The epoch times in ``benchmarks/README.md`` were measured
+when ``cpu`` meant albumentations per crop, before ``BagAugment``.)
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ class EpochTimer(L.Callback):
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=4, help="at least 2: the first is not timed")
     p.add_argument("--augment", default="cpu,gpu", help="of cpu,gpu,none")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.epochs < 2:
+        p.error("--epochs must be at least 2 (the first epoch is not timed)")
     quiet()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
