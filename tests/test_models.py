@@ -298,6 +298,7 @@ def test_a_checkpoint_reloads_without_the_encoders_initial_weights_file(tmp_path
         torch.testing.assert_close(reloaded.state_dict()[name], tensor)
     saved = torch.load(path, weights_only=True)["lympho_mil"]
     assert saved["initial_encoder_weights"] == str(weights)  # provenance kept
+    assert model.hparams.encoder_weights == str(weights)  # the live model's settings untouched
 
 
 def test_instance_mil_averages_crop_logits_and_learns_each_crop() -> None:

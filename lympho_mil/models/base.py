@@ -214,7 +214,7 @@ class BagClassifier(LightningModule):
         if hparams.get("encoder_weights") is not None:
             # the state dict holds the weights: reloading must not need the initial file
             checkpoint["lympho_mil"]["initial_encoder_weights"] = hparams["encoder_weights"]
-            hparams["encoder_weights"] = None
+            checkpoint["hyper_parameters"] = {**hparams, "encoder_weights": None}  # a copy
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("lympho_mil")
