@@ -311,7 +311,7 @@ def test_standardisation_fits_the_readable_training_crops_only(
     for pid in dm.split_ids["train"]:
         first = sorted((dlmi_root / "trainset" / pid).glob("*.jpg"))[0]
         first.write_bytes(b"not a jpeg")
-    with pytest.warns(UserWarning, match="not a jpeg|cannot|unreadable|skipp"):
+    with pytest.warns(UserWarning, match="unreadable image"):
         dm.setup("fit")
     train = dm.datasets["train"]
     rows = np.sort(np.concatenate([b.rows for b in train.bags]))
