@@ -6,12 +6,13 @@
 A ResNet-18 ``AttentionMIL`` (channels-last) trains on 224 px crops, 8 bags of 32 crops per
 step, fed (a) by the real pipeline: ``PatientBagDataModule`` over the warm decoded-crop cache,
 ``--workers`` loader processes, pinned memory, non-blocking copies, uint8 transfer and batch
-augmentation on the device (``--augment gpu``), and (b) by one normalised batch already on the
-device, repeated as many times per epoch as the real loader has batches (so both pay the same
-epoch ends: metrics, logging): the upper bound. One JSON line per precision (``bf16-mixed`` =
-AMP on, ``32-true`` = off) with both rates and their ratio, and one ``loader_alone`` line: the
-crops per second of the training loader iterated with nothing else running (pinned batches,
-no copy to the device), which the pipeline cannot exceed. ``--cache-on-device``
+augmentation on the device (``--augment gpu``), and (b) by the loader's own batches of one epoch,
+normalised once and kept on the device, replayed in the same order every epoch (the same crop
+counts as the pipeline, and the same epoch ends: metrics, logging): the upper bound. One JSON
+line per precision (``bf16-mixed`` = AMP on, ``32-true`` = off) with both rates and their
+ratio, and one ``loader_alone`` line: the crops per second of the training loader iterated
+with nothing else running (pinned batches, no copy to the device), which the pipeline cannot
+exceed. ``--cache-on-device``
 (``PatientBagDataModule(cache_on_device=True)``, with ``--augment gpu``): the decoded crops
 are copied to the GPU once, the loader ships row numbers and the device gathers the pixels.
 Every new number of real crops in a step costs cuDNN new plans for each layer, and bag sizes
@@ -66,17 +67,18 @@ class StepTimer(L.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-class Repeated(Dataset):
-    """One batch, ``n`` times (a loader over it with ``batch_size=None`` yields it as is)."""
+class Replayed(Dataset):
+    """Batches already on the device (a loader over it with ``batch_size=None`` yields them as
+    they are)."""
 
-    def __init__(self, batch: BagBatch, n: int) -> None:
-        self.batch, self.n = batch, n
+    def __init__(self, batches: list[BagBatch]) -> None:
+        self.batches = batches
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.batches)
 
     def __getitem__(self, index: int) -> BagBatch:
-        return self.batch
+        return self.batches[index]
 
 
 def crops_per_second(
@@ -202,10 +204,12 @@ def main() -> None:
         batches_per_epoch=len(loader),
         crops_per_s=round(loader_crops_per_second(loader, args.warmup + args.steps), 1),
     )
-    first = next(iter(loader)).to(device)
-    emit("device_side", device, **device_side_ms(dm, first))
-    on_device = dm.on_after_batch_transfer(first, 0)  # normalised, as training would see it
-    in_memory = DataLoader(Repeated(on_device, len(loader)), batch_size=None)
+    raw = [batch.to(device) for batch in loader]
+    emit("device_side", device, **device_side_ms(dm, raw[0]))
+    # normalised, as training would see them
+    on_device = [dm.on_after_batch_transfer(batch, 0) for batch in raw]
+    del raw
+    in_memory = DataLoader(Replayed(on_device), batch_size=None)
     del loader  # its workers stop
     for precision in ("bf16-mixed", "32-true"):
         real = crops_per_second(make_model(args), dm, args, precision)
