@@ -6,6 +6,7 @@ Subclasses build their networks in :meth:`BagClassifier.configure_models` and co
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -16,7 +17,8 @@ from torch import Tensor, nn
 
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.models.metrics import PatientMetrics
-from lympho_mil.nn import Standardize
+from lympho_mil.nn import Standardize, dihedral_views
+from lympho_mil.nn.tta import check_tta_views
 
 SPLITS = ("train", "val", "test")
 
@@ -65,6 +67,12 @@ class BagClassifier(LightningModule):
             stores the one chosen on a fold's validation patients). Loading a checkpoint keeps
             its threshold unless another value than the checkpoint's own setting is asked for
             (``load_from_checkpoint(path, threshold=t)``, ``--model.threshold t``).
+        tta_views: test-time augmentation: outside training (validation, test, predict), the
+            patient logit, crop weights and crop logits are the means over this many exact
+            views of every crop (1: none; 2: and its mirror image; 4: its four 90-degree
+            rotations; 8: those and their mirror images). Costs that many forward passes;
+            image crops only. ``load_from_checkpoint(path, tta_views=8)`` turns it on for a
+            model trained without it.
     """
 
     reads_instances: ClassVar[bool] = True  # False: a clinical-only model ignores the crops
@@ -78,8 +86,15 @@ class BagClassifier(LightningModule):
         weight_decay: float = 1e-4,
         scheduler: Literal["cosine", "none"] = "cosine",
         threshold: float = 0.5,
+        tta_views: int = 1,
     ) -> None:
         super().__init__()
+        check_tta_views(tta_views)
+        if tta_views != 1 and not self.reads_instances:
+            raise ValueError(
+                f"{type(self).__name__} reads no crops: test-time augmentation has nothing to "
+                f"act on (tta_views must be 1, got {tta_views})"
+            )
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {threshold}")
         if pos_weight is not None and pos_weight <= 0:
@@ -98,6 +113,7 @@ class BagClassifier(LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.scheduler = scheduler
+        self.tta_views = tta_views
         self.threshold_setting = float(threshold)  # the buffer may change (cv); this not
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         stats = tabular_stats or {"mean": [0.0] * tabular_dim, "scale": [1.0] * tabular_dim}
@@ -112,6 +128,16 @@ class BagClassifier(LightningModule):
     def forward(self, batch: BagBatch) -> BagOutput:
         raise NotImplementedError
 
+    def infer(self, batch: BagBatch) -> BagOutput:
+        """:meth:`forward`; outside training, averaged over ``tta_views`` views of the crops."""
+        if self.training or self.tta_views == 1:
+            return self(batch)
+        outs = [
+            self(dataclasses.replace(batch, instances=view))
+            for view in dihedral_views(batch.instances, self.tta_views)
+        ]
+        return mean_output(outs)
+
     def loss(self, out: BagOutput, batch: BagBatch) -> Tensor:
         """Mean BCE on the patient logits, optionally class-weighted."""
         return bce_with_logits(out.logit, batch.label, self.pos_weight)
@@ -125,7 +151,7 @@ class BagClassifier(LightningModule):
                 "in its on_after_batch_transfer hook, so pass it to the Trainer as "
                 "datamodule=..., not its loaders"
             )
-        out = self(batch)
+        out = self.infer(batch)
         loss = self.loss(out, batch)
         if split == "train" and not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -167,7 +193,7 @@ class BagClassifier(LightningModule):
 
     def predict_step(self, batch: BagBatch, batch_idx: int) -> list[dict[str, Any]]:
         """One record per patient: id, probability, threshold, crop files and weights."""
-        out = self(batch)
+        out = self.infer(batch)
         prob = torch.sigmoid(out.logit.float()).cpu()
         weights = out.weights.float().cpu() if out.weights is not None else None
         crop_prob = (
@@ -244,6 +270,27 @@ class BagClassifier(LightningModule):
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+
+def mean_output(outs: list[BagOutput]) -> BagOutput:
+    """The element-wise mean of the outputs of several views of one batch."""
+
+    def mean(tensors: list[Tensor]) -> Tensor:
+        return torch.stack(tensors).mean(0)
+
+    first = outs[0]
+    return BagOutput(
+        logit=mean([o.logit for o in outs]),
+        weights=None if first.weights is None else mean([o.weights for o in outs]),
+        instance_logits=(
+            None if first.instance_logits is None else mean([o.instance_logits for o in outs])
+        ),
+        extras=(
+            None
+            if first.extras is None
+            else {k: mean([o.extras[k] for o in outs]) for k in first.extras}
+        ),
+    )
 
 
 def bce_with_logits(logit: Tensor, target: Tensor, pos_weight: float | None) -> Tensor:

@@ -31,6 +31,11 @@ class EncoderMixin:
         channels_last: bool = False,
         compile_encoder: bool = False,
     ) -> nn.Module:
+        if encoder in ("mlp", "identity") and getattr(self, "tta_views", 1) != 1:
+            raise ValueError(
+                f"encoder {encoder!r} reads feature vectors, which have no orientation: "
+                "test-time augmentation needs image crops (tta_views must be 1)"
+            )
         module = build_instance_encoder(
             encoder,
             in_dim=in_dim,

@@ -1,4 +1,5 @@
-"""Pure-PyTorch building blocks: instance encoders, MIL pooling, clinical encoders, fusion."""
+"""Pure-PyTorch building blocks: instance encoders, MIL pooling, clinical encoders, fusion,
+test-time views."""
 
 from lympho_mil.nn.encoders import (
     BUILTIN_ENCODERS,
@@ -24,11 +25,13 @@ from lympho_mil.nn.pooling import (
     build_pooling,
 )
 from lympho_mil.nn.tabular import Standardize, TabularEncoder
+from lympho_mil.nn.tta import TTA_VIEWS, dihedral_views
 
 __all__ = [
     "BUILTIN_ENCODERS",
     "MORPHOLOGY_FEATURES",
     "POOLINGS",
+    "TTA_VIEWS",
     "AttentionPooling",
     "ConcatFusion",
     "DistributionPooling",
@@ -48,6 +51,7 @@ __all__ = [
     "TimmEncoder",
     "build_instance_encoder",
     "build_pooling",
+    "dihedral_views",
     "encode_instances",
     "freeze",
     "mixture_nll",
