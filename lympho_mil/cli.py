@@ -87,7 +87,11 @@ class LymphoCLI(LightningCLI):
         only there and silently start from scratch."""
         config = self.config_init[self.subcommand]
         callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
-        if config.get("ckpt_path") != "last" or callback is None or callback.dirpath:
+        if (
+            config.get("ckpt_path") != "last"
+            or not isinstance(callback, ModelCheckpoint)
+            or callback.dirpath
+        ):
             return  # no resume, or a fixed checkpoint folder where Lightning finds last.ckpt
         if logger is None or logger.root_dir is None:
             return
@@ -157,7 +161,7 @@ def build_cli(args: Sequence[str] | None, run: bool = True) -> LymphoCLI:
 def class_choices(base: type) -> dict[str, type]:
     """Short names of the concrete subclasses of ``base`` (what ``--model NAME`` accepts)."""
     found: dict[str, type] = {}
-    stack = list(base.__subclasses__())
+    stack: list[type] = list(base.__subclasses__())
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())

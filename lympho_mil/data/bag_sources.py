@@ -45,7 +45,9 @@ class FeatureBags:
         return np.array([b.label for b in self.bags])
 
 
-def bags_from_arrays(features: Any, bag_ids: Sequence[Any], labels: Sequence[Any]) -> FeatureBags:
+def bags_from_arrays(
+    features: Any, bag_ids: Sequence[Any] | np.ndarray, labels: Any
+) -> FeatureBags:
     """Group instances into bags: ``features[M, ...]``, ``bag_ids[M]``, instance ``labels[M]``.
 
     Labels are 0/1 or -1/+1 per instance; a bag is positive when any of its instances is
@@ -85,8 +87,9 @@ def _id_text(value: Any) -> str:
     return str(value)
 
 
-def binary_labels(labels: Sequence[Any]) -> np.ndarray:
-    """0/1 or -1/+1 labels -> int64 0/1; anything else raises :class:`DataError`."""
+def binary_labels(labels: Any) -> np.ndarray:
+    """0/1 or -1/+1 labels (a sequence, dense or scipy-sparse array) -> int64 0/1; anything
+    else raises :class:`DataError`."""
     y = np.asarray(labels.toarray() if scipy.sparse.issparse(labels) else labels).ravel()
     values = set(np.unique(y).tolist())
     if values <= {0, 1}:
@@ -335,7 +338,7 @@ class MNISTBagsDataModule(FeatureBagDataModule):
                 kwargs[key] = value
         super().__init__(path=root, standardize=standardize, noise_std=noise_std, **kwargs)
         self.normalize = normalize
-        self.mnist_settings = {
+        self.mnist_settings: dict[str, Any] = {
             "n_train_bags": n_train_bags,
             "n_test_bags": n_test_bags,
             "bag_length_mean": bag_length_mean,

@@ -74,8 +74,8 @@ def validate_clinical(table: pd.DataFrame, reference_date: str = "2020-01-01") -
     ids = table["ID"].str.strip()
     duplicated = ids.duplicated(keep=False)
     if duplicated.any():
-        where = sorted(set(zip(ids[duplicated], table.loc[duplicated, "source"], strict=True)))
-        raise DataError(f"duplicate patient id(s) in the clinical table (id, file): {where}")
+        pairs = sorted(set(zip(ids[duplicated], table.loc[duplicated, "source"], strict=True)))
+        raise DataError(f"duplicate patient id(s) in the clinical table (id, file): {pairs}")
     rows = []
     for pid, (_, row) in zip(ids, table.iterrows(), strict=True):
         where = f"patient {pid} ({row['source']})"

@@ -420,7 +420,7 @@ class PatientBagDataModule(BagDataModule):
             return batch
         generator = None
         if self.trainer is not None and self.trainer.training:
-            generator = self._epoch_generator(batch.instances.device)
+            generator = self._epoch_generator(batch.instances.device, self.trainer.current_epoch)
         pixels = batch.instances.permute(0, 1, 4, 2, 3)  # [B, N, H, W, C] -> [B, N, C, H, W]
         instances = self.device_augment(
             pixels, batch.mask, train=generator is not None, generator=generator
@@ -441,8 +441,7 @@ class PatientBagDataModule(BagDataModule):
             self._device_pixels = pixels
         return self._device_pixels
 
-    def _epoch_generator(self, device: torch.device) -> torch.Generator:
-        epoch = self.trainer.current_epoch
+    def _epoch_generator(self, device: torch.device, epoch: int) -> torch.Generator:
         if self._generator is None or self._generator_key != (epoch, device):
             seed = np.random.SeedSequence([self.seed, epoch, 1]).generate_state(1)[0]
             self._generator = torch.Generator(device).manual_seed(int(seed))

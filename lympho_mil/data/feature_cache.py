@@ -42,7 +42,7 @@ from lympho_mil.data.image_cache import (
     write_cache,
 )
 from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
-from lympho_mil.nn.encoders import build_instance_encoder
+from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class FeatureCache(MemmapRows):
             and is_intact(data_path, meta["checksum"], "feature cache")
         ):
             return cls(data_path)
-        shape = (len(images), spec.views, int(encoder.out_dim))
+        shape = (len(images), spec.views, encoder_out_dim(encoder))
 
         def fill(array: np.ndarray) -> dict[str, Any]:
             log.info(
@@ -300,7 +300,7 @@ class CachedFeatureDataModule(PatientBagDataModule):
     @property
     def feature_dim(self) -> int:
         """D, the size of a crop's feature vector (the model's ``in_dim``)."""
-        return int(self.extractor.out_dim)
+        return encoder_out_dim(self.extractor)
 
     def setup(self, stage: str | None = None) -> None:
         self._check_model_in_dim()

@@ -135,13 +135,13 @@ class _Renderer:
         kept = np.flatnonzero(keep)
         sprites = rng.integers(len(self.rbc_sprites), size=len(kept))
         gains = rng.uniform(0.85, 1.15, len(kept)).astype(np.float32)
-        for i, sprite, gain in zip(kept, sprites, gains, strict=True):
-            top, left = int(y[i, 0]), int(x[i, 0])
+        for row, sprite, gain in zip(kept, sprites, gains, strict=True):
+            top, left = int(y[row, 0]), int(x[row, 0])
             k = self.rbc_sprites[sprite].shape[0]
             canvas[top : top + k, left : left + k] += gain * self.rbc_sprites[sprite]
         k = self.platelet.shape[0]
-        for top, left in rng.integers(0, span, (rng.poisson(25), 2)):
-            dots[top : top + k, left : left + k] += self.platelet
+        for p_top, p_left in rng.integers(0, span, (rng.poisson(25), 2)):
+            dots[p_top : p_top + k, p_left : p_left + k] += self.platelet
         inner = slice(margin, margin + side)
         rbc_od = _RBC_OD * rng.normal(1.0, 0.06, 3).astype(np.float32) * rng.uniform(0.85, 1.15)
         od = canvas[inner, inner, None] * rbc_od + dots[inner, inner, None] * _PLATELET_OD
@@ -272,8 +272,8 @@ def _patients(
     n_tumoral = min(max(round(tumoral_fraction * n_patients), 1), n_patients - 1)
     labels = np.r_[np.ones(n_tumoral, int), np.zeros(n_patients - n_tumoral, int)]
     test = np.zeros(n_patients, bool)
-    for cls, count in ((1, n_tumoral), (0, n_patients - n_tumoral)):
-        n_test = min(round(test_fraction * count), count - 1)
+    for cls, n_class in ((1, n_tumoral), (0, n_patients - n_tumoral)):
+        n_test = min(round(test_fraction * n_class), n_class - 1)
         test[np.flatnonzero(labels == cls)[:n_test]] = True
     order = rng.permutation(n_patients)
     labels, test = labels[order], test[order]

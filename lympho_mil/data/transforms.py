@@ -93,6 +93,7 @@ class BagAugment:
     degrees: float = 15.0
 
     def __call__(self, crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        n: int  # an int, not Any, so that numpy's stubs type the draws below as arrays
         n, height, width, _ = crops.shape
         if (self.dihedral or self.affine > 0) and height != width:
             raise ValueError(f"rotations need square crops, got {height}x{width}")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
@@ -303,9 +304,10 @@ def _run_configs(
             ]
             results.append(_collect(name, config, overrides, runs, settings, len(ids)))
     for result in results:
-        if dirs[result.name] is not None:
-            result.out_dir = dirs[result.name]
-            write_cv_outputs(result, result.out_dir, settings.n_bootstrap, settings.seed)
+        out_dir = dirs[result.name]
+        if out_dir is not None:
+            result.out_dir = out_dir
+            write_cv_outputs(result, out_dir, settings.n_bootstrap, settings.seed)
     table = comparison_table(results, settings.n_bootstrap, settings.seed) if compare else {}
     if compare and root is not None:
         write_comparison(table, root)
@@ -418,10 +420,14 @@ def _run_fold(
         cli = build_cli(args, run=False)
         trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
         # cv writes its own prediction files; the CLI's writer would fire on every predict.
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, PredictionWriter)]
+        # (Trainer.callbacks is set by Lightning at run time but missing from its types.)
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        kept = [c for c in callbacks if not isinstance(c, PredictionWriter)]
+        trainer.callbacks = kept  # type: ignore[attr-defined]
         datamodule.setup()  # every split over one instance store (the trainer: one per stage)
         trainer.fit(model, datamodule=datamodule)
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        checkpoint = trainer.checkpoint_callback
+        best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         if not best:
             raise DataError(
                 f"{name} repeat {split.repeat} fold {split.fold}: no checkpoint was kept on the "

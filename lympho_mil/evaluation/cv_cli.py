@@ -96,6 +96,7 @@ def cv_main(argv: list[str]) -> None:
     }
     if len(args.config) == 1:
         result = cross_validate(args.config[0], **common)
+        assert result.out_dir is not None  # --out always names a folder (default ./cv)
         print(_summary_line(result))
         print(f"report: {result.out_dir / 'cv_report.md'}")
         return

@@ -109,10 +109,10 @@ class PredictionWriter(BasePredictionWriter):
                 f"explain needs a model that reads the crops; {type(pl_module).__name__} "
                 "reads the clinical vector only"
             )
-        if self.explain and not hasattr(trainer.datamodule, "instance_paths"):
+        if self.explain and not hasattr(_datamodule(trainer), "instance_paths"):
             raise ExplainError(
                 "explain needs a datamodule of image files with instance_paths(); "
-                f"{type(trainer.datamodule).__name__} has none"
+                f"{type(_datamodule(trainer)).__name__} has none"
             )
 
     def write_on_epoch_end(
@@ -132,7 +132,7 @@ class PredictionWriter(BasePredictionWriter):
             if self.explain:
                 write_explanations(
                     records,
-                    trainer.datamodule.instance_paths,
+                    _datamodule(trainer).instance_paths,
                     self.output_dir,
                     self.explain_top_k,
                     self.overwrite,
@@ -142,6 +142,11 @@ class PredictionWriter(BasePredictionWriter):
                 f"predictions for {len({r['id'] for r in records})} patients written to "
                 f"{paths['predictions.csv'].parent}"
             )
+
+
+def _datamodule(trainer: Trainer) -> Any:
+    """``trainer.datamodule``: set by Lightning at run time but missing from its types."""
+    return trainer.datamodule  # type: ignore[attr-defined]
 
 
 def _flatten_dataloaders(predictions: Sequence[Any]) -> list[list[dict[str, Any]]]:

@@ -20,7 +20,7 @@ THRESHOLD_POLICIES: tuple[str, ...] = ("fixed", "inner_val")
 DEFAULT_THRESHOLD = 0.5
 
 
-def threshold_candidates(prob: Sequence[float]) -> np.ndarray:
+def threshold_candidates(prob: Sequence[float] | np.ndarray) -> np.ndarray:
     """float[K]: 0.5 and one threshold inside each gap between distinct probabilities."""
     levels = np.unique(np.clip(np.asarray(prob, dtype=np.float64), 0.0, 1.0))
     edges = np.concatenate([[0.0], levels, [1.0]])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,7 @@ class BagClassifier(LightningModule):
     """
 
     reads_instances: ClassVar[bool] = True  # False: a clinical-only model ignores the crops
+    threshold: Tensor  # a buffer: saved in the checkpoint, moved with the module
 
     def __init__(
         self,
@@ -161,7 +162,7 @@ class BagClassifier(LightningModule):
             )
         prob = torch.sigmoid(out.logit.detach().float())
         predicted = (prob >= self.threshold).long()
-        self.metrics[f"{split}_metrics"].update(prob, predicted, batch.label, loss)
+        self._metrics(split).update(prob, predicted, batch.label, loss)
         return loss
 
     def training_step(self, batch: BagBatch, batch_idx: int) -> Tensor:
@@ -173,14 +174,17 @@ class BagClassifier(LightningModule):
     def test_step(self, batch: BagBatch, batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
+    def _metrics(self, split: str) -> PatientMetrics:
+        return cast(PatientMetrics, self.metrics[f"{split}_metrics"])
+
     def _log_metrics(self, split: str) -> None:
-        values = self.metrics[f"{split}_metrics"].compute()
+        values = self._metrics(split).compute()
         self.log_dict(
             {f"{split}_{k}": v for k, v in values.items()},
             prog_bar=split != "train",
             sync_dist=False,  # torchmetrics already synchronised the states exactly
         )
-        self.metrics[f"{split}_metrics"].reset()
+        self._metrics(split).reset()
 
     def on_train_epoch_end(self) -> None:
         self._log_metrics("train")
@@ -275,8 +279,11 @@ class BagClassifier(LightningModule):
 def mean_output(outs: list[BagOutput]) -> BagOutput:
     """The element-wise mean of the outputs of several views of one batch."""
 
-    def mean(tensors: list[Tensor]) -> Tensor:
-        return torch.stack(tensors).mean(0)
+    def mean(tensors: list[Tensor | None]) -> Tensor:
+        present = [t for t in tensors if t is not None]
+        if len(present) != len(tensors):
+            raise ValueError("the views' outputs differ in which fields they hold")
+        return torch.stack(present).mean(0)
 
     first = outs[0]
     return BagOutput(
@@ -288,7 +295,7 @@ def mean_output(outs: list[BagOutput]) -> BagOutput:
         extras=(
             None
             if first.extras is None
-            else {k: mean([o.extras[k] for o in outs]) for k in first.extras}
+            else {k: mean([(o.extras or {}).get(k) for o in outs]) for k in first.extras}
         ),
     )
 

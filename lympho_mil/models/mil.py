@@ -6,7 +6,7 @@ their pooling; ``InstanceMIL`` classifies every crop and averages the crop logit
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +15,7 @@ from lympho_mil.data.batch import BagBatch
 from lympho_mil.models.acceleration import use_channels_last
 from lympho_mil.models.base import BagClassifier, BagOutput
 from lympho_mil.nn import build_instance_encoder, build_pooling, encode_instances, freeze
+from lympho_mil.nn.encoders import encoder_out_dim
 
 
 class EncoderMixin:
@@ -97,7 +98,7 @@ class MILClassifier(EncoderMixin, BagClassifier):
         **kwargs: loss, optimiser and clinical settings of :class:`BagClassifier`.
     """
 
-    default_pooling: ClassVar[str] = "attention"
+    default_pooling: str = "attention"  # a class default; GatedFusionMIL sets it per instance
 
     def __init__(
         self,
@@ -141,8 +142,9 @@ class MILClassifier(EncoderMixin, BagClassifier):
         """The instance encoder and the pooling (shared with the fusion model); ``bag_dim`` is
         the size of the pooled embedding."""
         self.encoder = self.build_encoder(*self.encoder_settings)
-        self.pooling = build_pooling(self.pooling_name, self.encoder.out_dim, self.attention_hidden)
-        self.bag_dim = self.pooling.output_dim(self.encoder.out_dim)
+        dim = encoder_out_dim(self.encoder)
+        self.pooling = build_pooling(self.pooling_name, dim, self.attention_hidden)
+        self.bag_dim = self.pooling.output_dim(dim)
 
     def embed(self, batch: BagBatch) -> tuple[Tensor, Tensor]:
         """Pooled bag embedding z[B, D] and crop weights[B, N]."""
@@ -223,7 +225,8 @@ class InstanceMIL(EncoderMixin, BagClassifier):
 
     def configure_models(self) -> None:
         self.encoder = self.build_encoder(*self.encoder_settings)
-        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(self.encoder.out_dim, 1))
+        dim = encoder_out_dim(self.encoder)
+        self.head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(dim, 1))
 
     def forward(self, batch: BagBatch) -> BagOutput:
         h = encode_instances(

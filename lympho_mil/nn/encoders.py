@@ -10,7 +10,7 @@ import math
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsInt, cast
 
 import timm
 import torch
@@ -203,6 +203,12 @@ def _builtin_encoder(name: str, in_dim: int | None, out_dim: int, **kwargs: Any)
     if name == "mlp":
         return MLPEncoder(in_dim, out_dim=out_dim, **kwargs)
     return IdentityEncoder(in_dim, **kwargs)
+
+
+def encoder_out_dim(encoder: nn.Module) -> int:
+    """The ``out_dim`` that every instance encoder exposes (typed here: ``nn.Module`` knows
+    its attributes only as tensors or modules)."""
+    return int(cast(SupportsInt, encoder.out_dim))
 
 
 def _existing(weights_path: str) -> str:

@@ -54,10 +54,11 @@ class GatedFusion(nn.Module):
                 nn.Linear(image_dim + tabular_dim, hidden), nn.GELU(), nn.Linear(hidden, 1)
             )
         elif gate_input == "confidence":
-            self.gate = nn.Sequential(nn.Linear(2, 1))
+            confidence = nn.Linear(2, 1)
             with torch.no_grad():
-                self.gate[0].weight.copy_(torch.tensor([[1.0, -1.0]]))
-                self.gate[0].bias.zero_()
+                confidence.weight.copy_(torch.tensor([[1.0, -1.0]]))
+                confidence.bias.zero_()
+            self.gate = nn.Sequential(confidence)
         else:
             raise ValueError(f"gate_input must be 'embeddings' or 'confidence', got {gate_input!r}")
 

@@ -132,6 +132,10 @@ class MorphologyEncoder(nn.Module):
         seed_fraction: side of the central seed square, as a fraction of the crop side.
     """
 
+    version: Tensor
+    mean: Tensor
+    std: Tensor
+
     def __init__(
         self,
         mean: Sequence[float] = IMAGENET_MEAN,

@@ -106,6 +106,8 @@ class DistributionPooling(MILPooling):
     a smear. The soft step (temperature ``T``) keeps gradients for a trainable encoder.
     """
 
+    levels: Tensor
+
     def __init__(self, levels: Sequence[float] = (-1.0, 1.0), temperature: float = 0.1) -> None:
         super().__init__()
         if not levels or temperature <= 0:
