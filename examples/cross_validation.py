@@ -4,7 +4,7 @@
 
 Writes a small synthetic DLMI dataset, then cross-validates two models on identical
 patient-level splits (3 folds x R repeats): the clinical-only ``TabularMLP`` and the
-``GatedFusionMIL`` image + clinical model (a few minutes on a CPU). Each fold trains on its
+``GatedFusionMIL`` image + clinical model (under a minute on a CPU). Each fold trains on its
 inner training patients, keeps the checkpoint and the threshold that are best on its inner
 validation patients, and predicts its outer fold once. The paired table says by how much
 the second model differs from the first, with a patient-bootstrap interval.
