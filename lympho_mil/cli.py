@@ -18,7 +18,7 @@ import yaml
 from lightning import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
 from lympho_mil.data.errors import DataError
@@ -28,6 +28,9 @@ from lympho_mil.files import OutputExistsError
 from lympho_mil.models import BagClassifier, CheckpointFormatError
 
 MONITOR = "val_balanced_accuracy"
+EVAL_SETTINGS = ("threshold", "tta_views", "chunk_size")
+"""Model settings that ``--model.<name>`` may change on a trained checkpoint (``validate``,
+``test``, ``predict``): how it decides and evaluates, not what it learnt."""
 USER_ERRORS = (
     DataError,
     OutputExistsError,
@@ -66,6 +69,26 @@ class LymphoCLI(LightningCLI):
         )
         parser.add_lightning_class_args(PredictionWriter, "prediction")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, remembering the evaluation settings given on the command line: with
+        ``--ckpt_path``, LightningCLI then replaces every model argument by the checkpoint's,
+        and :meth:`before_instantiate_classes` puts these back."""
+        super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+        given = {a.split("=", 1)[0] for a in argv}
+        subcommand = self.config.get("subcommand")
+        self._asked_eval_settings = {
+            key: self.config[subcommand]["model"]["init_args"][key]
+            for key in EVAL_SETTINGS
+            if subcommand and given & {f"--model.{key}", f"--model.init_args.{key}"}
+        }
+
+    def before_instantiate_classes(self) -> None:
+        """The evaluation settings asked on the command line win over the checkpoint's."""
+        subcommand = self.config.get("subcommand")
+        for key, value in getattr(self, "_asked_eval_settings", {}).items():
+            self.config[subcommand]["model"]["init_args"][key] = value
+
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         share_cpu_with_loader_workers(self.trainer, self.datamodule)
@@ -87,12 +110,15 @@ class LymphoCLI(LightningCLI):
         only there and silently start from scratch."""
         config = self.config_init[self.subcommand]
         callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
-        if (
-            config.get("ckpt_path") != "last"
-            or not isinstance(callback, ModelCheckpoint)
-            or callback.dirpath
-        ):
-            return  # no resume, or a fixed checkpoint folder where Lightning finds last.ckpt
+        if config.get("ckpt_path") != "last" or not isinstance(callback, ModelCheckpoint):
+            return
+        if callback.dirpath:  # a fixed checkpoint folder, where Lightning finds last.ckpt
+            if not (Path(callback.dirpath) / "last.ckpt").is_file():
+                raise ConfigError(
+                    f"--ckpt_path last: no last.ckpt in {callback.dirpath} "
+                    "(--checkpoint.dirpath); pass the checkpoint's path"
+                )
+            return
         if logger is None or logger.root_dir is None:
             return
         found = sorted(

@@ -128,6 +128,35 @@ def test_checkpoint_carries_standardisation_and_threshold(dlmi_root: Path, tmp_p
     assert len(stats["mean"]) == 3
 
 
+def test_evaluation_settings_on_the_command_line_win_over_the_checkpoint(
+    dlmi_root: Path, tmp_path: Path
+) -> None:
+    """LightningCLI takes every model argument from --ckpt_path; threshold and test-time
+    views asked on the command line must still apply."""
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    ckpt = str(tmp_path / "ckpt" / "last.ckpt")
+    base = ["predict", "--config", str(config), "--ckpt_path", ckpt]
+    main([*base, "--prediction.output_dir", str(tmp_path / "plain")])
+    asked = ["--model.threshold", "0.3", "--model.init_args.tta_views=8"]
+    main([*base, *asked, "--prediction.output_dir", str(tmp_path / "asked")])
+    plain = pd.read_csv(tmp_path / "plain" / "predictions_detail.csv").set_index("id")
+    asked_df = pd.read_csv(tmp_path / "asked" / "predictions_detail.csv").set_index("id")
+    assert plain["threshold"].tolist() == pytest.approx([0.5] * len(plain))
+    assert asked_df["threshold"].tolist() == pytest.approx([0.3] * len(asked_df))
+    difference = (asked_df["probability"] - plain.loc[asked_df.index, "probability"]).abs()
+    assert difference.max() > 1e-4  # the 8 views changed the probabilities
+
+
+def test_ckpt_path_last_in_a_checkpoint_folder_without_one_is_an_error(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")  # dirpath set
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    assert exc.value.code == 2 and "no last.ckpt in" in capsys.readouterr().err
+
+
 def test_resume_from_last_checkpoint(dlmi_root: Path, tmp_path: Path) -> None:
     config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
     main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])

@@ -244,6 +244,28 @@ def test_learning_rate_per_epoch(scheduler: str) -> None:
         assert lrs == pytest.approx(expected)
 
 
+def test_a_resumed_run_given_more_epochs_stretches_the_cosine(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """2 epochs, then resumed to 4: epochs 2 and 3 follow the 4-epoch cosine, not 0."""
+    lrs: dict[int, float] = {}
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer, module) -> None:  # type: ignore[no-untyped-def]
+            lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    bags, store = separable_bags(8)
+    model = TabularMLP(lr=1e-2, tabular_dim=3, tabular_stats=STATS)
+    first = quiet_trainer(max_epochs=2, callbacks=[Record()], default_root_dir=tmp_path)
+    first.fit(model, loader(bags, store, True))
+    first.save_checkpoint(tmp_path / "two.ckpt")
+    weights = [p.detach().clone() for p in model.parameters()]
+    longer = quiet_trainer(max_epochs=4, callbacks=[Record()], default_root_dir=tmp_path)
+    longer.fit(model, loader(bags, store, True), ckpt_path=tmp_path / "two.ckpt")
+    expected = [1e-2 * (1 + math.cos(math.pi * e / 4)) / 2 for e in (2, 3)]
+    assert [lrs[2], lrs[3]] == pytest.approx(expected)
+    assert lrs[0] == pytest.approx(1e-2) and lrs[1] == pytest.approx(0.5e-2)  # the 2-epoch plan
+    assert any(not torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
 def test_cosine_schedule_over_a_step_budget() -> None:
     """With max_steps and no epoch count the learning rate anneals once, step by step."""
     lrs: list[float] = []

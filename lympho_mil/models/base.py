@@ -7,6 +7,7 @@ Subclasses build their networks in :meth:`BagClassifier.configure_models` and co
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, ClassVar, Literal, NamedTuple, cast
 
@@ -266,14 +267,38 @@ class BagClassifier(LightningModule):
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         if self.scheduler == "none":
             return optimizer
+        horizon, interval = self._cosine_horizon()
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=horizon)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": interval}}
+
+    def _cosine_horizon(self) -> tuple[int, str]:
+        """The cosine's length and unit: ``trainer.max_epochs`` epochs, or, with a step budget
+        (``max_steps``) instead of epochs, that many steps."""
         epochs = self.trainer.max_epochs if self._trainer else 1
         if epochs is not None and epochs > 0:
-            cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-            return {"optimizer": optimizer, "lr_scheduler": cosine}
-        # a step budget (max_steps) instead of epochs: anneal per step over it
-        steps = max(1, int(self.trainer.estimated_stepping_batches))
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+            return epochs, "epoch"
+        return max(1, int(self.trainer.estimated_stepping_batches)), "step"
+
+    def on_train_start(self) -> None:
+        """A resumed run that asks for another length than the checkpoint's (``fit
+        --ckpt_path ... --trainer.max_epochs`` more) stretches the cosine over the new length,
+        from where the run stands; otherwise the restored schedule, already at its end, would
+        train the extra epochs at a learning rate of 0."""
+        for config in self.trainer.lr_scheduler_configs:
+            cosine = config.scheduler
+            if not isinstance(cosine, torch.optim.lr_scheduler.CosineAnnealingLR):
+                continue
+            horizon, _ = self._cosine_horizon()
+            if cosine.T_max == horizon:
+                continue
+            cosine.T_max = horizon
+            done = min(cosine.last_epoch, horizon)
+            for group, base in zip(cosine.optimizer.param_groups, cosine.base_lrs, strict=True):
+                group["lr"] = (
+                    cosine.eta_min
+                    + (base - cosine.eta_min) * (1 + math.cos(math.pi * done / horizon)) / 2
+                )
+            cosine._last_lr = [group["lr"] for group in cosine.optimizer.param_groups]
 
 
 def mean_output(outs: list[BagOutput]) -> BagOutput:
