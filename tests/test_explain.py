@@ -73,7 +73,8 @@ def test_predict_explain_writes_one_montage_per_patient(
     for path in montages:
         with Image.open(path) as image:
             assert image.format == "PNG"
-            assert image.size == montage_size(TOP_K)
+            grid_width, height = montage_size(TOP_K)
+            assert image.height == height and image.width >= grid_width  # wider: the title
             assert image.getextrema() != ((255, 255),) * 3  # not blank
 
     summary = (out / EXPLANATION_FILE).read_text()
@@ -173,3 +174,15 @@ def test_montage_rows_hold_the_highest_and_lowest_scored_crops(
     crops["instance_ids"] = names
     write_explanations([crops], lambda _: [tmp_path / n for n in names], tmp_path / "out", top_k=2)
     assert rows == [(["000001.jpg", "000003.jpg"], ["000002.jpg", "000000.jpg"])]
+
+
+def test_a_montage_of_few_crops_widens_to_its_whole_title(tmp_path: Path) -> None:
+    crop = tmp_path / "000000.jpg"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(crop)
+    title = "P123: tumoral (probability 0.873, threshold 0.412); label unknown; 154 crops"
+    image = explain.render_montage(title, [(crop, "0.9")], [], 1, ("highest", "lowest"))
+    grid_width = montage_size(1)[0]
+    assert image.width > grid_width
+    # ink reaches past the grid's width: the end of the title is drawn, not clipped
+    header = image.crop((grid_width, 0, image.width, 20)).convert("L")
+    assert header.getextrema()[0] < 128

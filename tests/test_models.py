@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import warnings
@@ -27,6 +28,7 @@ from lympho_mil import (
 )
 from lympho_mil.data import BagSample
 from lympho_mil.data.dataset import Bag, BagDataset
+from lympho_mil.data.errors import DataError
 from lympho_mil.data.transforms import BagToTensor
 from lympho_mil.evaluation import binary_metrics
 from lympho_mil.models.metrics import BinaryBalancedAccuracy
@@ -357,3 +359,26 @@ def test_logged_metrics_apply_the_models_threshold() -> None:
     assert expected != binary_metrics(label, prob, (prob >= 0.5).astype(int))  # 0.3 matters
     for name, value in expected.items():
         assert logged[f"val_{name}"] == pytest.approx(value, abs=1e-5), name
+
+
+def test_data_the_model_was_not_built_for_is_refused_by_name() -> None:
+    """A checkpoint run with another config's data: a clear DataError before any layer."""
+    batch = next(iter(loader(*separable_bags(4), shuffle=False)))  # 16 px crops, 3 clinical
+    n = batch.mask.shape[1]
+    features = dataclasses.replace(batch, instances=torch.zeros(len(batch), n, 33))
+    fewer = dataclasses.replace(batch, tabular=batch.tabular[:, :2])
+    cases = [
+        (AttentionMIL(encoder="identity", in_dim=33), batch, "feature bags of 33 values"),
+        (AttentionMIL(encoder="mlp", in_dim=32), features, rf"shape \(4, {n}, 33\)"),
+        (AttentionMIL(**TINY_ENCODER), features, r"image crops \[B, N, C, H, W\]"),
+        (InstanceMIL(**TINY_ENCODER), features, "image crops"),
+        (TabularMLP(tabular_dim=3), fewer, "2 clinical values per patient; TabularMLP was built"),
+        (GatedFusionMIL(**TINY_ENCODER, tabular_dim=3), fewer, "2 clinical values"),
+    ]
+    for model, data, message in cases:
+        for mode in (model.train, model.eval):
+            mode()
+            with pytest.raises(DataError, match=message):
+                model.infer(data)
+    AttentionMIL(**TINY_ENCODER).infer(fewer)  # a model of crops alone ignores the clinical size
+    AttentionMIL(encoder="identity", in_dim=33).infer(features)

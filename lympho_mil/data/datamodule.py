@@ -242,7 +242,12 @@ class BagDataModule(LightningDataModule):
             )
             ids = self.split_ids["val"]
         if not ids:
-            hint = "pass predict_ids" if split == "predict" else "check the split settings"
+            hint = (
+                "the data holds no unlabelled patients (LABEL -1, e.g. testset/); name the "
+                "patients to predict with predict_ids (--data.predict_ids '[P26, P27]')"
+                if split == "predict"
+                else "check the split settings"
+            )
             raise DataError(f"no patients for the {split} split; {hint}")
         return ids
 

@@ -148,7 +148,7 @@ class ImageCache(MemmapRows):
             if bad and not skip_bad_images:
                 raise DataError(
                     f"unreadable image(s) {meta['bad_files'][:5]}; pass skip_bad_images=True "
-                    "to skip them"
+                    "(--data.skip_bad_images true) to skip them"
                 )
             if is_intact(data_path, meta["checksum"], "image cache"):
                 if bad:
@@ -263,7 +263,10 @@ def _decode_into(
         except DataError as exc:
             if not skip_bad_images:
                 failed.set()
-                raise DataError(f"{exc}; pass skip_bad_images=True to leave it out") from None
+                raise DataError(
+                    f"{exc}; pass skip_bad_images=True (--data.skip_bad_images true) to leave "
+                    "it out"
+                ) from None
             bad.append(row)
 
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:

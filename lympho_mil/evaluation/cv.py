@@ -467,7 +467,8 @@ def _print_fold(name: str, run: FoldRun, settings: CVSettings) -> None:
     predicted = [int(p >= run.threshold) for p in probs]
     s = run.split
     print(
-        f"[{name}] repeat {s.repeat + 1}/{settings.repeats} fold {s.fold + 1}/{settings.folds}: "
+        f"[{name}] repeat {s.repeat} fold {s.fold} "  # as folds/r<R>_f<F> and the reports
+        f"({s.repeat * settings.folds + s.fold + 1}/{settings.repeats * settings.folds}): "
         f"{len(s.train_ids)} train, {len(s.val_ids)} val, {len(s.test_ids)} test patients; "
         f"threshold {run.threshold:.3f}; test balanced accuracy "
         f"{balanced_accuracy_score(labels, predicted):.3f}, "

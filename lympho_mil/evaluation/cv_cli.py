@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
 from lympho_mil.evaluation.cv import CVResult, compare_configs, cross_validate
@@ -110,7 +111,7 @@ def cv_main(argv: list[str]) -> None:
             f"{name} - {reference}: balanced accuracy {d['mean']:+.3f} "
             f"[{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]"
         )
-    print(f"comparison: {args.out}/comparison.md")
+    print(f"comparison: {Path(args.out) / 'comparison.md'}")
 
 
 def _summary_line(result: CVResult) -> str:

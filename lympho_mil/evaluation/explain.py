@@ -12,6 +12,7 @@ suspicious patients first.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,10 @@ _BACKGROUND, _INK, _EMPTY = (255, 255, 255), (20, 20, 20), (235, 235, 235)
 _ROW_COLOURS = ((178, 34, 34), (70, 110, 160))  # frame of the top row, of the bottom row
 
 
-def montage_size(top_k: int, tile: int = TILE) -> tuple[int, int]:
-    """``(width, height)`` in pixels of a montage of ``top_k`` crops per row."""
-    width = _PAD + top_k * (tile + _PAD)
+def montage_size(top_k: int, tile: int = TILE, title_width: int = 0) -> tuple[int, int]:
+    """``(width, height)`` in pixels of a montage of ``top_k`` crops per row, wide enough
+    for a title of ``title_width`` pixels."""
+    width = max(_PAD + top_k * (tile + _PAD), title_width + 2 * _PAD)
     height = _HEADER + 2 * (_TEXT + tile + _TEXT + _PAD)
     return width, height
 
@@ -79,11 +81,12 @@ def render_montage(
     """An RGB image of :func:`montage_size`: a title, then two captioned rows of crops.
 
     ``top`` and ``bottom`` hold ``(crop file, caption)`` pairs (at most ``top_k`` each);
-    ``labels`` name the two rows. Empty slots stay grey.
+    ``labels`` name the two rows. Empty slots stay grey. The image widens to fit the title.
     """
-    image = Image.new("RGB", montage_size(top_k, tile), _BACKGROUND)
-    draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=12)
+    title_width = math.ceil(font.getlength(title))
+    image = Image.new("RGB", montage_size(top_k, tile, title_width), _BACKGROUND)
+    draw = ImageDraw.Draw(image)
     draw.text((_PAD, _PAD // 2), title, fill=_INK, font=font)
     y = _HEADER
     for row, label, colour in zip((top, bottom), labels, _ROW_COLOURS, strict=True):

@@ -219,7 +219,8 @@ def cv_markdown(report: dict[str, Any]) -> str:
         "",
         f"{report['n_patients']} labelled patients ({report['n_tumoral']} tumoral, "
         f"{report['n_reactive']} reactive); {report['folds']} folds x {report['repeats']} "
-        f"repeats, seed {report['seed']}; threshold policy `{report['threshold_policy']}`.",
+        f"repeat{'s' if report['repeats'] != 1 else ''}, seed {report['seed']}; "
+        f"threshold policy `{report['threshold_policy']}`.",
         f"Mean and std {report['estimates']['mean_std']}; {level}% CI: "
         f"{report['estimates']['ci95']}.",
         "",

@@ -17,6 +17,7 @@ from lightning import LightningModule
 from torch import Tensor, nn
 
 from lympho_mil.data.batch import BagBatch
+from lympho_mil.data.errors import DataError
 from lympho_mil.models.metrics import PatientMetrics
 from lympho_mil.nn import Standardize, dihedral_views
 from lympho_mil.nn.tta import check_tta_views
@@ -77,6 +78,7 @@ class BagClassifier(LightningModule):
     """
 
     reads_instances: ClassVar[bool] = True  # False: a clinical-only model ignores the crops
+    reads_tabular: ClassVar[bool] = False  # True: the clinical vector enters the decision
     threshold: Tensor  # a buffer: saved in the checkpoint, moved with the module
 
     def __init__(
@@ -130,8 +132,24 @@ class BagClassifier(LightningModule):
     def forward(self, batch: BagBatch) -> BagOutput:
         raise NotImplementedError
 
+    def check_batch(self, batch: BagBatch) -> None:
+        """Refuse data the model was not built for (e.g. a checkpoint run with another
+        config's data), before it fails deep inside a layer."""
+        found = batch.tabular.shape[-1]
+        if self.reads_tabular and found != self.tabular_dim:
+            raise DataError(
+                f"the data gives {found} clinical values per patient; {type(self).__name__} "
+                f"was built for {self.tabular_dim}: use the data settings it was trained with"
+            )
+        self.check_instances(batch)
+
+    def check_instances(self, batch: BagBatch) -> None:
+        """Refuse instances of a shape the model cannot read (models of crops override)."""
+
     def infer(self, batch: BagBatch) -> BagOutput:
-        """:meth:`forward`; outside training, averaged over ``tta_views`` views of the crops."""
+        """:meth:`forward`; outside training, averaged over ``tta_views`` views of the crops.
+        Every step goes through here, after :meth:`check_batch`."""
+        self.check_batch(batch)
         if self.training or self.tta_views == 1:
             return self(batch)
         outs = [

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lympho_mil.data.batch import BagBatch
+from lympho_mil.data.errors import DataError
 from lympho_mil.models.acceleration import use_channels_last
 from lympho_mil.models.base import BagClassifier, BagOutput
 from lympho_mil.nn import build_instance_encoder, build_pooling, encode_instances, freeze
@@ -19,7 +20,26 @@ from lympho_mil.nn.encoders import encoder_out_dim
 
 
 class EncoderMixin:
-    """Builds the instance encoder from flat, CLI-friendly settings."""
+    """Builds the instance encoder from flat, CLI-friendly settings and checks that the data
+    suits it."""
+
+    encoder_settings: tuple[Any, ...]  # the arguments of build_encoder, in its order
+
+    def check_instances(self, batch: BagBatch) -> None:
+        """Feature encoders ("mlp", "identity") need float[B, N, in_dim] feature bags; the
+        others image crops float[B, N, C, H, W]."""
+        encoder, _, in_dim = self.encoder_settings[:3]
+        shape = tuple(batch.instances.shape)
+        if encoder in ("mlp", "identity"):
+            wanted = f"feature bags of {in_dim} values per crop"
+            fits = len(shape) == 3 and shape[-1] == in_dim
+        else:
+            wanted, fits = "image crops [B, N, C, H, W]", len(shape) == 5
+        if not fits:
+            raise DataError(
+                f"{type(self).__name__} reads {wanted} (encoder {encoder!r}) but the data gives "
+                f"instances of shape {shape}: use the data settings it was trained with"
+            )
 
     def build_encoder(
         self,

@@ -21,6 +21,7 @@ class TabularMLP(BagClassifier):
     """
 
     reads_instances = False
+    reads_tabular = True
 
     def __init__(
         self, hidden: int = 32, embed_dim: int = 16, dropout: float = 0.1, **kwargs: Any
@@ -92,6 +93,8 @@ class GatedFusionMIL(MILClassifier):
         self.expert_loss_weight = expert_loss_weight
         self.gate_input = gate_input
         super().__init__(**kwargs)
+
+    reads_tabular = True
 
     def configure_models(self) -> None:
         if self.tabular_dim < 1:
