@@ -12,6 +12,7 @@ import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -28,6 +29,12 @@ from lympho_mil.files import OutputExistsError
 from lympho_mil.models import BagClassifier, CheckpointFormatError
 
 MONITOR = "val_balanced_accuracy"
+DEFAULT_RUNS = "runs"
+DEFAULT_LOGGER: dict[str, Any] = {
+    "class_path": "lightning.pytorch.loggers.CSVLogger",
+    "init_args": {"save_dir": DEFAULT_RUNS},
+}
+"""Runs log to ``runs/`` (or ``--trainer.default_root_dir``) in the working directory."""
 EVAL_SETTINGS = ("threshold", "tta_views", "chunk_size")
 """Model settings that ``--model.<name>`` may change on a trained checkpoint (``validate``,
 ``test``, ``predict``): how it decides and evaluates, not what it learnt."""
@@ -84,10 +91,20 @@ class LymphoCLI(LightningCLI):
         }
 
     def before_instantiate_classes(self) -> None:
-        """The evaluation settings asked on the command line win over the checkpoint's."""
+        """The evaluation settings asked on the command line win over the checkpoint's, and
+        ``--trainer.default_root_dir`` moves the default logger's ``runs/`` folder."""
         subcommand = self.config.get("subcommand")
         for key, value in getattr(self, "_asked_eval_settings", {}).items():
             self.config[subcommand]["model"]["init_args"][key] = value
+        trainer = self.config[subcommand]["trainer"] if subcommand else self.config["trainer"]
+        logger = trainer.get("logger")
+        root = trainer.get("default_root_dir")
+        if (
+            root
+            and getattr(logger, "class_path", None) == DEFAULT_LOGGER["class_path"]
+            and logger.init_args.save_dir == DEFAULT_RUNS
+        ):
+            logger.init_args.save_dir = str(root)  # the default logger, moved with the root
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -173,12 +190,7 @@ def build_cli(args: Sequence[str] | None, run: bool = True) -> LymphoCLI:
         subclass_mode_data=True,
         args=None if args is None else list(args),
         run=run,
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": "runs"},
-            },
-        },
+        trainer_defaults={"logger": DEFAULT_LOGGER},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=True,
     )

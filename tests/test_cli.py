@@ -148,6 +148,24 @@ def test_evaluation_settings_on_the_command_line_win_over_the_checkpoint(
     assert difference.max() > 1e-4  # the 8 views changed the probabilities
 
 
+def test_default_root_dir_moves_the_runs_folder(
+    dlmi_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    content = yaml.safe_load(config.read_text())
+    del content["trainer"]["logger"], content["trainer"]["default_root_dir"]
+    del content["checkpoint"]  # the defaults: ./runs
+    config.write_text(yaml.safe_dump(content))
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "elsewhere"
+    fit = ["fit", "--config", str(config), "--trainer.max_epochs", "1"]
+    main(fit)
+    main([*fit, "--trainer.default_root_dir", str(root)])
+    assert (tmp_path / "runs" / "lightning_logs" / "version_0" / "metrics.csv").is_file()
+    assert not (tmp_path / "runs" / "lightning_logs" / "version_1").exists()
+    assert list((root / "lightning_logs" / "version_0" / "checkpoints").glob("epoch*.ckpt"))
+
+
 def test_ckpt_path_last_in_a_checkpoint_folder_without_one_is_an_error(
     dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
