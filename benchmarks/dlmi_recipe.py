@@ -6,8 +6,8 @@
 Models: ``TabularMLP`` (examples/configs/tabular_mlp.yaml, the reference of the paired
 differences), the image-only ``AttentionMIL`` on the recipe's features (dlmi_attention.yaml)
 and the recipe (dlmi.yaml). ``--variants`` adds every other model tried while the recipe was
-designed, so that docs/results.md can list them all (the pixel-level CNN among them takes
-about 15 of the 30 minutes). ``--nested`` adds the recipe's candidate heads (fixed in advance,
+designed, so that docs/results.md can list them all (the pixel-level CNN among them, without
+and with 8 test-time views, takes about 40 minutes of it). ``--nested`` adds the recipe's candidate heads (fixed in advance,
 :func:`candidates`) and estimates, without bias, the procedure that picks one of them by an
 inner cross-validation of the training patients: in every outer fold, each candidate is
 cross-validated on that fold's training patients alone (``--inner-folds``), the best inner
@@ -86,6 +86,8 @@ def variants(first: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "fusion_mlp_concat_mean": changed(first, **mlp),
         "fusion_linear_gated_attention": changed(first, **attention),
         "pixels_gated_fusion_small_cnn": load("gated_fusion_mil.yaml"),  # CNN from scratch
+        # the same, evaluated (checkpoint, threshold, test) on the 8 dihedral views of each crop
+        "pixels_gated_fusion_small_cnn_tta8": changed(load("gated_fusion_mil.yaml"), tta_views=8),
     }
 
 
