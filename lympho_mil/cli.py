@@ -111,20 +111,25 @@ class LymphoCLI(LightningCLI):
         share_cpu_with_loader_workers(self.trainer, self.datamodule)
 
     def _require_checkpoint(self) -> None:
-        """validate, test and predict score a trained model: without ``--ckpt_path`` they
-        would score the freshly initialised weights of the config."""
+        """validate, test and predict score a trained model: without ``--ckpt_path`` (or with
+        ``last`` and no last.ckpt) they would score the freshly initialised weights of the
+        config."""
         if self.config[self.subcommand].get("ckpt_path") is None:
             raise ConfigError(
                 f"lympho-mil {self.subcommand} needs --ckpt_path (a checkpoint of `fit` or a "
                 "fold model.ckpt of `cv`); without one it would use untrained weights"
             )
+        self._resolve_last()
 
     before_validate = before_test = before_predict = _require_checkpoint
 
     def before_fit(self) -> None:
-        """``--ckpt_path last`` resumes the newest run's ``last.ckpt``. Each run logs into a
+        self._resolve_last()
+
+    def _resolve_last(self) -> None:
+        """``--ckpt_path last`` takes the newest run's ``last.ckpt``. Each run logs into a
         new ``version_N`` folder, which holds no checkpoint yet, and Lightning alone would look
-        only there and silently start from scratch."""
+        only there and silently start from scratch (fit) or use untrained weights."""
         config = self.config_init[self.subcommand]
         callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
         if config.get("ckpt_path") != "last" or not isinstance(callback, ModelCheckpoint):

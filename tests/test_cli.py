@@ -255,8 +255,20 @@ def test_ckpt_path_last_resumes_the_newest_run(
     with pytest.raises(SystemExit) as exc:  # nothing to resume yet: an error, not a fresh start
         main(["fit", "--config", str(config), "--ckpt_path", "last"])
     assert exc.value.code == 2 and "no last.ckpt" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # not the untrained weights of the config
+        main(["test", "--config", str(config), "--ckpt_path", "last"])
+    assert exc.value.code == 2 and "no last.ckpt" in capsys.readouterr().err
     main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
     main(["fit", "--config", str(config), "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     resumed = pd.read_csv(tmp_path / "logs" / "lightning_logs" / "version_1" / "metrics.csv")
     epochs = set(resumed["epoch"].dropna().astype(int))
     assert 1 in epochs and 0 not in epochs  # epoch 0 was the first run's
+    # predict reads ``last`` alike: the newest run's last.ckpt
+    newest = tmp_path / "logs" / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    for ckpt, out in (("last", "from_last"), (str(newest), "from_path")):
+        predict = ["predict", "--config", str(config), "--ckpt_path", ckpt]
+        main([*predict, "--prediction.output_dir", str(tmp_path / out)])
+    from_last, from_path = (
+        pd.read_csv(tmp_path / out / "predictions_detail.csv") for out in ("from_last", "from_path")
+    )
+    assert from_last["probability"].tolist() == from_path["probability"].tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import types
 import warnings
 
 import lightning as L
@@ -266,6 +267,34 @@ def test_a_resumed_run_given_more_epochs_stretches_the_cosine(tmp_path) -> None:
     assert [lrs[2], lrs[3]] == pytest.approx(expected)
     assert lrs[0] == pytest.approx(1e-2) and lrs[1] == pytest.approx(0.5e-2)  # the 2-epoch plan
     assert any(not torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_a_scheduler_given_instead_of_the_models_keeps_its_length() -> None:
+    """LightningCLI's --lr_scheduler replaces configure_optimizers: its cosine is not the
+    model's, and on_train_start must not stretch it to max_epochs."""
+    lrs: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer, module) -> None:  # type: ignore[no-untyped-def]
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def given(self: BagClassifier) -> object:  # what LightningCLI puts in its place
+        optimizer = torch.optim.SGD(self.parameters(), lr=1e-2)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2)
+        return {"optimizer": optimizer, "lr_scheduler": cosine}
+
+    bags, store = separable_bags(8)
+    model = TabularMLP(tabular_dim=3, tabular_stats=STATS)
+    model.configure_optimizers = types.MethodType(given, model)  # type: ignore[method-assign]
+    quiet_trainer(max_epochs=3, callbacks=[Record()]).fit(model, loader(bags, store, True))
+    assert lrs == pytest.approx([1e-2, 0.5e-2, 0.0])  # T_max 2, not stretched to 3 epochs
+
+
+def test_a_cosine_without_a_length_is_refused_by_name() -> None:
+    bags, store = separable_bags(8)
+    model = TabularMLP(tabular_dim=3, tabular_stats=STATS)
+    with pytest.raises(ValueError, match="neither is set"):  # not an OverflowError
+        quiet_trainer(max_epochs=-1).fit(model, loader(bags, store, True))
 
 
 def test_cosine_schedule_over_a_step_budget() -> None:

@@ -52,6 +52,13 @@ def test_dihedral_views_are_the_eight_distinct_symmetries() -> None:
     assert len(dihedral_views(crops, 1)) == 1
 
 
+def test_dihedral_views_keep_the_contiguous_layout() -> None:
+    """An odd rotation alone swaps the H and W strides, which the flattened crops keep: a
+    compiled encoder would recompile for that second layout."""
+    crops = torch.randn(2, 3, 3, 8, 8)
+    assert all(view.is_contiguous() for view in dihedral_views(crops, 8))
+
+
 def test_dihedral_views_refuse_what_they_cannot_view() -> None:
     with pytest.raises(ValueError, match="one of"):
         dihedral_views(torch.zeros(1, 2, 3, 4, 4), 3)
@@ -108,6 +115,18 @@ def test_training_steps_never_use_the_views() -> None:
     model.eval()
     model.infer(one_batch())
     assert len(calls) == 1 + 8
+
+
+def test_validation_and_test_steps_use_the_views() -> None:
+    torch.manual_seed(0)
+    model = AttentionMIL(**TINY_ENCODER, tta_views=4)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    batches = loader(*separable_bags(n_bags=8), shuffle=False)  # 2 batches of 4 bags
+    quiet_trainer().validate(model, batches, verbose=False)
+    assert len(calls) == 2 * 4
+    quiet_trainer().test(model, batches, verbose=False)
+    assert len(calls) == 2 * 2 * 4
 
 
 def test_predict_and_a_reloaded_checkpoint_use_the_views(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -286,7 +286,7 @@ class BagClassifier(LightningModule):
         if self.scheduler == "none":
             return optimizer
         horizon, interval = self._cosine_horizon()
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=horizon)
+        cosine = ModelCosine(optimizer, T_max=horizon)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": interval}}
 
     def _cosine_horizon(self) -> tuple[int, str]:
@@ -295,16 +295,23 @@ class BagClassifier(LightningModule):
         epochs = self.trainer.max_epochs if self._trainer else 1
         if epochs is not None and epochs > 0:
             return epochs, "epoch"
-        return max(1, int(self.trainer.estimated_stepping_batches)), "step"
+        steps = self.trainer.estimated_stepping_batches
+        if math.isinf(steps):
+            raise ValueError(
+                "scheduler='cosine' anneals over trainer.max_epochs or max_steps, and neither "
+                "is set (max_epochs=-1 trains without end): set one, or scheduler='none'"
+            )
+        return max(1, int(steps)), "step"
 
     def on_train_start(self) -> None:
         """A resumed run that asks for another length than the checkpoint's (``fit
         --ckpt_path ... --trainer.max_epochs`` more) stretches the cosine over the new length,
         from where the run stands; otherwise the restored schedule, already at its end, would
-        train the extra epochs at a learning rate of 0."""
+        train the extra epochs at a learning rate of 0. Only the model's own cosine: a
+        scheduler given another way (LightningCLI's ``--lr_scheduler``) keeps its length."""
         for config in self.trainer.lr_scheduler_configs:
             cosine = config.scheduler
-            if not isinstance(cosine, torch.optim.lr_scheduler.CosineAnnealingLR):
+            if not isinstance(cosine, ModelCosine):
                 continue
             horizon, _ = self._cosine_horizon()
             if cosine.T_max == horizon:
@@ -317,6 +324,11 @@ class BagClassifier(LightningModule):
                     + (base - cosine.eta_min) * (1 + math.cos(math.pi * done / horizon)) / 2
                 )
             cosine._last_lr = [group["lr"] for group in cosine.optimizer.param_groups]
+
+
+class ModelCosine(torch.optim.lr_scheduler.CosineAnnealingLR):
+    """The cosine of ``scheduler="cosine"``: the one :meth:`BagClassifier.on_train_start`
+    may stretch."""
 
 
 def mean_output(outs: list[BagOutput]) -> BagOutput:

@@ -23,7 +23,9 @@ def check_tta_views(views: int) -> None:
 def dihedral_views(instances: Tensor, views: int) -> list[Tensor]:
     """``views`` exact pixel views of float[B, N, C, H, W] crops, the identity first.
 
-    Rotations need square crops (H == W); every view keeps the crop order and shape.
+    Rotations need square crops (H == W); every view keeps the crop order, shape and the
+    contiguous layout (an odd rotation alone would swap the H and W strides: another input
+    layout to a compiled encoder, which recompiles for it).
     """
     check_tta_views(views)
     if instances.ndim != 5:
@@ -42,5 +44,5 @@ def dihedral_views(instances: Tensor, views: int) -> list[Tensor]:
         return [instances]
     if views == 2:
         return [instances, instances.flip(-1)]
-    rotations = [torch.rot90(instances, k, dims=(-2, -1)) for k in range(4)]
+    rotations = [torch.rot90(instances, k, dims=(-2, -1)).contiguous() for k in range(4)]
     return rotations if views == 4 else rotations + [r.flip(-1) for r in rotations]
