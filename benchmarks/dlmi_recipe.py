@@ -7,16 +7,16 @@ Models: ``TabularMLP`` (examples/configs/tabular_mlp.yaml, the reference of the 
 differences), the image-only ``AttentionMIL`` on the recipe's features (dlmi_attention.yaml)
 and the recipe (dlmi.yaml). ``--variants`` adds every other model tried while the recipe was
 designed, so that docs/results.md can list them all (the pixel-level CNN among them, without
-and with 8 test-time views, takes about 40 minutes of it). ``--nested`` adds the recipe's candidate heads (fixed in advance,
-:func:`candidates`) and estimates, without bias, the procedure that picks one of them by an
-inner cross-validation of the training patients: in every outer fold, each candidate is
-cross-validated on that fold's training patients alone (``--inner-folds``), the best inner
-balanced accuracy (then AUROC) wins, and the winner's prediction of the outer test fold is
-kept. JSON lines: the one-off decoding of the crops and extraction of the morphology features
-(timed apart; a warm cache loads in well under a second), then per model its balanced accuracy
-and AUROC (mean over repeats, 95 % patient-bootstrap CI), its paired difference to TabularMLP
-and the wall time of its whole CV. ``--out`` also receives every model's ``cv_report.md`` and
-``comparison.md``.
+and with 8 test-time views, takes about 40 minutes of it). ``--nested`` adds the recipe's
+candidate heads (fixed in advance, :func:`candidates`) and estimates, without bias, the
+procedure that picks one of them by an inner cross-validation of the training patients: in
+every outer fold, each candidate is cross-validated on that fold's training patients alone
+(``--inner-folds``), the best inner balanced accuracy (then AUROC) wins, and the winner's
+prediction of the outer test fold is kept. JSON lines: the one-off decoding of the crops and
+extraction of the morphology features (timed apart; a warm cache loads in well under a second),
+then per model its balanced accuracy and AUROC (mean over repeats, 95 % patient-bootstrap CI),
+its paired difference to TabularMLP and the wall time of its whole CV. ``--out`` also receives
+every model's ``cv_report.md`` and ``comparison.md``.
 """
 
 from __future__ import annotations
