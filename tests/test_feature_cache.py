@@ -27,7 +27,6 @@ from lympho_mil.data.feature_cache import (
     feature_cache_key,
     weights_digest,
 )
-from lympho_mil.data.gpu_augment import dihedral
 from lympho_mil.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -37,6 +36,7 @@ from lympho_mil.data.transforms import (
 )
 from lympho_mil.models import AttentionMIL, MeanPoolMIL
 from lympho_mil.nn import SmallCNN
+from lympho_mil.nn.tta import dihedral
 
 SIZE = 32
 D = 16

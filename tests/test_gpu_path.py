@@ -17,9 +17,8 @@ from lympho_mil.data.batch import BagSample
 from lympho_mil.data.gpu_augment import (
     DIHEDRAL_MATRICES,
     DeviceAugment,
-    dihedral,
-    dihedral_views,
     random_warps,
+    stack_dihedral_views,
     warp,
 )
 from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor
@@ -35,20 +34,6 @@ def pixels(b: int = 3, n: int = 5, size: int = 8, seed: int = 0) -> torch.Tensor
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-# -- dihedral views -----------------------------------------------------------------------------
-def test_the_eight_views_are_distinct_pixel_permutations() -> None:
-    x = torch.arange(2 * 3 * 4 * 4).view(2, 3, 4, 4)
-    views = dihedral_views(x)
-    assert views.shape == (2, 8, 3, 4, 4) and torch.equal(views[:, 0], x)
-    assert len({tuple(v.flatten().tolist()) for v in views[0]}) == 8
-    for v in range(8):
-        assert torch.equal(views[:, v].flatten(-2).sort(-1).values, x.flatten(-2).sort(-1).values)
-    assert torch.equal(dihedral(x, 1), torch.rot90(x, 1, dims=(-2, -1)))
-    assert torch.equal(dihedral(x, 4), x.flip(-1))
-    with pytest.raises(ValueError, match=r"0\.\.7"):
-        dihedral(x, 8)
 
 
 def as_views(theta: torch.Tensor) -> torch.Tensor:
@@ -81,7 +66,7 @@ def test_a_dihedral_warp_moves_pixels_exactly_up_to_rounding() -> None:
     theta = torch.cat([matrices, torch.zeros(8, 2, 1)], -1).expand(2, 8, 2, 3)
     out = warp(x, theta)
     for b in range(2):
-        views = dihedral_views(x[b, :1])[0]  # [8, C, H, W]
+        views = stack_dihedral_views(x[b, :1])[0]  # [8, C, H, W]
         error = (out[b].unsqueeze(1) - views).abs().flatten(2).amax(-1)  # [matrix, view]
         assert (error.min(1).values < 0.05).all()  # each matrix gives a view, to 0.05 / 255
         assert len(set(error.argmin(1).tolist())) == 8  # all eight of them
@@ -109,7 +94,7 @@ def test_device_augment_respects_the_mask_and_matches_the_cpu_normalisation() ->
     assert not torch.allclose(trained[mask], evaluated[mask])
     geometric = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, affine=0.0, color_p=0.0)
     flipped = geometric(raw, mask, train=True, generator=seeded(0))
-    views = dihedral_views(evaluated[mask])
+    views = stack_dihedral_views(evaluated[mask])
     error = (views - flipped[mask].unsqueeze(1)).abs().flatten(2).amax(-1)  # [crop, view]
     assert (error.min(1).values < 1e-3).all()  # each crop is one of its views (up to rounding)
     disabled = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, False, affine=0.0, color_p=0.0)

@@ -18,7 +18,9 @@ from lympho_mil import (
     TabularMLP,
 )
 from lympho_mil.data import BagBatch
+from lympho_mil.data.gpu_augment import stack_dihedral_views
 from lympho_mil.nn import dihedral_views
+from lympho_mil.nn.tta import dihedral
 
 TTA_MODELS = [
     lambda **kw: AttentionMIL(**TINY_ENCODER, **kw),
@@ -35,8 +37,12 @@ def one_batch() -> BagBatch:
 
 def test_dihedral_views_are_the_eight_distinct_symmetries() -> None:
     crops = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(1, 2, 3, 4, 4)
-    views = dihedral_views(crops, 8)
+    views = list(dihedral_views(crops, 8))
     assert torch.equal(views[0], crops)
+    assert torch.equal(dihedral(crops, 1), torch.rot90(crops, 1, dims=(-2, -1)))
+    assert torch.equal(dihedral(crops, 4), crops.flip(-1))
+    with pytest.raises(ValueError, match=r"0\.\.7"):
+        dihedral(crops, 8)
     flat = {tuple(v.flatten().tolist()) for v in views}
     assert len(flat) == 8  # no symmetry repeated
     for view in views:  # each is a rearrangement of each crop's own pixels, crop order kept
@@ -46,17 +52,12 @@ def test_dihedral_views_are_the_eight_distinct_symmetries() -> None:
     # a group: the views of a rotated or mirrored crop are the same eight
     for moved in (torch.rot90(crops, 1, dims=(-2, -1)), crops.flip(-2)):
         assert {tuple(v.flatten().tolist()) for v in dihedral_views(moved, 8)} == flat
-    four = dihedral_views(crops, 4)
+    four = list(dihedral_views(crops, 4))
     assert len(four) == 4 and all(torch.equal(a, b) for a, b in zip(four, views, strict=False))
-    assert torch.equal(dihedral_views(crops, 2)[1], crops.flip(-1))
-    assert len(dihedral_views(crops, 1)) == 1
-
-
-def test_dihedral_views_keep_the_contiguous_layout() -> None:
-    """An odd rotation alone swaps the H and W strides, which the flattened crops keep: a
-    compiled encoder would recompile for that second layout."""
-    crops = torch.randn(2, 3, 3, 8, 8)
-    assert all(view.is_contiguous() for view in dihedral_views(crops, 8))
+    assert torch.equal(list(dihedral_views(crops, 2))[1], crops.flip(-1))
+    assert len(list(dihedral_views(crops, 1))) == 1
+    stacked = stack_dihedral_views(crops[0])  # the feature cache's [M, 8, C, H, W]
+    assert all(torch.equal(stacked[:, v], views[v][0]) for v in range(8))
 
 
 def test_dihedral_views_refuse_what_they_cannot_view() -> None:
@@ -66,7 +67,9 @@ def test_dihedral_views_refuse_what_they_cannot_view() -> None:
         dihedral_views(torch.zeros(1, 2, 33), 8)
     with pytest.raises(ValueError, match="square"):
         dihedral_views(torch.zeros(1, 2, 3, 4, 6), 4)
-    assert len(dihedral_views(torch.zeros(1, 2, 3, 4, 6), 2)) == 2  # mirror images need no square
+    assert (
+        len(list(dihedral_views(torch.zeros(1, 2, 3, 4, 6), 2))) == 2
+    )  # mirror images need no square
 
 
 @pytest.mark.parametrize("make", TTA_MODELS)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from lympho_mil.data.datamodule import PatientBagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
 from lympho_mil.data.errors import DataError
-from lympho_mil.data.gpu_augment import DIHEDRAL_VIEWS, dihedral_views, normalize_pixels
+from lympho_mil.data.gpu_augment import normalize_pixels, stack_dihedral_views
 from lympho_mil.data.image_cache import (
     CropSpec,
     ImageCache,
@@ -43,6 +43,7 @@ from lympho_mil.data.image_cache import (
 )
 from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
 from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
+from lympho_mil.nn.tta import DIHEDRAL_VIEWS
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def extract_features(
             pixels = torch.from_numpy(images[rows]).to(device).permute(0, 3, 1, 2)
             x = normalize_pixels(pixels, spec.mean, spec.std)
             if spec.dihedral:
-                x = dihedral_views(x).flatten(0, 1)
+                x = stack_dihedral_views(x).flatten(0, 1)
             h = encoder(x).reshape(len(rows), spec.views, -1)
             out[rows] = h.float().cpu().numpy()
 

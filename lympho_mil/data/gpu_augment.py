@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DIHEDRAL_VIEWS = 8
+from lympho_mil.nn.tta import DIHEDRAL_VIEWS, dihedral
+
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey weights, as torchvision's rgb_to_grayscale
 
 # The 8 dihedral views as (x, y) -> (a x + b y, c x + d y) about the crop's centre. The CPU
@@ -43,16 +44,7 @@ DIHEDRAL_MATRICES = (
 )
 
 
-def dihedral(x: Tensor, view: int) -> Tensor:
-    """View ``view`` (0-7) of ``x[..., H, W]``: ``view % 4`` quarter turns, then a left-right
-    flip when ``view >= 4``. View 0 is ``x`` itself."""
-    if not 0 <= view < DIHEDRAL_VIEWS:
-        raise ValueError(f"view must be in 0..7, got {view}")
-    x = torch.rot90(x, view % 4, dims=(-2, -1))
-    return x.flip(-1) if view >= 4 else x
-
-
-def dihedral_views(x: Tensor) -> Tensor:
+def stack_dihedral_views(x: Tensor) -> Tensor:
     """``x[M, C, H, W]`` -> its 8 dihedral views ``[M, 8, C, H, W]`` (view 0 first)."""
     return torch.stack([dihedral(x, v) for v in range(DIHEDRAL_VIEWS)], dim=1)
 

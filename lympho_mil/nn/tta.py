@@ -1,4 +1,4 @@
-"""Test-time augmentation: the dihedral views of every crop of a bag.
+"""The dihedral views of crops, and test-time augmentation over them.
 
 A blood-cell crop has no up, down, left or right: its 90-degree rotations and mirror images
 are as likely as the crop itself. Averaging a model's outputs over them removes the part of
@@ -7,12 +7,28 @@ its decision that depends on the orientation the slide happened to be scanned in
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
+DIHEDRAL_VIEWS = 8
+"""Exact views of a square crop: 4 quarter turns, each with and without a mirror image."""
+
 TTA_VIEWS = (1, 2, 4, 8)
-"""Numbers of views: 1 = the crops as they are, 2 = and their mirror images, 4 = the four
-90-degree rotations, 8 = the four rotations and their mirror images (the dihedral group)."""
+"""Numbers of test-time views: 1 = the crops as they are, 2 = and their left-right mirror
+images, 4 = the four 90-degree rotations, 8 = the four rotations and their mirror images."""
+
+_VIEW_INDICES = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(DIHEDRAL_VIEWS))}
+
+
+def dihedral(x: Tensor, view: int) -> Tensor:
+    """View ``view`` (0-7) of ``x[..., H, W]``: ``view % 4`` quarter turns, then a left-right
+    flip when ``view >= 4``. View 0 is ``x`` itself."""
+    if not 0 <= view < DIHEDRAL_VIEWS:
+        raise ValueError(f"view must be in 0..7, got {view}")
+    x = torch.rot90(x, view % 4, dims=(-2, -1))
+    return x.flip(-1) if view >= 4 else x
 
 
 def check_tta_views(views: int) -> None:
@@ -20,12 +36,13 @@ def check_tta_views(views: int) -> None:
         raise ValueError(f"tta_views must be one of {TTA_VIEWS}, got {views!r}")
 
 
-def dihedral_views(instances: Tensor, views: int) -> list[Tensor]:
-    """``views`` exact pixel views of float[B, N, C, H, W] crops, the identity first.
+def dihedral_views(instances: Tensor, views: int) -> Iterator[Tensor]:
+    """``views`` exact pixel views of float[B, N, C, H, W] crops, the identity first, made
+    one at a time (a model averaged over them holds one view in memory, not all).
 
     Rotations need square crops (H == W); every view keeps the crop order, shape and the
     contiguous layout (an odd rotation alone would swap the H and W strides: another input
-    layout to a compiled encoder, which recompiles for it).
+    layout to a compiled encoder, which recompiles for it). Checks run at the call.
     """
     check_tta_views(views)
     if instances.ndim != 5:
@@ -40,9 +57,4 @@ def dihedral_views(instances: Tensor, views: int) -> list[Tensor]:
             f"tta_views={views} rotates the crops, which needs square crops, got {height}x"
             f"{width}; use tta_views=2 (mirror images only) or square crops"
         )
-    if views == 1:
-        return [instances]
-    if views == 2:
-        return [instances, instances.flip(-1)]
-    rotations = [torch.rot90(instances, k, dims=(-2, -1)).contiguous() for k in range(4)]
-    return rotations if views == 4 else rotations + [r.flip(-1) for r in rotations]
+    return (dihedral(instances, view).contiguous() for view in _VIEW_INDICES[views])
