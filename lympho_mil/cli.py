@@ -197,6 +197,10 @@ def build_cli(args: Sequence[str] | None, run: bool = True) -> LymphoCLI:
         run=run,
         trainer_defaults={"logger": DEFAULT_LOGGER},
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={
+            "epilog": "lympho-mil cv --help: repeated patient-level cross-validation of a fit "
+            "config (not a LightningCLI subcommand, so not in the list above)"
+        },
         auto_configure_optimizers=True,
     )
 

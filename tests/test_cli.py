@@ -272,3 +272,9 @@ def test_ckpt_path_last_resumes_the_newest_run(
         pd.read_csv(tmp_path / out / "predictions_detail.csv") for out in ("from_last", "from_path")
     )
     assert from_last["probability"].tolist() == from_path["probability"].tolist()
+
+
+def test_main_help_names_cv(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "lympho-mil cv --help" in capsys.readouterr().out
