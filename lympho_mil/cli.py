@@ -273,6 +273,17 @@ def main(args: Sequence[str] | None = None) -> None:
     except (*USER_ERRORS, ConfigError) as exc:
         print(f"lympho-mil: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RuntimeError as exc:
+        if "Error(s) in loading state_dict" not in str(exc):
+            raise
+        lines = str(exc).splitlines()
+        print(
+            "lympho-mil: error: the checkpoint's weights do not fit the model that the config "
+            "and data build (use the config and data it was trained with): "
+            + " ".join(line.strip() for line in lines[:3]),
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
     except pickle.UnpicklingError as exc:
         print(
             "lympho-mil: error: refusing to load a checkpoint that holds more than tensors and "

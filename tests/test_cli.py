@@ -278,3 +278,23 @@ def test_main_help_names_cv(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "lympho-mil cv --help" in capsys.readouterr().out
+
+
+def test_weights_that_do_not_fit_the_model_are_a_user_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """E.g. a checkpoint used with data of another clinical size: the datamodule's links build
+    the model, and the weights no longer fit."""
+    import lympho_mil.cli as cli
+
+    def mismatch(args: object, run: bool = True) -> None:
+        torch.nn.Linear(3, 2).load_state_dict(torch.nn.Linear(4, 2).state_dict())
+
+    monkeypatch.setattr(cli, "build_cli", mismatch)
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--config", "x.yaml"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "do not fit the model" in err and "size mismatch" in err
+    monkeypatch.setattr(cli, "build_cli", lambda args, run=True: torch.zeros(2) @ torch.zeros(3))
+    with pytest.raises(RuntimeError):  # any other RuntimeError stays a traceback (a bug)
+        main(["predict", "--config", "x.yaml"])
