@@ -109,6 +109,8 @@ class LymphoCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         share_cpu_with_loader_workers(self.trainer, self.datamodule)
+        if "threshold" in getattr(self, "_asked_eval_settings", {}):
+            self.model.threshold_asked = True  # even the value the checkpoint was trained with
 
     def _require_checkpoint(self) -> None:
         """validate, test and predict score a trained model: without ``--ckpt_path`` (or with

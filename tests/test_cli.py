@@ -147,6 +147,19 @@ def test_evaluation_settings_on_the_command_line_win_over_the_checkpoint(
     difference = (asked_df["probability"] - plain.loc[asked_df.index, "probability"]).abs()
     assert difference.max() > 1e-4  # the 8 views changed the probabilities
 
+    # a checkpoint whose threshold was chosen later (as cv does): kept unless one is asked,
+    # even the value of the setting it was trained with
+    content = torch.load(ckpt, map_location="cpu", weights_only=True)
+    content["state_dict"]["threshold"] = torch.tensor(0.42)
+    chosen = tmp_path / "chosen.ckpt"
+    torch.save(content, chosen)
+    base = ["predict", "--config", str(config), "--ckpt_path", str(chosen)]
+    for asked_args, expected in (([], 0.42), (["--model.threshold", "0.5"], 0.5)):
+        out = tmp_path / f"chosen{len(asked_args)}"
+        main([*base, *asked_args, "--prediction.output_dir", str(out)])
+        thresholds = pd.read_csv(out / "predictions_detail.csv")["threshold"]
+        assert thresholds.tolist() == pytest.approx([expected] * len(thresholds))
+
 
 def test_default_root_dir_moves_the_runs_folder(
     dlmi_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

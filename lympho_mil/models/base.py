@@ -119,6 +119,7 @@ class BagClassifier(LightningModule):
         self.scheduler = scheduler
         self.tta_views = tta_views
         self.threshold_setting = float(threshold)  # the buffer may change (cv); this not
+        self.threshold_asked = False  # True: the setting wins over any checkpoint's threshold
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         stats = tabular_stats or {"mean": [0.0] * tabular_dim, "scale": [1.0] * tabular_dim}
         self.standardize = Standardize(stats["mean"], stats["scale"])
@@ -274,9 +275,10 @@ class BagClassifier(LightningModule):
                 f"({CHECKPOINT_FORMAT}); was it written by lympho-mil?"
             )
         saved = meta.get("threshold_setting")
-        if saved is not None and self.threshold_setting != saved:
-            # a threshold other than the checkpoint's own setting was asked for: it wins over
-            # the one the checkpoint carries (e.g. chosen on validation patients by ``cv``)
+        if saved is not None and (self.threshold_asked or self.threshold_setting != saved):
+            # a threshold other than the checkpoint's own setting was asked for (or any, on
+            # the command line): it wins over the one the checkpoint carries (e.g. chosen on
+            # validation patients by ``cv``)
             checkpoint["state_dict"]["threshold"] = torch.tensor(self.threshold_setting)
 
     # -- optimisation ----------------------------------------------------------------------
