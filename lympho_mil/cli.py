@@ -123,7 +123,14 @@ class LymphoCLI(LightningCLI):
             )
         self._resolve_last()
 
-    before_validate = before_test = before_predict = _require_checkpoint
+    before_validate = before_test = _require_checkpoint
+
+    def before_predict(self) -> None:
+        self._require_checkpoint()
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set at run time
+        for callback in callbacks:
+            if isinstance(callback, PredictionWriter):
+                callback.check_outputs()  # existing files: refused before any crop is decoded
 
     def before_fit(self) -> None:
         self._resolve_last()

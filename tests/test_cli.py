@@ -91,9 +91,11 @@ def test_fit_test_predict_from_checkpoint(dlmi_root: Path, tmp_path: Path) -> No
     counts = attention.groupby("id").size()
     assert (counts.sort_index() == detail.set_index("id")["n_instances"].sort_index()).all()
 
+    shutil.rmtree(tmp_path / "cache")
     with pytest.raises(SystemExit) as exc:  # existing files are never overwritten silently
         main(predict)
     assert exc.value.code == 2
+    assert not (tmp_path / "cache").exists()  # refused before decoding a single crop
     main([*predict, "--prediction.overwrite", "true"])
 
     # new patients alone (no labelled ones to split): the checkpoint brings everything

@@ -97,13 +97,18 @@ class PredictionWriter(BasePredictionWriter):
         self.explain = explain
         self.explain_top_k = explain_top_k
 
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def check_outputs(self) -> None:
+        """Refuse existing output files unless ``overwrite`` (the CLI asks before any crop is
+        decoded; ``predict`` asks again at its start)."""
         names = PREDICTION_FILES + ((EXPLANATION_FILE,) if self.explain else ())
         check_writable(
             [self.output_dir / n for n in names],
             self.overwrite,
             hint="--prediction.overwrite true (PredictionWriter(overwrite=True))",
         )
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.check_outputs()
         if self.explain and not getattr(pl_module, "reads_instances", True):
             raise ExplainError(
                 f"explain needs a model that reads the crops; {type(pl_module).__name__} "
