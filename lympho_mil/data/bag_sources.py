@@ -51,9 +51,10 @@ def bags_from_arrays(
     """Group instances into bags: ``features[M, ...]``, ``bag_ids[M]``, instance ``labels[M]``.
 
     Labels are 0/1 or -1/+1 per instance; a bag is positive when any of its instances is
-    (bags come in order of first appearance, ids as strings). Dense or scipy-sparse
-    features are accepted. Raises :class:`DataError` on a feature column that encodes the
-    label (see :func:`check_label_leak`).
+    (bags come in order of first appearance, ids as strings; instance ids are the row
+    numbers). Dense or scipy-sparse features are accepted and stored as float32. Raises
+    :class:`DataError` on arrays of different lengths, other label values, or a feature
+    column that encodes the label (see :func:`check_label_leak`).
     """
     x = features.toarray() if scipy.sparse.issparse(features) else np.asarray(features)
     x = x.astype(np.float32)
@@ -142,7 +143,13 @@ def read_mil_csv(path: str | Path) -> FeatureBags:
 
 
 def read_mil_file(path: str | Path) -> FeatureBags:
-    """:func:`read_mil_mat` for ``.mat`` files, :func:`read_mil_csv` for ``.csv``."""
+    """:func:`read_mil_mat` for ``.mat`` files, :func:`read_mil_csv` for ``.csv``.
+
+    ``.mat``: variables ``bag_ids[1, M]``, ``labels[1, M]`` (+1/-1 per instance) and
+    ``features[M, D]`` (sparse or dense). ``.csv``: no header, one instance per row: label (0/1
+    or -1/+1), bag id, then the features. Raises :class:`DataError` for another suffix or a
+    malformed file.
+    """
     readers = {".mat": read_mil_mat, ".csv": read_mil_csv}
     suffix = Path(path).suffix.lower()
     if suffix not in readers:
@@ -214,7 +221,15 @@ def read_mnist_bags(
     labels: str = "t10k-labels-idx1-ubyte.gz",
     **kwargs: Any,
 ) -> FeatureBags:
-    """:func:`mnist_bags` from the IDX files in ``root`` (default: the MNIST test set)."""
+    """:func:`mnist_bags` from the IDX files in ``root`` (default: the MNIST test set).
+
+    Args:
+        root: folder of the IDX files (gzipped or not).
+        images, labels: file names of the images and the digit labels.
+        **kwargs: the bag settings of :func:`mnist_bags`: ``n_train_bags`` (required),
+            ``n_test_bags``, ``bag_length_mean``, ``bag_length_var``, ``target_digit``,
+            ``train_pool``, ``seed``.
+    """
     root = Path(root)
     pixels, digits = read_idx(root / images), read_idx(root / labels)
     if pixels.ndim != 3 or len(pixels) != len(digits):
@@ -294,8 +309,12 @@ class MNISTBagsDataModule(FeatureBagDataModule):
 
     Args:
         root: folder of the IDX files.
-        n_train_bags, n_test_bags, bag_length_mean, bag_length_var, target_digit, train_pool:
-            as :func:`mnist_bags`.
+        n_train_bags, n_test_bags: bags drawn for training and for testing.
+        bag_length_mean, bag_length_var: bag lengths are ``round(Normal(mean, var))`` (``var``
+            the variance), at least 1.
+        target_digit: a bag is positive when it holds this digit.
+        train_pool: training bags draw from the first ``train_pool`` images of the file,
+            test bags from the rest.
         bag_seed: seed of the bag draw.
         val_bags: training bags held out for validation. They are drawn from the same
             image pool as the training bags, so some of their digits also sit in training
@@ -303,8 +322,8 @@ class MNISTBagsDataModule(FeatureBagDataModule):
             the test bags share no image with them.
         normalize: ``(pixel - MNIST_MEAN) / MNIST_STD`` on every image.
         standardize, noise_std: as :class:`FeatureBagDataModule`.
-        **kwargs: loader settings of :class:`BagDataModule`; explicit ids, if given,
-            replace the default ones.
+        **kwargs: loader settings of :class:`BagDataModule` (``batch_size``, ``seed``, ...);
+            explicit ids, if given, replace the default ones.
     """
 
     def __init__(

@@ -20,9 +20,11 @@ instance_id    list[list[str]] (B x n_b)           crop file names of the real i
 
 One exception, on the way to the device only: with ``PatientBagDataModule(augment="gpu")``
 the *training* loader yields ``instances`` as raw pixels ``uint8[B, N, H, W, C]`` (channels
-last, as cached: a quarter of the bytes to copy, no channel split), and that datamodule's
-``on_after_batch_transfer`` hook moves the channels, augments and normalises them on the
-device. Models therefore always receive float instances.
+last, as cached: a quarter of the bytes to copy, no channel split), or with
+``cache_on_device=True`` as row numbers ``int64[B, N]`` into the decoded-crop cache held on the
+device, and that datamodule's ``on_after_batch_transfer`` hook gathers the pixels, moves the
+channels, augments and normalises them on the device. Models therefore always receive float
+instances.
 """
 
 from __future__ import annotations
@@ -48,7 +50,19 @@ class BagSample:
 
 @dataclass
 class BagBatch:
-    """A padded, masked batch of bags (see the module docstring for shapes)."""
+    """A padded, masked batch of ``B`` bags, each padded to the largest one (``N`` instances).
+
+    Attributes:
+        instances: float[B, N, C, H, W] crops or float[B, N, D] features, zeros on padding
+            (before the device hook of ``PatientBagDataModule(augment="gpu")``: raw
+            uint8[B, N, H, W, C] pixels, or int64[B, N] rows with ``cache_on_device``).
+        mask: bool[B, N], True where an instance is real.
+        tabular: float[B, T], the clinical vector, *not* standardised (each model carries
+            the standardisation fitted on its training patients).
+        label: float[B]: 1 tumoral, 0 reactive, -1 unknown.
+        bag_id: the B patient (bag) ids.
+        instance_id: per bag, the ids of its real instances (crop file names for DLMI).
+    """
 
     instances: Tensor
     mask: Tensor
@@ -90,7 +104,12 @@ class BagBatch:
 def collate_bags(samples: Sequence[BagSample]) -> BagBatch:
     """Pad bags to the largest one in the batch and build the mask.
 
-    Padding is zeros; models must never let padded positions change their output.
+    Padding is zeros; models must never let padded positions change their output. The
+    instances keep their dtype; ``tabular`` becomes float32, ``label`` float32.
+
+    Raises:
+        ValueError: ``samples`` is empty, or its bags' instances differ in shape past the
+            first dimension.
     """
     if not samples:
         raise ValueError("collate_bags needs at least one bag")

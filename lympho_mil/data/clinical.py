@@ -19,6 +19,7 @@ from lympho_mil.data.errors import DataError
 
 CLINICAL_COLUMNS = ("ID", "LABEL", "GENDER", "DOB", "LYMPH_COUNT")
 FEATURE_NAMES = ("age", "log_lymph_count", "sex_male")
+"""The clinical vector, in order: age in years, natural log of the lymphocyte count, 1 if male."""
 DOB_FORMATS = ("%m/%d/%Y", "%d-%m-%Y")
 VALID_LABELS = (-1, 0, 1)
 
@@ -115,7 +116,9 @@ def clinical_features(frame: pd.DataFrame, ids: Sequence[str]) -> np.ndarray:
 def fit_standardization(features: np.ndarray) -> dict[str, list[float]]:
     """Means and scales of ``features[P, T]`` as plain numbers (checkpoint-friendly).
 
-    A constant column gets scale 1 so standardising never divides by zero.
+    A constant column gets scale 1 so standardising never divides by zero. Returns
+    ``{"mean": [T values], "scale": [T values]}``; raises ValueError unless ``features`` is a
+    non-empty 2-D array.
     """
     if features.ndim != 2 or features.shape[0] == 0:
         raise ValueError(f"need a non-empty [patients, T] array, got shape {features.shape}")

@@ -129,6 +129,7 @@ class BagDataModule(LightningDataModule):
     # -- derived, cheap, available before setup (the CLI links them into the model) --------
     @cached_property
     def bags(self) -> dict[str, Bag]:
+        """Every bag of the source by id (:meth:`load_bags`, called once)."""
         bags = self.load_bags()
         return {b.bag_id: b for b in bags}
 

@@ -31,7 +31,13 @@ class RowNumbers:
 
 @dataclass(frozen=True)
 class Bag:
-    """One patient: its label, its rows in the instance store and its clinical vector."""
+    """One patient: its label, its rows in the instance store and its clinical vector.
+
+    ``label`` is 1, 0 or -1 (unknown); ``rows`` (int) index the instance store, one per
+    entry of ``instance_ids``; ``tabular`` is the clinical vector ``float32[T]`` (``T = 0``
+    for sources without one). Raises ValueError for an empty bag or ``rows`` and
+    ``instance_ids`` of different lengths.
+    """
 
     bag_id: str
     label: int
@@ -60,6 +66,12 @@ class BagDataset(Dataset[BagSample]):
     random choice of that access (the subset, the augmentation) a function of ``seed`` alone,
     so a run resumed from a checkpoint sees exactly the bags an uninterrupted run would. A plain
     ``index`` draws the seed from torch's RNG.
+
+    Args:
+        bags: the bags of this split.
+        store: the instance store their ``rows`` index.
+        to_tensor: store rows and the access's generator -> the bag's instance tensor.
+        max_instances: random subset size per access (None: whole bags); >= 1.
     """
 
     def __init__(
@@ -99,6 +111,7 @@ class BagDataset(Dataset[BagSample]):
 
     @property
     def labels(self) -> np.ndarray:
+        """int[n_bags]: the bag labels."""
         return np.array([b.label for b in self.bags])
 
 

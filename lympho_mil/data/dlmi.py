@@ -32,7 +32,8 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 @dataclass(frozen=True)
 class PatientRecord:
-    """One patient folder: ``files`` are the crop file names, sorted."""
+    """One patient folder: ``label`` 1, 0 or -1 (unknown); ``files`` are the crop file names,
+    sorted."""
 
     patient_id: str
     label: int
@@ -41,6 +42,7 @@ class PatientRecord:
 
     @property
     def paths(self) -> list[Path]:
+        """The crop files, in the order of ``files``."""
         return [self.folder / name for name in self.files]
 
 
@@ -74,12 +76,14 @@ def read_dlmi_table(root: Path) -> pd.DataFrame:
 def read_dlmi(
     root: str | Path, reference_date: str = "2020-01-01"
 ) -> tuple[pd.DataFrame, list[PatientRecord]]:
-    """Read and validate a DLMI folder.
+    """Read and validate a DLMI folder ``root``; ages are taken at ``reference_date`` (ISO).
 
-    Returns the validated clinical frame (see :func:`validate_clinical`) and one
+    Returns the validated clinical frame (indexed by patient id, with columns ``label``,
+    ``sex_male``, ``age``, ``lymph_count``, ``log_lymph_count``) and one
     :class:`PatientRecord` per csv row, in csv order. Hidden entries (names starting with
-    ``.``) are ignored. Raises :class:`DataError` for csv rows without a folder, folders
-    without a csv row, a patient with two folders, empty folders and unsafe ids.
+    ``.``) are ignored. Raises :class:`DataError` for a missing root or clinical csv, bad
+    clinical values, csv rows without a folder, folders without a csv row, a patient with two
+    folders, folders without images and unsafe ids.
     """
     root = Path(root).expanduser()
     if not root.is_dir():

@@ -125,10 +125,12 @@ class FeatureCache(MemmapRows):
 
     @property
     def views(self) -> int:
+        """V: stored views per crop."""
         return int(self.array.shape[1])
 
     @property
     def dim(self) -> int:
+        """D: size of a crop's feature vector."""
         return int(self.array.shape[2])
 
     @classmethod
@@ -141,7 +143,9 @@ class FeatureCache(MemmapRows):
         device: str | torch.device = "cpu",
         batch_size: int = 256,
     ) -> FeatureCache:
-        """Load the features of ``images`` by ``encoder`` if cached and intact, else extract."""
+        """Load the features of ``images`` by ``encoder`` if cached and intact, else extract
+        them on ``device``, ``batch_size`` encoder inputs at a time, into ``cache_dir``
+        (default ``$LYMPHO_MIL_CACHE`` or ``~/.cache/lympho_mil``)."""
         cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         weights = weights_digest(encoder)
         key = feature_cache_key(spec, weights, images.path.stem)
@@ -212,9 +216,10 @@ class CachedFeatureDataModule(PatientBagDataModule):
     """DLMI patients as bags of frozen-encoder features ``float[n, D]``, extracted once.
 
     Crops are decoded into the image cache as for :class:`PatientBagDataModule`, then every
-    crop is embedded once by the encoder and the features are cached (see the module
-    docstring). Models read them with ``encoder="identity"`` (or ``"mlp"``) and ``in_dim``
-    equal to :attr:`feature_dim`; a mismatch stops ``setup`` with both sizes named.
+    crop is embedded once by the encoder and the features are cached
+    (:mod:`lympho_mil.data.feature_cache`). Models read them with ``encoder="identity"`` (or
+    ``"mlp"``) and ``in_dim`` equal to :attr:`feature_dim`; a mismatch stops ``setup`` with
+    both sizes named.
 
     Args:
         root: the DLMI folder.
@@ -240,8 +245,9 @@ class CachedFeatureDataModule(PatientBagDataModule):
         extract_device: where to extract (None: the Trainer's device when the datamodule is
             attached to one, else the CPU).
         **kwargs: everything :class:`PatientBagDataModule` takes (``image_size``,
-            ``center_crop``, ``cache_dir``, ``mean``, ``std``, splits, loaders). Its image
-            augmentation settings do not apply to features.
+            ``center_crop``, ``cache_dir``, ``mean``, ``std``, splits, loaders) except
+            ``cache_on_device`` (a ValueError). Its image augmentation settings do not apply
+            to features.
     """
 
     def __init__(

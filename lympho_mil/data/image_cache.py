@@ -137,7 +137,12 @@ class ImageCache(MemmapRows):
         skip_bad_images: bool = False,
         threads: int | None = None,
     ) -> ImageCache:
-        """Load the cache for ``paths`` + ``spec`` if it is intact, else (re)build it."""
+        """Load the cache for ``paths`` + ``spec`` if it is intact, else (re)build it.
+
+        ``cache_dir`` defaults to ``$LYMPHO_MIL_CACHE`` or ``~/.cache/lympho_mil``; ``threads``
+        decode in parallel (default: one per CPU). An unreadable image raises
+        :class:`DataError` unless ``skip_bad_images`` (then its row is listed in ``bad``).
+        """
         cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         key = cache_key(paths, spec)
         data_path = cache_dir / f"crops-{key}.npy"

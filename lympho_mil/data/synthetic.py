@@ -361,6 +361,19 @@ def make_synthetic_dlmi(
     the two modalities stay independent given the label. 0 (the default) leaves every output
     unchanged; 1 makes the clinical vector carry no information.
 
+    Args:
+        root: output folder (created if needed).
+        n_patients: number of patients (>= 2), labelled and test together.
+        image_size: side of the square crops in pixels (>= 16).
+        seed: seed of everything drawn.
+        test_fraction: share of each class put in ``testset/`` with ``LABEL`` -1, in [0, 1).
+        min_cells, max_cells: range of the number of crops per patient.
+        tumoral_fraction: share of tumoral patients, in (0, 1).
+        jpeg_quality: JPEG quality of the crops, 1 to 100.
+        reference_date: ISO date at which ages are computed.
+        clinical_overlap: see above, in [0, 1].
+        overwrite: replace the outputs of an earlier call in a non-empty ``root``.
+
     Raises:
         FileExistsError: ``root`` is not empty and ``overwrite`` is False. With ``overwrite``,
             only the paths this function writes are removed first.

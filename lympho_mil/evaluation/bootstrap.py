@@ -26,7 +26,9 @@ def binary_metrics(label: np.ndarray, prob: np.ndarray, predicted: np.ndarray) -
     """Every metric of :data:`METRIC_NAMES` for one set of predictions (scikit-learn).
 
     Args:
-        label: int[n] 0/1 targets; prob: float[n] probabilities; predicted: int[n] 0/1 decisions.
+        label: int[n] 0/1 targets (both classes present, for the AUROC).
+        prob: float[n] probabilities.
+        predicted: int[n] 0/1 decisions.
     """
     return {
         "balanced_accuracy": float(balanced_accuracy_score(label, predicted)),
@@ -41,7 +43,7 @@ def stratified_bootstrap_weights(label: np.ndarray, n_resamples: int, seed: int)
     """int[B, n]: how often each patient is drawn in each of ``B`` stratified resamples.
 
     Each class is resampled with replacement to its own size, so every row sums to ``n`` and
-    keeps the class counts of ``label``.
+    keeps the class counts of ``label`` (``int[n]``, 0/1). ``seed`` seeds the draw.
     """
     label = np.asarray(label)
     rng = np.random.default_rng(seed)
@@ -61,7 +63,8 @@ def weighted_binary_metrics(
 
     Args:
         label: int[n] 0/1 targets (shared by the repeats).
-        prob: float[R, n] probabilities; predicted: int[R, n] 0/1 decisions.
+        prob: float[R, n] probabilities.
+        predicted: int[R, n] 0/1 decisions.
         weights: float[B, n] patient weights (bootstrap counts), both classes weighted.
 
     Returns:
@@ -161,8 +164,10 @@ def summarize(per_repeat: np.ndarray, resampled: np.ndarray) -> dict[str, float 
 def metric_summary(
     oof: pd.DataFrame, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
 ) -> dict[str, dict[str, float | None]]:
-    """Per metric, :func:`summarize` of out-of-fold predictions (rows as in
-    :meth:`OOFArrays.from_frame`)."""
+    """Per metric, ``{mean, std, ci95_low, ci95_high}`` of out-of-fold predictions (rows as in
+    :meth:`OOFArrays.from_frame`): mean and sample std over the repeats (std None with one
+    repeat), and the 95 % percentile interval of ``n_resamples`` stratified patient bootstrap
+    resamples drawn with ``seed``."""
     arrays = OOFArrays.from_frame(oof)
     weights = stratified_bootstrap_weights(arrays.label, n_resamples, seed)
     per_repeat, resampled = arrays.per_repeat(), arrays.resampled(weights)
@@ -175,10 +180,12 @@ def paired_difference(
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> dict[str, dict[str, float | None]]:
-    """Per metric, :func:`summarize` of ``other - reference`` on the same patients and splits.
+    """Per metric, ``{mean, std, ci95_low, ci95_high}`` of ``other - reference`` on the same
+    patients and splits (frames as in :meth:`OOFArrays.from_frame`).
 
     Both models are scored on the same bootstrap resamples of patients, so the interval is
-    that of the paired difference (narrower than comparing two separate intervals).
+    that of the paired difference (narrower than comparing two separate intervals). Raises
+    ValueError when the two frames differ in patients, repeats or labels.
     """
     ref, oth = OOFArrays.from_frame(reference), OOFArrays.from_frame(other)
     if ref.ids != oth.ids or len(ref.prob) != len(oth.prob):

@@ -113,12 +113,14 @@ class FoldRun:
 class CVResult:
     """Cross-validation of one config.
 
+    name: the config's name (its folder under :func:`compare_configs`' ``out_dir``).
     report: the content of ``cv_report.json``.
     oof: out-of-fold predictions, columns :data:`OOF_COLUMNS` (each patient once a repeat).
     inner_val: the inner-validation predictions each fold's threshold was chosen on.
     ensemble: fold-ensemble records of the unlabelled patients (``predict=True``), else None;
         :func:`~lympho_mil.evaluation.predictions.prediction_tables` turns them into tables.
     out_dir: where the files were written (None: nothing written).
+    runs: each fold run (split, threshold, ``predict_step`` records, seconds).
     """
 
     name: str
@@ -147,7 +149,11 @@ def cv_splits(
     inner_val_fraction: float,
 ) -> list[FoldSplit]:
     """Every (repeat, fold): stratified outer folds and an inner validation split carved from
-    the outer training patients only."""
+    the outer training patients only.
+
+    ``ids`` and ``labels`` (0/1) are the labelled patients; the other arguments are those of
+    :func:`cross_validate`. Raises :class:`DataError` when the patients cannot be split so.
+    """
     label_of = dict(zip(ids, labels, strict=True))
     splits = []
     try:

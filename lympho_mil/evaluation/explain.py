@@ -63,7 +63,8 @@ def crop_scores(record: dict[str, Any]) -> tuple[list[float], str]:
 def rank_crops(scores: Sequence[float], top_k: int) -> tuple[list[int], list[int]]:
     """Indices of the ``top_k`` highest scores (highest first) and of the ``top_k`` lowest
     (lowest first), disjoint: a bag of fewer than ``2 * top_k`` crops fills the top row first.
-    Ties keep the crops' order."""
+    Among equal scores the top row takes the earlier crops, the bottom row lists the later
+    crops first."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])
     top = order[:top_k]
     bottom = order[max(top_k, len(order) - top_k) :][::-1]

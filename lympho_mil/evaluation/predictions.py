@@ -1,7 +1,7 @@
 """Prediction files a clinician (or the challenge) can use, written by a Lightning callback.
 
 ``predictions.csv``         ``Id,Predicted``: the challenge submission format, one row a patient
-``predictions_detail.csv``  id, probability, predicted, threshold, n_instances (+ label if known)
+``predictions_detail.csv``  id, probability, predicted, threshold, n_instances, label (-1: unknown)
 ``attention.csv``           id, file, weight (each crop's share of the decision, sums to 1 per
                             patient) and the crop's own probability, each where the model has
                             it (a clinical-only model: the files alone)
@@ -64,7 +64,11 @@ def prediction_tables(records: Sequence[dict[str, Any]]) -> dict[str, pd.DataFra
 def write_predictions(
     records: Sequence[dict[str, Any]], output_dir: str | Path, overwrite: bool = False
 ) -> dict[str, Path]:
-    """Write the three files into ``output_dir`` atomically; refuse to overwrite by default."""
+    """Write the three files into ``output_dir`` atomically; refuse to overwrite by default.
+
+    ``records``: ``predict_step`` records (repeats of a patient are dropped). Returns each
+    file's path by file name.
+    """
     output_dir = Path(output_dir)
     check_writable([output_dir / name for name in PREDICTION_FILES], overwrite)
     return {
@@ -79,8 +83,10 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         output_dir: folder of the three files.
         overwrite: replace existing files (otherwise predict refuses to start).
-        explain: also write a montage of the most and least weighted crops per patient and
-            a summary page (needs a datamodule with ``instance_paths``, e.g. image bags).
+        explain: also write a montage of the highest and lowest scored crops per patient
+            (weight, or crop probability where the model has one) and a summary page (needs
+            a model that reads the crops and a datamodule with ``instance_paths``, e.g. image
+            bags).
         explain_top_k: crops per row of a montage.
     """
 

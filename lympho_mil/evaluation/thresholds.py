@@ -34,7 +34,7 @@ def best_balanced_accuracy_threshold(prob: Sequence[float], label: Sequence[int]
 
     Args:
         prob: float[n], predicted probabilities of the positive class.
-        label: int[n], 0/1 targets (both classes present).
+        label: int[n], 0/1 targets (both classes present, else ValueError).
     """
     prob_arr, label_arr = np.asarray(prob, dtype=np.float64), np.asarray(label)
     if prob_arr.shape != label_arr.shape or prob_arr.ndim != 1:
@@ -48,7 +48,14 @@ def best_balanced_accuracy_threshold(prob: Sequence[float], label: Sequence[int]
 
 
 def choose_threshold(policy: ThresholdPolicy, prob: Sequence[float], label: Sequence[int]) -> float:
-    """The decision threshold of a fold from its inner-validation predictions only."""
+    """The decision threshold of a fold from its inner-validation predictions only.
+
+    Args:
+        policy: "fixed" (0.5, the predictions unused) or "inner_val"
+            (:func:`best_balanced_accuracy_threshold`); anything else raises ValueError.
+        prob: float[n], inner-validation probabilities.
+        label: int[n], their 0/1 targets.
+    """
     if policy == "fixed":
         return DEFAULT_THRESHOLD
     if policy == "inner_val":

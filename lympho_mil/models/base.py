@@ -30,7 +30,8 @@ class BagOutput(NamedTuple):
 
     logit: float[B], the patient-level logit (probability = sigmoid(logit)).
     weights: float[B, N] or None, each crop's share of the decision (sums to 1 over the real
-        crops, 0 on padding): attention for attention pooling, uniform for mean pooling.
+        crops, 0 on padding): attention for attention pooling, uniform for mean pooling, the
+        share of embedding dimensions whose maximum the crop holds for max pooling.
     instance_logits: float[B, N] or None, per-crop logits where the model has them.
     extras: model-specific tensors (e.g. the fusion gate), float[B] each.
     """
@@ -65,10 +66,11 @@ class BagClassifier(LightningModule):
         lr, weight_decay: AdamW settings (``--optimizer`` on the CLI replaces them).
         scheduler: "cosine" (annealed over ``trainer.max_epochs``, or per step over
             ``max_steps`` when no epoch count is set) or "none".
-        threshold: decision threshold on the probability; carried in the checkpoint (``cv``
-            stores the one chosen on a fold's validation patients). Loading a checkpoint keeps
-            its threshold unless another value than the checkpoint's own setting is asked for
-            (``load_from_checkpoint(path, threshold=t)``, ``--model.threshold t``).
+        threshold: decision threshold on the probability, in (0, 1); carried in the
+            checkpoint (``cv`` stores the one chosen on a fold's validation patients). Loading
+            a checkpoint keeps its threshold unless ``load_from_checkpoint(path, threshold=t)``
+            asks for another value than the checkpoint's own setting, or the command line
+            gives ``--model.threshold t`` (any value, even the checkpoint's setting).
         tta_views: test-time augmentation: outside training (validation, test, predict), the
             patient logit, crop weights and crop logits are the means over this many exact
             views of every crop (1: none; 2: and its mirror image; 4: its four 90-degree
@@ -216,7 +218,9 @@ class BagClassifier(LightningModule):
         self._log_metrics("test")
 
     def predict_step(self, batch: BagBatch, batch_idx: int) -> list[dict[str, Any]]:
-        """One record per patient: id, probability, threshold, crop files and weights."""
+        """One record per patient: ``id``, ``label``, ``probability``, ``threshold``,
+        ``n_instances``, ``instance_ids`` (the crop files) and, per crop, ``weights`` and
+        ``instance_probability`` (None where the model has none)."""
         out = self.infer(batch)
         prob = torch.sigmoid(out.logit.float()).cpu()
         weights = out.weights.float().cpu() if out.weights is not None else None

@@ -96,9 +96,11 @@ class MILClassifier(EncoderMixin, BagClassifier):
     "mean" or "max"); :class:`~lympho_mil.models.GatedFusionMIL` takes it as an argument.
 
     Args:
-        encoder: "small_cnn" (fast on CPU, GroupNorm), "lenet" (28 px digits), "mlp" or
-            "identity" (precomputed features, need ``in_dim``), or any timm model name.
-        embed_dim: output size of the built-in encoders.
+        encoder: "small_cnn" (fast on CPU, GroupNorm), "lenet" (28 px digits), "morphology"
+            (fixed hand-crafted features of the centred cell), "mlp" or "identity"
+            (precomputed features, need ``in_dim``), or any timm model name.
+        embed_dim: output size of "small_cnn", "lenet" and "mlp" (the others keep their
+            own).
         in_dim: feature size of precomputed feature bags (linked from the datamodule).
         encoder_kwargs: extra constructor arguments of the encoder.
         encoder_weights: local weights file of the encoder (a timm backbone's or a built-in
@@ -115,7 +117,8 @@ class MILClassifier(EncoderMixin, BagClassifier):
             with or without it). Compilation costs seconds to minutes at the first batches.
         attention_hidden: hidden size of the attention network (attention poolings only).
         dropout: dropout before the head.
-        **kwargs: loss, optimiser and clinical settings of :class:`BagClassifier`.
+        **kwargs: clinical, loss, optimiser, threshold and test-time settings of
+            :class:`BagClassifier`.
     """
 
     default_pooling: str = "attention"  # a class default; GatedFusionMIL sets it per instance
@@ -182,25 +185,30 @@ class MILClassifier(EncoderMixin, BagClassifier):
 
 
 class AttentionMIL(MILClassifier):
-    """Attention-based deep MIL (Ilse et al., ICML 2018): ``z = sum_i a_i h_i``."""
+    """Attention-based deep MIL (Ilse et al., ICML 2018): ``z = sum_i a_i h_i``.
+
+    Arguments as :class:`MILClassifier`.
+    """
 
     default_pooling = "attention"
 
 
 class GatedAttentionMIL(MILClassifier):
-    """Gated attention MIL (Ilse et al., ICML 2018)."""
+    """Gated attention MIL (Ilse et al., ICML 2018). Arguments as :class:`MILClassifier`."""
 
     default_pooling = "gated_attention"
 
 
 class MeanPoolMIL(MILClassifier):
-    """Mean of the crop embeddings."""
+    """Mean of the crop embeddings. Arguments as :class:`MILClassifier` (``attention_hidden``
+    unused)."""
 
     default_pooling = "mean"
 
 
 class MaxPoolMIL(MILClassifier):
-    """Element-wise max of the crop embeddings."""
+    """Element-wise max of the crop embeddings. Arguments as :class:`MILClassifier`
+    (``attention_hidden`` unused)."""
 
     default_pooling = "max"
 
@@ -209,7 +217,7 @@ class InstanceMIL(EncoderMixin, BagClassifier):
     """Per-crop baseline: every crop is classified with its patient's label; the patient
     logit is the mean of its crop logits (the per-image CNN of the original study).
 
-    Args: as :class:`MILClassifier` (no pooling settings).
+    Arguments as :class:`MILClassifier`, without ``attention_hidden`` (no pooling).
     """
 
     def __init__(

@@ -16,7 +16,8 @@ class TabularMLP(BagClassifier):
     """Clinical vector only: standardise -> small MLP -> logit. Ignores the crops.
 
     Args:
-        hidden, embed_dim, dropout: sizes of the MLP.
+        hidden, embed_dim: sizes of the MLP's hidden layer and of the clinical embedding.
+        dropout: dropout after the MLP's first layer.
         **kwargs: settings of :class:`BagClassifier` (``tabular_dim`` must be > 0).
     """
 
@@ -67,7 +68,9 @@ class GatedFusionMIL(MILClassifier):
         gate_hidden: hidden size of the gate network (``gate_input="embeddings"``).
         gate_input: what the gate sees: "embeddings" (published model) or "confidence".
         expert_loss_weight: weight w of the experts' auxiliary BCE (0: the mixture NLL only).
-        **kwargs: encoder settings of :class:`MILClassifier` and those of the base class.
+        **kwargs: encoder and pooling settings of :class:`MILClassifier` (its ``dropout`` has
+            no effect here: the fusion replaces its head) and those of :class:`BagClassifier`
+            (``tabular_dim`` must be > 0).
     """
 
     def __init__(

@@ -19,14 +19,15 @@ from torch import Tensor, nn
 from lympho_mil.nn.morphology import MorphologyEncoder
 
 BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity", "morphology")
+"""Encoder names :func:`build_instance_encoder` builds itself; any other name is a timm model."""
 
 
 class SmallCNN(nn.Module):
     """Fast CPU CNN: 4 stride-2 conv stages (GroupNorm, GELU), global average pool, Linear.
 
-    ``x[M, in_chans, H, W]`` (any size: the pooling is global) -> ``[M, out_dim]``. GroupNorm,
-    not BatchNorm: batch statistics over the crops of one patient would be per-patient
-    statistics.
+    ``x[M, in_chans, H, W]`` (any size: the pooling is global) -> ``[M, out_dim]``; the stages
+    have ``width``, 2, 4 and 8 times ``width`` channels. GroupNorm, not BatchNorm: batch
+    statistics over the crops of one patient would be per-patient statistics.
     """
 
     def __init__(self, in_chans: int = 3, width: int = 32, out_dim: int = 128) -> None:
@@ -109,7 +110,8 @@ class TimmEncoder(nn.Module):
 
     Nothing is downloaded: pretrained weights come from a local state dict ``weights_path``
     (extra keys such as a classifier head are ignored; every backbone key must be present
-    with the right shape). ``pretrained`` only asserts that weights are wanted.
+    with the right shape). ``pretrained`` only asserts that weights are wanted: without
+    ``weights_path`` it raises RuntimeError. ``name`` must be a timm model (else ValueError).
     """
 
     def __init__(

@@ -36,6 +36,11 @@ class GatedFusion(nn.Module):
     experts. The logit of ``p`` is computed in log space in float32 (log-sum-exp of
     log-sigmoids), so it stays finite and the chosen expert keeps its gradient even when the
     gate saturates to exactly 0 or 1. Train with ``mixture_nll``.
+
+    Args:
+        image_dim, tabular_dim: sizes of ``z_img`` and ``z_tab``.
+        hidden: hidden size of the gate MLP (``gate_input="embeddings"`` only).
+        gate_input: "embeddings" or "confidence" (anything else: ValueError).
     """
 
     def __init__(
@@ -85,7 +90,8 @@ class GatedFusion(nn.Module):
 
 
 class ConcatFusion(nn.Module):
-    """Concatenation then Linear-GELU-Dropout-Linear to one logit."""
+    """Concatenation of ``z_img[B, image_dim]`` and ``z_tab[B, tabular_dim]``, then
+    Linear-GELU-Dropout-Linear (``hidden`` units, ``dropout``) to one logit."""
 
     def __init__(
         self, image_dim: int, tabular_dim: int, hidden: int = 64, dropout: float = 0.1

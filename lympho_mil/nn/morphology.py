@@ -57,6 +57,9 @@ MORPHOLOGY_FEATURES: tuple[str, ...] = (
     "background_fraction",  # bright pixels
     "red_cell_fraction",  # pink pixels (red cells)
 )
+"""Names of the :class:`MorphologyEncoder` features, in output order: nucleus shape (lengths as
+fractions of the crop side), nucleus colour and chromatin texture, colours of three rings
+around the nucleus, and context."""
 
 
 def _dilate(mask: Tensor, size: int) -> Tensor:
@@ -121,7 +124,8 @@ def reconstruct(mask: Tensor, seed: Tensor, max_iter: int = 256) -> Tensor:
 class MorphologyEncoder(nn.Module):
     """Fixed morphology features of the centred cell: ``x[M, 3, H, W]`` -> ``[M, D]``.
 
-    ``D = len(MORPHOLOGY_FEATURES)`` (see the module docstring). The input is un-normalised
+    ``D = len(MORPHOLOGY_FEATURES)``, in that order (how the nucleus is found:
+    :mod:`lympho_mil.nn.morphology`). The input is un-normalised
     with ``mean``/``std`` (those of the loaders; ImageNet's by default), so pixels are back in
     [0, 1] before the colour thresholds. No parameters; any float input dtype; float32 out.
 

@@ -1,12 +1,13 @@
 """Mask-aware multiple-instance pooling.
 
 Every operator maps instance embeddings ``h[B, N, D]`` and ``mask[B, N]`` (True where an
-instance is real) to ``(z, a)``: the bag embedding ``z[B, D]`` (dtype of ``h``) and the
-per-instance weights ``a[B, N]`` (float32, None for operators without attention).
+instance is real) to ``(z, a)``: the bag embedding ``z[B, output_dim(D)]`` (dtype of ``h``;
+``D`` except for ``DistributionPooling``) and the per-instance weights ``a[B, N]`` (float32,
+None for operators without attention).
 
 Padded instances never change the result or the gradients, whatever they hold (junk, inf,
 NaN): they are replaced before any arithmetic. Every bag must hold at least one real
-instance; an empty bag gives NaN (attention) or -inf (max).
+instance; an empty bag gives NaN (mean, attention, distribution) or -inf (max).
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class AttentionPooling(MILPooling):
 
     Scores and softmax run in float32 even under autocast; padded instances get score
     ``-inf``, hence weight exactly 0, and the weights sum to 1 over the real instances.
+    ``dim``: size D of the embeddings; ``hidden``: size of ``V h``; ``dropout``: on the
+    attention features before ``w``.
     """
 
     has_attention: bool = True
@@ -104,6 +107,7 @@ class DistributionPooling(MILPooling):
     standardised features (z-scores over training instances), the levels ``(-1, 1)`` give the
     share of atypically low and high instances of each feature, what a haematologist reads off
     a smear. The soft step (temperature ``T``) keeps gradients for a trainable encoder.
+    ``levels`` are the ``K`` levels ``t_k``, ``temperature`` is ``T`` (> 0).
     """
 
     levels: Tensor
@@ -136,10 +140,16 @@ POOLINGS: dict[str, type[MILPooling]] = {
     "gated_attention": GatedAttentionPooling,
     "distribution": DistributionPooling,
 }
+"""The pooling operators by name, as :func:`build_pooling` and the models' ``pooling`` take
+them."""
 
 
 def build_pooling(name: str, dim: int, hidden: int = 128, dropout: float = 0.0) -> MILPooling:
-    """The pooling called ``name`` (a key of ``POOLINGS``) for embeddings of size ``dim``."""
+    """The pooling called ``name`` (a key of ``POOLINGS``) for embeddings of size ``dim``.
+
+    ``hidden`` and ``dropout`` configure the attention poolings and are ignored by the others
+    (``"distribution"`` takes its default levels). Raises ValueError for an unknown name.
+    """
     if name not in POOLINGS:
         raise ValueError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}")
     cls = POOLINGS[name]
