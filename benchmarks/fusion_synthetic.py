@@ -112,6 +112,7 @@ def configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.encoder == "mlp":
         image |= {"embed_dim": 32, "encoder_kwargs": {"hidden": 64, "dropout": 0.1}}
     gated = {**image, "expert_loss_weight": args.expert_loss_weight, "gate_input": args.gate_input}
+    del gated["dropout"]  # the fusion has no MIL head to apply it to (GatedFusionMIL warns)
     tabular = {**common, "hidden": 16, "embed_dim": 8, "lr": 0.01}
     named = {
         "TabularMLP": config("TabularMLP", tabular, CLINICAL, args),

@@ -411,3 +411,14 @@ def test_data_the_model_was_not_built_for_is_refused_by_name() -> None:
                 model.infer(data)
     AttentionMIL(**TINY_ENCODER).infer(fewer)  # a model of crops alone ignores the clinical size
     AttentionMIL(encoder="identity", in_dim=33).infer(features)
+
+
+def test_gated_fusion_warns_that_it_ignores_dropout() -> None:
+    with pytest.warns(UserWarning, match="ignores dropout"):
+        model = GatedFusionMIL(encoder="identity", in_dim=8, tabular_dim=3, dropout=0.9)
+    assert not any(
+        isinstance(m, torch.nn.Dropout) and m.p == 0.9 for m in model.modules()
+    )  # as documented: no module applies it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GatedFusionMIL(encoder="identity", in_dim=8, tabular_dim=3)

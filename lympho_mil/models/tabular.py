@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 from torch import Tensor, nn
@@ -69,7 +70,8 @@ class GatedFusionMIL(MILClassifier):
         gate_input: what the gate sees: "embeddings" (published model) or "confidence".
         expert_loss_weight: weight w of the experts' auxiliary BCE (0: the mixture NLL only).
         **kwargs: encoder and pooling settings of :class:`MILClassifier` (its ``dropout`` has
-            no effect here: the fusion replaces its head) and those of :class:`BagClassifier`
+            no effect here, with a warning: the fusion replaces its head) and those of
+            :class:`BagClassifier`
             (``tabular_dim`` must be > 0).
     """
 
@@ -95,6 +97,13 @@ class GatedFusionMIL(MILClassifier):
         self.gate_hidden = gate_hidden
         self.expert_loss_weight = expert_loss_weight
         self.gate_input = gate_input
+        if kwargs.get("dropout"):
+            warnings.warn(
+                "GatedFusionMIL ignores dropout: the fusion replaces the head it applies to "
+                "(kept as an argument so that older checkpoints load)",
+                UserWarning,
+                stacklevel=2,
+            )
         super().__init__(**kwargs)
 
     reads_tabular = True
