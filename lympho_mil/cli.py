@@ -79,7 +79,7 @@ class LymphoCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, remembering the evaluation settings given on the command line: with
         ``--ckpt_path``, LightningCLI then replaces every model argument by the checkpoint's,
-        and :meth:`before_instantiate_classes` puts these back."""
+        and `before_instantiate_classes` puts these back."""
         super().parse_arguments(parser, args)
         argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
         given = {a.split("=", 1)[0] for a in argv}

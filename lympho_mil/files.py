@@ -15,7 +15,7 @@ class OutputExistsError(FileExistsError):
 
 
 def check_writable(paths: Sequence[Path], overwrite: bool, hint: str = "overwrite=True") -> None:
-    """Raise :class:`OutputExistsError` naming the files that exist, unless ``overwrite``;
+    """Raise `OutputExistsError` naming the files that exist, unless ``overwrite``;
     ``hint`` says how the caller's user allows overwriting."""
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
@@ -25,7 +25,7 @@ def check_writable(paths: Sequence[Path], overwrite: bool, hint: str = "overwrit
 
 
 def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (see `atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
 
 

@@ -1,10 +1,10 @@
 """Generic bag sources: bags of feature vectors or small images that are not DLMI patients.
 
-A source is a :class:`FeatureBags`: one instance array ``features[M, ...]`` and bags whose
+A source is a `FeatureBags`: one instance array ``features[M, ...]`` and bags whose
 ``rows`` index it. Readers cover the classic MIL benchmarks of Andrews et al. (2003) in
 their MATLAB and CSV forms (Musk1/2, Fox, Tiger, Elephant, ...) and MNIST-bags built from
-the IDX files as in Ilse et al. (2018). :class:`FeatureBagDataModule` and
-:class:`MNISTBagsDataModule` feed them to the same models, Trainer and split policy as the
+the IDX files as in Ilse et al. (2018). `FeatureBagDataModule` and
+`MNISTBagsDataModule` feed them to the same models, Trainer and split policy as the
 patient bags. These bags carry no clinical vector (``tabular`` of length 0).
 """
 
@@ -53,8 +53,8 @@ def bags_from_arrays(
     Labels are 0/1 or -1/+1 per instance; a bag is positive when any of its instances is
     (bags come in order of first appearance, ids as strings; instance ids are the row
     numbers). Dense or scipy-sparse features are accepted and stored as float32. Raises
-    :class:`DataError` on arrays of different lengths, other label values, or a feature
-    column that encodes the label (see :func:`check_label_leak`).
+    `DataError` on arrays of different lengths, other label values, or a feature
+    column that encodes the label (see `check_label_leak`).
     """
     x = features.toarray() if scipy.sparse.issparse(features) else np.asarray(features)
     x = x.astype(np.float32)
@@ -90,7 +90,7 @@ def _id_text(value: Any) -> str:
 
 def binary_labels(labels: Any) -> np.ndarray:
     """0/1 or -1/+1 labels (a sequence, dense or scipy-sparse array) -> int64 0/1; anything
-    else raises :class:`DataError`."""
+    else raises `DataError`."""
     y = np.asarray(labels.toarray() if scipy.sparse.issparse(labels) else labels).ravel()
     values = set(np.unique(y).tolist())
     if values <= {0, 1}:
@@ -143,11 +143,11 @@ def read_mil_csv(path: str | Path) -> FeatureBags:
 
 
 def read_mil_file(path: str | Path) -> FeatureBags:
-    """:func:`read_mil_mat` for ``.mat`` files, :func:`read_mil_csv` for ``.csv``.
+    """`read_mil_mat` for ``.mat`` files, `read_mil_csv` for ``.csv``.
 
     ``.mat``: variables ``bag_ids[1, M]``, ``labels[1, M]`` (+1/-1 per instance) and
     ``features[M, D]`` (sparse or dense). ``.csv``: no header, one instance per row: label (0/1
-    or -1/+1), bag id, then the features. Raises :class:`DataError` for another suffix or a
+    or -1/+1), bag id, then the features. Raises `DataError` for another suffix or a
     malformed file.
     """
     readers = {".mat": read_mil_mat, ".csv": read_mil_csv}
@@ -221,12 +221,12 @@ def read_mnist_bags(
     labels: str = "t10k-labels-idx1-ubyte.gz",
     **kwargs: Any,
 ) -> FeatureBags:
-    """:func:`mnist_bags` from the IDX files in ``root`` (default: the MNIST test set).
+    """`mnist_bags` from the IDX files in ``root`` (default: the MNIST test set).
 
     Args:
         root: folder of the IDX files (gzipped or not).
         images, labels: file names of the images and the digit labels.
-        **kwargs: the bag settings of :func:`mnist_bags`: ``n_train_bags`` (required),
+        **kwargs: the bag settings of `mnist_bags`: ``n_train_bags`` (required),
             ``n_test_bags``, ``bag_length_mean``, ``bag_length_var``, ``target_digit``,
             ``train_pool``, ``seed``.
     """
@@ -238,7 +238,7 @@ def read_mnist_bags(
 
 
 class FeatureBagDataModule(BagDataModule):
-    """Bags of a classic MIL file (``.mat`` or ``.csv``, see :func:`read_mil_file`).
+    """Bags of a classic MIL file (``.mat`` or ``.csv``, see `read_mil_file`).
 
     Instances are ``float[n, D]`` vectors (``in_dim`` = D), standardised per feature with
     means and scales of the *training* bags' instances, after clipping every feature to the
@@ -250,7 +250,7 @@ class FeatureBagDataModule(BagDataModule):
         path: the data file.
         standardize: clip to the training range and z-score with training statistics.
         noise_std: Gaussian noise added to training instances (after standardisation).
-        **kwargs: split and loader settings of :class:`BagDataModule`.
+        **kwargs: split and loader settings of `BagDataModule`.
     """
 
     def __init__(
@@ -298,7 +298,7 @@ class FeatureBagDataModule(BagDataModule):
 
 
 class MNISTBagsDataModule(FeatureBagDataModule):
-    """MNIST-bags (see :func:`mnist_bags`): train on ``train*`` bags, test on ``test*`` bags.
+    """MNIST-bags (see `mnist_bags`): train on ``train*`` bags, test on ``test*`` bags.
 
     Instances are ``float[n, 1, 28, 28]`` digits, in [0, 1] or, with ``normalize`` (the
     default), shifted and scaled by the usual MNIST pixel mean and standard deviation
@@ -321,8 +321,8 @@ class MNISTBagsDataModule(FeatureBagDataModule):
             bags (as in Ilse et al.'s protocol): validation scores read a little optimistic;
             the test bags share no image with them.
         normalize: ``(pixel - MNIST_MEAN) / MNIST_STD`` on every image.
-        standardize, noise_std: as :class:`FeatureBagDataModule`.
-        **kwargs: loader settings of :class:`BagDataModule` (``batch_size``, ``seed``, ...);
+        standardize, noise_std: as `FeatureBagDataModule`.
+        **kwargs: loader settings of `BagDataModule` (``batch_size``, ``seed``, ...);
             explicit ids, if given, replace the default ones.
     """
 

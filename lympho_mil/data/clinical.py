@@ -3,7 +3,7 @@
 The clinical vector of a patient is ``[age, log(lymph_count), sex_male]`` (``T = 3``). Age is
 computed from the date of birth at a reference date; the lymphocyte count is heavily skewed,
 so it enters on a log scale. Standardisation is *not* applied here: it is fitted on the
-training patients of a split (:func:`fit_standardization`) and carried by the model.
+training patients of a split (`fit_standardization`) and carried by the model.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def read_clinical_csv(path: str | Path) -> pd.DataFrame:
     """Read one clinical csv (either edition) into columns ``ID, LABEL, GENDER, DOB, LYMPH_COUNT``.
 
     An unnamed first column (the 2021 edition's index) is dropped. Values are validated later
-    by :func:`validate_clinical`.
+    by `validate_clinical`.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,7 +69,7 @@ def validate_clinical(table: pd.DataFrame, reference_date: str = "2020-01-01") -
 
     Returns a frame indexed by patient id with columns ``label`` (int), ``sex_male`` (0/1),
     ``age`` (years at ``reference_date``), ``lymph_count`` (float), ``log_lymph_count``.
-    Raises :class:`DataError` naming the patient for every bad value.
+    Raises `DataError` naming the patient for every bad value.
     """
     ref = date.fromisoformat(reference_date)
     ids = table["ID"].str.strip()
@@ -109,7 +109,7 @@ def validate_clinical(table: pd.DataFrame, reference_date: str = "2020-01-01") -
 
 
 def clinical_features(frame: pd.DataFrame, ids: Sequence[str]) -> np.ndarray:
-    """float32[P, T]: the clinical vector (:data:`FEATURE_NAMES`) of the given patients."""
+    """float32[P, T]: the clinical vector (`FEATURE_NAMES`) of the given patients."""
     return frame.loc[list(ids), list(FEATURE_NAMES)].to_numpy(dtype=np.float32)
 
 

@@ -3,8 +3,8 @@
 The base class owns everything that does not depend on where bags come from: the split
 policy (stratified holdout, k-fold, or explicit id lists), the clinical standardisation
 fitted on the training patients, datasets per stage and the loaders. A subclass only says
-how to list its bags (:meth:`BagDataModule.load_bags`, cheap, no decoding) and how to read
-their instances (:meth:`BagDataModule.build_store`).
+how to list its bags (`BagDataModule.load_bags`, cheap, no decoding) and how to read
+their instances (`BagDataModule.build_store`).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class BagDataModule(LightningDataModule):
         raise NotImplementedError
 
     def instance_transform(self, stage: str) -> InstanceTransform:
-        """Store rows -> float tensor, for ``stage`` in :data:`STAGES`."""
+        """Store rows -> float tensor, for ``stage`` in `STAGES`."""
         raise NotImplementedError
 
     def split_store(self, split: str, store: InstanceStore) -> InstanceStore:
@@ -129,7 +129,7 @@ class BagDataModule(LightningDataModule):
     # -- derived, cheap, available before setup (the CLI links them into the model) --------
     @cached_property
     def bags(self) -> dict[str, Bag]:
-        """Every bag of the source by id (:meth:`load_bags`, called once)."""
+        """Every bag of the source by id (`load_bags`, called once)."""
         bags = self.load_bags()
         return {b.bag_id: b for b in bags}
 
@@ -150,7 +150,7 @@ class BagDataModule(LightningDataModule):
     @cached_property
     def predict_split(self) -> list[str]:
         """The patients to predict: ``predict_ids``, else every unlabelled patient. Apart from
-        :attr:`split_ids`: a checkpoint predicts data that has no training split at all."""
+        `split_ids`: a checkpoint predicts data that has no training split at all."""
         unlabelled = [b.bag_id for b in self.bags.values() if b.label == -1]
         ids = list(self.predict_ids) if self.predict_ids is not None else unlabelled
         unknown = [i for i in ids if i not in self.bags]
@@ -286,7 +286,7 @@ class BagDataModule(LightningDataModule):
 class PatientBagDataModule(BagDataModule):
     """Patients of a DLMI challenge folder (2021 or 2024 layout) as bags of cell crops.
 
-    Each crop is decoded once into a memory-mapped cache (see :mod:`lympho_mil.data.image_cache`)
+    Each crop is decoded once into a memory-mapped cache (see `lympho_mil.data.image_cache`)
     and augmented from the cached pixels. The clinical vector is ``[age, log lymph count,
     sex_male]``; its standardisation is fitted on the training patients (``tabular_stats``).
 
@@ -300,12 +300,12 @@ class PatientBagDataModule(BagDataModule):
         skip_bad_images: skip unreadable images with a warning instead of failing.
         reference_date: date at which ages are computed (ISO format).
         augment: train-time augmentation: flips, 90-degree rotations, affine, colour. True:
-            :class:`~lympho_mil.data.transforms.BagAugment` on each bag in the loader (OpenCV,
+            `BagAugment` on each bag in the loader (OpenCV,
             random per crop, no hue). "gpu": the loader only slices uint8
             crops (shipped channels last); the torch pipeline of
-            :mod:`lympho_mil.data.gpu_augment` (no hue) augments whole batches after their
+            `lympho_mil.data.gpu_augment` (no hue) augments whole batches after their
             transfer to the training device
-            (:meth:`on_after_batch_transfer`). False: none.
+            (`on_after_batch_transfer`). False: none.
         affine, color_jitter: probabilities of those augmentation steps.
         mean, std: per-channel normalisation of pixels in [0, 1].
         cache_on_device: with ``augment="gpu"``, copy the decoded crops to the training device
@@ -314,7 +314,7 @@ class PatientBagDataModule(BagDataModule):
             so no crop crosses the host or the PCIe bus during training. Drawing row numbers
             takes microseconds: ``num_workers=0`` then beats worker processes (no
             inter-process latency, none at each epoch start).
-        **kwargs: split and loader settings of :class:`BagDataModule`.
+        **kwargs: split and loader settings of `BagDataModule`.
     """
 
     feature_names = FEATURE_NAMES

@@ -60,9 +60,9 @@ InstanceTransform = Callable[[np.ndarray, np.random.Generator], Tensor]
 
 
 class BagDataset(Dataset[BagSample]):
-    """Yields :class:`BagSample` s; with ``max_instances`` a random subset of each bag.
+    """Yields `BagSample` s; with ``max_instances`` a random subset of each bag.
 
-    Indexing with ``(index, seed)`` (what :class:`EpochSeededSampler` yields) makes every
+    Indexing with ``(index, seed)`` (what `EpochSeededSampler` yields) makes every
     random choice of that access (the subset, the augmentation) a function of ``seed`` alone,
     so a run resumed from a checkpoint sees exactly the bags an uninterrupted run would. A plain
     ``index`` draws the seed from torch's RNG.
@@ -118,7 +118,7 @@ class BagDataset(Dataset[BagSample]):
 class EpochSeededSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, seed)`` pairs whose order and seeds depend only on ``(seed, epoch)``.
 
-    Lightning calls :meth:`set_epoch` before every epoch, so the data randomness of epoch
+    Lightning calls `set_epoch` before every epoch, so the data randomness of epoch
     ``e`` is the same whether the run was interrupted and resumed or not.
     """
 

@@ -80,8 +80,8 @@ def read_dlmi(
 
     Returns the validated clinical frame (indexed by patient id, with columns ``label``,
     ``sex_male``, ``age``, ``lymph_count``, ``log_lymph_count``) and one
-    :class:`PatientRecord` per csv row, in csv order. Hidden entries (names starting with
-    ``.``) are ignored. Raises :class:`DataError` for a missing root or clinical csv, bad
+    `PatientRecord` per csv row, in csv order. Hidden entries (names starting with
+    ``.``) are ignored. Raises `DataError` for a missing root or clinical csv, bad
     clinical values, csv rows without a folder, folders without a csv row, a patient with two
     folders, folders without images and unsafe ids.
     """

@@ -4,7 +4,7 @@ Heads (attention MIL, mean pooling, ...) then train on ``float[B, N, D]`` featur
 which is what makes repeated cross-validation affordable. The cache file is
 ``<cache_dir>/features-<key>.npy`` (``float16`` or ``float32[M, V, D]``: every crop, ``V = 1``
 or its 8 dihedral views) plus a JSON sidecar with a checksum, like the decoded-crop cache it
-is computed from (:mod:`lympho_mil.data.image_cache`). ``key`` hashes the encoder's name and
+is computed from (`lympho_mil.data.image_cache`). ``key`` hashes the encoder's name and
 settings, a digest of its weights, the crop spec, the normalisation, the views, the storage
 dtype and the key of the decoded crops: any change gives a new key and a new extraction.
 
@@ -215,15 +215,15 @@ class SelectView:
 class CachedFeatureDataModule(PatientBagDataModule):
     """DLMI patients as bags of frozen-encoder features ``float[n, D]``, extracted once.
 
-    Crops are decoded into the image cache as for :class:`PatientBagDataModule`, then every
+    Crops are decoded into the image cache as for `PatientBagDataModule`, then every
     crop is embedded once by the encoder and the features are cached
-    (:mod:`lympho_mil.data.feature_cache`). Models read them with ``encoder="identity"`` (or
-    ``"mlp"``) and ``in_dim`` equal to :attr:`feature_dim`; a mismatch stops ``setup`` with
+    (`lympho_mil.data.feature_cache`). Models read them with ``encoder="identity"`` (or
+    ``"mlp"``) and ``in_dim`` equal to `feature_dim`; a mismatch stops ``setup`` with
     both sizes named.
 
     Args:
         root: the DLMI folder.
-        encoder: the extractor: any :func:`~lympho_mil.nn.build_instance_encoder` name
+        encoder: the extractor: any `build_instance_encoder` name
             (``small_cnn``, a timm model such as ``resnet18``, ...).
         encoder_weights: local weights file of the extractor (a state dict of the timm
             backbone, or of the built-in encoder module). Without it the encoder keeps its
@@ -244,7 +244,7 @@ class CachedFeatureDataModule(PatientBagDataModule):
         extract_batch_size: encoder inputs per forward during extraction.
         extract_device: where to extract (None: the Trainer's device when the datamodule is
             attached to one, else the CPU).
-        **kwargs: everything :class:`PatientBagDataModule` takes (``image_size``,
+        **kwargs: everything `PatientBagDataModule` takes (``image_size``,
             ``center_crop``, ``cache_dir``, ``mean``, ``std``, splits, loaders) except
             ``cache_on_device`` (a ValueError). Its image augmentation settings do not apply
             to features.
@@ -341,7 +341,7 @@ class CachedFeatureDataModule(PatientBagDataModule):
 
     def _fit_scaling(self, store: FeatureCache, usable: Sequence[Bag]) -> FeatureScaling | None:
         """The standardisation of the training patients' readable crops (None without
-        training patients: a checkpoint's is loaded later, see :meth:`load_state_dict`)."""
+        training patients: a checkpoint's is loaded later, see `load_state_dict`)."""
         by_id = {b.bag_id: b for b in usable}
         train = [by_id[i].rows for i in self.training_patients() if i in by_id]
         if not train:

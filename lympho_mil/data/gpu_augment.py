@@ -3,14 +3,14 @@
 With ``PatientBagDataModule(augment="gpu")`` the training loader only slices the decoded-crop
 cache and ships raw ``uint8`` pixels, channels last as cached (4x fewer bytes than float32, and
 no channel split on the CPU); after the copy to the device, the channels move in front and
-:class:`DeviceAugment` augments every crop of the batch in three passes over its pixels: one
+`DeviceAugment` augments every crop of the batch in three passes over its pixels: one
 warp (a random dihedral view, composed with a mild affine for a share of the crops: one
 ``grid_sample``), one reduction (each crop's mean grey) and one affine colour map (jitter and
 normalisation composed into a 3x4 matrix per crop, applied as a batched matrix product, clamped
-once). These are the steps of the CPU pipeline (:class:`lympho_mil.data.transforms.BagAugment`),
-with the same colour maps (:func:`colour_maps`). Padded slots stay zeros. Nothing here syncs
+once). These are the steps of the CPU pipeline (`lympho_mil.data.transforms.BagAugment`),
+with the same colour maps (`colour_maps`). Padded slots stay zeros. Nothing here syncs
 with the host. It runs on any device, the CPU included, but it pays on a GPU: on a CPU,
-:class:`~lympho_mil.data.transforms.BagAugment` in the loader is faster.
+`BagAugment` in the loader is faster.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def stack_dihedral_views(x: Tensor) -> Tensor:
 def pixels_to_tensor(crops: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:
     """uint8[n, H, W, 3] cached crops -> the same pixels as a tensor, channels still last (no
     copy): the loader then only slices and pads, and the device moves the channels in
-    :meth:`~lympho_mil.data.PatientBagDataModule.on_after_batch_transfer`. An instance
+    `on_after_batch_transfer`. An instance
     transform that draws nothing."""
     if crops.ndim != 4 or crops.shape[-1] != 3:
         raise ValueError(f"expected RGB crops [n, H, W, 3], got {crops.shape}")
@@ -67,7 +67,7 @@ def rows_to_tensor(rows: np.ndarray, rng: np.random.Generator | None = None) -> 
 
 def normalize_pixels(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 or [0, 1] float ``pixels[..., C, H, W]`` -> float32 ``(x - mean) / std``, computed
-    as :class:`~lympho_mil.data.transforms.BagToTensor` does on the CPU."""
+    as `BagToTensor` does on the CPU."""
     x = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
     mean_t = device_constant(tuple(mean), x.device, torch.float32).view(-1, 1, 1)
     return (x - mean_t) / device_constant(tuple(std), x.device, torch.float32).view(-1, 1, 1)
@@ -86,7 +86,7 @@ def colour_maps(brightness: Tensor, contrast: Tensor, saturation: Tensor) -> Ten
     """Per-crop factors ``[...]`` -> colour maps ``[..., 3, 4]``: ``x -> M x + t m`` on RGB
     pixels, where ``m`` is the crop's mean grey (to be multiplied into the last column).
 
-    With grey weights ``w`` (:data:`LUMA`): brightness ``b x``, then contrast
+    With grey weights ``w`` (`LUMA`): brightness ``b x``, then contrast
     ``c y + (1 - c) b m``, then saturation ``s z + (1 - s) (w . z)``; the saturation step keeps
     grey, so the offset stays grey. Factors of 1 give the identity.
     """
@@ -108,7 +108,7 @@ def random_warps(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
-    """``theta[*lead, 2, 3]`` for :func:`warp`: per crop, a uniformly drawn dihedral view
+    """``theta[*lead, 2, 3]`` for `warp`: per crop, a uniformly drawn dihedral view
     (identity when ``dihedral`` is False), composed with probability ``affine`` with a rotation
     of up to ``degrees``, a zoom in ``scale`` and a shift of up to ``translate`` of the side."""
     views = torch.randint(
@@ -160,7 +160,7 @@ class DeviceAugment:
     Args:
         mean, std: per-channel normalisation of pixels in [0, 1] (``mean`` in [0, 1]).
         dihedral: a random flip/90-degree rotation view per crop.
-        affine: probability of a random affine warp per crop (see :func:`random_warps`).
+        affine: probability of a random affine warp per crop (see `random_warps`).
         brightness, contrast, saturation: jitter strengths: factors in ``[1 - s, 1 + s]``.
         color_p: probability that a crop's colours are jittered (0 disables it).
 

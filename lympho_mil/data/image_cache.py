@@ -141,7 +141,7 @@ class ImageCache(MemmapRows):
 
         ``cache_dir`` defaults to ``$LYMPHO_MIL_CACHE`` or ``~/.cache/lympho_mil``; ``threads``
         decode in parallel (default: one per CPU). An unreadable image raises
-        :class:`DataError` unless ``skip_bad_images`` (then its row is listed in ``bad``).
+        `DataError` unless ``skip_bad_images`` (then its row is listed in ``bad``).
         """
         cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         key = cache_key(paths, spec)

@@ -63,8 +63,8 @@ class SyntheticDataModule(PatientBagDataModule):
             with ``-overlap<Q>`` when ``clinical_overlap`` is not 0); generated there if absent,
             reused otherwise.
         n_patients, synthetic_size, synthetic_seed, max_cells, clinical_overlap: generator
-            settings (see :func:`lympho_mil.data.synthetic.make_synthetic_dlmi`).
-        **kwargs: everything :class:`PatientBagDataModule` takes (image size, splits, ...).
+            settings (see `lympho_mil.data.synthetic.make_synthetic_dlmi`).
+        **kwargs: everything `PatientBagDataModule` takes (image size, splits, ...).
     """
 
     def __init__(

@@ -1,11 +1,11 @@
 """Bag transforms on cached uint8 crops: random augmentation, then a normalised float tensor.
 
-:class:`BagAugment` (the default training augmentation) draws every random choice of a bag at
+`BagAugment` (the default training augmentation) draws every random choice of a bag at
 once and applies it with at most two OpenCV calls per crop: one geometric (a dihedral view, or
-a warp composing that view with a mild affine) and one colour map. :class:`BagToTensor` then
+a warp composing that view with a mild affine) and one colour map. `BagToTensor` then
 converts the whole bag to ``float32[n, 3, H, W]`` in one channel split and two vectorised
-passes. An albumentations pipeline (:func:`train_augmentation`, or your own) still plugs into
-:class:`BagToTensor`; it runs crop by crop, several times slower.
+passes. An albumentations pipeline (`train_augmentation`, or your own) still plugs into
+`BagToTensor`; it runs crop by crop, several times slower.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def train_augmentation(
     jitter_strength: float = 0.1,
 ) -> A.Compose:
     """The default steps as an albumentations pipeline on uint8 HWC crops (with hue jitter),
-    a starting point for custom pipelines: pass it, or your own, to :class:`BagToTensor`.
+    a starting point for custom pipelines: pass it, or your own, to `BagToTensor`.
 
     ``affine`` and ``color_jitter`` are the probabilities of those steps (0 disables them).
     """
@@ -81,7 +81,7 @@ class BagAugment:
     are scaled by factors in ``[1 - jitter_strength, 1 + jitter_strength]``, composed into one
     affine colour map (contrast about the crop's mean grey, saturation about each pixel's grey)
     clipped once to [0, 255]. The steps of the device pipeline
-    (:class:`~lympho_mil.data.gpu_augment.DeviceAugment`); no hue jitter.
+    (`DeviceAugment`); no hue jitter.
     """
 
     dihedral: bool = True
@@ -172,7 +172,7 @@ def channel_planes(crops: np.ndarray) -> Tensor:
 class BagToTensor:
     """uint8[n, H, W, 3] crops -> float32[n, 3, H, W], augmented (optional), then normalised.
 
-    ``augment``: a :data:`BagAugmentation` (e.g. :class:`BagAugment`), an albumentations
+    ``augment``: a `BagAugmentation` (e.g. `BagAugment`), an albumentations
     pipeline (run crop by crop), or None (evaluation). The conversion is vectorised over the
     bag: one channel split of all its pixels, then ``x / 255`` and ``(x - mean) / std`` folded
     into one multiply-add per channel.

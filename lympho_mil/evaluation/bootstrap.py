@@ -23,7 +23,7 @@ CI_LEVEL = 0.95
 
 
 def binary_metrics(label: np.ndarray, prob: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
-    """Every metric of :data:`METRIC_NAMES` for one set of predictions (scikit-learn).
+    """Every metric of `METRIC_NAMES` for one set of predictions (scikit-learn).
 
     Args:
         label: int[n] 0/1 targets (both classes present, for the AUROC).
@@ -165,7 +165,7 @@ def metric_summary(
     oof: pd.DataFrame, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
 ) -> dict[str, dict[str, float | None]]:
     """Per metric, ``{mean, std, ci95_low, ci95_high}`` of out-of-fold predictions (rows as in
-    :meth:`OOFArrays.from_frame`): mean and sample std over the repeats (std None with one
+    `OOFArrays.from_frame`): mean and sample std over the repeats (std None with one
     repeat), and the 95 % percentile interval of ``n_resamples`` stratified patient bootstrap
     resamples drawn with ``seed``."""
     arrays = OOFArrays.from_frame(oof)
@@ -181,7 +181,7 @@ def paired_difference(
     seed: int = 0,
 ) -> dict[str, dict[str, float | None]]:
     """Per metric, ``{mean, std, ci95_low, ci95_high}`` of ``other - reference`` on the same
-    patients and splits (frames as in :meth:`OOFArrays.from_frame`).
+    patients and splits (frames as in `OOFArrays.from_frame`).
 
     Both models are scored on the same bootstrap resamples of patients, so the interval is
     that of the paired difference (narrower than comparing two separate intervals). Raises

@@ -6,7 +6,7 @@ run trains on the inner training patients (the clinical standardisation is fitte
 keeps the checkpoint that is best on the inner validation patients (the CLI's
 ``ModelCheckpoint``: ``val_balanced_accuracy`` unless the config monitors something else),
 chooses its decision threshold there too, then predicts the outer fold once. Each fold run
-is the ``fit`` CLI itself (:func:`lympho_mil.cli.build_cli`) with the fold's patient lists
+is the ``fit`` CLI itself (`lympho_mil.cli.build_cli`) with the fold's patient lists
 as overrides, so any config that ``fit`` accepts works unchanged. Several configs run on
 identical splits and get a paired comparison.
 """
@@ -113,12 +113,12 @@ class FoldRun:
 class CVResult:
     """Cross-validation of one config.
 
-    name: the config's name (its folder under :func:`compare_configs`' ``out_dir``).
+    name: the config's name (its folder under `compare_configs`' ``out_dir``).
     report: the content of ``cv_report.json``.
-    oof: out-of-fold predictions, columns :data:`OOF_COLUMNS` (each patient once a repeat).
+    oof: out-of-fold predictions, columns `OOF_COLUMNS` (each patient once a repeat).
     inner_val: the inner-validation predictions each fold's threshold was chosen on.
     ensemble: fold-ensemble records of the unlabelled patients (``predict=True``), else None;
-        :func:`~lympho_mil.evaluation.predictions.prediction_tables` turns them into tables.
+        `prediction_tables` turns them into tables.
     out_dir: where the files were written (None: nothing written).
     runs: each fold run (split, threshold, ``predict_step`` records, seconds).
     """
@@ -152,7 +152,7 @@ def cv_splits(
     the outer training patients only.
 
     ``ids`` and ``labels`` (0/1) are the labelled patients; the other arguments are those of
-    :func:`cross_validate`. Raises :class:`DataError` when the patients cannot be split so.
+    `cross_validate`. Raises `DataError` when the patients cannot be split so.
     """
     label_of = dict(zip(ids, labels, strict=True))
     splits = []
@@ -240,7 +240,7 @@ def compare_configs(
 
     Each config's outputs go to ``out_dir/<name>/``, the paired table to
     ``out_dir/comparison.json`` and ``comparison.md``. ``configs`` maps names to configs, or
-    is a list (names from :func:`config_names`). Other arguments as :func:`cross_validate`.
+    is a list (names from `config_names`). Other arguments as `cross_validate`.
     """
     named = (
         dict(configs)
@@ -324,7 +324,7 @@ def _claim_outputs(
     root: Path, dirs: list[Path | None], compare: bool, overwrite: bool
 ) -> list[Path]:
     """Refuse to start when an earlier run's outputs exist (unless ``overwrite``); return them,
-    every file a cross-validation may write and the old fold models, for :func:`_remove`."""
+    every file a cross-validation may write and the old fold models, for `_remove`."""
     paths = [d / n for d in dirs if d is not None for n in cv_output_names(predict=True)]
     paths += [d / "folds" for d in dirs if d is not None]
     if compare:

@@ -24,7 +24,7 @@ def ensemble_records(
 
     Returns:
         Records in the ``predict_step`` format (for
-        :func:`~lympho_mil.evaluation.predictions.write_predictions`), one per patient sorted
+        `write_predictions`), one per patient sorted
         by id, and a summary of the rules for the report.
     """
     if not predictions or len(thresholds) != len(predictions):

@@ -4,7 +4,7 @@ For every patient, ``montages/<patient>.png`` shows the ``k`` crops with the hig
 the ``k`` with the lowest, each captioned with its score, under a header with the patient's
 probability and decision. The score is the crop's share of the decision (attention weight,
 summing to 1 over the patient's crops) or, for models that classify every crop
-(:class:`~lympho_mil.models.InstanceMIL`), the crop's own probability.
+(`InstanceMIL`), the crop's own probability.
 ``explanations.md`` gathers every montage of the predicted set on one page, the most
 suspicious patients first.
 """
@@ -48,7 +48,7 @@ def crop_scores(record: dict[str, Any]) -> tuple[list[float], str]:
     """The per-crop scores of a ``predict_step`` record and what they are.
 
     Crop probabilities where the model has them, else the crops' weights. Raises
-    :class:`ExplainError` for a model that gives neither (a clinical-only model reads no crop).
+    `ExplainError` for a model that gives neither (a clinical-only model reads no crop).
     """
     if record["instance_probability"] is not None:
         return list(record["instance_probability"]), "crop probability"
@@ -79,7 +79,7 @@ def render_montage(
     labels: tuple[str, str],
     tile: int = TILE,
 ) -> Image.Image:
-    """An RGB image of :func:`montage_size`: a title, then two captioned rows of crops.
+    """An RGB image of `montage_size`: a title, then two captioned rows of crops.
 
     ``top`` and ``bottom`` hold ``(crop file, caption)`` pairs (at most ``top_k`` each);
     ``labels`` name the two rows. Empty slots stay grey. The image widens to fit the title.
@@ -142,7 +142,7 @@ def write_explanations(
     Args:
         records: ``predict_step`` records (one per patient; repeats are dropped).
         instance_paths: patient id -> files of its crops (``instance_ids`` are their names),
-            e.g. :meth:`lympho_mil.data.PatientBagDataModule.instance_paths`.
+            e.g. `lympho_mil.data.PatientBagDataModule.instance_paths`.
         output_dir: folder of the summary page; montages go to its ``montages/`` subfolder.
         top_k: crops per row (most and least scored).
         overwrite: replace existing files (otherwise an existing one raises).

@@ -6,7 +6,7 @@
                             patient) and the crop's own probability, each where the model has
                             it (a clinical-only model: the files alone)
 ``explanations.md``         with ``explain=True``: one page of per-patient montages
-                            (``montages/<id>.png``, see :mod:`lympho_mil.evaluation.explain`)
+                            (``montages/<id>.png``, see `lympho_mil.evaluation.explain`)
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def choose_threshold(policy: ThresholdPolicy, prob: Sequence[float], label: Sequ
 
     Args:
         policy: "fixed" (0.5, the predictions unused) or "inner_val"
-            (:func:`best_balanced_accuracy_threshold`); anything else raises ValueError.
+            (`best_balanced_accuracy_threshold`); anything else raises ValueError.
         prob: float[n], inner-validation probabilities.
         label: int[n], their 0/1 targets.
     """

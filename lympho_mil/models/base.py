@@ -1,7 +1,7 @@
 """The base LightningModule: loss, metrics, optimiser, steps and the predict output.
 
-Subclasses build their networks in :meth:`BagClassifier.configure_models` and compute a
-:class:`BagOutput` in :meth:`BagClassifier.forward`; everything else lives here.
+Subclasses build their networks in `BagClassifier.configure_models` and compute a
+`BagOutput` in `BagClassifier.forward`; everything else lives here.
 """
 
 from __future__ import annotations
@@ -51,11 +51,11 @@ class CheckpointFormatError(ValueError):
 
 
 CHECKPOINT_FORMAT = 1
-"""Version of what :class:`BagClassifier` adds to a checkpoint (``checkpoint["lympho_mil"]``)."""
+"""Version of what `BagClassifier` adds to a checkpoint (``checkpoint["lympho_mil"]``)."""
 
 
 class BagClassifier(LightningModule):
-    """Base class of every model: binary patient classification from a :class:`BagBatch`.
+    """Base class of every model: binary patient classification from a `BagBatch`.
 
     Args:
         tabular_dim: length T of the clinical vector (linked from the datamodule by the CLI).
@@ -150,8 +150,8 @@ class BagClassifier(LightningModule):
         """Refuse instances of a shape the model cannot read (models of crops override)."""
 
     def infer(self, batch: BagBatch) -> BagOutput:
-        """:meth:`forward`; outside training, averaged over ``tta_views`` views of the crops.
-        Every step goes through here, after :meth:`check_batch`."""
+        """`forward`; outside training, averaged over ``tta_views`` views of the crops.
+        Every step goes through here, after `check_batch`."""
         self.check_batch(batch)
         if self.training or self.tta_views == 1:
             return self(batch)
@@ -333,7 +333,7 @@ class BagClassifier(LightningModule):
 
 
 class ModelCosine(torch.optim.lr_scheduler.CosineAnnealingLR):
-    """The cosine of ``scheduler="cosine"``: the one :meth:`BagClassifier.on_train_start`
+    """The cosine of ``scheduler="cosine"``: the one `BagClassifier.on_train_start`
     may stretch."""
 
 

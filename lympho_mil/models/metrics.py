@@ -56,7 +56,7 @@ class PatientMetrics(nn.Module):
         self.loss.update(loss.detach().float(), weight=len(target))
 
     def compute(self) -> dict[str, Tensor]:
-        """:data:`METRIC_NAMES` and ``loss`` (the mean over patients, exact under DDP)."""
+        """`METRIC_NAMES` and ``loss`` (the mean over patients, exact under DDP)."""
         out = dict(self.by_label.compute())
         out["auroc"] = self.auroc.compute()
         return {**{name: out[name] for name in METRIC_NAMES}, "loss": self.loss.compute()}

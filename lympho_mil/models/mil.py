@@ -93,7 +93,7 @@ class MILClassifier(EncoderMixin, BagClassifier):
     """Instance encoder -> pooling -> linear head.
 
     Each subclass fixes the pooling (``default_pooling``: "attention", "gated_attention",
-    "mean" or "max"); :class:`~lympho_mil.models.GatedFusionMIL` takes it as an argument.
+    "mean" or "max"); `GatedFusionMIL` takes it as an argument.
 
     Args:
         encoder: "small_cnn" (fast on CPU, GroupNorm), "lenet" (28 px digits), "morphology"
@@ -108,17 +108,17 @@ class MILClassifier(EncoderMixin, BagClassifier):
         freeze_encoder: keep the encoder fixed (eval mode, no gradients).
         chunk_size: encode at most this many crops at once (bounds memory on big bags).
         shape_multiple: top each encoder call up to a multiple of this many crops (repeats,
-            outputs dropped; see :func:`~lympho_mil.nn.encode_instances`): a few input shapes
+            outputs dropped; see `encode_instances`): a few input shapes
             instead of one per number of crops in a batch, for cuDNN plans and compiled
             encoders on a GPU. 16 costs about 3 % more encoder work at 256 crops a step.
         channels_last: keep the encoder's weights and 4-D inputs channels-last (faster convs
-            on CUDA under mixed precision; see :mod:`lympho_mil.models.acceleration`).
+            on CUDA under mixed precision; see `lympho_mil.models.acceleration`).
         compile_encoder: ``torch.compile`` the encoder (in place: checkpoints stay loadable
             with or without it). Compilation costs seconds to minutes at the first batches.
         attention_hidden: hidden size of the attention network (attention poolings only).
         dropout: dropout before the head.
         **kwargs: clinical, loss, optimiser, threshold and test-time settings of
-            :class:`BagClassifier`.
+            `BagClassifier`.
     """
 
     default_pooling: str = "attention"  # a class default; GatedFusionMIL sets it per instance
@@ -187,27 +187,27 @@ class MILClassifier(EncoderMixin, BagClassifier):
 class AttentionMIL(MILClassifier):
     """Attention-based deep MIL (Ilse et al., ICML 2018): ``z = sum_i a_i h_i``.
 
-    Arguments as :class:`MILClassifier`.
+    Arguments as `MILClassifier`.
     """
 
     default_pooling = "attention"
 
 
 class GatedAttentionMIL(MILClassifier):
-    """Gated attention MIL (Ilse et al., ICML 2018). Arguments as :class:`MILClassifier`."""
+    """Gated attention MIL (Ilse et al., ICML 2018). Arguments as `MILClassifier`."""
 
     default_pooling = "gated_attention"
 
 
 class MeanPoolMIL(MILClassifier):
-    """Mean of the crop embeddings. Arguments as :class:`MILClassifier` (``attention_hidden``
+    """Mean of the crop embeddings. Arguments as `MILClassifier` (``attention_hidden``
     unused)."""
 
     default_pooling = "mean"
 
 
 class MaxPoolMIL(MILClassifier):
-    """Element-wise max of the crop embeddings. Arguments as :class:`MILClassifier`
+    """Element-wise max of the crop embeddings. Arguments as `MILClassifier`
     (``attention_hidden`` unused)."""
 
     default_pooling = "max"
@@ -217,7 +217,7 @@ class InstanceMIL(EncoderMixin, BagClassifier):
     """Per-crop baseline: every crop is classified with its patient's label; the patient
     logit is the mean of its crop logits (the per-image CNN of the original study).
 
-    Arguments as :class:`MILClassifier`, without ``attention_hidden`` (no pooling).
+    Arguments as `MILClassifier`, without ``attention_hidden`` (no pooling).
     """
 
     def __init__(

@@ -19,7 +19,7 @@ class TabularMLP(BagClassifier):
     Args:
         hidden, embed_dim: sizes of the MLP's hidden layer and of the clinical embedding.
         dropout: dropout after the MLP's first layer.
-        **kwargs: settings of :class:`BagClassifier` (``tabular_dim`` must be > 0).
+        **kwargs: settings of `BagClassifier` (``tabular_dim`` must be > 0).
     """
 
     reads_instances = False
@@ -51,7 +51,7 @@ class GatedFusionMIL(MILClassifier):
     With ``fusion="gated"``, a mixture of two experts: ``p = g * sigmoid(s_img) + (1 - g) *
     sigmoid(s_tab)``, the gate ``g`` computed from the pooled image embedding and the clinical
     embedding, trained on the negative log-likelihood of ``p`` (the base class's BCE on the
-    exact logit of ``p``, see :func:`lympho_mil.nn.mixture_nll`). ``fusion="concat"`` is the
+    exact logit of ``p``, see `lympho_mil.nn.mixture_nll`). ``fusion="concat"`` is the
     plain concatenation baseline.
 
     With ``expert_loss_weight`` w > 0 (gated fusion only), the loss becomes
@@ -59,7 +59,7 @@ class GatedFusionMIL(MILClassifier):
     itself, the usual remedy when one expert (here the clinical one) learns much faster than
     the other and the gate stops passing gradient to the slow one. ``gate_input="confidence"``
     gates on the experts' detached confidences instead of the embeddings (see
-    :class:`lympho_mil.nn.GatedFusion`).
+    `lympho_mil.nn.GatedFusion`).
 
     Args:
         pooling: the image pooling ("attention", "gated_attention", "mean", "max",
@@ -69,9 +69,9 @@ class GatedFusionMIL(MILClassifier):
         gate_hidden: hidden size of the gate network (``gate_input="embeddings"``).
         gate_input: what the gate sees: "embeddings" (published model) or "confidence".
         expert_loss_weight: weight w of the experts' auxiliary BCE (0: the mixture NLL only).
-        **kwargs: encoder and pooling settings of :class:`MILClassifier` (its ``dropout`` has
+        **kwargs: encoder and pooling settings of `MILClassifier` (its ``dropout`` has
             no effect here, with a warning: the fusion replaces its head) and those of
-            :class:`BagClassifier`
+            `BagClassifier`
             (``tabular_dim`` must be > 0).
     """
 

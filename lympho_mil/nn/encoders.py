@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from lympho_mil.nn.morphology import MorphologyEncoder
 
 BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity", "morphology")
-"""Encoder names :func:`build_instance_encoder` builds itself; any other name is a timm model."""
+"""Encoder names `build_instance_encoder` builds itself; any other name is a timm model."""
 
 
 class SmallCNN(nn.Module):
@@ -173,7 +173,7 @@ def build_instance_encoder(
     """The encoder called ``name``: one of ``BUILTIN_ENCODERS`` or any timm model name.
 
     ``in_dim`` is required by "mlp" and "identity"; ``out_dim`` is ignored by "identity",
-    "morphology" (fixed hand-crafted features, :class:`~lympho_mil.nn.MorphologyEncoder`) and
+    "morphology" (fixed hand-crafted features, `MorphologyEncoder`) and
     timm models (whose ``out_dim`` is their feature size); ``kwargs`` go to the encoder's
     constructor. ``weights_path``: a local weights file, the timm backbone's state dict or the
     built-in module's (loaded strictly); ``pretrained`` applies to timm models only and needs

@@ -1,10 +1,10 @@
 """Hand-crafted, label-free morphology of the centred cell of each crop, in pure torch.
 
-:class:`MorphologyEncoder` maps crops ``x[M, 3, H, W]`` (normalised as the loaders normalise
+`MorphologyEncoder` maps crops ``x[M, 3, H, W]`` (normalised as the loaders normalise
 them) to ``D = len(MORPHOLOGY_FEATURES)`` numbers per crop: the shape, colour and chromatin
 texture of the nucleus of the centred lymphocyte, the colour of rings around it (cytoplasm,
 neighbours) and a little context (other nuclei, red cells, background). Nothing is learned:
-as a frozen encoder of :class:`~lympho_mil.data.CachedFeatureDataModule` it is computed
+as a frozen encoder of `CachedFeatureDataModule` it is computed
 once per crop, and heads (pooling, fusion with the clinical vector) learn on top of it.
 
 How the nucleus is found: a pixel is *nuclear* when it is dark and blue-violet (May-Grunwald
@@ -57,7 +57,7 @@ MORPHOLOGY_FEATURES: tuple[str, ...] = (
     "background_fraction",  # bright pixels
     "red_cell_fraction",  # pink pixels (red cells)
 )
-"""Names of the :class:`MorphologyEncoder` features, in output order: nucleus shape (lengths as
+"""Names of the `MorphologyEncoder` features, in output order: nucleus shape (lengths as
 fractions of the crop side), nucleus colour and chromatin texture, colours of three rings
 around the nucleus, and context."""
 
@@ -83,7 +83,7 @@ def _dilate(mask: Tensor, size: int) -> Tensor:
 
 
 def _erode(mask: Tensor, size: int) -> Tensor:
-    """Min filter of the bool ``mask`` over the octagon of :func:`_dilate`; pixels outside the
+    """Min filter of the bool ``mask`` over the octagon of `_dilate`; pixels outside the
     crop count as foreground."""
     return ~_dilate(~mask, size)
 
@@ -125,7 +125,7 @@ class MorphologyEncoder(nn.Module):
     """Fixed morphology features of the centred cell: ``x[M, 3, H, W]`` -> ``[M, D]``.
 
     ``D = len(MORPHOLOGY_FEATURES)``, in that order (how the nucleus is found:
-    :mod:`lympho_mil.nn.morphology`). The input is un-normalised
+    `lympho_mil.nn.morphology`). The input is un-normalised
     with ``mean``/``std`` (those of the loaders; ImageNet's by default), so pixels are back in
     [0, 1] before the colour thresholds. No parameters; any float input dtype; float32 out.
 

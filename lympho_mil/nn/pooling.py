@@ -140,7 +140,7 @@ POOLINGS: dict[str, type[MILPooling]] = {
     "gated_attention": GatedAttentionPooling,
     "distribution": DistributionPooling,
 }
-"""The pooling operators by name, as :func:`build_pooling` and the models' ``pooling`` take
+"""The pooling operators by name, as `build_pooling` and the models' ``pooling`` take
 them."""
 
 
