@@ -366,3 +366,23 @@ def test_cli_fits_feature_and_mnist_bags(
         "--model.encoder lenet --model.embed_dim 16".split()
     )
     assert len(list(tmp_path.glob("runs/lightning_logs/version_*/checkpoints/last.ckpt"))) == 2
+
+
+def test_feature_standardisation_travels_in_the_checkpoint(tmp_path: Path) -> None:
+    """Predicting under another split scales the instances as in training, once the
+    checkpoint's state is loaded."""
+    x, ids, labels = instance_table()
+    path = str(write_csv(tmp_path / "toy.csv", x * 10 + 5, ids, labels))
+    trained = FeatureBagDataModule(path, train_ids=["3", "7", "9"], val_ids=["1"], test_ids=["4"])
+    trained.setup()
+    state = trained.state_dict()
+    assert set(state) == {"feature_scaling"}
+    expected = trained.datasets["test"].store
+    other = FeatureBagDataModule(path, train_ids=["1", "9"], val_ids=["3"], test_ids=["4"])
+    other.setup()
+    assert not np.allclose(other.datasets["test"].store, expected)  # its own split's scaling
+    other.load_state_dict(state)
+    for split in other.datasets:  # every dataset sees the restored scaling, in place
+        np.testing.assert_allclose(other.datasets[split].store, expected, rtol=1e-6)
+    plain = FeatureBagDataModule(path, standardize=False, train_ids=["3"], val_ids=[])
+    assert plain.state_dict() == {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -243,8 +243,9 @@ class FeatureBagDataModule(BagDataModule):
     Instances are ``float[n, D]`` vectors (``in_dim`` = D), standardised per feature with
     means and scales of the *training* bags' instances, after clipping every feature to the
     range seen in training: in sparse features (Elephant) a value never seen in training
-    would otherwise reach ``|z|`` in the thousands. Models take ``encoder="mlp"`` or
-    ``"identity"`` with ``in_dim``.
+    would otherwise reach ``|z|`` in the thousands. The standardisation is saved in
+    checkpoints, so ``predict`` under other splits scales as in training. Models take
+    ``encoder="mlp"`` or ``"identity"`` with ``in_dim``.
 
     Args:
         path: the data file.
@@ -261,6 +262,8 @@ class FeatureBagDataModule(BagDataModule):
         self.standardize = standardize
         self.noise_std = noise_std
         self._features = np.zeros((0, 0), np.float32)
+        self.scaling: FeatureScaling | None = None  # fitted on training bags, or a checkpoint's
+        self._store: np.ndarray | None = None
 
     def read_source(self) -> FeatureBags:
         """The bags and their instances (override for another kind of source)."""
@@ -283,15 +286,41 @@ class FeatureBagDataModule(BagDataModule):
         return math.prod(self.instance_shape)
 
     def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
-        train = self.split_ids["train"]
-        if not self.standardize or not train:
+        if not self.standardize:
             return self._features, list(bags)
-        rows = np.concatenate([self.bags[i].rows for i in train])
+        if self._store is not None:  # one array for every stage: load_state_dict updates it
+            return self._store, list(bags)
+        train = self.split_ids["train"]
+        if self.scaling is None and train:
+            rows = np.concatenate([self.bags[i].rows for i in train])
+            flat = self._features.reshape(len(self._features), -1)
+            self.scaling = FeatureScaling.fit(flat[rows])  # constant features keep scale 1
+        self._store = self._scaled()
+        return self._store, list(bags)
+
+    def _scaled(self) -> np.ndarray:
+        """A copy of the instances under ``scaling`` (as they are while there is none: no
+        training bags, a checkpoint's arrives later, see `load_state_dict`)."""
+        if self.scaling is None:
+            return self._features.astype(np.float32)
         flat = self._features.reshape(len(self._features), -1)
-        seen = flat[rows]
-        scaling = FeatureScaling.fit(seen)  # (near-)constant features keep scale 1
-        store = scaling(flat).astype(np.float32).reshape(self._features.shape)
-        return store, list(bags)
+        return self.scaling(flat).astype(np.float32).reshape(self._features.shape)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The feature standardisation, saved in checkpoints: ``predict`` under other splits
+        then scales the instances exactly as in training."""
+        if self.scaling is None:
+            return {}
+        return {"feature_scaling": {k: v.tolist() for k, v in asdict(self.scaling).items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint's standardisation, also in the instances already set up."""
+        saved = state_dict.get("feature_scaling")
+        if saved is None:
+            return
+        self.scaling = FeatureScaling(**{k: np.asarray(v, np.float32) for k, v in saved.items()})
+        if self._store is not None and self.standardize:
+            self._store[...] = self._scaled()  # in place: the datasets hold this array
 
     def instance_transform(self, stage: str) -> InstanceTransform:
         return FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
