@@ -124,7 +124,7 @@ def configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         variants = {
             f"{FUSION}-{other_gate}-gate": {**gated, "gate_input": other_gate},
             f"{FUSION}-no-expert-loss": {**gated, "expert_loss_weight": 0.0},
-            f"{FUSION}-concat": {**image, "fusion": "concat"},
+            f"{FUSION}-concat": {**image, "fusion": "concat", "dropout": 0.0},  # it has no head
         }
         named |= {name: config(FUSION, init, FEATURES, args) for name, init in variants.items()}
     return named

@@ -27,6 +27,7 @@ from lympho_mil.evaluation.explain import ExplainError
 from lympho_mil.evaluation.predictions import PredictionWriter
 from lympho_mil.files import OutputExistsError
 from lympho_mil.models import BagClassifier, CheckpointFormatError
+from lympho_mil.nn import EncoderWeightsError
 
 MONITOR = "val_balanced_accuracy"
 DEFAULT_RUNS = "runs"
@@ -43,6 +44,7 @@ USER_ERRORS = (
     OutputExistsError,
     FileNotFoundError,
     CheckpointFormatError,
+    EncoderWeightsError,
     ExplainError,
 )
 

@@ -384,5 +384,47 @@ def test_feature_standardisation_travels_in_the_checkpoint(tmp_path: Path) -> No
     other.load_state_dict(state)
     for split in other.datasets:  # every dataset sees the restored scaling, in place
         np.testing.assert_allclose(other.datasets[split].store, expected, rtol=1e-6)
+    raw = other._features.copy()
+    other.load_state_dict(state)  # again: the raw instances are never rescaled themselves
+    np.testing.assert_array_equal(other._features, raw)
+    np.testing.assert_allclose(other.datasets["test"].store, expected, rtol=1e-6)
     plain = FeatureBagDataModule(path, standardize=False, train_ids=["3"], val_ids=[])
+    plain.setup("fit")
     assert plain.state_dict() == {}
+    plain.load_state_dict(state)  # a checkpoint's standardisation: not applied without it
+    np.testing.assert_array_equal(plain.datasets["train"].store, plain._features)
+
+
+def test_a_standardisation_of_another_feature_size_is_refused(tmp_path: Path) -> None:
+    """Data of another feature size than the checkpoint's: a DataError naming both sizes (the
+    model would refuse the data by name too), not a broadcasting error of numpy."""
+    x, ids, labels = instance_table()
+    trained = FeatureBagDataModule(
+        str(write_csv(tmp_path / "a.csv", x, ids, labels)), train_ids=["3", "7"], val_ids=["1"]
+    )
+    trained.setup("fit")
+    wider = np.concatenate([x, x[:, :2]], axis=1)
+    other = FeatureBagDataModule(
+        str(write_csv(tmp_path / "b.csv", wider, ids, labels)), train_ids=["1"], val_ids=[]
+    )
+    other.setup("fit")
+    with pytest.raises(DataError, match=rf"instances of {D} values .* hold {D + 2}"):
+        other.load_state_dict(trained.state_dict())
+
+
+def test_data_to_predict_alone_takes_the_checkpoints_standardisation(tmp_path: Path) -> None:
+    """New bags of one class only cannot be split into training bags: predict still sets up,
+    unscaled until the checkpoint's standardisation arrives."""
+    x, ids, labels = instance_table()
+    path = str(write_csv(tmp_path / "toy.csv", x, ids, labels))
+    trained = FeatureBagDataModule(path, train_ids=["3", "7", "9"], val_ids=["1"])
+    trained.setup("fit")
+    positive = [str(i) for i in np.unique(ids) if BAG_LABELS[i]]
+    rows = np.isin(ids.astype(str), positive)
+    new = write_csv(tmp_path / "new.csv", x[rows], ids[rows], labels[rows])
+    other = FeatureBagDataModule(str(new), predict_ids=positive)
+    other.setup("predict")  # no training split to fit a standardisation on
+    np.testing.assert_array_equal(other.datasets["predict"].store, x[rows].astype(np.float32))
+    other.load_state_dict(trained.state_dict())
+    expected = trained.scaling(x[rows].astype(np.float32)).astype(np.float32)
+    np.testing.assert_allclose(other.datasets["predict"].store, expected, rtol=1e-6)

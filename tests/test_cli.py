@@ -313,3 +313,25 @@ def test_weights_that_do_not_fit_the_model_are_a_user_error(
     monkeypatch.setattr(cli, "build_cli", lambda args, run=True: torch.zeros(2) @ torch.zeros(3))
     with pytest.raises(RuntimeError):  # any other RuntimeError stays a traceback (a bug)
         main(["predict", "--config", "x.yaml"])
+
+
+def test_an_encoder_weights_file_that_does_not_fit_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """E.g. ``--data.encoder_weights`` of a CachedFeatureDataModule, loaded in ``fit`` without
+    any checkpoint: the error names the file, not a checkpoint."""
+    import lympho_mil.cli as cli
+    from lympho_mil.nn import build_instance_encoder
+
+    path = tmp_path / "encoder.pt"
+    torch.save(build_instance_encoder("small_cnn", width=4, out_dim=8).state_dict(), path)
+
+    def load(args: object, run: bool = True) -> None:
+        build_instance_encoder("small_cnn", weights_path=str(path), width=8, out_dim=8)
+
+    monkeypatch.setattr(cli, "build_cli", load)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", "x.yaml"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"weights in {path} do not fit" in err
+    assert "checkpoint's weights" not in err

@@ -7,6 +7,7 @@ import itertools
 import math
 import types
 import warnings
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -191,7 +192,7 @@ def test_any_seed_everything_seed_trains() -> None:
     assert trainer.global_step > 0
 
 
-def test_a_threshold_asked_at_load_replaces_the_checkpoints(tmp_path) -> None:
+def test_a_threshold_asked_at_load_replaces_the_checkpoints(tmp_path: Path) -> None:
     bags, store = separable_bags(4)
     model = TabularMLP(tabular_dim=3, tabular_stats=STATS)
     trainer = quiet_trainer(max_epochs=1)
@@ -204,13 +205,22 @@ def test_a_threshold_asked_at_load_replaces_the_checkpoints(tmp_path) -> None:
         0.2
     )
 
-    def predicted_threshold(threshold: float) -> float:
+    def predicted_threshold(threshold: float, asked: bool = False, ckpt: Path = path) -> float:
         fresh = TabularMLP(tabular_dim=3, tabular_stats=STATS, threshold=threshold)
-        batches = quiet_trainer().predict(fresh, loader(bags, store, False), ckpt_path=path)
+        fresh.threshold_asked = asked  # as the CLI sets it for --model.threshold
+        batches = quiet_trainer().predict(fresh, loader(bags, store, False), ckpt_path=ckpt)
         return batches[0][0]["threshold"]
 
     assert predicted_threshold(0.5) == pytest.approx(0.4)  # the config's own setting: kept
     assert predicted_threshold(0.3) == pytest.approx(0.3)
+    assert predicted_threshold(0.5, asked=True) == pytest.approx(0.5)
+    # a checkpoint written before the setting was recorded: an asked threshold still wins
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    del content["lympho_mil"]["threshold_setting"]
+    older = tmp_path / "older.ckpt"
+    torch.save(content, older)
+    assert predicted_threshold(0.5, ckpt=older) == pytest.approx(0.4)
+    assert predicted_threshold(0.5, asked=True, ckpt=older) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lympho_mil.nn.encoders import (
+    EncoderWeightsError,
     IdentityEncoder,
     LeNetEncoder,
     MLPEncoder,
@@ -110,7 +111,7 @@ def test_timm_weights_with_missing_or_mismatched_backbone_keys(tmp_path: Path) -
     state["conv1.weight"] = torch.zeros(64, 1, 7, 7)
     path = tmp_path / "broken.pt"
     torch.save(state, path)
-    with pytest.raises(RuntimeError, match=r"layer1\.0\.conv1\.weight.*conv1\.weight"):
+    with pytest.raises(EncoderWeightsError, match=r"layer1\.0\.conv1\.weight.*conv1\.weight"):
         TimmEncoder("resnet18", weights_path=str(path))
 
 
@@ -200,8 +201,9 @@ def test_builtin_encoders_load_a_weights_file_strictly(tmp_path: Path) -> None:
     loaded = build_instance_encoder("small_cnn", weights_path=str(path), width=4, out_dim=8)
     for name, tensor in trained.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor)
-    with pytest.raises(RuntimeError, match="size mismatch"):  # another architecture's weights
+    with pytest.raises(EncoderWeightsError, match="size mismatch") as exc:  # another width
         build_instance_encoder("small_cnn", weights_path=str(path), width=8, out_dim=8)
+    assert f"weights in {path} do not fit the 'small_cnn' encoder" in str(exc.value)
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         build_instance_encoder("small_cnn", weights_path=str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="pretrained applies to timm models"):

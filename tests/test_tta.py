@@ -60,6 +60,13 @@ def test_dihedral_views_are_the_eight_distinct_symmetries() -> None:
     assert all(torch.equal(stacked[:, v], views[v][0]) for v in range(8))
 
 
+def test_dihedral_views_keep_the_contiguous_layout() -> None:
+    """An odd rotation alone swaps the H and W strides, which the flattened crops keep: a
+    compiled encoder would recompile for that second layout."""
+    crops = torch.randn(2, 3, 3, 8, 8)
+    assert all(view.is_contiguous() for view in dihedral_views(crops, 8))
+
+
 def test_dihedral_views_refuse_what_they_cannot_view() -> None:
     with pytest.raises(ValueError, match="one of"):
         dihedral_views(torch.zeros(1, 2, 3, 4, 4), 3)

@@ -290,7 +290,7 @@ class FeatureBagDataModule(BagDataModule):
             return self._features, list(bags)
         if self._store is not None:  # one array for every stage: load_state_dict updates it
             return self._store, list(bags)
-        train = self.split_ids["train"]
+        train = self.training_patients()  # none in data to predict alone: the checkpoint's
         if self.scaling is None and train:
             rows = np.concatenate([self.bags[i].rows for i in train])
             flat = self._features.reshape(len(self._features), -1)
@@ -314,11 +314,19 @@ class FeatureBagDataModule(BagDataModule):
         return {"feature_scaling": {k: v.tolist() for k, v in asdict(self.scaling).items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a checkpoint's standardisation, also in the instances already set up."""
+        """Restore a checkpoint's standardisation, also in the instances already set up.
+        Raises `DataError` when it was fitted on instances of another size."""
         saved = state_dict.get("feature_scaling")
         if saved is None:
             return
-        self.scaling = FeatureScaling(**{k: np.asarray(v, np.float32) for k, v in saved.items()})
+        scaling = FeatureScaling(**{k: np.asarray(v, np.float32) for k, v in saved.items()})
+        size = self.in_dim
+        if scaling.mean.shape != (size,):
+            raise DataError(
+                f"the checkpoint standardises instances of {scaling.mean.size} values but the "
+                f"data's instances hold {size}: use the data the model was trained with"
+            )
+        self.scaling = scaling
         if self._store is not None and self.standardize:
             self._store[...] = self._scaled()  # in place: the datasets hold this array
 

@@ -278,8 +278,8 @@ class BagClassifier(LightningModule):
                 f"checkpoint format {found!r} is not the one this lympho-mil reads "
                 f"({CHECKPOINT_FORMAT}); was it written by lympho-mil?"
             )
-        saved = meta.get("threshold_setting")
-        if saved is not None and (self.threshold_asked or self.threshold_setting != saved):
+        saved = meta.get("threshold_setting")  # None in checkpoints of older versions
+        if self.threshold_asked or (saved is not None and self.threshold_setting != saved):
             # a threshold other than the checkpoint's own setting was asked for (or any, on
             # the command line): it wins over the one the checkpoint carries (e.g. chosen on
             # validation patients by ``cv``)

@@ -3,6 +3,7 @@ test-time views."""
 
 from lympho_mil.nn.encoders import (
     BUILTIN_ENCODERS,
+    EncoderWeightsError,
     IdentityEncoder,
     LeNetEncoder,
     MLPEncoder,
@@ -35,6 +36,7 @@ __all__ = [
     "AttentionPooling",
     "ConcatFusion",
     "DistributionPooling",
+    "EncoderWeightsError",
     "FusionOutput",
     "GatedAttentionPooling",
     "GatedFusion",

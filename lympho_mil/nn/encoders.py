@@ -22,6 +22,11 @@ BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity", "m
 """Encoder names `build_instance_encoder` builds itself; any other name is a timm model."""
 
 
+class EncoderWeightsError(RuntimeError):
+    """A local encoder weights file (``weights_path``, ``encoder_weights``) does not fit the
+    encoder built from the settings; the message names the file."""
+
+
 class SmallCNN(nn.Module):
     """Fast CPU CNN: 4 stride-2 conv stages (GroupNorm, GELU), global average pool, Linear.
 
@@ -150,7 +155,7 @@ class TimmEncoder(nn.Module):
             if k in state and state[k].shape != v.shape
         ]
         if missing or mismatched:
-            raise RuntimeError(
+            raise EncoderWeightsError(
                 f"weights in {path} do not fit the backbone; missing keys: {missing}; "
                 f"shape mismatches: {mismatched}"
             )
@@ -189,7 +194,14 @@ def build_instance_encoder(
     module = _builtin_encoder(name, in_dim, out_dim, **kwargs)
     if weights_path is not None:
         state = torch.load(_existing(weights_path), map_location="cpu", weights_only=True)
-        module.load_state_dict(state)
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as exc:  # torch's "Error(s) in loading state_dict": name the file
+            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+            raise EncoderWeightsError(
+                f"weights in {weights_path} do not fit the {name!r} encoder built with these "
+                f"settings (out_dim={out_dim}, {kwargs or 'defaults'}): {detail}"
+            ) from exc
     return module
 
 
