@@ -270,6 +270,17 @@ class ConfigError(ValueError):
     """A configuration names something that does not exist."""
 
 
+def _user_error_behind(exc: BaseException) -> BaseException | None:
+    """The first user error (bad data, files, weights, settings) in the chain of causes of
+    ``exc``, or None: a bug, to show with its traceback."""
+    seen: BaseException | None = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, (*USER_ERRORS, ConfigError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``lympho-mil`` and ``python -m lympho_mil``."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -283,6 +294,12 @@ def main(args: Sequence[str] | None = None) -> None:
         build_cli(None if args is None else argv)
     except (*USER_ERRORS, ConfigError) as exc:
         print(f"lympho-mil: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as exc:  # jsonargparse wraps what a class raised while instantiated
+        cause = _user_error_behind(exc)
+        if cause is None:
+            raise
+        print(f"lympho-mil: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
     except RuntimeError as exc:
         if "Error(s) in loading state_dict" not in str(exc):

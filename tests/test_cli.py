@@ -335,3 +335,18 @@ def test_an_encoder_weights_file_that_does_not_fit_is_named(
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"weights in {path} do not fit" in err
     assert "checkpoint's weights" not in err
+
+
+def test_a_models_encoder_weights_that_do_not_fit_are_one_line(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The model's own ``encoder_weights`` fail while LightningCLI instantiates it, which
+    wraps the error: the user still sees one line naming the file, not a traceback."""
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": torch.zeros(2)}, bad)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config), "--model.init_args.encoder_weights", str(bad)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"weights in {bad} do not fit" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
