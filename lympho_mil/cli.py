@@ -96,7 +96,7 @@ class LymphoCLI(LightningCLI):
         """The evaluation settings asked on the command line win over the checkpoint's, and
         ``--trainer.default_root_dir`` moves the default logger's ``runs/`` folder."""
         subcommand = self.config.get("subcommand")
-        for key, value in getattr(self, "_asked_eval_settings", {}).items():
+        for key, value in self._asked_eval_settings.items():
             self.config[subcommand]["model"]["init_args"][key] = value
         trainer = self.config[subcommand]["trainer"] if subcommand else self.config["trainer"]
         logger = trainer.get("logger")
@@ -111,7 +111,7 @@ class LymphoCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         share_cpu_with_loader_workers(self.trainer, self.datamodule)
-        if "threshold" in getattr(self, "_asked_eval_settings", {}):
+        if "threshold" in self._asked_eval_settings:
             self.model.threshold_asked = True  # even the value the checkpoint was trained with
 
     def _require_checkpoint(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +311,7 @@ class FeatureBagDataModule(BagDataModule):
         then scales the instances exactly as in training."""
         if self.scaling is None:
             return {}
-        return {"feature_scaling": {k: v.tolist() for k, v in asdict(self.scaling).items()}}
+        return {"feature_scaling": self.scaling.to_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a checkpoint's standardisation, also in the instances already set up.
@@ -319,7 +319,7 @@ class FeatureBagDataModule(BagDataModule):
         saved = state_dict.get("feature_scaling")
         if saved is None:
             return
-        scaling = FeatureScaling(**{k: np.asarray(v, np.float32) for k, v in saved.items()})
+        scaling = FeatureScaling.from_state(saved)
         size = self.in_dim
         if scaling.mean.shape != (size,):
             raise DataError(

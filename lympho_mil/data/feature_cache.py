@@ -358,14 +358,14 @@ class CachedFeatureDataModule(PatientBagDataModule):
         (another folder, another split) then scales features exactly as in training."""
         if self.scaling is None:
             return {}
-        return {"feature_scaling": {k: v.tolist() for k, v in asdict(self.scaling).items()}}
+        return {"feature_scaling": self.scaling.to_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the standardisation of a checkpoint, also in datasets already set up."""
         saved = state_dict.get("feature_scaling")
         if saved is None:
             return
-        self.scaling = FeatureScaling(**{k: np.asarray(v, np.float32) for k, v in saved.items()})
+        self.scaling = FeatureScaling.from_state(saved)
         for dataset in self.datasets.values():
             if isinstance(dataset.to_tensor, SelectView):
                 dataset.to_tensor.scaling = self.scaling

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
 
@@ -222,6 +222,15 @@ class FeatureScaling:
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         return (np.clip(features, self.low, self.high) - self.mean) / self.scale
+
+    def to_state(self) -> dict[str, list[float]]:
+        """Plain lists, for a datamodule's ``state_dict`` (saved in checkpoints)."""
+        return {k: v.tolist() for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, list[float]]) -> FeatureScaling:
+        """The inverse of `to_state`."""
+        return cls(**{k: np.asarray(v, np.float32) for k, v in state.items()})
 
 
 class FeaturesToTensor:

@@ -16,7 +16,7 @@ from lympho_mil.data.errors import DataError
 from lympho_mil.models.acceleration import use_channels_last
 from lympho_mil.models.base import BagClassifier, BagOutput
 from lympho_mil.nn import build_instance_encoder, build_pooling, encode_instances, freeze
-from lympho_mil.nn.encoders import encoder_out_dim
+from lympho_mil.nn.encoders import FEATURE_ENCODERS, encoder_out_dim
 
 
 class EncoderMixin:
@@ -24,13 +24,14 @@ class EncoderMixin:
     suits it."""
 
     encoder_settings: tuple[Any, ...]  # the arguments of build_encoder, in its order
+    tta_views: int  # set by BagClassifier before configure_models builds the encoder
 
     def check_instances(self, batch: BagBatch) -> None:
-        """Feature encoders ("mlp", "identity") need float[B, N, in_dim] feature bags; the
+        """Feature encoders (`FEATURE_ENCODERS`) need float[B, N, in_dim] feature bags; the
         others image crops float[B, N, C, H, W]."""
         encoder, _, in_dim = self.encoder_settings[:3]
         shape = tuple(batch.instances.shape)
-        if encoder in ("mlp", "identity"):
+        if encoder in FEATURE_ENCODERS:
             wanted = f"feature bags of {in_dim} values per crop"
             fits = len(shape) == 3 and shape[-1] == in_dim
         else:
@@ -52,7 +53,7 @@ class EncoderMixin:
         channels_last: bool = False,
         compile_encoder: bool = False,
     ) -> nn.Module:
-        if encoder in ("mlp", "identity") and getattr(self, "tta_views", 1) != 1:
+        if encoder in FEATURE_ENCODERS and self.tta_views != 1:
             raise ValueError(
                 f"encoder {encoder!r} reads feature vectors, which have no orientation: "
                 "test-time augmentation needs image crops (tta_views must be 1)"

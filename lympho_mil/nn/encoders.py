@@ -20,6 +20,8 @@ from lympho_mil.nn.morphology import MorphologyEncoder
 
 BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity", "morphology")
 """Encoder names `build_instance_encoder` builds itself; any other name is a timm model."""
+FEATURE_ENCODERS: tuple[str, ...] = ("mlp", "identity")
+"""The encoders of feature vectors ``float[N, in_dim]`` (the others read image crops)."""
 
 
 class EncoderWeightsError(RuntimeError):
