@@ -279,6 +279,28 @@ def test_a_resumed_run_given_more_epochs_stretches_the_cosine(tmp_path) -> None:
     assert any(not torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
 
 
+def test_a_run_resumed_with_a_step_budget_goes_on_from_its_steps(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """2 epochs, then resumed with max_steps (4 epochs' worth) instead of an epoch count: the
+    cosine goes on from the steps done (its half), not from 2 steps of the new budget."""
+    lrs: dict[int, float] = {}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+            lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    bags, store = separable_bags(8)
+    model = TabularMLP(lr=1e-2, tabular_dim=3, tabular_stats=STATS)
+    first = quiet_trainer(max_epochs=2, default_root_dir=tmp_path)
+    first.fit(model, loader(bags, store, True))
+    first.save_checkpoint(tmp_path / "two.ckpt")
+    done = first.global_step
+    assert done >= 2
+    resumed = quiet_trainer(max_steps=2 * done, callbacks=[Record()], default_root_dir=tmp_path)
+    resumed.fit(model, loader(bags, store, True), ckpt_path=tmp_path / "two.ckpt")
+    expected = [1e-2 * (1 + math.cos(math.pi * s / (2 * done))) / 2 for s in range(done, 2 * done)]
+    assert [lrs[s] for s in range(done, 2 * done)] == pytest.approx(expected)
+
+
 def test_a_scheduler_given_instead_of_the_models_keeps_its_length() -> None:
     """LightningCLI's --lr_scheduler replaces configure_optimizers: its cosine is not the
     model's, and on_train_start must not stretch it to max_epochs."""

@@ -313,17 +313,21 @@ class BagClassifier(LightningModule):
         """A resumed run that asks for another length than the checkpoint's (``fit
         --ckpt_path ... --trainer.max_epochs`` more) stretches the cosine over the new length,
         from where the run stands; otherwise the restored schedule, already at its end, would
-        train the extra epochs at a learning rate of 0. Only the model's own cosine: a
-        scheduler given another way (LightningCLI's ``--lr_scheduler``) keeps its length."""
+        train the extra epochs at a learning rate of 0. The run's progress is counted in the
+        new length's unit, so a run resumed with a step budget instead of an epoch count (or
+        the reverse) goes on from where it stands. Only the model's own cosine: a scheduler
+        given another way (LightningCLI's ``--lr_scheduler``) keeps its length."""
         for config in self.trainer.lr_scheduler_configs:
             cosine = config.scheduler
             if not isinstance(cosine, ModelCosine):
                 continue
-            horizon, _ = self._cosine_horizon()
-            if cosine.T_max == horizon:
+            horizon, interval = self._cosine_horizon()
+            trainer = self.trainer
+            progress = trainer.global_step if interval == "step" else trainer.current_epoch
+            if cosine.T_max == horizon and cosine.last_epoch == progress:
                 continue
-            cosine.T_max = horizon
-            done = min(cosine.last_epoch, horizon)
+            cosine.T_max, cosine.last_epoch = horizon, progress
+            done = min(progress, horizon)
             for group, base in zip(cosine.optimizer.param_groups, cosine.base_lrs, strict=True):
                 group["lr"] = (
                     cosine.eta_min
