@@ -8,6 +8,7 @@ import math
 import types
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -365,13 +366,22 @@ def test_max_pool_crop_weights_share_ties() -> None:
     assert weights.sum().item() == pytest.approx(1.0)
 
 
-def test_a_checkpoint_reloads_without_the_encoders_initial_weights_file(tmp_path) -> None:
-    """The checkpoint holds the weights: predicting elsewhere needs no initial file."""
+@pytest.mark.parametrize("encoder_kwargs", [None, {"pretrained": True}])
+def test_a_checkpoint_reloads_without_the_encoders_initial_weights_file(
+    tmp_path, encoder_kwargs: dict[str, Any] | None
+) -> None:  # type: ignore[no-untyped-def]
+    """The checkpoint holds the weights: predicting elsewhere needs no initial file, nor a
+    download of the pretrained weights the file stood for."""
     import timm
 
     weights = tmp_path / "backbone.pt"
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
-    model = AttentionMIL(encoder="test_resnet", encoder_weights=str(weights), attention_hidden=8)
+    model = AttentionMIL(
+        encoder="test_resnet",
+        encoder_weights=str(weights),
+        encoder_kwargs=encoder_kwargs,
+        attention_hidden=8,
+    )
     bags, store = separable_bags(4)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=1)
     trainer.fit(model, loader(bags, store, shuffle=False))
@@ -384,6 +394,7 @@ def test_a_checkpoint_reloads_without_the_encoders_initial_weights_file(tmp_path
     saved = torch.load(path, weights_only=True)["lympho_mil"]
     assert saved["initial_encoder_weights"] == str(weights)  # provenance kept
     assert model.hparams.encoder_weights == str(weights)  # the live model's settings untouched
+    assert model.hparams.encoder_kwargs == encoder_kwargs
 
 
 def test_instance_mil_averages_crop_logits_and_learns_each_crop() -> None:

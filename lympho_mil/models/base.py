@@ -266,9 +266,17 @@ class BagClassifier(LightningModule):
         }
         hparams = checkpoint.get("hyper_parameters", {})
         if hparams.get("encoder_weights") is not None:
-            # the state dict holds the weights: reloading must not need the initial file
+            # the state dict holds the weights: reloading must not need the initial file, nor
+            # ask for pretrained weights (which, without the file, would be a download)
             checkpoint["lympho_mil"]["initial_encoder_weights"] = hparams["encoder_weights"]
-            checkpoint["hyper_parameters"] = {**hparams, "encoder_weights": None}  # a copy
+            kwargs = dict(hparams.get("encoder_kwargs") or {})
+            if kwargs.get("pretrained"):
+                kwargs["pretrained"] = False
+            checkpoint["hyper_parameters"] = {  # a copy: the model's own stay as they are
+                **hparams,
+                "encoder_weights": None,
+                **({"encoder_kwargs": kwargs} if "encoder_kwargs" in hparams else {}),
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("lympho_mil")
