@@ -139,6 +139,18 @@ def test_fusion_under_bf16_autocast() -> None:
         torch.testing.assert_close(out.prob, ref.prob, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("gate_input", ["embeddings", "confidence"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_fusion_in_another_parameter_dtype(gate_input: str, dtype: torch.dtype) -> None:
+    """bf16-true or float64 parameters (e.g. ``Trainer(precision="bf16-true")``): both gates
+    run, and agree with float32."""
+    fusion = GatedFusion(DI, DT, gate_input=gate_input)  # type: ignore[arg-type]
+    z_img, z_tab = torch.randn(B, DI), torch.randn(B, DT)
+    ref = fusion(z_img, z_tab)
+    out = fusion.to(dtype)(z_img.to(dtype), z_tab.to(dtype))
+    torch.testing.assert_close(out.prob.float(), ref.prob, atol=3e-2, rtol=3e-2)
+
+
 def test_confidence_gate_starts_with_the_more_confident_expert() -> None:
     """At start ``g = sigmoid(|s_img| - |s_tab|)``, so ``p`` sides with ``s_img + s_tab``."""
     fusion = GatedFusion(DI, DT, gate_input="confidence")

@@ -72,7 +72,8 @@ class GatedFusion(nn.Module):
         s_img = self.image_head(z_img).squeeze(-1).float()
         s_tab = self.tabular_head(z_tab).squeeze(-1).float()
         if self.gate_input == "confidence":
-            gate_in = torch.stack([s_img, s_tab], dim=-1).detach().abs()
+            confidence = torch.stack([s_img, s_tab], dim=-1).detach().abs()
+            gate_in = confidence.to(self.gate[0].weight.dtype)  # the heads' float32 logits
         else:
             gate_in = torch.cat([z_img, z_tab], dim=-1)
         gate_logit = self.gate(gate_in).squeeze(-1).float()
