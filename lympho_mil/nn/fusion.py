@@ -73,7 +73,7 @@ class GatedFusion(nn.Module):
         s_tab = self.tabular_head(z_tab).squeeze(-1).float()
         if self.gate_input == "confidence":
             confidence = torch.stack([s_img, s_tab], dim=-1).detach().abs()
-            gate_in = confidence.to(self.gate[0].weight.dtype)  # the heads' float32 logits
+            gate_in = confidence.to(next(self.gate.parameters()).dtype)  # float32 logits
         else:
             gate_in = torch.cat([z_img, z_tab], dim=-1)
         gate_logit = self.gate(gate_in).squeeze(-1).float()
