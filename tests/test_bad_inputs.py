@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,22 @@ def test_data_root_is_never_modified(
         assert batch.mask.any(dim=1).all()
     assert list((tmp_path / "default-cache").glob("crops-*.npy"))
     assert tree_digest(synthetic_dlmi) == before
+
+
+def test_too_few_labelled_patients_to_split(dlmi_root: Path, cache_dir: Path) -> None:
+    """One patient of a label cannot be stratified: fit names the setting and the counts,
+    while the standardisation (and predict, with a checkpoint) carries on without a split."""
+    table = pd.read_csv(dlmi_root / TRAIN_CSV, dtype=str)
+    labelled = table[table["LABEL"] != "-1"]
+    keep = [labelled[labelled["LABEL"] == "0"].index[0], *labelled[labelled["LABEL"] == "1"].index]
+    keep += list(table[table["LABEL"] == "-1"].index)
+    for pid in table.drop(index=keep)["ID"]:
+        shutil.rmtree(dlmi_root / "trainset" / pid)
+    table.loc[keep].to_csv(dlmi_root / TRAIN_CSV, index=False)
+    dm = datamodule(dlmi_root, cache_dir)
+    with raises_data_error("val_fraction=0.2", "1 of label 0"):
+        dm.split_ids  # noqa: B018
+    assert dm.tabular_stats["scale"] == [1.0] * dm.tabular_dim  # no training split: identity
 
 
 @pytest.mark.parametrize(("setting", "value"), [("val_fraction", 0.0), ("test_fraction", 1.0)])

@@ -162,13 +162,20 @@ class BagDataModule(LightningDataModule):
         if len(set(labels)) < 2:
             raise DataError(f"need labelled patients of both classes, got labels {set(labels)}")
         test: list[str] = []
-        if self.test_fraction > 0:
-            ids, test = holdout_split(ids, labels, self.test_fraction, self.seed)
-            labels = [self.bags[i].label for i in ids]
-        if self.n_folds is not None:
-            train, val = kfold_split(ids, labels, self.n_folds, self.fold, self.seed)
-        else:
-            train, val = holdout_split(ids, labels, self.val_fraction, self.seed)
+        try:
+            if self.test_fraction > 0:
+                ids, test = holdout_split(ids, labels, self.test_fraction, self.seed)
+                labels = [self.bags[i].label for i in ids]
+            if self.n_folds is not None:
+                train, val = kfold_split(ids, labels, self.n_folds, self.fold, self.seed)
+            else:
+                train, val = holdout_split(ids, labels, self.val_fraction, self.seed)
+        except ValueError as exc:
+            raise DataError(
+                f"cannot split the labelled patients (test_fraction={self.test_fraction}, "
+                f"val_fraction={self.val_fraction}, n_folds={self.n_folds}): {exc}; give "
+                "train_ids and val_ids, or more patients"
+            ) from exc
         return {"train": train, "val": val, "test": test}
 
     @staticmethod

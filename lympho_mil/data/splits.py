@@ -26,6 +26,14 @@ def holdout_split(
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     ids_arr, labels_arr = _check(ids, labels)
+    counts = np.bincount(labels_arr, minlength=2)
+    n_held = int(np.ceil(fraction * len(ids_arr)))
+    if counts.min() < 2 or not 2 <= n_held <= len(ids_arr) - 2:
+        raise ValueError(
+            f"cannot hold out {fraction} of {len(ids_arr)} labelled patients ({counts[0]} of "
+            f"label 0, {counts[1]} of label 1) with both labels on both sides: a stratified "
+            "split needs at least 2 patients of each label, and 2 on each side"
+        )
     rest, held = train_test_split(
         ids_arr, test_size=fraction, stratify=labels_arr, random_state=seed
     )
