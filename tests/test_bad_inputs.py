@@ -86,6 +86,15 @@ def test_rows_ending_in_a_comma_keep_their_columns(dlmi_root: Path) -> None:
     assert (frame.loc[expected["ID"], "label"].to_numpy() == expected["LABEL"].astype(int)).all()
 
 
+def test_a_row_with_a_value_too_many_is_refused(dlmi_root: Path) -> None:
+    """An unquoted decimal comma (``12,5``) must not read as 12 with the 5 dropped."""
+    csv = dlmi_root / TRAIN_CSV
+    header, first, *rows = csv.read_text().splitlines()
+    csv.write_text("\n".join([header, first + ",5", *rows]) + "\n")
+    with raises_data_error(csv, "line 2", "extra ['5']"):
+        read_dlmi(dlmi_root)
+
+
 def test_no_patient_rows(tmp_path: Path) -> None:
     root = tmp_path / "dlmi"
     (root / "trainset").mkdir(parents=True)

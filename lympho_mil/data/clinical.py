@@ -8,6 +8,7 @@ training patients of a split (`fit_standardization`) and carried by the model.
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
 from datetime import date, datetime
 from pathlib import Path
@@ -38,6 +39,7 @@ def read_clinical_csv(path: str | Path) -> pd.DataFrame:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"cannot parse clinical csv {path}: {exc}") from exc
+    _check_no_extra_values(path)
     table = table.loc[:, [c for c in table.columns if not c.startswith("Unnamed")]]
     table.columns = [c.strip() for c in table.columns]
     missing = [c for c in CLINICAL_COLUMNS if c not in table.columns]
@@ -49,6 +51,22 @@ def read_clinical_csv(path: str | Path) -> pd.DataFrame:
     table = table.loc[:, list(CLINICAL_COLUMNS)].copy()
     table["source"] = str(path)
     return table
+
+
+def _check_no_extra_values(path: Path) -> None:
+    """Refuse rows with more values than the header has columns (pandas would drop them
+    with a mere warning: ``12,5`` for 12.5 would read as 12). Empty extras (rows ending in a
+    comma) are harmless."""
+    with path.open(newline="", encoding="utf-8-sig") as file:
+        reader = csv.reader(file)
+        header = next(reader, [])
+        for row in reader:
+            extra = [value for value in row[len(header) :] if value.strip()]
+            if extra:
+                raise DataError(
+                    f"{path}, line {reader.line_num}: {len(row)} values for {len(header)} "
+                    f"columns (extra {extra}); quote a value that holds a comma"
+                )
 
 
 def parse_dob(value: str, patient: str) -> date:
