@@ -59,6 +59,20 @@ def test_decode_centre_crop_then_resize(tmp_path: Path) -> None:
     assert (whole[0] == (0, 0, 255)).all() and whole[..., 0].max() > 200  # border and centre
 
 
+def test_decode_16_bit_greyscale_keeps_its_range(tmp_path: Path) -> None:
+    """Pillow's RGB conversion would clip 16-bit values to white; 32-bit pixels are refused."""
+    from lympho_mil.data import DataError
+
+    grey = np.array([[0, 20_000], [40_000, 65_535]], np.uint16).repeat(8, 0).repeat(8, 1)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    decoded = decode_crop(tmp_path / "g16.png", CropSpec(image_size=16))
+    assert decoded.shape == (16, 16, 3)
+    assert decoded[::8, ::8, 0].tolist() == [[0, 20_000 >> 8], [40_000 >> 8, 255]]
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "f32.tif")
+    with pytest.raises(DataError, match=r"f32\.tif.*32-bit"):
+        decode_crop(tmp_path / "f32.tif", SPEC)
+
+
 def test_built_once_then_reused(
     synthetic_dlmi: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -29,7 +29,7 @@ from lympho_mil.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit greyscale decoded to its top 8 bits (was clipped white)
 _VERIFIED: set[tuple[str, int, int]] = set()  # (path, size, mtime) of caches checked this run
 
 
@@ -54,10 +54,20 @@ class CropSpec:
 
 
 def decode_crop(path: Path, spec: CropSpec) -> np.ndarray:
-    """uint8[S, S, 3]: decode, convert to RGB, centre-crop, resize. DataError names the file."""
+    """uint8[S, S, 3]: decode, convert to RGB, centre-crop, resize. DataError names the file.
+
+    16-bit greyscale keeps its top 8 bits; 32-bit integer or float pixels, whose range is
+    unknown, are refused."""
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode.startswith("I;16"):
+                img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+            elif img.mode in ("I", "F"):
+                raise DataError(
+                    f"patient {path.parent.name}: image {path} has 32-bit pixels (mode "
+                    f"{img.mode}) of unknown range; save it with 8 or 16 bits per channel"
+                )
             rgb = img.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError) as exc:
         raise DataError(f"patient {path.parent.name}: cannot read image {path}: {exc}") from exc
