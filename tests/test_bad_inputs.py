@@ -95,6 +95,13 @@ def test_a_row_with_a_value_too_many_is_refused(dlmi_root: Path) -> None:
         read_dlmi(dlmi_root)
 
 
+def test_a_blank_row_is_named_as_such(dlmi_root: Path) -> None:
+    csv = dlmi_root / TRAIN_CSV
+    csv.write_text(csv.read_text() + ",,,,\n")
+    with raises_data_error("empty patient ID", csv, "blank row"):
+        read_dlmi(dlmi_root)
+
+
 def test_no_patient_rows(tmp_path: Path) -> None:
     root = tmp_path / "dlmi"
     (root / "trainset").mkdir(parents=True)

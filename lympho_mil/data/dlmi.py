@@ -52,9 +52,11 @@ def check_patient_id(patient_id: str, source: str | Path = "the clinical csv") -
     Refuses anything that could escape the data root: separators, ``..``, absolute paths.
     ``source`` (the csv it comes from) is named in the error.
     """
+    if not patient_id:
+        raise DataError(f"empty patient ID in {source} (a blank row?)")
     if not _SAFE_ID.fullmatch(patient_id) or ".." in patient_id:
         raise DataError(
-            f"patient id {patient_id!r} in {source} is not a plain folder name (letters, "
+            f"patient id {patient_id!r} in {source} is not a plain folder name (ASCII letters, "
             "digits, '_', '-', '.'; no path separators or '..'); refusing to use it as a path"
         )
     return patient_id
