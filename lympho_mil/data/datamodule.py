@@ -58,7 +58,9 @@ class BagDataModule(LightningDataModule):
         test_fraction: share held out first as a test split (0: none).
         n_folds, fold: k-fold policy instead of holdout: validate on fold ``fold``.
         seed: seed of the splits and of the data randomness (order, subsets, augmentation),
-            which depends only on (seed, epoch) so resumed runs replay the same batches.
+            which depends only on (seed, epoch) so resumed runs replay the same batches. A
+            split depends on the seed and the order of the patients in the data (the csv
+            rows); ``lympho-mil cv`` sorts them by id first.
         train_ids, val_ids, test_ids: explicit patient lists (override the policy); used by
             cross-validation.
         predict_ids: patients to predict (default: every unlabelled patient).
