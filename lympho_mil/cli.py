@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import sys
+import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,12 @@ import yaml
 from lightning import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
 from lympho_mil.data.errors import DataError
@@ -91,6 +99,9 @@ class LymphoCLI(LightningCLI):
             for key in EVAL_SETTINGS
             if subcommand and given & {f"--model.{key}", f"--model.init_args.{key}"}
         }
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and _is_file(str(ckpt_path)):
+            read_checkpoint(ckpt_path)  # a file that is no checkpoint: one line, not a traceback
 
     def before_instantiate_classes(self) -> None:
         """The evaluation settings asked on the command line win over the checkpoint's, and
@@ -107,6 +118,8 @@ class LymphoCLI(LightningCLI):
             and logger.init_args.save_dir == DEFAULT_RUNS
         ):
             logger.init_args.save_dir = str(root)  # the default logger, moved with the root
+        if subcommand in ("validate", "test", "predict"):
+            _log_beside_an_earlier_run(logger)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -136,6 +149,28 @@ class LymphoCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._resolve_last()
+        self._continue_checkpoint_folder()
+
+    def _continue_checkpoint_folder(self) -> None:
+        """A run resumed from a checkpoint in the folder its checkpoint callbacks wrote to
+        keeps writing there: Lightning then restores their best score, so the best checkpoint
+        stays the best over all epochs (in a new folder, the first epoch after the resume
+        would become the best, whatever came before)."""
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if not ckpt_path or not _is_file(str(ckpt_path)):
+            return
+        states = read_checkpoint(ckpt_path).get("callbacks", {})
+        folder = Path(ckpt_path).resolve().parent
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set at run time
+        for callback in callbacks:
+            if not isinstance(callback, ModelCheckpoint) or callback.dirpath is not None:
+                continue  # a folder the user fixed stays
+            saved = states.get(callback.state_key, {}).get("dirpath")
+            if saved and Path(saved).resolve() == folder:
+                callback.dirpath = saved  # as saved: Lightning compares it to restore the state
+                warnings.filterwarnings(  # not empty: on purpose
+                    "ignore", message=f"Checkpoint directory {re.escape(saved)} exists"
+                )
 
     def _resolve_last(self) -> None:
         """``--ckpt_path last`` takes the newest run's ``last.ckpt``. Each run logs into a
@@ -152,7 +187,13 @@ class LymphoCLI(LightningCLI):
                     "(--checkpoint.dirpath); pass the checkpoint's path"
                 )
             return
-        if logger is None or logger.root_dir is None:
+        if logger is None:  # checkpoints go to default_root_dir/checkpoints
+            last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            if not last.is_file():
+                raise ConfigError(f"--ckpt_path last: no {last}; pass the checkpoint's path")
+            config["ckpt_path"] = str(last)
+            return
+        if logger.root_dir is None:
             return
         found = sorted(
             Path(logger.root_dir).glob("version_*/checkpoints/last.ckpt"),
@@ -171,13 +212,58 @@ class LymphoCLI(LightningCLI):
         best = getattr(callback, "best_model_path", "")
         if not best or self.trainer.interrupted:
             return
-        results = self.trainer.validate(self.model, self.datamodule, ckpt_path=best, verbose=False)
+        loggers, self.trainer.loggers = self.trainer.loggers, []  # not an epoch of the run's log
+        try:
+            results = self.trainer.validate(
+                self.model, self.datamodule, ckpt_path=best, verbose=False
+            )
+        finally:
+            self.trainer.loggers = loggers
         metrics = results[0] if results else {}
         print(
             f"best checkpoint: {best}\n"
             f"validation balanced accuracy: {metrics.get(MONITOR, float('nan')):.3f}  "
             f"AUROC: {metrics.get('val_auroc', float('nan')):.3f}"
         )
+
+
+def _log_beside_an_earlier_run(logger: Any) -> None:
+    """validate, test and predict with a config that names a log folder holding a run (the
+    config.yaml of a ``cv`` fold, say) log into a new version folder: Lightning would
+    overwrite that run's config.yaml and delete its metrics.csv."""
+    args = getattr(logger, "init_args", None)
+    if args is None or args.get("version") is None or "save_dir" not in args:
+        return
+    version = args.version
+    folder = Path(args.save_dir or ".") / (args.get("name") or "")
+    folder /= version if isinstance(version, str) else f"version_{version}"
+    if any((folder / name).exists() for name in ("metrics.csv", "config.yaml", "hparams.yaml")):
+        args.version = None
+
+
+class RunConfigSaver(SaveConfigCallback):
+    """Saves the run's config.yaml into its log folder; without a logger there is none, and
+    nothing is written (Lightning would overwrite a config.yaml in the working directory)."""
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if trainer.loggers:
+            super().setup(trainer, pl_module, stage)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint at ``path`` loaded with ``weights_only=True``; ConfigError when the file
+    is not a Lightning checkpoint (unpicklable content is left to the caller's handler)."""
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path} is not a checkpoint (not a file that torch.save writes)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, KeyError) as exc:
+        raise ConfigError(f"cannot read the checkpoint {path}: {exc}") from exc
+    if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(
+        checkpoint
+    ):
+        raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict or version)")
+    return checkpoint
 
 
 def share_cpu_with_loader_workers(trainer: Trainer, datamodule: object) -> None:
@@ -207,6 +293,7 @@ def build_cli(args: Sequence[str] | None, run: bool = True) -> LymphoCLI:
         args=None if args is None else list(args),
         run=run,
         trainer_defaults={"logger": DEFAULT_LOGGER},
+        save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "epilog": "lympho-mil cv --help: repeated patient-level cross-validation of a fit "

@@ -278,8 +278,11 @@ def test_ckpt_path_last_resumes_the_newest_run(
     resumed = pd.read_csv(tmp_path / "logs" / "lightning_logs" / "version_1" / "metrics.csv")
     epochs = set(resumed["epoch"].dropna().astype(int))
     assert 1 in epochs and 0 not in epochs  # epoch 0 was the first run's
-    # predict reads ``last`` alike: the newest run's last.ckpt
-    newest = tmp_path / "logs" / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    # the resumed run went on writing into the checkpoint folder of the run it resumed
+    assert not (tmp_path / "logs" / "lightning_logs" / "version_1" / "checkpoints").exists()
+    # predict reads ``last`` alike: the newest last.ckpt
+    newest = tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(newest, map_location="cpu", weights_only=True)["epoch"] == 1
     for ckpt, out in (("last", "from_last"), (str(newest), "from_path")):
         predict = ["predict", "--config", str(config), "--ckpt_path", ckpt]
         main([*predict, "--prediction.output_dir", str(tmp_path / out)])
@@ -350,3 +353,85 @@ def test_a_models_encoder_weights_that_do_not_fit_are_one_line(
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"weights in {bad} do not fit" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_folder_is_never_overwritten(dlmi_root: Path, tmp_path: Path) -> None:
+    """A config that names its log folder (as each ``cv`` fold's does): predicting with it
+    logs beside that run, whose config.yaml and metrics.csv stay; and the metrics hold the
+    trained epochs only (not the best checkpoint's final validation as a third)."""
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    content = yaml.safe_load(config.read_text())
+    content["trainer"]["logger"]["init_args"].update(name="", version="")
+    config.write_text(yaml.safe_dump(content))
+    main(["fit", "--config", str(config)])
+    run = tmp_path / "logs"
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert set(metrics["epoch"].dropna().astype(int)) == {0, 1}
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "metrics.csv")}
+    best = sorted((tmp_path / "ckpt").glob("epoch*.ckpt"))[0]
+    predict = ["predict", "--config", str(config), "--ckpt_path", str(best)]
+    main([*predict, "--prediction.output_dir", str(tmp_path / "pred")])
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert (run / "version_0" / "config.yaml").is_file()  # the prediction's own
+
+
+def test_without_a_logger_last_resumes_and_no_config_lands_in_the_working_directory(
+    dlmi_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = write_config(tmp_path / "config.yaml", dlmi_root, tmp_path / "cache")
+    content = yaml.safe_load(config.read_text())
+    del content["checkpoint"]  # the default: default_root_dir/checkpoints without a logger
+    config.write_text("# the user's own file\n" + yaml.safe_dump(content))
+    mine = config.read_text()
+    monkeypatch.chdir(tmp_path)
+    fit = ["fit", "--config", str(config), "--trainer.logger", "false"]
+    with pytest.raises(SystemExit) as exc:  # nothing to resume: not a silent fresh start
+        main([*fit, "--ckpt_path", "last"])
+    assert exc.value.code == 2 and "last.ckpt" in capsys.readouterr().err
+    main([*fit, "--trainer.max_epochs", "1"])
+    assert config.read_text() == mine  # Lightning would save its config over it
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    first = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    main([*fit, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 2 * first
+
+
+def test_a_resumed_run_keeps_the_best_checkpoint_of_all_epochs(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Monitoring the step, lowest first: epoch 0 is the best whatever comes after; a resume
+    logging into a new version folder used to forget its score and crown the next epoch."""
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    content = yaml.safe_load(config.read_text())
+    content["checkpoint"] = {"monitor": "step", "mode": "min"}  # checkpoints in each run's folder
+    config.write_text(yaml.safe_dump(content))
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    capsys.readouterr()
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "3", "--ckpt_path", "last"])
+    best = capsys.readouterr().out.split("best checkpoint: ")[1].split()[0]
+    assert Path(best).name.startswith("epoch000")
+    kept = sorted(p.name for p in (tmp_path / "logs").rglob("epoch*.ckpt"))
+    assert len(kept) == 1 and kept[0].startswith("epoch000")
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"\x80\x04garbage", None])
+def test_a_file_that_is_not_a_checkpoint_is_one_line(
+    dlmi_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    content: bytes | None,
+) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    path = tmp_path / "not.ckpt"
+    if content is None:
+        torch.save({"a": 1}, path)  # a torch file, not a Lightning checkpoint
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--config", str(config), "--ckpt_path", str(path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and str(path) in err and "not a" in err
+    assert "Traceback" not in err
