@@ -284,12 +284,13 @@ def test_python_api_with_a_dict_config_and_an_image_model(
         repeats=1,
         seed=0,
         threshold_policy="fixed",
-        overrides=["--trainer.max_epochs=1"],
+        overrides=["--trainer.max_epochs=1", "--model.threshold=0.7"],
         n_bootstrap=50,
         verbose=False,
     )
     assert result.out_dir is None and not list(tmp_path.iterdir())  # nothing written
-    assert [f["threshold"] for f in result.report["per_fold"]] == [0.5, 0.5]
+    assert [f["threshold"] for f in result.report["per_fold"]] == pytest.approx([0.7, 0.7])
+    assert (result.oof["threshold"] == result.report["per_fold"][0]["threshold"]).all()
     assert result.report["threshold_policy"] == "fixed"
     assert result.report["config"]["content"]["model"]["class_path"] == "MeanPoolMIL"
     assert result.report["config"]["source"] == "dict"

@@ -62,6 +62,7 @@ def test_threshold_matches_a_brute_force_grid(seed: int) -> None:
 
 def test_threshold_policies_and_errors() -> None:
     assert choose_threshold("fixed", [0.9, 0.95], [0, 1]) == 0.5
+    assert choose_threshold("fixed", [0.9, 0.95], [0, 1], fixed=0.7) == 0.7
     assert choose_threshold("inner_val", [0.55, 0.6, 0.8, 0.9], [0, 0, 1, 1]) == 0.7
     with pytest.raises(ValueError, match="policy"):
         choose_threshold("test_fold", [0.1, 0.9], [0, 1])  # type: ignore[arg-type]

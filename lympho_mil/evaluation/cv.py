@@ -196,7 +196,7 @@ def cross_validate(
         out_dir: where to write the report, predictions, plots and fold models (None: keep
             everything in memory).
         threshold_policy: "inner_val" (maximise balanced accuracy on the inner validation
-            patients) or "fixed" (0.5).
+            patients) or "fixed" (the model's threshold setting, 0.5 by default).
         inner_val_fraction: share of each outer training set held out as inner validation.
         overrides: extra ``fit`` arguments, e.g. ``["--trainer.max_epochs=3"]``.
         predict: also average the fold models on the unlabelled patients (fold ensemble).
@@ -445,6 +445,7 @@ def _run_fold(
             settings.threshold_policy,
             [r["probability"] for r in val],
             [r["label"] for r in val],
+            fixed=model.threshold_setting,
         )
         model.threshold.fill_(chosen)
         threshold = float(model.threshold)  # as the model (float32) applies it

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold-policy",
         choices=THRESHOLD_POLICIES,
         default="inner_val",
-        help="fixed: 0.5; inner_val: maximise balanced accuracy on inner validation (default)",
+        help="fixed: the config's model.threshold (0.5 by default); inner_val: maximise "
+        "balanced accuracy on inner validation (default)",
     )
     parser.add_argument(
         "--inner-val-fraction",

@@ -47,17 +47,23 @@ def best_balanced_accuracy_threshold(prob: Sequence[float], label: Sequence[int]
     return float(candidates[best[np.argmin(np.abs(candidates[best] - DEFAULT_THRESHOLD))]])
 
 
-def choose_threshold(policy: ThresholdPolicy, prob: Sequence[float], label: Sequence[int]) -> float:
+def choose_threshold(
+    policy: ThresholdPolicy,
+    prob: Sequence[float],
+    label: Sequence[int],
+    fixed: float = DEFAULT_THRESHOLD,
+) -> float:
     """The decision threshold of a fold from its inner-validation predictions only.
 
     Args:
-        policy: "fixed" (0.5, the predictions unused) or "inner_val"
+        policy: "fixed" (``fixed``, the predictions unused) or "inner_val"
             (`best_balanced_accuracy_threshold`); anything else raises ValueError.
         prob: float[n], inner-validation probabilities.
         label: int[n], their 0/1 targets.
+        fixed: the threshold of the "fixed" policy (``cv``: the model's own setting).
     """
     if policy == "fixed":
-        return DEFAULT_THRESHOLD
+        return fixed
     if policy == "inner_val":
         return best_balanced_accuracy_threshold(prob, label)
     raise ValueError(f"threshold policy must be one of {THRESHOLD_POLICIES}, got {policy!r}")
