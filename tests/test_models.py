@@ -465,3 +465,30 @@ def test_gated_fusion_warns_that_it_ignores_dropout() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         GatedFusionMIL(encoder="identity", in_dim=8, tabular_dim=3)
+
+
+def test_mean_pooled_gated_fusion_scores_each_crop_with_its_image_expert() -> None:
+    """Mean pooling and a linear image expert: the crop logits average to the expert's logit
+    (padding excluded); predict reports them per crop. Attention pooling gives none."""
+    from lympho_mil.data.batch import BagBatch
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+    batch = BagBatch(
+        instances=torch.randn(2, 5, 8).masked_fill(~mask.unsqueeze(-1), 1e6),
+        mask=mask,
+        tabular=torch.randn(2, 3),
+        label=torch.tensor([1.0, 0.0]),
+        bag_id=["a", "b"],
+        instance_id=[[f"{i}.jpg" for i in range(5)], ["0.jpg", "1.jpg"]],
+    )
+    kwargs = {"encoder": "identity", "in_dim": 8, "tabular_dim": 3, "expert_loss_weight": 1.0}
+    model = GatedFusionMIL(pooling="mean", **kwargs).eval()
+    out = model(batch)
+    assert out.instance_logits is not None and out.extras is not None
+    assert out.instance_logits[1, 2:].eq(0).all()
+    mean = out.instance_logits.sum(1) / mask.sum(1)
+    torch.testing.assert_close(mean, out.extras["image_logit"])
+    (a, b) = model.predict_step(batch, 0)
+    assert len(a["instance_probability"]) == 5 and len(b["instance_probability"]) == 2
+    assert GatedFusionMIL(pooling="attention", **kwargs)(batch).instance_logits is None

@@ -172,12 +172,19 @@ class MILClassifier(EncoderMixin, BagClassifier):
 
     def embed(self, batch: BagBatch) -> tuple[Tensor, Tensor]:
         """Pooled bag embedding z[B, D] and crop weights[B, N]."""
-        h = encode_instances(
+        return self.pool(self.encode(batch), batch.mask)
+
+    def encode(self, batch: BagBatch) -> Tensor:
+        """Crop embeddings h[B, N, D]."""
+        return encode_instances(
             self.encoder, batch.instances, batch.mask, self.chunk_size, self.shape_multiple
         )
-        z, weights = self.pooling(h, batch.mask)
+
+    def pool(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``h[B, N, D]``, ``mask[B, N]`` -> bag embedding z[B, D'] and crop weights[B, N]."""
+        z, weights = self.pooling(h, mask)
         if weights is None:
-            weights = fallback_weights(h, batch.mask, self.pooling_name)
+            weights = fallback_weights(h, mask, self.pooling_name)
         return z, weights
 
     def forward(self, batch: BagBatch) -> BagOutput:

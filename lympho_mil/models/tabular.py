@@ -61,6 +61,11 @@ class GatedFusionMIL(MILClassifier):
     gates on the experts' detached confidences instead of the embeddings (see
     `lympho_mil.nn.GatedFusion`).
 
+    With mean pooling and gated fusion, the image expert (linear) scores each crop alone:
+    ``instance_logits`` are these crop logits, whose mean is the image expert's logit (what
+    ``predict`` reports per crop and the montages rank, where the uniform weights of the mean
+    single out no crop).
+
     Args:
         pooling: the image pooling ("attention", "gated_attention", "mean", "max",
             "distribution").
@@ -126,9 +131,15 @@ class GatedFusionMIL(MILClassifier):
             raise ValueError(f"fusion must be 'gated' or 'concat', got {self.fusion_kind!r}")
 
     def forward(self, batch: BagBatch) -> BagOutput:
-        z_img, weights = self.embed(batch)
+        h = self.encode(batch)
+        z_img, weights = self.pool(h, batch.mask)
         z_tab = self.tabular_encoder(self.standardize(batch.tabular))
         fused = self.fusion(z_img, z_tab)
+        crop_logits = None
+        if self.pooling_name == "mean" and isinstance(self.fusion, GatedFusion):
+            # the image expert is linear on the mean crop: its logit is the mean of these
+            crop_logits = self.fusion.image_head(h).squeeze(-1).float()
+            crop_logits = crop_logits.masked_fill(~batch.mask, 0.0)
         extras = {
             k: v
             for k, v in (
@@ -138,7 +149,9 @@ class GatedFusionMIL(MILClassifier):
             )
             if v is not None
         }
-        return BagOutput(logit=fused.logit, weights=weights, extras=extras)
+        return BagOutput(
+            logit=fused.logit, weights=weights, instance_logits=crop_logits, extras=extras
+        )
 
     def loss(self, out: BagOutput, batch: BagBatch) -> Tensor:
         """The mixture NLL, plus ``expert_loss_weight`` times each expert's own BCE."""
