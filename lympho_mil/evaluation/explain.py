@@ -165,13 +165,13 @@ def write_explanations(
         top, bottom = rank_crops(scores, top_k)
         n = record["n_instances"]
         title = f"{pid}: {_verdict(record)}; label {_label(record)}; {n} crops"
-        uniform = f" (uniform: {1 / n:.1%})" if kind == "share of the decision" else ""
+        labels = (f"highest {kind}", f"lowest {kind}")
+        if kind == "share of the decision":
+            labels = (f"highest {kind} (uniform: {1 / n:.1%})", labels[1])
+            if max(scores) - min(scores) <= 1e-6:  # mean pooling: nothing to rank
+                labels = (f"equal shares ({1 / n:.1%}): first crops", "last crops")
         image = render_montage(
-            title,
-            [captioned[i] for i in top],
-            [captioned[i] for i in bottom],
-            top_k,
-            (f"highest {kind}{uniform}", f"lowest {kind}"),
+            title, [captioned[i] for i in top], [captioned[i] for i in bottom], top_k, labels
         )
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
