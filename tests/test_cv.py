@@ -312,6 +312,15 @@ def test_cross_validation_of_a_subset_of_patients(
         cross_validate(configs["tabular"], folds=2, verbose=False, patients=[*pool, "nobody"])
 
 
+def test_an_option_neither_cv_nor_fit_knows_is_named(
+    configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["cv", "--config", str(configs["tabular"]), f"--out={tmp_path}", "--fold", "3"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unknown option --fold" in err and "cv --help" in err
+
+
 @pytest.mark.parametrize("bad", ["--repeats=0", "--folds=1", "--n-bootstrap=0"])
 def test_bad_cv_settings_are_one_line_errors(
     configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str

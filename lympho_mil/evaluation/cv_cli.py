@@ -81,9 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FIT_OPTIONS = (
+    "trainer",
+    "model",
+    "data",
+    "checkpoint",
+    "last_checkpoint",
+    "prediction",
+    "optimizer",
+    "lr_scheduler",
+    "seed_everything",
+)
+"""The ``fit`` options that ``cv`` passes on (``--<name>`` or ``--<name>.<key>``)."""
+
+
 def cv_main(argv: list[str]) -> None:
     """Run ``lympho-mil cv`` with the arguments that follow ``cv``."""
-    args, overrides = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    for arg in overrides:
+        key = arg.split("=", 1)[0]
+        if key.startswith("-") and key.lstrip("-").split(".")[0] not in FIT_OPTIONS:
+            parser.error(
+                f"unknown option {key}: neither a cv option (lympho-mil cv --help) nor a fit "
+                "option (--trainer.*, --model.*, --data.*, ...) to pass on"
+            )
     common = {
         "folds": args.folds,
         "repeats": args.repeats,
