@@ -289,15 +289,23 @@ def test_a_run_resumed_with_a_step_budget_goes_on_from_its_steps(tmp_path) -> No
         def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
             lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     bags, store = separable_bags(8)
     model = TabularMLP(lr=1e-2, tabular_dim=3, tabular_stats=STATS)
-    first = quiet_trainer(max_epochs=2, default_root_dir=tmp_path)
-    first.fit(model, loader(bags, store, True))
-    first.save_checkpoint(tmp_path / "two.ckpt")
+    every_epoch = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # as a killed run leaves
+    first = quiet_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[every_epoch])
+    first.fit(model, loader(bags, store, True), loader(bags, store, False))  # saved at val end
     done = first.global_step
     assert done >= 2
+    # with max_steps set, Lightning replays the end of that epoch first, without any batch
     resumed = quiet_trainer(max_steps=2 * done, callbacks=[Record()], default_root_dir=tmp_path)
-    resumed.fit(model, loader(bags, store, True), ckpt_path=tmp_path / "two.ckpt")
+    resumed.fit(
+        model,
+        loader(bags, store, True),
+        loader(bags, store, False),
+        ckpt_path=tmp_path / "last.ckpt",
+    )
     expected = [1e-2 * (1 + math.cos(math.pi * s / (2 * done))) / 2 for s in range(done, 2 * done)]
     assert [lrs[s] for s in range(done, 2 * done)] == pytest.approx(expected)
 

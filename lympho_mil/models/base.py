@@ -200,7 +200,13 @@ class BagClassifier(LightningModule):
         return cast(PatientMetrics, self.metrics[f"{split}_metrics"])
 
     def _log_metrics(self, split: str) -> None:
-        values = self._metrics(split).compute()
+        metrics = self._metrics(split)
+        seen = bool(metrics.auroc.update_count)
+        if self._trainer is not None:  # every process decides alike (compute synchronises)
+            seen = self.trainer.strategy.reduce_boolean_decision(seen, all=False)
+        if not seen:  # an epoch end without a batch: Lightning replays one on resuming with
+            return  # max_steps
+        values = metrics.compute()
         self.log_dict(
             {f"{split}_{k}": v for k, v in values.items()},
             prog_bar=split != "train",
