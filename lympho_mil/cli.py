@@ -152,15 +152,20 @@ class LymphoCLI(LightningCLI):
         self._continue_checkpoint_folder()
 
     def _continue_checkpoint_folder(self) -> None:
-        """A run resumed from a checkpoint in the folder its checkpoint callbacks wrote to
-        keeps writing there: Lightning then restores their best score, so the best checkpoint
-        stays the best over all epochs (in a new folder, the first epoch after the resume
-        would become the best, whatever came before)."""
+        """A run resumed from its latest checkpoint (the newest in the folder its checkpoint
+        callbacks wrote to, e.g. its last.ckpt) goes on writing there: Lightning then restores
+        their best score, so the best checkpoint stays the best over all epochs (in a new
+        folder, the first epoch after the resume would become the best, whatever came
+        before). A run branched from an older checkpoint writes into its own folder, and
+        leaves the original run's files alone."""
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if not ckpt_path or not _is_file(str(ckpt_path)):
             return
-        states = read_checkpoint(ckpt_path).get("callbacks", {})
         folder = Path(ckpt_path).resolve().parent
+        newest = max(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+        if newest != Path(ckpt_path).resolve():
+            return
+        states = read_checkpoint(ckpt_path).get("callbacks", {})
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set at run time
         for callback in callbacks:
             if not isinstance(callback, ModelCheckpoint) or callback.dirpath is not None:

@@ -415,6 +415,15 @@ def test_a_resumed_run_keeps_the_best_checkpoint_of_all_epochs(
     assert Path(best).name.startswith("epoch000")
     kept = sorted(p.name for p in (tmp_path / "logs").rglob("epoch*.ckpt"))
     assert len(kept) == 1 and kept[0].startswith("epoch000")
+    # a branch from that older checkpoint leaves the run's latest state alone
+    first_run = tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints"
+    latest = (first_run / "last.ckpt").read_bytes()
+    branch = ["--trainer.max_epochs", "2", "--ckpt_path", best]
+    main(["fit", "--config", str(config), *branch])
+    assert (first_run / "last.ckpt").read_bytes() == latest
+    assert (
+        tmp_path / "logs" / "lightning_logs" / "version_2" / "checkpoints" / "last.ckpt"
+    ).is_file()
 
 
 @pytest.mark.parametrize("content", [b"hello\n", b"\x80\x04garbage", None])
