@@ -228,7 +228,10 @@ def test_data_root_and_model_from_the_command_line(dlmi_root: Path, tmp_path: Pa
         (["--model", "NoSuchMIL"], "unknown model 'NoSuchMIL'; valid choices: AttentionMIL"),
         (["--data", "NoSuchData"], "unknown data 'NoSuchData'; valid choices:"),
         (["--model.no_such_key", "3"], "no_such_key"),
-        (["--data.root", "/no/such/folder"], "data root /no/such/folder does not exist"),
+        (
+            ["--data.root", "/no/such/folder"],
+            "/no/such/folder does not exist or is not a folder (a relative",
+        ),
     ],
 )
 def test_bad_configuration_is_a_short_message(

@@ -333,6 +333,21 @@ def test_bad_cv_settings_are_one_line_errors(
     assert "Traceback" not in err
 
 
+def test_predict_without_unlabelled_patients_says_how_to_name_them(
+    configs: dict[str, Path], dlmi_root: Path, tmp_path: Path
+) -> None:
+    labelled_only = Path(shutil.copytree(dlmi_root, tmp_path / "dlmi"))
+    shutil.rmtree(labelled_only / "testset")
+    with pytest.raises(DataError, match=r"--data\.predict_ids"):
+        cross_validate(
+            configs["tabular"],
+            folds=2,
+            predict=True,
+            overrides=[f"--data.root={labelled_only}"],
+            verbose=False,
+        )
+
+
 def test_compare_configs_needs_two(configs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="at least two configs"):
         compare_configs([configs["tabular"]])

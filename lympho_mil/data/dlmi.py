@@ -89,7 +89,10 @@ def read_dlmi(
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist or is not a folder")
+        raise DataError(
+            f"data root {root} does not exist or is not a folder (a relative path is read from "
+            f"the working directory {Path.cwd()}; --data.root PATH names another)"
+        )
     raw = read_dlmi_table(root)
     if raw.empty:
         raise DataError(f"the clinical csv(s) under {root} have a header but no patient rows")

@@ -366,7 +366,10 @@ def _labelled_patients(
     bags = sorted(cli.datamodule.bags.values(), key=lambda b: b.bag_id)
     labelled = [b for b in bags if b.label in (0, 1)]
     if predict and not cli.datamodule.split_ids["predict"]:
-        raise DataError("--predict: the data has no unlabelled patients to predict")
+        raise DataError(
+            "--predict: the data has no unlabelled patients to predict; name patients to "
+            "predict with --data.predict_ids '[P26, P27]'"
+        )
     return [b.bag_id for b in labelled], [int(b.label) for b in labelled]
 
 
