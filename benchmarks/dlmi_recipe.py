@@ -161,6 +161,7 @@ def main() -> None:
     p.add_argument("--nested", action="store_true", help="candidates and nested selection")
     p.add_argument("--inner-folds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--workers", type=int, help="loader workers (default: each config's)")
     args = p.parse_args()
     quiet()
     torch.set_num_threads(args.threads)
@@ -178,6 +179,8 @@ def main() -> None:
     overrides = [f"--data.root={args.data}"]
     if args.cache_dir is not None:
         overrides.append(f"--data.cache_dir={args.cache_dir}")
+    if args.workers is not None:
+        overrides.append(f"--data.num_workers={args.workers}")
     comparison = compare_configs(
         configs,
         folds=args.folds,

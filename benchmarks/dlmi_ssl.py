@@ -93,7 +93,8 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    crops = torch.from_numpy(load_crops(args)).to(device).permute(0, 3, 1, 2).contiguous()
+    pixels = np.array(load_crops(args))  # a writable copy of the read-only cache
+    crops = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous()
     mean = torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
     encoder = SmallCNN(width=args.width, out_dim=args.out_dim).to(device)

@@ -205,7 +205,8 @@ def main() -> None:
         crops_per_s=round(loader_crops_per_second(loader, args.warmup + args.steps), 1),
     )
     raw = [batch.to(device) for batch in loader]
-    emit("device_side", device, **device_side_ms(dm, raw[0]))
+    if args.augment == "gpu":  # the device augmentation's own time
+        emit("device_side", device, **device_side_ms(dm, raw[0]))
     # normalised, as training would see them
     on_device = [dm.on_after_batch_transfer(batch, 0) for batch in raw]
     del raw
