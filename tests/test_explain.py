@@ -156,27 +156,36 @@ def test_attention_table_holds_only_what_the_model_gives() -> None:
     assert list(tables["attention.csv"].columns) == ["id", "file", "weight"]
 
 
+def montages_of(
+    weights: list[float], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[list[str], list[str], tuple[str, str]]]:
+    """(top row files, bottom row files, row labels) of the montage of one patient whose
+    crops carry ``weights``, with ``top_k=2``."""
+    names = [f"{i:06d}.jpg" for i in range(len(weights))]
+    for name in names:
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    drawn = []
+    render = explain.render_montage
+
+    def spy(title, top, bottom, top_k, labels, *args):  # type: ignore[no-untyped-def]
+        drawn.append(([Path(p).name for p, _ in top], [Path(p).name for p, _ in bottom], labels))
+        return render(title, top, bottom, top_k, labels, *args)
+
+    monkeypatch.setattr(explain, "render_montage", spy)
+    crops = record("P1", weights, None)
+    write_explanations([crops], lambda _: [tmp_path / n for n in names], tmp_path / "out", top_k=2)
+    return drawn
+
+
 def test_montage_rows_hold_the_highest_and_lowest_scored_crops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    names = [f"{i:06d}.jpg" for i in range(5)]
-    for name in names:
-        Image.new("RGB", (8, 8)).save(tmp_path / name)
-    rows, labels = [], []
-    render = explain.render_montage
-
-    def spy(title, top, bottom, top_k, row_labels, *args):  # type: ignore[no-untyped-def]
-        rows.append(([Path(p).name for p, _ in top], [Path(p).name for p, _ in bottom]))
-        labels.append(row_labels)
-        return render(title, top, bottom, top_k, row_labels, *args)
-
-    monkeypatch.setattr(explain, "render_montage", spy)
-    crops = record("P1", [0.1, 0.4, 0.05, 0.3, 0.15], None)
-    crops["instance_ids"] = names
-    write_explanations([crops], lambda _: [tmp_path / n for n in names], tmp_path / "out", top_k=2)
-    assert rows == [(["000001.jpg", "000003.jpg"], ["000002.jpg", "000000.jpg"])]
-    assert labels == [
-        ("highest share of the decision (uniform: 20.0%)", "lowest share of the decision")
+    assert montages_of([0.1, 0.4, 0.05, 0.3, 0.15], tmp_path, monkeypatch) == [
+        (
+            ["000001.jpg", "000003.jpg"],
+            ["000002.jpg", "000000.jpg"],
+            ("highest share of the decision (uniform: 20.0%)", "lowest share of the decision"),
+        )
     ]
 
 
@@ -184,21 +193,9 @@ def test_a_montage_of_equal_weights_does_not_rank_crops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Mean pooling: equal shares are shown as such, not as the highest and lowest."""
-    names = [f"{i:06d}.jpg" for i in range(4)]
-    for name in names:
-        Image.new("RGB", (8, 8)).save(tmp_path / name)
-    labels = []
-    render = explain.render_montage
-
-    def spy(title, top, bottom, top_k, row_labels, *args):  # type: ignore[no-untyped-def]
-        labels.append(row_labels)
-        return render(title, top, bottom, top_k, row_labels, *args)
-
-    monkeypatch.setattr(explain, "render_montage", spy)
-    crops = record("P1", [0.25] * 4, None)
-    crops["instance_ids"] = names
-    write_explanations([crops], lambda _: [tmp_path / n for n in names], tmp_path / "out", top_k=2)
-    assert labels == [("equal shares (25.0%): first crops", "last crops")]
+    [(top, bottom, labels)] = montages_of([0.25] * 4, tmp_path, monkeypatch)
+    assert labels == ("equal shares (25.0%): first crops", "last crops")
+    assert top == ["000000.jpg", "000001.jpg"] and bottom == ["000003.jpg", "000002.jpg"]
 
 
 def test_a_montage_of_few_crops_widens_to_its_whole_title(tmp_path: Path) -> None:
