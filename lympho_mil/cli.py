@@ -178,38 +178,55 @@ class LymphoCLI(LightningCLI):
                 )
 
     def _resolve_last(self) -> None:
-        """``--ckpt_path last`` takes the newest run's ``last.ckpt``. Each run logs into a
-        new ``version_N`` folder, which holds no checkpoint yet, and Lightning alone would look
-        only there and silently start from scratch (fit) or use untrained weights."""
+        """``--ckpt_path last`` takes the newest run's ``last.ckpt``; ``--ckpt_path best``
+        (validate, test, predict) the best checkpoint that this last.ckpt records. Each run
+        logs into a new ``version_N`` folder, which holds no checkpoint yet, and Lightning
+        alone would look only there and silently start from scratch (fit) or use untrained
+        weights (``best`` it knows only within the run that trained)."""
         config = self.config_init[self.subcommand]
-        callback, logger = self.trainer.checkpoint_callback, self.trainer.logger
-        if config.get("ckpt_path") != "last" or not isinstance(callback, ModelCheckpoint):
+        name, callback = config.get("ckpt_path"), self.trainer.checkpoint_callback
+        if name not in ("last", "best") or not isinstance(callback, ModelCheckpoint):
             return
-        if callback.dirpath:  # a fixed checkpoint folder, where Lightning finds last.ckpt
-            if not (Path(callback.dirpath) / "last.ckpt").is_file():
-                raise ConfigError(
-                    f"--ckpt_path last: no last.ckpt in {callback.dirpath} "
-                    "(--checkpoint.dirpath); pass the checkpoint's path"
-                )
+        if name == "best" and self.subcommand == "fit":
+            raise ConfigError("fit --ckpt_path best: resume from last, or pass a path")
+        last = self._newest_last_checkpoint(callback, name)
+        if last is None:
             return
-        if logger is None:  # checkpoints go to default_root_dir/checkpoints
-            last = Path(self.trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-            if not last.is_file():
-                raise ConfigError(f"--ckpt_path last: no {last}; pass the checkpoint's path")
+        if name == "last":
             config["ckpt_path"] = str(last)
             return
-        if logger.root_dir is None:
-            return
-        found = sorted(
-            Path(logger.root_dir).glob("version_*/checkpoints/last.ckpt"),
-            key=lambda p: p.stat().st_mtime,
-        )
+        state = read_checkpoint(last).get("callbacks", {}).get(callback.state_key, {})
+        recorded = Path(state.get("best_model_path") or "")
+        beside = last.parent / recorded.name  # a relative path of another working directory
+        found = [p for p in (beside, recorded) if recorded.name and p.is_file()]
         if not found:
             raise ConfigError(
-                f"--ckpt_path last: no last.ckpt under {logger.root_dir}/version_*/checkpoints; "
-                "pass the checkpoint's path"
+                f"--ckpt_path best: {last} records no best checkpoint that still exists for "
+                f"the monitor {callback.monitor!r}; pass the checkpoint's path"
             )
-        config["ckpt_path"] = str(found[-1])
+        config["ckpt_path"] = str(found[0])
+
+    def _newest_last_checkpoint(self, callback: ModelCheckpoint, name: str) -> Path | None:
+        """The newest ``last.ckpt`` of the configured checkpoint folder(s); ConfigError when
+        there is none (None: a logger without a folder, left to Lightning)."""
+        logger = self.trainer.logger
+        if callback.dirpath:  # a fixed checkpoint folder
+            where = f"{callback.dirpath} (--checkpoint.dirpath)"
+            candidates = [Path(callback.dirpath) / "last.ckpt"]
+        elif logger is None:  # checkpoints go to default_root_dir/checkpoints
+            where = str(Path(self.trainer.default_root_dir) / "checkpoints")
+            candidates = [Path(where) / "last.ckpt"]
+        elif logger.root_dir is None:
+            return None
+        else:
+            where = f"{logger.root_dir}/version_*/checkpoints"
+            candidates = list(Path(logger.root_dir).glob("version_*/checkpoints/last.ckpt"))
+        found = sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(
+                f"--ckpt_path {name}: no last.ckpt in {where}; pass the checkpoint's path"
+            )
+        return found[-1]
 
     def after_fit(self) -> None:
         """Report the best checkpoint's validation metrics (the quickstart ends with these)."""

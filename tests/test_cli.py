@@ -295,6 +295,28 @@ def test_ckpt_path_last_resumes_the_newest_run(
     assert from_last["probability"].tolist() == from_path["probability"].tolist()
 
 
+def test_ckpt_path_best_takes_the_best_checkpoint_the_newest_run_recorded(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    content = yaml.safe_load(config.read_text())
+    content["checkpoint"] = {"monitor": "step", "mode": "min"}  # epoch 0 is the best
+    config.write_text(yaml.safe_dump(content))
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--config", str(config), "--ckpt_path", "best"])
+    assert exc.value.code == 2 and "no last.ckpt" in capsys.readouterr().err
+    main(["fit", "--config", str(config)])
+    best = capsys.readouterr().out.split("best checkpoint: ")[1].split()[0]
+    assert Path(best).name.startswith("epoch000")
+    outputs = {}
+    for ckpt in ("best", best, "last"):
+        out = tmp_path / f"pred{len(outputs)}"
+        predict = ["predict", "--config", str(config), "--ckpt_path", ckpt]
+        main([*predict, "--prediction.output_dir", str(out)])
+        outputs[ckpt] = pd.read_csv(out / "predictions_detail.csv")["probability"].tolist()
+    assert outputs["best"] == outputs[best] != outputs["last"]
+
+
 def test_main_help_names_cv(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
