@@ -152,8 +152,9 @@ class LymphoCLI(LightningCLI):
         self._continue_checkpoint_folder()
 
     def _continue_checkpoint_folder(self) -> None:
-        """A run resumed from its latest checkpoint (the newest in the folder its checkpoint
-        callbacks wrote to, e.g. its last.ckpt) goes on writing there: Lightning then restores
+        """A run resumed from its latest checkpoint (no checkpoint of the folder its
+        checkpoint callbacks wrote to is of a later step, e.g. its last.ckpt) goes on writing
+        there: Lightning then restores
         their best score, so the best checkpoint stays the best over all epochs (in a new
         folder, the first epoch after the resume would become the best, whatever came
         before). A run branched from an older checkpoint writes into its own folder, and
@@ -161,11 +162,12 @@ class LymphoCLI(LightningCLI):
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if not ckpt_path or not _is_file(str(ckpt_path)):
             return
-        folder = Path(ckpt_path).resolve().parent
-        newest = max(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
-        if newest != Path(ckpt_path).resolve():
-            return
-        states = read_checkpoint(ckpt_path).get("callbacks", {})
+        checkpoint, given = read_checkpoint(ckpt_path), Path(ckpt_path).resolve()
+        step = checkpoint.get("global_step", -1)
+        folder = given.parent
+        if any(_global_step(p) > step for p in folder.glob("*.ckpt") if p.resolve() != given):
+            return  # a branch from an older state of the run
+        states = checkpoint.get("callbacks", {})
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set at run time
         for callback in callbacks:
             if not isinstance(callback, ModelCheckpoint) or callback.dirpath is not None:
@@ -286,6 +288,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     ):
         raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict or version)")
     return checkpoint
+
+
+def _global_step(path: Path) -> int:
+    """The training step a checkpoint file was written at (-1 if it cannot be read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # any unreadable file: not a later state of the run
+        return -1
+    return int(checkpoint.get("global_step", -1)) if isinstance(checkpoint, dict) else -1
 
 
 def share_cpu_with_loader_workers(trainer: Trainer, datamodule: object) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -435,20 +436,26 @@ def test_a_resumed_run_keeps_the_best_checkpoint_of_all_epochs(
     config.write_text(yaml.safe_dump(content))
     main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
     capsys.readouterr()
+    first_run = tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints"
+    for path in first_run.iterdir():  # a coarse clock: best and last written in one tick
+        os.utime(path, ns=(10**18, 10**18))
     main(["fit", "--config", str(config), "--trainer.max_epochs", "3", "--ckpt_path", "last"])
     best = capsys.readouterr().out.split("best checkpoint: ")[1].split()[0]
     assert Path(best).name.startswith("epoch000")
     kept = sorted(p.name for p in (tmp_path / "logs").rglob("epoch*.ckpt"))
     assert len(kept) == 1 and kept[0].startswith("epoch000")
-    # a branch from that older checkpoint leaves the run's latest state alone
-    first_run = tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints"
+    # a branch from that older checkpoint, or from a copy elsewhere under any name, leaves
+    # the run's latest state alone
     latest = (first_run / "last.ckpt").read_bytes()
-    branch = ["--trainer.max_epochs", "2", "--ckpt_path", best]
-    main(["fit", "--config", str(config), *branch])
-    assert (first_run / "last.ckpt").read_bytes() == latest
-    assert (
-        tmp_path / "logs" / "lightning_logs" / "version_2" / "checkpoints" / "last.ckpt"
-    ).is_file()
+    copy = tmp_path / "elsewhere" / "model.pt"
+    copy.parent.mkdir()
+    shutil.copy(first_run / "last.ckpt", copy)
+    for ckpt in (best, str(copy)):
+        main(["fit", "--config", str(config), "--trainer.max_epochs", "4", "--ckpt_path", ckpt])
+        assert (first_run / "last.ckpt").read_bytes() == latest
+    versions = tmp_path / "logs" / "lightning_logs"
+    assert (versions / "version_2" / "checkpoints" / "last.ckpt").is_file()
+    assert (versions / "version_3" / "checkpoints" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize("content", [b"hello\n", b"\x80\x04garbage", None])
