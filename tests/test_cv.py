@@ -18,6 +18,7 @@ from lympho_mil.data import PatientBagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.evaluation import compare_configs, cross_validate
+from lympho_mil.evaluation.cv_cli import _check_fit_options, build_parser
 from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.models import TabularMLP
 from lympho_mil.models.metrics import METRIC_NAMES
@@ -319,6 +320,10 @@ def test_an_option_neither_cv_nor_fit_knows_is_named(
         main(["cv", "--config", str(configs["tabular"]), f"--out={tmp_path}", "--fold", "3"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "unknown option --fold" in err and "cv --help" in err
+    parser = build_parser()  # the value after an option written without '=' is not checked
+    _check_fit_options(parser, ["--trainer.max_epochs", "-1", "-c", "x.yaml", "--model=TabularMLP"])
+    with pytest.raises(SystemExit):
+        _check_fit_options(parser, ["--ckpt_path", "last"])
 
 
 @pytest.mark.parametrize("bad", ["--repeats=0", "--folds=1", "--n-bootstrap=0"])
@@ -351,3 +356,23 @@ def test_predict_without_unlabelled_patients_says_how_to_name_them(
 def test_compare_configs_needs_two(configs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="at least two configs"):
         compare_configs([configs["tabular"]])
+
+
+def test_patients_named_to_predict_stay_out_of_the_folds(
+    configs: dict[str, Path], dlmi_root: Path, tmp_path: Path
+) -> None:
+    """cv --predict with labelled predict_ids: no fold model trains on a patient it predicts."""
+    labelled = sorted(p.name for p in (dlmi_root / "trainset").iterdir() if p.is_dir())
+    chosen = labelled[:2]
+    result = cross_validate(
+        configs["tabular"],
+        folds=2,
+        predict=True,
+        overrides=[f"--data.predict_ids={json.dumps(chosen)}", "--trainer.max_epochs=1"],
+        out_dir=tmp_path / "cv",
+        verbose=False,
+    )
+    assert not set(chosen) & set(result.oof["id"])
+    for fold in result.report["per_fold"]:
+        assert not set(chosen) & {*fold["train_ids"], *fold["val_ids"], *fold["test_ids"]}
+    assert sorted(pd.read_csv(tmp_path / "cv" / "predictions_detail.csv")["id"]) == chosen

@@ -355,7 +355,9 @@ def _config_source(config: ConfigSource) -> list[str]:
 def _labelled_patients(
     source: list[str], overrides: list[str], predict: bool
 ) -> tuple[list[str], list[int]]:
-    """Instantiate the config once to list its labelled patients (sorted) and their labels."""
+    """Instantiate the config once to list its labelled patients (sorted) and their labels;
+    with ``predict``, those named to predict (``predict_ids``) are left out: no fold model
+    may train on a patient it predicts."""
     from lympho_mil.cli import build_cli  # here: the CLI imports this package
 
     with _quiet_lightning():
@@ -364,11 +366,12 @@ def _labelled_patients(
             run=False,
         )
     bags = sorted(cli.datamodule.bags.values(), key=lambda b: b.bag_id)
-    labelled = [b for b in bags if b.label in (0, 1)]
-    if predict and not cli.datamodule.split_ids["predict"]:
+    to_predict = set(cli.datamodule.split_ids["predict"]) if predict else set()
+    labelled = [b for b in bags if b.label in (0, 1) and b.bag_id not in to_predict]
+    if predict and not to_predict:
         raise DataError(
             "--predict: the data has no unlabelled patients to predict; name patients to "
-            "predict with --data.predict_ids '[P26, P27]'"
+            "predict with --data.predict_ids '[P26, P27]' (left out of the cross-validation)"
         )
     return [b.bag_id for b in labelled], [int(b.label) for b in labelled]
 

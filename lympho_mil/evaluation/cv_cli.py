@@ -91,6 +91,7 @@ FIT_OPTIONS = (
     "optimizer",
     "lr_scheduler",
     "seed_everything",
+    "c",  # -c FILE: another config layered on every fold's (as --config is to fit)
 )
 """The ``fit`` options that ``cv`` passes on (``--<name>`` or ``--<name>.<key>``)."""
 
@@ -99,13 +100,7 @@ def cv_main(argv: list[str]) -> None:
     """Run ``lympho-mil cv`` with the arguments that follow ``cv``."""
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
-    for arg in overrides:
-        key = arg.split("=", 1)[0]
-        if key.startswith("-") and key.lstrip("-").split(".")[0] not in FIT_OPTIONS:
-            parser.error(
-                f"unknown option {key}: neither a cv option (lympho-mil cv --help) nor a fit "
-                "option (--trainer.*, --model.*, --data.*, ...) to pass on"
-            )
+    _check_fit_options(parser, overrides)
     common = {
         "folds": args.folds,
         "repeats": args.repeats,
@@ -135,6 +130,26 @@ def cv_main(argv: list[str]) -> None:
             f"[{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]"
         )
     print(f"comparison: {Path(args.out) / 'comparison.md'}")
+
+
+def _check_fit_options(parser: argparse.ArgumentParser, overrides: list[str]) -> None:
+    """Name an option that is neither cv's nor one of the fit options it passes on (a typo
+    such as ``--fold``); the word after an option without ``=`` is its value."""
+    value_next = False
+    for arg in overrides:
+        if value_next or not arg.startswith("-"):
+            value_next = False
+            continue
+        key = arg.split("=", 1)[0]
+        name = key.lstrip("-").split(".")[0]
+        if name in ("ckpt_path", "print_config"):
+            parser.error(f"{key} does not apply to cv: it trains every fold's model itself")
+        if name not in FIT_OPTIONS:
+            parser.error(
+                f"unknown option {key}: neither a cv option (lympho-mil cv --help) nor a fit "
+                "option (--trainer.*, --model.*, --data.*, ...) to pass on"
+            )
+        value_next = "=" not in arg
 
 
 def _summary_line(result: CVResult) -> str:
