@@ -296,11 +296,16 @@ class CachedFeatureDataModule(PatientBagDataModule):
 
     @cached_property
     def extractor(self) -> nn.Module:
-        """The frozen encoder, its initial weights drawn under ``encoder_seed``."""
+        """The frozen encoder, its initial weights drawn under ``encoder_seed``. The
+        morphology encoder un-normalises with the loaders' ``mean``/``std`` (unless its
+        ``encoder_kwargs`` say otherwise)."""
+        kwargs = dict(self.encoder_kwargs)
+        if self.encoder_name == "morphology":
+            kwargs = {"mean": self.mean, "std": self.std, **kwargs}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.encoder_seed)
             module = build_instance_encoder(
-                self.encoder_name, weights_path=self.encoder_weights, **self.encoder_kwargs
+                self.encoder_name, weights_path=self.encoder_weights, **kwargs
             )
         return module.requires_grad_(False).eval()
 

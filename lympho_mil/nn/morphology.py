@@ -10,9 +10,11 @@ once per crop, and heads (pooling, fusion with the clinical vector) learn on top
 How the nucleus is found: a pixel is *nuclear* when it is dark and blue-violet (May-Grunwald
 Giemsa), ``B - G > blue_excess`` and ``G < max_green`` (RGB in [0, 1]); the nucleus is
 the connected nuclear region that touches the centre of the crop (morphological
-reconstruction from a central seed), holes closed. Its size features are fractions of the
-crop side, so crops must be taken at one scale (the recipe: 112 px centre crops at full
-resolution).
+reconstruction from a central seed), pinholes and thin cracks closed (a 5 px closing; a pale
+spot wider than about 3 px stays open). Its size features are fractions of the crop side, so
+crops must be taken at one scale (the recipe: 112 px centre crops at full resolution). A crop
+with no nuclear pixel at its centre gives 0 for the nucleus sizes; its eccentricity (1) and
+offset (that of pixel (0, 0)) are then placeholders.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ MORPHOLOGY_FEATURES: tuple[str, ...] = (
     "nucleus_major_axis",
     "nucleus_minor_axis",
     "nucleus_eccentricity",
-    "nucleus_circularity",  # 4 pi area / perimeter^2
+    # 4 pi area / (boundary pixels)^2, the boundary being the nucleus pixels with a background
+    # 8-neighbour inside the crop: a digital measure (a disc about 0.65, higher for a nucleus
+    # cut by the crop edge, whose edge pixels are not counted), not the Euclidean ratio
+    "nucleus_circularity",
     "nucleus_solidity",  # area / area of its morphological closing
     "nucleus_offset",  # distance of the centroid from the crop centre
     # nucleus colour and chromatin texture (RGB in [0, 1])
@@ -126,8 +131,11 @@ class MorphologyEncoder(nn.Module):
 
     ``D = len(MORPHOLOGY_FEATURES)``, in that order (how the nucleus is found:
     `lympho_mil.nn.morphology`). The input is un-normalised
-    with ``mean``/``std`` (those of the loaders; ImageNet's by default), so pixels are back in
-    [0, 1] before the colour thresholds. No parameters; any float input dtype; float32 out.
+    with ``mean``/``std`` (those of the loaders; ImageNet's by default;
+    `lympho_mil.data.CachedFeatureDataModule` passes its own), so pixels are back in [0, 1]
+    before the colour thresholds (a pixel exactly on a threshold, e.g. ``B - G = 51/255``,
+    falls on the side that the normalisation's float rounding gives). No parameters; any
+    float input dtype; float32 out.
 
     Args:
         mean, std: per-channel normalisation the input carries.
@@ -173,7 +181,7 @@ class MorphologyEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x[M, 3, H, W]`` (normalised) -> ``float32[M, D]``."""
-        rgb = (x.float() * self.std + self.mean).clamp(0.0, 1.0)
+        rgb = (x.float() * self.std.float() + self.mean.float()).clamp(0.0, 1.0)
         side = float(min(rgb.shape[-2:]))
         nucleus, nuclear = self.nucleus_mask(rgb)
         grey = rgb.mean(dim=1, keepdim=True)
