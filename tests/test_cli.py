@@ -296,6 +296,35 @@ def test_ckpt_path_last_resumes_the_newest_run(
     assert from_last["probability"].tolist() == from_path["probability"].tolist()
 
 
+def test_ckpt_path_last_is_the_newest_of_several_runs(dlmi_root: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    content = yaml.safe_load(config.read_text())
+    del content["checkpoint"]  # each run keeps its checkpoints in its own version folder
+    config.write_text(yaml.safe_dump(content))
+    for epochs in ("1", "2"):  # two independent runs: version_0, then version_1
+        main(["fit", "--config", str(config), "--trainer.max_epochs", epochs])
+    runs = tmp_path / "logs" / "lightning_logs"
+    outputs = []
+    for ckpt in (
+        "last",
+        *(str(runs / v / "checkpoints" / "last.ckpt") for v in ("version_0", "version_1")),
+    ):
+        out = tmp_path / f"pred{len(outputs)}"
+        main(
+            [
+                "predict",
+                "--config",
+                str(config),
+                "--ckpt_path",
+                ckpt,
+                "--prediction.output_dir",
+                str(out),
+            ]
+        )
+        outputs.append(pd.read_csv(out / "predictions_detail.csv")["probability"].tolist())
+    assert outputs[0] == outputs[2] != outputs[1]
+
+
 def test_ckpt_path_best_takes_the_best_checkpoint_the_newest_run_recorded(
     dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -316,6 +345,9 @@ def test_ckpt_path_best_takes_the_best_checkpoint_the_newest_run_recorded(
         main([*predict, "--prediction.output_dir", str(out)])
         outputs[ckpt] = pd.read_csv(out / "predictions_detail.csv")["probability"].tolist()
     assert outputs["best"] == outputs[best] != outputs["last"]
+    with pytest.raises(SystemExit) as exc:  # resuming from the best is not a resume
+        main(["fit", "--config", str(config), "--ckpt_path", "best"])
+    assert exc.value.code == 2 and "fit --ckpt_path best" in capsys.readouterr().err
 
 
 def test_main_help_names_cv(capsys: pytest.CaptureFixture[str]) -> None:

@@ -174,6 +174,13 @@ def test_thresholds_come_from_inner_validation_only(single: Path) -> None:
     assert len({f["threshold"] for f in report["per_fold"]}) > 1  # really chosen, not fixed
 
 
+def test_each_fold_trains_under_its_own_seed(single: Path) -> None:
+    for fold in load_report(single)["per_fold"]:
+        r, k = fold["repeat"], fold["fold"]
+        config = yaml.safe_load((single / "folds" / f"r{r}_f{k}" / "config.yaml").read_text())
+        assert config["seed_everything"] == 3 + r * FOLDS + k
+
+
 def test_report_has_every_key(single: Path) -> None:
     report = load_report(single)
     for key in ("n_patients", "folds", "repeats", "threshold_policy", "per_fold", "config"):
@@ -322,8 +329,10 @@ def test_an_option_neither_cv_nor_fit_knows_is_named(
     assert exc.value.code == 2 and "unknown option --fold" in err and "cv --help" in err
     parser = build_parser()  # the value after an option written without '=' is not checked
     _check_fit_options(parser, ["--trainer.max_epochs", "-1", "-c", "x.yaml", "--model=TabularMLP"])
-    with pytest.raises(SystemExit):
-        _check_fit_options(parser, ["--ckpt_path", "last"])
+    for option in (["--ckpt_path", "last"], ["--print_config"]):
+        with pytest.raises(SystemExit):
+            _check_fit_options(parser, option)
+        assert "does not apply to cv" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("bad", ["--repeats=0", "--folds=1", "--n-bootstrap=0"])
@@ -376,3 +385,24 @@ def test_patients_named_to_predict_stay_out_of_the_folds(
     for fold in result.report["per_fold"]:
         assert not set(chosen) & {*fold["train_ids"], *fold["val_ids"], *fold["test_ids"]}
     assert sorted(pd.read_csv(tmp_path / "cv" / "predictions_detail.csv")["id"]) == chosen
+
+
+def test_each_fold_model_is_its_best_checkpoint_not_its_last_epoch(
+    configs: dict[str, Path],
+) -> None:
+    """Monitoring the step, lowest first, epoch 0 is every fold's best checkpoint: training
+    one epoch more must not change a single out-of-fold probability."""
+    runs = []
+    for epochs in (1, 2):
+        overrides = [
+            f"--trainer.max_epochs={epochs}",
+            "--trainer.deterministic=true",
+            "--checkpoint.monitor=step",
+            "--checkpoint.mode=min",
+            "--model.init_args.scheduler=none",
+        ]
+        result = cross_validate(
+            configs["tabular"], folds=2, overrides=overrides, n_bootstrap=50, verbose=False
+        )
+        runs.append(result.oof.sort_values(["repeat", "id"])["probability"].to_numpy())
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6)

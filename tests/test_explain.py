@@ -153,6 +153,9 @@ def test_attention_table_holds_only_what_the_model_gives() -> None:
     tables = prediction_tables([record("P1", None, None), record("P2", None, None)])
     assert list(tables["attention.csv"].columns) == ["id", "file"]  # a clinical-only model
     tables = prediction_tables([record("P1", [0.25, 0.75], None)])
+    at_threshold = {**record("P2", None, None), "probability": 0.5, "threshold": 0.5}
+    detail = prediction_tables([at_threshold])["predictions_detail.csv"]
+    assert detail["predicted"].tolist() == [1]  # p >= t: tumoral
     assert list(tables["attention.csv"].columns) == ["id", "file", "weight"]
 
 

@@ -206,13 +206,13 @@ def test_ensemble_averages_models_and_takes_the_median_threshold() -> None:
         [record("P2", 0.7, [0.0, 1.0]), record("P1", 0.6, [0.1, 0.9])],
         [record("P1", 0.4, [0.3, 0.7]), record("P2", 0.5, [0.5, 0.5])],
     ]
-    records, info = ensemble_records([0.3, 0.6, 0.45], models)
+    records, info = ensemble_records([0.3, 0.6, 0.5], models)  # median 0.5, mean 0.467
     assert [r["id"] for r in records] == ["P1", "P2"]
     assert records[0]["probability"] == pytest.approx(0.4)
     assert records[1]["probability"] == pytest.approx(0.7)
     assert records[0]["weights"] == pytest.approx([0.3, 0.7])
     assert records[0]["instance_probability"] is None
-    assert info["threshold"] == records[0]["threshold"] == 0.45
+    assert info["threshold"] == records[0]["threshold"] == 0.5
     assert "median" in info["threshold_rule"]
     with pytest.raises(ValueError, match="every model"):
         ensemble_records([0.5, 0.5], [models[0], models[1][:1]])
