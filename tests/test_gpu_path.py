@@ -4,6 +4,7 @@ channels-last and compiled encoders that keep checkpoints loadable."""
 from __future__ import annotations
 
 import dataclasses
+import types
 from pathlib import Path
 
 import lightning as L
@@ -177,7 +178,9 @@ class TrainFlags:
         return self.augment(pixels, mask, train, generator)
 
 
-def fit_recording(dm: PatientBagDataModule, epochs: int) -> tuple[list[torch.Tensor], list[bool]]:
+def fit_recording(
+    dm: PatientBagDataModule, epochs: int, precision: str = "32-true"
+) -> tuple[list[torch.Tensor], list[bool]]:
     """Fit a tiny model; the instances of every training step and the hook's train flags."""
     L.seed_everything(0, verbose=False)
     spy = TrainFlags(dm.device_augment)
@@ -191,6 +194,7 @@ def fit_recording(dm: PatientBagDataModule, epochs: int) -> tuple[list[torch.Ten
         limit_val_batches=1,
         num_sanity_val_steps=0,
         callbacks=[recorder],
+        precision=precision,
     ).fit(model, dm)
     return recorder.seen, spy.flags
 
@@ -206,6 +210,36 @@ def test_trainer_applies_the_hook_repeatably(synthetic_dlmi: Path) -> None:
     assert all(x.dtype == torch.float32 and x.dim() == 5 for x in first)
     assert flags == [True] * len(first)  # training steps only: eval loaders ship floats
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_the_hook_hands_over_crops_in_the_trainers_precision(gpu_dm: PatientBagDataModule) -> None:
+    """bf16-true: Lightning converts a batch before the transfer hooks, when these crops are
+    still uint8; the hook converts the float crops it makes (the model's weights are bf16)."""
+    seen, _ = fit_recording(gpu_dm, epochs=1, precision="bf16-true")
+    assert seen and all(x.dtype == torch.bfloat16 for x in seen)
+
+
+def test_a_second_fit_draws_as_a_fresh_run(synthetic_dlmi: Path) -> None:
+    def make() -> PatientBagDataModule:
+        return PatientBagDataModule(
+            str(synthetic_dlmi), image_size=SIZE, augment="gpu", batch_size=3, max_instances=4
+        )
+
+    dm = make()
+    first, _ = fit_recording(dm, epochs=1)
+    again, _ = fit_recording(dm, epochs=1)  # the same datamodule, epoch 0 again
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_each_ddp_process_draws_its_own_augmentation(gpu_dm: PatientBagDataModule) -> None:
+    draws = []
+    for rank in (0, 1):
+        gpu_dm.trainer = types.SimpleNamespace(global_rank=rank)  # type: ignore[assignment]
+        gpu_dm._generator = None
+        generator = gpu_dm._epoch_generator(torch.device("cpu"), epoch=0)
+        draws.append(torch.rand(4, generator=generator))
+    gpu_dm.trainer = None
+    assert not torch.equal(draws[0], draws[1])
 
 
 def test_cache_on_device_ships_rows_and_trains_on_the_same_pixels(synthetic_dlmi: Path) -> None:

@@ -440,7 +440,10 @@ class PatientBagDataModule(BagDataModule):
         instances = self.device_augment(
             pixels, batch.mask, train=generator is not None, generator=generator
         )
-        return dataclasses.replace(batch, instances=instances)
+        batch = dataclasses.replace(batch, instances=instances)
+        if self.trainer is not None:  # the float crops made here, in the trainer's precision
+            batch = self.trainer.precision_plugin.convert_input(batch)  # (e.g. bf16-true)
+        return batch
 
     def device_pixels(self, device: torch.device) -> torch.Tensor:
         """uint8[rows, H, W, C]: the decoded-crop cache, copied to ``device`` once, in
@@ -456,9 +459,17 @@ class PatientBagDataModule(BagDataModule):
             self._device_pixels = pixels
         return self._device_pixels
 
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "fit":  # a new fit draws as a fresh run does, from (seed, epoch)
+            self._generator = None
+        super().setup(stage)
+
     def _epoch_generator(self, device: torch.device, epoch: int) -> torch.Generator:
         if self._generator is None or self._generator_key != (epoch, device):
-            seed = np.random.SeedSequence([self.seed, epoch, 1]).generate_state(1)[0]
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            # each DDP process its own draws, as each samples its own bags
+            entropy = [self.seed, epoch, 1, *([rank] if rank else [])]
+            seed = np.random.SeedSequence(entropy).generate_state(1)[0]
             self._generator = torch.Generator(device).manual_seed(int(seed))
             self._generator_key = (epoch, device)
         return self._generator
