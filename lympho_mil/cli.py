@@ -7,6 +7,7 @@ the training patients, flow from the datamodule into the model at instantiation.
 
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import re
@@ -314,10 +315,18 @@ def share_cpu_with_loader_workers(trainer: Trainer, datamodule: object) -> None:
 
 
 def build_cli(args: Sequence[str] | None, run: bool = True) -> LymphoCLI:
-    """``LymphoCLI`` with the project defaults; ``run=False`` only instantiates (used by cv).
+    """``LymphoCLI`` with the project defaults; ``run=False`` only instantiates (used by cv,
+    also from Python: a bad config is then a ConfigError, not an exit of the interpreter).
 
     ``args=None`` reads ``sys.argv`` (the console script).
     """
+    try:
+        return _build_cli(args, run)
+    except argparse.ArgumentError as exc:  # raised instead of exiting when run=False
+        raise ConfigError(f"invalid config: {exc}") from exc
+
+
+def _build_cli(args: Sequence[str] | None, run: bool) -> LymphoCLI:
     return LymphoCLI(
         BagClassifier,
         BagDataModule,
@@ -330,7 +339,8 @@ def build_cli(args: Sequence[str] | None, run: bool = True) -> LymphoCLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={
             "epilog": "lympho-mil cv --help: repeated patient-level cross-validation of a fit "
-            "config (not a LightningCLI subcommand, so not in the list above)"
+            "config (not a LightningCLI subcommand, so not in the list above)",
+            "exit_on_error": run,
         },
         auto_configure_optimizers=True,
     )

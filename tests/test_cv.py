@@ -406,3 +406,11 @@ def test_each_fold_model_is_its_best_checkpoint_not_its_last_epoch(
         )
         runs.append(result.oof.sort_values(["repeat", "id"])["probability"].to_numpy())
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-6)
+
+
+def test_a_bad_config_from_python_raises_instead_of_exiting(configs: dict[str, Path]) -> None:
+    """The CLI's parser exits on a bad argument; from Python that would end the interpreter."""
+    config = yaml.safe_load(configs["tabular"].read_text())
+    config["model"]["init_args"]["no_such_argument"] = 1
+    with pytest.raises(ValueError, match="no_such_argument"):
+        cross_validate(config, folds=2, verbose=False)
