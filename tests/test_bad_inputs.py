@@ -289,6 +289,25 @@ def test_too_few_labelled_patients_to_split(dlmi_root: Path, cache_dir: Path) ->
     assert dm.tabular_stats["scale"] == [1.0] * dm.tabular_dim  # no training split: identity
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("max_instances", 0),
+        ("n_folds", 1),
+        ("num_workers", -1),
+        ("affine", 2.0),
+        ("color_jitter", -0.5),
+        ("std", (0.2, 0.0, 0.2)),
+        ("mean", (0.5, 0.5)),
+    ],
+)
+def test_datamodule_settings_that_cannot_work_are_named_at_construction(
+    dlmi_root: Path, cache_dir: Path, setting: str, value: object
+) -> None:
+    with pytest.raises(ValueError, match=setting):
+        datamodule(dlmi_root, cache_dir, **{setting: value})
+
+
 @pytest.mark.parametrize(("setting", "value"), [("val_fraction", 0.0), ("test_fraction", 1.0)])
 def test_split_fractions_out_of_range(
     dlmi_root: Path, cache_dir: Path, setting: str, value: float

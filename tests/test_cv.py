@@ -362,6 +362,14 @@ def test_predict_without_unlabelled_patients_says_how_to_name_them(
         )
 
 
+@pytest.mark.parametrize("bad", [{"folds": 1}, {"inner_val_fraction": 1.0}])
+def test_bad_settings_from_python_are_refused_before_any_work(
+    configs: dict[str, Path], bad: dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        cross_validate(configs["tabular"], verbose=False, **bad)
+
+
 def test_compare_configs_needs_two(configs: dict[str, Path]) -> None:
     with pytest.raises(ValueError, match="at least two configs"):
         compare_configs([configs["tabular"]])

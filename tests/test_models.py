@@ -353,6 +353,33 @@ def test_cosine_schedule_over_a_step_budget() -> None:
     assert all(b < a for a, b in itertools.pairwise(lrs)) and lrs[-1] > 0
 
 
+@pytest.mark.parametrize(
+    ("model_cls", "setting", "value"),
+    [
+        (AttentionMIL, "lr", 0.0),
+        (AttentionMIL, "weight_decay", -0.1),
+        (AttentionMIL, "embed_dim", 0),
+        (AttentionMIL, "attention_hidden", 0),
+        (AttentionMIL, "chunk_size", 0),
+        (AttentionMIL, "shape_multiple", 0),
+        (AttentionMIL, "dropout", 1.0),
+        (InstanceMIL, "embed_dim", -1),
+        (TabularMLP, "hidden", 0),
+        (TabularMLP, "dropout", -0.1),
+        (GatedFusionMIL, "tabular_embed_dim", 0),
+        (GatedFusionMIL, "gate_input", "nope"),  # also with fusion="concat", which has no gate
+    ],
+)
+def test_sizes_and_rates_that_cannot_work_are_named_at_construction(
+    model_cls: type, setting: str, value: object
+) -> None:
+    kwargs: dict[str, Any] = {"tabular_dim": 3, setting: value}
+    if model_cls is GatedFusionMIL:
+        kwargs["fusion"] = "concat"
+    with pytest.raises(ValueError, match=setting):
+        model_cls(**kwargs)
+
+
 def test_settings_that_cannot_work_are_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="scheduler"):
         TabularMLP(tabular_dim=3, scheduler="linear")

@@ -191,3 +191,10 @@ def test_a_dataset_another_process_put_in_place_first_is_kept(
     assert ensure_synthetic_dlmi(root, 4, 16, 0, max_cells=4) == root
     assert (root / "clinical_annotation.csv").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]  # no temporary folder left
+
+
+def test_bad_loader_settings_are_refused_before_any_file_is_written(tmp_path: Path) -> None:
+    root = tmp_path / "synthetic"
+    with pytest.raises(ValueError, match="batch_size"):
+        SyntheticDataModule(str(root), n_patients=16, batch_size=0)
+    assert not root.exists()

@@ -82,7 +82,7 @@ class SyntheticDataModule(PatientBagDataModule):
             if clinical_overlap:
                 name += f"-overlap{clinical_overlap:g}"
             root = str(default_cache_dir() / "synthetic" / name)
+        super().__init__(root=root, **kwargs)  # checks the settings before any file is written
         ensure_synthetic_dlmi(
             root, n_patients, synthetic_size, synthetic_seed, max_cells, clinical_overlap
         )
-        super().__init__(root=root, **kwargs)

@@ -84,6 +84,11 @@ class CVSettings:
             )
         if self.repeats < 1 or self.n_bootstrap < 1:
             raise ValueError("repeats and n_bootstrap must be >= 1")
+        if self.folds < 2 or not 0.0 < self.inner_val_fraction < 1.0:
+            raise ValueError(
+                f"folds must be >= 2 and inner_val_fraction in (0, 1), got {self.folds} and "
+                f"{self.inner_val_fraction}"
+            )
 
 
 @dataclass(frozen=True)

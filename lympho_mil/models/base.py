@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
 
+from lympho_mil.arguments import check_positive
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.data.errors import DataError
 from lympho_mil.models.metrics import PatientMetrics
@@ -76,7 +77,9 @@ class BagClassifier(LightningModule):
             views of every crop (1: none; 2: and its mirror image; 4: its four 90-degree
             rotations; 8: those and their mirror images). Costs that many forward passes;
             image crops only. ``load_from_checkpoint(path, tta_views=8)`` turns it on for a
-            model trained without it.
+            model trained without it. Lightning's steps go through `infer`; outside a
+            Trainer, call ``model.infer(batch)`` (``model(batch)`` is one plain forward pass,
+            without the views or the check of the batch).
     """
 
     reads_instances: ClassVar[bool] = True  # False: a clinical-only model ignores the crops
@@ -107,6 +110,11 @@ class BagClassifier(LightningModule):
             raise ValueError(f"pos_weight must be > 0, got {pos_weight}")
         if scheduler not in ("cosine", "none"):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
+        check_positive(lr=lr)
+        if weight_decay < 0 or tabular_dim < 0:
+            raise ValueError(
+                f"weight_decay and tabular_dim must be >= 0, got {weight_decay} and {tabular_dim}"
+            )
         if tabular_stats is not None and any(
             len(tabular_stats[k]) != tabular_dim for k in ("mean", "scale")
         ):

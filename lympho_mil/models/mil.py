@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lympho_mil.arguments import check_positive, check_share
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.data.errors import DataError
 from lympho_mil.models.acceleration import use_channels_last
@@ -102,7 +103,8 @@ class MILClassifier(EncoderMixin, BagClassifier):
             (precomputed features, need ``in_dim``), or any timm model name.
         embed_dim: output size of "small_cnn", "lenet" and "mlp" (the others keep their
             own).
-        in_dim: feature size of precomputed feature bags (linked from the datamodule).
+        in_dim: feature size of precomputed feature bags: set it to the datamodule's
+            (``FeatureBagDataModule.in_dim``, ``CachedFeatureDataModule.feature_dim``).
         encoder_kwargs: extra constructor arguments of the encoder.
         encoder_weights: local weights file of the encoder (a timm backbone's or a built-in
             encoder's state dict; nothing is downloaded).
@@ -140,6 +142,14 @@ class MILClassifier(EncoderMixin, BagClassifier):
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        check_positive(
+            embed_dim=embed_dim,
+            in_dim=in_dim,
+            chunk_size=chunk_size,
+            shape_multiple=shape_multiple,
+            attention_hidden=attention_hidden,
+        )
+        check_share("dropout", dropout, one_allowed=False)
         self.encoder_settings = (
             encoder,
             embed_dim,
@@ -243,6 +253,10 @@ class InstanceMIL(EncoderMixin, BagClassifier):
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        check_positive(
+            embed_dim=embed_dim, in_dim=in_dim, chunk_size=chunk_size, shape_multiple=shape_multiple
+        )
+        check_share("dropout", dropout, one_allowed=False)
         self.encoder_settings = (
             encoder,
             embed_dim,

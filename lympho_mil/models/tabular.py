@@ -7,10 +7,12 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from lympho_mil.arguments import check_positive, check_share
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.models.base import BagClassifier, BagOutput, bce_with_logits
 from lympho_mil.models.mil import MILClassifier
 from lympho_mil.nn import ConcatFusion, GatedFusion, TabularEncoder
+from lympho_mil.nn.fusion import GATE_INPUTS
 
 
 class TabularMLP(BagClassifier):
@@ -28,6 +30,8 @@ class TabularMLP(BagClassifier):
     def __init__(
         self, hidden: int = 32, embed_dim: int = 16, dropout: float = 0.1, **kwargs: Any
     ) -> None:
+        check_positive(hidden=hidden, embed_dim=embed_dim)
+        check_share("dropout", dropout, one_allowed=False)
         self.hidden, self.embed_dim, self.dropout = hidden, embed_dim, dropout
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -93,6 +97,13 @@ class GatedFusionMIL(MILClassifier):
     ) -> None:
         if expert_loss_weight < 0:
             raise ValueError(f"expert_loss_weight must be >= 0, got {expert_loss_weight}")
+        check_positive(
+            tabular_hidden=tabular_hidden,
+            tabular_embed_dim=tabular_embed_dim,
+            gate_hidden=gate_hidden,
+        )
+        if gate_input not in GATE_INPUTS:  # checked by GatedFusion too, but concat has none
+            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
         if expert_loss_weight and fusion != "gated":
             raise ValueError("expert_loss_weight needs fusion='gated' (concat has no experts)")
         self.default_pooling = pooling

@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+GATE_INPUTS = ("embeddings", "confidence")
+"""What the gate of `GatedFusion` may see."""
+
 
 class FusionOutput(NamedTuple):
     """Per-bag outputs, each ``[B]``; the expert fields are None for ``ConcatFusion``.
@@ -65,7 +68,7 @@ class GatedFusion(nn.Module):
                 confidence.bias.zero_()
             self.gate = nn.Sequential(confidence)
         else:
-            raise ValueError(f"gate_input must be 'embeddings' or 'confidence', got {gate_input!r}")
+            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
 
     def forward(self, z_img: Tensor, z_tab: Tensor) -> FusionOutput:
         """``z_img[B, Di]``, ``z_tab[B, Dt]`` -> ``FusionOutput`` of ``[B]`` tensors."""
