@@ -111,6 +111,14 @@ def test_read_csv(tmp_path: Path) -> None:
     check_bags(read_mil_csv(write_csv(tmp_path / "toy.csv", x, ids, labels)), x)
 
 
+def test_read_csv_keeps_bag_ids_as_written(tmp_path: Path) -> None:
+    """'007' and '7', '1.10' and '1.1' are four bags, not two numbers."""
+    ids = np.array(["007", "007", "7", "1.10", "1.1", "1.1"])
+    x = np.arange(12, dtype=float).reshape(6, 2)
+    bags = read_mil_csv(write_csv(tmp_path / "ids.csv", x, ids, np.ones(6)))
+    assert sorted(b.bag_id for b in bags.bags) == ["007", "1.1", "1.10", "7"]
+
+
 def test_read_file_dispatches_and_refuses_unknown_types(tmp_path: Path) -> None:
     x, ids, labels = instance_table()
     check_bags(read_mil_file(write_mat(tmp_path / "toy.mat", x, ids, labels)), x)

@@ -133,7 +133,7 @@ def read_mil_mat(path: str | Path) -> FeatureBags:
 
 def read_mil_csv(path: str | Path) -> FeatureBags:
     """A header-less CSV, one instance per row: label (0/1 or -1/+1), bag id, features..."""
-    frame = pd.read_csv(path, header=None)
+    frame = pd.read_csv(path, header=None, converters={1: str})  # bag ids exactly as written
     if frame.shape[1] < 3:
         raise DataError(f"{path}: need columns label, bag id, features...; got {frame.shape[1]}")
     features = frame.iloc[:, 2:]
