@@ -195,10 +195,18 @@ class LymphoCLI(LightningCLI):
         last = self._newest_last_checkpoint(callback, name)
         if last is None:
             return
+        checkpoint = read_checkpoint(last)
+        saved = checkpoint.get("lympho_mil", {}).get("class")
+        if saved and saved != type(self.model).__name__:  # same keys may load silently
+            raise ConfigError(
+                f"--ckpt_path {name}: {last} comes from a {saved} run, but the config builds a "
+                f"{type(self.model).__name__} (with {name}, the model comes from the config): "
+                f"pass --model {saved}, or the checkpoint's path"
+            )
         if name == "last":
             config["ckpt_path"] = str(last)
             return
-        state = read_checkpoint(last).get("callbacks", {}).get(callback.state_key, {})
+        state = checkpoint.get("callbacks", {}).get(callback.state_key, {})
         recorded = Path(state.get("best_model_path") or "")
         beside = last.parent / recorded.name  # a relative path of another working directory
         found = [p for p in (beside, recorded) if recorded.name and p.is_file()]

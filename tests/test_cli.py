@@ -296,7 +296,9 @@ def test_ckpt_path_last_resumes_the_newest_run(
     assert from_last["probability"].tolist() == from_path["probability"].tolist()
 
 
-def test_ckpt_path_last_is_the_newest_of_several_runs(dlmi_root: Path, tmp_path: Path) -> None:
+def test_ckpt_path_last_is_the_newest_of_several_runs(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
     content = yaml.safe_load(config.read_text())
     del content["checkpoint"]  # each run keeps its checkpoints in its own version folder
@@ -323,6 +325,9 @@ def test_ckpt_path_last_is_the_newest_of_several_runs(dlmi_root: Path, tmp_path:
         )
         outputs.append(pd.read_csv(out / "predictions_detail.csv")["probability"].tolist())
     assert outputs[0] == outputs[2] != outputs[1]
+    with pytest.raises(SystemExit) as exc:  # its weights would load into a MaxPoolMIL unnoticed
+        main(["predict", "--config", str(config), "--ckpt_path", "last", "--model", "MaxPoolMIL"])
+    assert exc.value.code == 2 and "comes from a AttentionMIL run" in capsys.readouterr().err
 
 
 def test_ckpt_path_best_takes_the_best_checkpoint_the_newest_run_recorded(
