@@ -30,6 +30,7 @@ from lightning.pytorch.cli import (
     SaveConfigCallback,
 )
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
 from lympho_mil.data.errors import DataError
 from lympho_mil.evaluation.explain import ExplainError
@@ -49,6 +50,7 @@ EVAL_SETTINGS = ("threshold", "tta_views", "chunk_size")
 """Model settings that ``--model.<name>`` may change on a trained checkpoint (``validate``,
 ``test``, ``predict``): how it decides and evaluates, not what it learnt."""
 USER_ERRORS = (
+    SettingError,
     DataError,
     OutputExistsError,
     FileNotFoundError,

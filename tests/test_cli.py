@@ -229,6 +229,9 @@ def test_data_root_and_model_from_the_command_line(dlmi_root: Path, tmp_path: Pa
         (["--model", "NoSuchMIL"], "unknown model 'NoSuchMIL'; valid choices: AttentionMIL"),
         (["--data", "NoSuchData"], "unknown data 'NoSuchData'; valid choices:"),
         (["--model.no_such_key", "3"], "no_such_key"),
+        (["--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["--model.lr", "0"], "lr must be > 0, got 0"),
+        (["--data.cache_on_device", "true"], "cache_on_device=True needs augment='gpu'"),
         (
             ["--data.root", "/no/such/folder"],
             "/no/such/folder does not exist or is not a folder (a relative",

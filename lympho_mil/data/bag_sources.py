@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.io
 import scipy.sparse
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
 from lympho_mil.data.errors import DataError
@@ -199,7 +200,7 @@ def mnist_bags(
     ``n_train_bags``. ``images[M, 28, 28]`` uint8 -> ``features[M, 1, 28, 28]`` in [0, 1].
     """
     if not 0 < train_pool < len(images):
-        raise ValueError(f"train_pool must be in (0, {len(images)}), got {train_pool}")
+        raise SettingError(f"train_pool must be in (0, {len(images)}), got {train_pool}")
     is_target = np.asarray(digits) == target_digit
     bags = []
     pools = {"train": np.arange(train_pool), "test": np.arange(train_pool, len(images))}
@@ -380,7 +381,7 @@ class MNISTBagsDataModule(FeatureBagDataModule):
         **kwargs: Any,
     ) -> None:
         if not 0 <= val_bags < n_train_bags:
-            raise ValueError(f"val_bags must be in [0, {n_train_bags}), got {val_bags}")
+            raise SettingError(f"val_bags must be in [0, {n_train_bags}), got {val_bags}")
         train = [f"train{i:04d}" for i in range(n_train_bags)]
         test = [f"test{i:04d}" for i in range(n_test_bags)]
         ids = {

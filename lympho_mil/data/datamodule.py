@@ -23,7 +23,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from torch.utils.data import DataLoader, Sampler
 
-from lympho_mil.arguments import check_positive, check_share
+from lympho_mil.arguments import SettingError, check_positive, check_share
 from lympho_mil.data.batch import BagBatch, collate_bags
 from lympho_mil.data.clinical import FEATURE_NAMES, fit_standardization
 from lympho_mil.data.dataset import (
@@ -87,19 +87,19 @@ class BagDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise SettingError(f"batch_size must be >= 1, got {batch_size}")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(
+            raise SettingError(
                 f"val_fraction must be in (0, 1), got {val_fraction}; to train without "
                 "validation, pass explicit train_ids and val_ids=[]"
             )
         if not 0.0 <= test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+            raise SettingError(f"test_fraction must be in [0, 1), got {test_fraction}")
         check_positive(max_instances=max_instances)
         if n_folds is not None and not (n_folds >= 2 and 0 <= fold < n_folds):
-            raise ValueError(f"need n_folds >= 2 and 0 <= fold < n_folds, got {n_folds}, {fold}")
+            raise SettingError(f"need n_folds >= 2 and 0 <= fold < n_folds, got {n_folds}, {fold}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise SettingError(f"num_workers must be >= 0, got {num_workers}")
         self.batch_size = batch_size
         self.max_instances = max_instances
         self.val_fraction = val_fraction
@@ -352,13 +352,13 @@ class PatientBagDataModule(BagDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if augment not in (True, False, "gpu"):
-            raise ValueError(f"augment must be True, False or 'gpu', got {augment!r}")
+            raise SettingError(f"augment must be True, False or 'gpu', got {augment!r}")
         if cache_on_device and augment != "gpu":
-            raise ValueError("cache_on_device=True needs augment='gpu' (the device augments)")
+            raise SettingError("cache_on_device=True needs augment='gpu' (the device augments)")
         check_share("affine", affine)
         check_share("color_jitter", color_jitter)
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need 3 values, std > 0; got {mean} and {std}")
+            raise SettingError(f"mean and std need 3 values, std > 0; got {mean} and {std}")
         self.root = Path(root).expanduser()
         self.crop_spec = CropSpec(image_size, center_crop)
         self.cache_dir = cache_dir

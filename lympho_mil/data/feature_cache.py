@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.data.datamodule import PatientBagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
 from lympho_mil.data.errors import DataError
@@ -194,7 +195,7 @@ class SelectView:
         scaling: FeatureScaling | None = None,
     ) -> None:
         if mode not in ("random", "mean", "identity"):
-            raise ValueError(f"mode must be 'random', 'mean' or 'identity', got {mode!r}")
+            raise SettingError(f"mode must be 'random', 'mean' or 'identity', got {mode!r}")
         self.mode = mode
         self.to_tensor = to_tensor
         self.scaling = scaling
@@ -267,13 +268,13 @@ class CachedFeatureDataModule(PatientBagDataModule):
         **kwargs: Any,
     ) -> None:
         if kwargs.get("cache_on_device"):
-            raise ValueError(
+            raise SettingError(
                 "cache_on_device copies decoded crops to the GPU for device augmentation; "
                 "CachedFeatureDataModule trains on cached features, which need neither"
             )
         super().__init__(root, **kwargs)
         if eval_view not in ("mean", "identity"):
-            raise ValueError(f"eval_view must be 'mean' or 'identity', got {eval_view!r}")
+            raise SettingError(f"eval_view must be 'mean' or 'identity', got {eval_view!r}")
         self.encoder_name = encoder
         self.encoder_weights = encoder_weights
         self.encoder_kwargs = dict(encoder_kwargs or {})

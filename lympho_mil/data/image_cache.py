@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.data.errors import DataError
 from lympho_mil.files import atomic_write_text
 
@@ -48,9 +49,9 @@ class CropSpec:
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+            raise SettingError(f"image_size must be >= 8, got {self.image_size}")
         if self.center_crop is not None and self.center_crop < 8:
-            raise ValueError(f"center_crop must be >= 8 or None, got {self.center_crop}")
+            raise SettingError(f"center_crop must be >= 8 or None, got {self.center_crop}")
 
 
 def decode_crop(path: Path, spec: CropSpec) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lightning import LightningModule
 from torch import Tensor, nn
 
-from lympho_mil.arguments import check_positive
+from lympho_mil.arguments import SettingError, check_positive
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.data.errors import DataError
 from lympho_mil.models.metrics import PatientMetrics
@@ -100,25 +100,25 @@ class BagClassifier(LightningModule):
         super().__init__()
         check_tta_views(tta_views)
         if tta_views != 1 and not self.reads_instances:
-            raise ValueError(
+            raise SettingError(
                 f"{type(self).__name__} reads no crops: test-time augmentation has nothing to "
                 f"act on (tta_views must be 1, got {tta_views})"
             )
         if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+            raise SettingError(f"threshold must be in (0, 1), got {threshold}")
         if pos_weight is not None and pos_weight <= 0:
-            raise ValueError(f"pos_weight must be > 0, got {pos_weight}")
+            raise SettingError(f"pos_weight must be > 0, got {pos_weight}")
         if scheduler not in ("cosine", "none"):
-            raise ValueError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
+            raise SettingError(f"scheduler must be 'cosine' or 'none', got {scheduler!r}")
         check_positive(lr=lr)
         if weight_decay < 0 or tabular_dim < 0:
-            raise ValueError(
+            raise SettingError(
                 f"weight_decay and tabular_dim must be >= 0, got {weight_decay} and {tabular_dim}"
             )
         if tabular_stats is not None and any(
             len(tabular_stats[k]) != tabular_dim for k in ("mean", "scale")
         ):
-            raise ValueError(
+            raise SettingError(
                 f"tabular_stats hold {len(tabular_stats['mean'])} means and "
                 f"{len(tabular_stats['scale'])} scales but tabular_dim is {tabular_dim}"
             )

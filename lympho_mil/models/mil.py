@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lympho_mil.arguments import check_positive, check_share
+from lympho_mil.arguments import SettingError, check_positive, check_share
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.data.errors import DataError
 from lympho_mil.models.acceleration import use_channels_last
@@ -55,7 +55,7 @@ class EncoderMixin:
         compile_encoder: bool = False,
     ) -> nn.Module:
         if encoder in FEATURE_ENCODERS and self.tta_views != 1:
-            raise ValueError(
+            raise SettingError(
                 f"encoder {encoder!r} reads feature vectors, which have no orientation: "
                 "test-time augmentation needs image crops (tta_views must be 1)"
             )

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from lympho_mil.arguments import check_positive, check_share
+from lympho_mil.arguments import SettingError, check_positive, check_share
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.models.base import BagClassifier, BagOutput, bce_with_logits
 from lympho_mil.models.mil import MILClassifier
@@ -38,7 +38,7 @@ class TabularMLP(BagClassifier):
 
     def configure_models(self) -> None:
         if self.tabular_dim < 1:
-            raise ValueError("TabularMLP needs a clinical vector (tabular_dim >= 1)")
+            raise SettingError("TabularMLP needs a clinical vector (tabular_dim >= 1)")
         self.tabular_encoder = TabularEncoder(
             self.tabular_dim, self.hidden, self.embed_dim, self.dropout
         )
@@ -96,16 +96,16 @@ class GatedFusionMIL(MILClassifier):
         **kwargs: Any,
     ) -> None:
         if expert_loss_weight < 0:
-            raise ValueError(f"expert_loss_weight must be >= 0, got {expert_loss_weight}")
+            raise SettingError(f"expert_loss_weight must be >= 0, got {expert_loss_weight}")
         check_positive(
             tabular_hidden=tabular_hidden,
             tabular_embed_dim=tabular_embed_dim,
             gate_hidden=gate_hidden,
         )
         if gate_input not in GATE_INPUTS:  # checked by GatedFusion too, but concat has none
-            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
+            raise SettingError(f"gate_input must be one of {GATE_INPUTS}, got {gate_input!r}")
         if expert_loss_weight and fusion != "gated":
-            raise ValueError("expert_loss_weight needs fusion='gated' (concat has no experts)")
+            raise SettingError("expert_loss_weight needs fusion='gated' (concat has no experts)")
         self.default_pooling = pooling
         self.fusion_kind = fusion
         self.tabular_hidden = tabular_hidden
@@ -126,7 +126,7 @@ class GatedFusionMIL(MILClassifier):
 
     def configure_models(self) -> None:
         if self.tabular_dim < 1:
-            raise ValueError("GatedFusionMIL needs a clinical vector (tabular_dim >= 1)")
+            raise SettingError("GatedFusionMIL needs a clinical vector (tabular_dim >= 1)")
         self.configure_bag_embedding()
         dim = self.bag_dim
         self.tabular_encoder = TabularEncoder(
@@ -139,7 +139,7 @@ class GatedFusionMIL(MILClassifier):
         elif self.fusion_kind == "concat":
             self.fusion = ConcatFusion(dim, self.tabular_embed_dim)
         else:
-            raise ValueError(f"fusion must be 'gated' or 'concat', got {self.fusion_kind!r}")
+            raise SettingError(f"fusion must be 'gated' or 'concat', got {self.fusion_kind!r}")
 
     def forward(self, batch: BagBatch) -> BagOutput:
         h = self.encode(batch)

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from lympho_mil.arguments import SettingError
+
 DIHEDRAL_VIEWS = 8
 """Exact views of a square crop: 4 quarter turns, each with and without a mirror image."""
 
@@ -33,7 +35,7 @@ def dihedral(x: Tensor, view: int) -> Tensor:
 
 def check_tta_views(views: int) -> None:
     if views not in TTA_VIEWS:
-        raise ValueError(f"tta_views must be one of {TTA_VIEWS}, got {views!r}")
+        raise SettingError(f"tta_views must be one of {TTA_VIEWS}, got {views!r}")
 
 
 def dihedral_views(instances: Tensor, views: int) -> Iterator[Tensor]:
