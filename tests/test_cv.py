@@ -281,6 +281,21 @@ def test_overwrite_clears_an_earlier_run_only_once_the_new_one_starts(
     assert load_report(out)["repeats"] == 1
 
 
+def test_overwrite_with_the_other_layout_leaves_nothing_of_the_earlier_run(
+    paired: Path, configs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A one-config run over an earlier comparison: the comparison files and its per-config
+    folders go too (they would read as results of the new run)."""
+    out = Path(shutil.copytree(paired, tmp_path / "out"))
+    (out / "mine").mkdir()  # not the comparison's: stays
+    cross_validate(
+        configs["tabular"], folds=2, out_dir=out, overwrite=True, n_bootstrap=50, verbose=False
+    )
+    assert (out / "cv_report.json").is_file() and (out / "mine").is_dir()
+    assert not (out / "comparison.md").exists()
+    assert not [d for d in out.iterdir() if (d / "cv_report.json").exists()]
+
+
 def test_python_api_with_a_dict_config_and_an_image_model(
     configs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

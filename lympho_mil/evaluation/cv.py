@@ -329,13 +329,30 @@ def _claim_outputs(
     root: Path, dirs: list[Path | None], compare: bool, overwrite: bool
 ) -> list[Path]:
     """Refuse to start when an earlier run's outputs exist (unless ``overwrite``); return them,
-    every file a cross-validation may write and the old fold models, for `_remove`."""
-    paths = [d / n for d in dirs if d is not None for n in cv_output_names(predict=True)]
-    paths += [d / "folds" for d in dirs if d is not None]
-    if compare:
-        paths += [root / n for n in COMPARISON_FILES]
+    every file a cross-validation may write and the old fold models, for `_remove`. Both
+    layouts count (one config: files in ``root``; a comparison: ``root/<name>/`` folders and
+    the comparison files), so a run of one layout leaves nothing of the other behind."""
+    homes = {*(d for d in dirs if d is not None), root}
+    paths = [d / n for d in homes for n in cv_output_names(predict=True)]
+    paths += [d / "folds" for d in homes]
+    paths += [root / n for n in COMPARISON_FILES]
+    paths += [root / name for name in _compared_names(root)]  # an earlier comparison's
+    paths = list(dict.fromkeys(paths))
+    if compare:  # its own per-config folders are claimed file by file above
+        paths = [p for p in paths if p not in dirs]
     check_writable(paths, overwrite, hint="cv --overwrite, or overwrite=True")
     return [p for p in paths if p.exists()]
+
+
+def _compared_names(root: Path) -> list[str]:
+    """The config folders that an earlier comparison in ``root`` wrote (its comparison.json
+    names them), or none."""
+    try:
+        table = json.loads((root / COMPARISON_FILES[0]).read_text())
+        names = [str(table["reference"]), *map(str, table["difference"])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [n for n in names if Path(n).name == n and n not in (".", "..")]  # plain folders
 
 
 def _remove(paths: Sequence[Path]) -> None:
