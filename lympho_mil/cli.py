@@ -255,6 +255,8 @@ class LymphoCLI(LightningCLI):
         finally:
             self.trainer.loggers = loggers
         metrics = results[0] if results else {}
+        if not self.trainer.is_global_zero:  # under DDP: once
+            return
         print(
             f"best checkpoint: {best}\n"
             f"validation balanced accuracy: {metrics.get(MONITOR, float('nan')):.3f}  "
