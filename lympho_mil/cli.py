@@ -157,11 +157,10 @@ class LymphoCLI(LightningCLI):
     def _continue_checkpoint_folder(self) -> None:
         """A run resumed from its latest checkpoint (no checkpoint of the folder its
         checkpoint callbacks wrote to is of a later step, e.g. its last.ckpt) goes on writing
-        there: Lightning then restores
-        their best score, so the best checkpoint stays the best over all epochs (in a new
-        folder, the first epoch after the resume would become the best, whatever came
-        before). A run branched from an older checkpoint writes into its own folder, and
-        leaves the original run's files alone."""
+        there: Lightning then restores their best score, so the best checkpoint stays the best
+        over all epochs (in a new folder, the first epoch after the resume would become the
+        best, whatever came before). A run branched from an older checkpoint writes into its
+        own folder, and leaves the original run's files alone."""
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if not ckpt_path or not _is_file(str(ckpt_path)):
             return
@@ -288,12 +287,13 @@ class RunConfigSaver(SaveConfigCallback):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint at ``path`` loaded with ``weights_only=True``; ConfigError when the file
-    is not a Lightning checkpoint (unpicklable content is left to the caller's handler)."""
+    """The checkpoint at ``path`` loaded with ``weights_only=True``, its tensors memory-mapped
+    (the CLI reads its metadata, not its weights); ConfigError when the file is not a
+    Lightning checkpoint (unpicklable content is left to the caller's handler)."""
     if not zipfile.is_zipfile(path):
         raise ConfigError(f"{path} is not a checkpoint (not a file that torch.save writes)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, EOFError, KeyError) as exc:
         raise ConfigError(f"cannot read the checkpoint {path}: {exc}") from exc
     if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(

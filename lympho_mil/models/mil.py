@@ -27,6 +27,20 @@ class EncoderMixin:
     encoder_settings: tuple[Any, ...]  # the arguments of build_encoder, in its order
     tta_views: int  # set by BagClassifier before configure_models builds the encoder
 
+    @staticmethod
+    def check_encoder_settings(
+        embed_dim: int,
+        in_dim: int | None,
+        chunk_size: int | None,
+        shape_multiple: int | None,
+        dropout: float,
+    ) -> None:
+        """SettingError for an encoder setting that cannot work."""
+        check_positive(
+            embed_dim=embed_dim, in_dim=in_dim, chunk_size=chunk_size, shape_multiple=shape_multiple
+        )
+        check_share("dropout", dropout, one_allowed=False)
+
     def check_instances(self, batch: BagBatch) -> None:
         """Feature encoders (`FEATURE_ENCODERS`) need float[B, N, in_dim] feature bags; the
         others image crops float[B, N, C, H, W]."""
@@ -142,14 +156,8 @@ class MILClassifier(EncoderMixin, BagClassifier):
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        check_positive(
-            embed_dim=embed_dim,
-            in_dim=in_dim,
-            chunk_size=chunk_size,
-            shape_multiple=shape_multiple,
-            attention_hidden=attention_hidden,
-        )
-        check_share("dropout", dropout, one_allowed=False)
+        self.check_encoder_settings(embed_dim, in_dim, chunk_size, shape_multiple, dropout)
+        check_positive(attention_hidden=attention_hidden)
         self.encoder_settings = (
             encoder,
             embed_dim,
@@ -253,10 +261,7 @@ class InstanceMIL(EncoderMixin, BagClassifier):
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        check_positive(
-            embed_dim=embed_dim, in_dim=in_dim, chunk_size=chunk_size, shape_multiple=shape_multiple
-        )
-        check_share("dropout", dropout, one_allowed=False)
+        self.check_encoder_settings(embed_dim, in_dim, chunk_size, shape_multiple, dropout)
         self.encoder_settings = (
             encoder,
             embed_dim,
