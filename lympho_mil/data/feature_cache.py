@@ -38,8 +38,7 @@ from lympho_mil.data.image_cache import (
     ImageCache,
     MemmapRows,
     default_cache_dir,
-    is_intact,
-    read_sidecar,
+    load_or_build,
     write_cache,
 )
 from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
@@ -152,13 +151,6 @@ class FeatureCache(MemmapRows):
         key = feature_cache_key(spec, weights, images.path.stem)
         data_path = cache_dir / f"features-{key}.npy"
         meta_path = cache_dir / f"features-{key}.json"
-        meta = read_sidecar(meta_path, FEATURE_CACHE_VERSION)
-        if (
-            meta is not None
-            and data_path.is_file()
-            and is_intact(data_path, meta["checksum"], "feature cache")
-        ):
-            return cls(data_path)
         shape = (len(images), spec.views, encoder_out_dim(encoder))
 
         def fill(array: np.ndarray) -> dict[str, Any]:
@@ -172,13 +164,13 @@ class FeatureCache(MemmapRows):
             return {"seconds": round(time.perf_counter() - start, 3)}
 
         description = {**asdict(spec), "weights": weights, "images": images.path.stem}
-        write_cache(
+        meta = {"version": FEATURE_CACHE_VERSION, "key": key, **description}
+        load_or_build(
             data_path,
             meta_path,
-            shape,
-            spec.dtype,
-            fill,
-            {"version": FEATURE_CACHE_VERSION, "key": key, **description},
+            FEATURE_CACHE_VERSION,
+            "feature cache",
+            lambda: write_cache(data_path, meta_path, shape, spec.dtype, fill, meta),
         )
         return cls(data_path)
 
