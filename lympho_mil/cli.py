@@ -31,11 +31,17 @@ from lightning.pytorch.cli import (
 )
 
 from lympho_mil.arguments import SettingError
+from lympho_mil.checkpoint import RunCheckpoint
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
 from lympho_mil.data.errors import DataError
 from lympho_mil.evaluation.explain import ExplainError
 from lympho_mil.evaluation.predictions import PredictionWriter
-from lympho_mil.files import OutputExistsError
+from lympho_mil.files import (
+    OutputExistsError,
+    OutputFolderError,
+    check_folder_writable,
+    write_error_message,
+)
 from lympho_mil.models import BagClassifier, CheckpointFormatError
 from lympho_mil.nn import EncoderWeightsError
 
@@ -53,6 +59,7 @@ USER_ERRORS = (
     SettingError,
     DataError,
     OutputExistsError,
+    OutputFolderError,
     FileNotFoundError,
     CheckpointFormatError,
     EncoderWeightsError,
@@ -70,10 +77,10 @@ class LymphoCLI(LightningCLI):
         parser.link_arguments(
             "data.tabular_stats", "model.init_args.tabular_stats", apply_on="instantiate"
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         # ``last.ckpt`` refreshed every epoch (Lightning's ``save_last`` writes it only when a
         # best checkpoint is written), so a killed run resumes from its latest epoch.
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "last_checkpoint")
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
         parser.set_defaults(
             {
@@ -283,6 +290,8 @@ class RunConfigSaver(SaveConfigCallback):
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if trainer.loggers:
+            if trainer.log_dir is not None and trainer.is_global_zero:
+                check_folder_writable(trainer.log_dir)  # before anything is written there
             super().setup(trainer, pl_module, stage)
 
 
@@ -439,9 +448,16 @@ def main(args: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     except ValueError as exc:  # jsonargparse wraps what a class raised while instantiated
         cause = _user_error_behind(exc)
-        if cause is None:
+        message = str(cause) if cause is not None else write_error_message(exc)
+        if message is None:
             raise
-        print(f"lympho-mil: error: {cause}", file=sys.stderr)
+        print(f"lympho-mil: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:  # a full disk, a read-only folder: the file, not a traceback
+        message = write_error_message(exc)
+        if message is None:
+            raise
+        print(f"lympho-mil: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     except RuntimeError as exc:
         if "Error(s) in loading state_dict" not in str(exc):

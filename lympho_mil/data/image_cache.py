@@ -9,6 +9,7 @@ whose bytes no longer match the checksum in its sidecar is rebuilt, never used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lympho_mil.arguments import SettingError
 from lympho_mil.data.errors import DataError
-from lympho_mil.files import atomic_write_text
+from lympho_mil.files import atomic_write_text, naming
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,11 @@ def load_or_build(
         return meta
     with cache_lock(data_path):
         meta = intact_sidecar(data_path, meta_path, version, corrupted=what)
-        return meta if meta is not None else build()
+        if meta is not None:
+            return meta
+        for stale in data_path.parent.glob(f"{data_path.name}.tmp*"):  # of a killed build
+            stale.unlink(missing_ok=True)
+        return build()
 
 
 def intact_sidecar(
@@ -288,16 +293,22 @@ def write_cache(
 
     The sidecar holds ``meta``, what ``fill`` returns, the shape and the file's checksum.
     The array is written to a temporary file renamed into place, so an interrupted build
-    leaves no cache behind. Returns the sidecar.
+    leaves no cache behind. Its blocks are reserved first: a disk too full for it is an
+    OSError naming ``data_path`` before any work (a memory map would crash the process at
+    the first page that finds no room). Returns the sidecar.
     """
     data_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = data_path.with_name(data_path.name + f".tmp{os.getpid()}")
     try:
         array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype, shape=shape)
+        _reserve(tmp_path)
         extra = fill(array)
         array.flush()
         del array
         os.replace(tmp_path, data_path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise naming(exc, data_path) from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -305,6 +316,19 @@ def write_cache(
     atomic_write_text(meta_path, json.dumps(meta), overwrite=True)
     _VERIFIED.add(_stamp(data_path))
     return meta
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of the (sparse) file ``path``; ENOSPC when the disk lacks room.
+    Skipped where the system or file system cannot (macOS, some network file systems)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
 
 
 def _decode_into(

@@ -25,8 +25,8 @@ from lympho_mil.evaluation.bootstrap import (
     paired_difference,
     stratified_bootstrap_weights,
 )
-from lympho_mil.evaluation.predictions import PREDICTION_FILES, write_predictions
-from lympho_mil.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from lympho_mil.evaluation.predictions import PREDICTION_FILES, prediction_files
+from lympho_mil.files import atomic_write_files
 from lympho_mil.models.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
@@ -132,20 +132,21 @@ def _versions() -> dict[str, str]:
 
 # -- files ------------------------------------------------------------------------------------
 def write_cv_outputs(result: CVResult, out_dir: Path, n_bootstrap: int, seed: int) -> list[Path]:
-    """Write the report, prediction tables, plots and ensemble predictions of one config.
+    """Write the report, prediction tables, plots and ensemble predictions of one config, as
+    one (`atomic_write_files`: a failure leaves the earlier files, not a mix).
 
     The caller has checked that the folder may be written (see ``cross_validate``).
     """
-    paths = [
-        atomic_write_text(out_dir / "cv_report.json", _json(result.report), overwrite=True),
-        atomic_write_text(out_dir / "cv_report.md", cv_markdown(result.report), overwrite=True),
-        atomic_write_csv(out_dir / "oof_predictions.csv", result.oof, overwrite=True),
-        atomic_write_csv(out_dir / "inner_val_predictions.csv", result.inner_val, overwrite=True),
-    ]
+    files: dict[str, str | bytes] = {
+        "cv_report.json": _json(result.report),
+        "cv_report.md": cv_markdown(result.report),
+        "oof_predictions.csv": result.oof.to_csv(index=False),
+        "inner_val_predictions.csv": result.inner_val.to_csv(index=False),
+    }
     if result.ensemble is not None:
-        paths += write_predictions(result.ensemble, out_dir, overwrite=True).values()
-    paths += write_plots(result.report, result.oof, out_dir, n_bootstrap, seed)
-    return paths
+        files.update(prediction_files(result.ensemble))
+    files.update(plot_files(result.report, result.oof, n_bootstrap, seed))
+    return atomic_write_files({out_dir / n: c for n, c in files.items()}, overwrite=True)
 
 
 def comparison_table(results: Sequence[CVResult], n_bootstrap: int, seed: int) -> dict[str, Any]:
@@ -177,10 +178,8 @@ def comparison_table(results: Sequence[CVResult], n_bootstrap: int, seed: int) -
 
 def write_comparison(table: dict[str, Any], out_dir: Path) -> list[Path]:
     """``comparison.json`` and ``comparison.md`` (the caller checked they may be written)."""
-    return [
-        atomic_write_text(out_dir / "comparison.json", _json(table), overwrite=True),
-        atomic_write_text(out_dir / "comparison.md", comparison_markdown(table), overwrite=True),
-    ]
+    files = {"comparison.json": _json(table), "comparison.md": comparison_markdown(table)}
+    return atomic_write_files({out_dir / n: c for n, c in files.items()}, overwrite=True)
 
 
 def _json(content: dict[str, Any]) -> str:
@@ -280,24 +279,18 @@ def comparison_markdown(table: dict[str, Any]) -> str:
 
 
 # -- plots ------------------------------------------------------------------------------------
-def write_plots(
-    report: dict[str, Any], oof: pd.DataFrame, out_dir: Path, n_bootstrap: int, seed: int
-) -> list[Path]:
-    """``roc.png`` and ``per_fold_balanced_accuracy.png``; nothing without matplotlib."""
+def plot_files(
+    report: dict[str, Any], oof: pd.DataFrame, n_bootstrap: int, seed: int
+) -> dict[str, bytes]:
+    """``roc.png`` and ``per_fold_balanced_accuracy.png`` by name; none without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        return []
-    return [
-        atomic_write_bytes(
-            out_dir / "roc.png", _roc_png(Figure, report, oof, n_bootstrap, seed), overwrite=True
-        ),
-        atomic_write_bytes(
-            out_dir / "per_fold_balanced_accuracy.png",
-            _per_fold_png(Figure, report),
-            overwrite=True,
-        ),
-    ]
+        return {}
+    return {
+        "roc.png": _roc_png(Figure, report, oof, n_bootstrap, seed),
+        "per_fold_balanced_accuracy.png": _per_fold_png(Figure, report),
+    }
 
 
 def roc_band(
