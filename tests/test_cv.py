@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from lympho_mil.data.errors import DataError
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.evaluation import compare_configs, cross_validate
 from lympho_mil.evaluation.cv_cli import _check_fit_options, build_parser
+from lympho_mil.evaluation.cv_plan import FOLD_FILE, PLAN_FILE
+from lympho_mil.evaluation.report import cv_output_names
 from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.models import TabularMLP
 from lympho_mil.models.metrics import METRIC_NAMES
@@ -437,3 +440,79 @@ def test_a_bad_config_from_python_raises_instead_of_exiting(configs: dict[str, P
     config["model"]["init_args"]["no_such_argument"] = 1
     with pytest.raises(ValueError, match="no_such_argument"):
         cross_validate(config, folds=2, verbose=False)
+
+
+def killed_after_the_first_fold(single: Path, folder: Path) -> Path:
+    """A copy of ``single`` as a kill during its second fold leaves it: the plan, the first
+    fold's model and record, the second fold's model without its record, no report."""
+    out = Path(shutil.copytree(single, folder))
+    for name in cv_output_names(predict=True):
+        (out / name).unlink(missing_ok=True)
+    for fold in sorted((out / "folds").iterdir())[1:]:
+        (fold / FOLD_FILE).unlink()
+        if fold.name != "r0_f1":
+            shutil.rmtree(fold)
+    return out
+
+
+def test_a_killed_cv_run_again_resumes_to_the_uninterrupted_report(
+    single: Path, configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = killed_after_the_first_fold(single, tmp_path / "killed")
+    kept = (out / "folds" / "r0_f0" / "model.ckpt").stat().st_mtime_ns
+    main(cv_args(configs["tabular"], out=out))
+    assert "resuming the cross-validation planned in" in capsys.readouterr().out
+    assert (out / "folds" / "r0_f0" / "model.ckpt").stat().st_mtime_ns == kept  # not retrained
+    assert without_timing(load_report(out)) == without_timing(load_report(single))
+    for name in ("oof_predictions.csv", "inner_val_predictions.csv", "predictions_detail.csv"):
+        assert (out / name).read_bytes() == (single / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--trainer.max_epochs=3"], "the config of tabular (trainer.max_epochs: 2 -> 3)"),
+        (["--folds=2"], "--folds 3 -> 2"),
+        (["--model.lr=0.02", "--seed=4"], "--seed 3 -> 4; the config of tabular (model"),
+    ],
+)
+def test_a_killed_cv_run_again_otherwise_is_refused_naming_what_changed(
+    single: Path,
+    configs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: list[str],
+    named: str,
+) -> None:
+    out = killed_after_the_first_fold(single, tmp_path / "killed")
+    plan = (out / PLAN_FILE).read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main([*cv_args(configs["tabular"], out=out), *change])
+    assert exc.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"lympho-mil: error: {out} holds an unfinished cross-validation")
+    assert named in line and "--overwrite" in line
+    assert (out / PLAN_FILE).read_bytes() == plan and (out / "folds" / "r0_f0").is_dir()
+
+
+def test_changed_data_is_refused_and_overwrite_starts_afresh(
+    single: Path,
+    configs: dict[str, Path],
+    dlmi_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = killed_after_the_first_fold(single, tmp_path / "killed")
+    crop = next((dlmi_root / "trainset").glob("*/*.*"))
+    times = crop.stat()
+    try:
+        os.utime(crop, ns=(times.st_atime_ns, times.st_mtime_ns + 10**9))  # a replaced crop
+        with pytest.raises(SystemExit):
+            main(cv_args(configs["tabular"], out=out))
+    finally:
+        os.utime(crop, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert "the data of tabular (patients, labels" in capsys.readouterr().err
+    without_predict = [a for a in cv_args(configs["tabular"], out=out) if a != "--predict"]
+    main([*without_predict, "--overwrite", "--repeats=1"])
+    assert json.loads((out / PLAN_FILE).read_text())["settings"]["repeats"] == 1
+    assert sorted(p.name for p in (out / "folds").iterdir()) == [f"r0_f{i}" for i in range(FOLDS)]

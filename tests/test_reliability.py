@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from lympho_mil.cli import main
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 
 REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = ("wall_time_s", "seconds")
 
 KILL_POINT = '''
 import time
@@ -228,6 +230,46 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert_same_state(final_state(reference), final_state(run))
     pd.testing.assert_series_equal(last_epoch_metrics(reference), last_epoch_metrics(run))
+
+
+def without_timing(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_a_killed_cv_run_again_writes_the_uninterrupted_report(tmp_path: Path) -> None:
+    """cv of the quickstart config (3 folds x 2 repeats, loader workers), SIGKILLed once its
+    first fold has finished, then run again with the same arguments in a new process."""
+    config = quickstart_config(tmp_path, tmp_path / "synthetic")
+    reports = {}
+    for name in ("uninterrupted", "killed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        args = ["cv", "--config", str(config), "--folds=3", "--repeats=2", "--n-bootstrap=200"]
+        args.append(f"--out={folder / 'cv'}")
+        process = run_cli(args, folder)
+        if name == "killed":
+            first = folder / "cv" / "folds" / "r0_f0" / "fold_run.json"
+            deadline = time.time() + 300
+            while not first.exists():
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert time.time() < deadline, "the first fold never finished"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+            assert not (folder / "cv" / "cv_report.json").exists()  # cut short
+            assert not (folder / "cv" / "folds" / "r1_f2" / "fold_run.json").exists()
+            kept = first.stat().st_mtime_ns
+            process = run_cli(args, folder)
+        assert process.wait(timeout=600) == 0, process.stderr.read() if process.stderr else ""
+        if name == "killed":
+            assert first.stat().st_mtime_ns == kept  # the finished fold was not run again
+        reports[name] = json.loads((folder / "cv" / "cv_report.json").read_text())
+    assert without_timing(reports["killed"]) == without_timing(reports["uninterrupted"])
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_usable(

@@ -33,6 +33,15 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.splits import holdout_split, stratified_folds
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
+from lympho_mil.evaluation.cv_plan import (
+    PLAN_FILE,
+    fingerprint,
+    finished_fold,
+    make_plan,
+    save_fold,
+    start_or_resume,
+    unfinished_plan,
+)
 from lympho_mil.evaluation.ensemble import ensemble_records
 from lympho_mil.evaluation.predictions import PredictionWriter
 from lympho_mil.evaluation.report import (
@@ -44,7 +53,7 @@ from lympho_mil.evaluation.report import (
     write_cv_outputs,
 )
 from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, ThresholdPolicy, choose_threshold
-from lympho_mil.files import check_writable
+from lympho_mil.files import check_writable, naming
 
 ConfigSource = str | Path | dict[str, Any]
 # Defaults of a fold run that the user's overrides may still change.
@@ -289,10 +298,12 @@ def _run_configs(
     overrides = list(overrides or [])
     root = Path(out_dir) if out_dir is not None else None
     dirs = {n: (root / n if compare else root) if root else None for n in names}
-    stale = _claim_outputs(root, list(dirs.values()), compare, overwrite) if root else []
+    resuming = unfinished_plan(root, overwrite)  # a killed run's plan: resume it
+    stale = _claim_outputs(root, list(dirs.values()), compare, overwrite, resuming) if root else []
     with tempfile.TemporaryDirectory(prefix="lympho-cv-") as scratch:
         sources = [_config_source(c) for c in configs]
-        patients = [_labelled_patients(s, overrides, settings.predict) for s in sources]
+        seen = [_labelled_patients(s, overrides, settings.predict) for s in sources]
+        patients = [(ids, labels) for ids, labels, _ in seen]
         for name, other in zip(names[1:], patients[1:], strict=True):
             if other != patients[0]:
                 raise DataError(f"config {name} sees other labelled patients than {names[0]}")
@@ -306,11 +317,15 @@ def _run_configs(
             settings.inner_val_fraction,
         )
         _remove(stale)  # only now: configs and splits are sound, the run starts
+        if root is not None:
+            prints = {n: f for n, (_, _, f) in zip(names, seen, strict=True)}
+            start_or_resume(root, make_plan(settings, prints, splits), resuming, settings.verbose)
         results = []
         for name, config, source in zip(names, configs, sources, strict=True):
             fold_root = (dirs[name] or Path(scratch) / name) / "folds"
             runs = [
-                _run_fold(name, source, overrides, split, settings, fold_root, dirs[name])
+                _kept_fold(name, _fold_dir(fold_root, split), settings)
+                or _run_fold(name, source, overrides, split, settings, fold_root, dirs[name])
                 for split in splits
             ]
             results.append(_collect(name, config, overrides, runs, settings, len(ids)))
@@ -326,15 +341,19 @@ def _run_configs(
 
 
 def _claim_outputs(
-    root: Path, dirs: list[Path | None], compare: bool, overwrite: bool
+    root: Path, dirs: list[Path | None], compare: bool, overwrite: bool, resuming: bool
 ) -> list[Path]:
     """Refuse to start when an earlier run's outputs exist (unless ``overwrite``); return them,
     every file a cross-validation may write and the old fold models, for `_remove`. Both
     layouts count (one config: files in ``root``; a comparison: ``root/<name>/`` folders and
-    the comparison files), so a run of one layout leaves nothing of the other behind."""
+    the comparison files), so a run of one layout leaves nothing of the other behind. An
+    unfinished run resumed claims nothing: its plan and fold runs are kept."""
+    if resuming:
+        check_writable([root / PLAN_FILE], overwrite=True)  # the folder, still writable?
+        return []
     homes = {*(d for d in dirs if d is not None), root}
     paths = [d / n for d in homes for n in cv_output_names(predict=True)]
-    paths += [d / "folds" for d in homes]
+    paths += [d / "folds" for d in homes] + [root / PLAN_FILE]
     paths += [root / n for n in COMPARISON_FILES]
     paths += [root / name for name in _compared_names(root)]  # an earlier comparison's
     paths = list(dict.fromkeys(paths))
@@ -376,10 +395,10 @@ def _config_source(config: ConfigSource) -> list[str]:
 
 def _labelled_patients(
     source: list[str], overrides: list[str], predict: bool
-) -> tuple[list[str], list[int]]:
+) -> tuple[list[str], list[int], dict[str, Any]]:
     """Instantiate the config once to list its labelled patients (sorted) and their labels;
     with ``predict``, those named to predict (``predict_ids``) are left out: no fold model
-    may train on a patient it predicts."""
+    may train on a patient it predicts. Third: its `fingerprint`, for the plan."""
     from lympho_mil.cli import build_cli  # here: the CLI imports this package
 
     with _quiet_lightning():
@@ -395,7 +414,7 @@ def _labelled_patients(
             "--predict: the data has no unlabelled patients to predict; name patients to "
             "predict with --data.predict_ids '[P26, P27]' (left out of the cross-validation)"
         )
-    return [b.bag_id for b in labelled], [int(b.label) for b in labelled]
+    return [b.bag_id for b in labelled], [int(b.label) for b in labelled], fingerprint(cli)
 
 
 def _restrict(
@@ -448,7 +467,7 @@ def _run_fold(
     from lympho_mil.cli import build_cli  # here: the CLI imports this package
 
     start = time.perf_counter()
-    fold_dir = fold_root / f"r{split.repeat}_f{split.fold}"
+    fold_dir = _fold_dir(fold_root, split)
     args = [*source, *QUIET_ARGS, *overrides, *_fold_args(split, settings, fold_dir)]
     with _quiet_lightning():
         cli = build_cli(args, run=False)
@@ -482,10 +501,27 @@ def _run_fold(
             _predict(trainer, model, datamodule.predict_dataloader()) if settings.predict else None
         )
         if out_dir is not None:
-            trainer.save_checkpoint(fold_dir / "model.ckpt", weights_only=True)
+            try:
+                trainer.save_checkpoint(fold_dir / "model.ckpt", weights_only=True)
+            except OSError as exc:  # a full disk names no file
+                raise naming(exc, fold_dir / "model.ckpt") from exc
         shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)
     run = FoldRun(split, threshold, val, test, unlabelled, time.perf_counter() - start)
+    if out_dir is not None:
+        save_fold(fold_dir, run)  # what a resumed run keeps
     if settings.verbose:
+        _print_fold(name, run, settings)
+    return run
+
+
+def _fold_dir(fold_root: Path, split: FoldSplit) -> Path:
+    return fold_root / f"r{split.repeat}_f{split.fold}"
+
+
+def _kept_fold(name: str, fold_dir: Path, settings: CVSettings) -> FoldRun | None:
+    """The fold run an earlier, killed run of this cross-validation finished, or None."""
+    run = finished_fold(fold_dir)
+    if run is not None and settings.verbose:
         _print_fold(name, run, settings)
     return run
 
