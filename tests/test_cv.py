@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 from lightning import Trainer
+from reports import without_timing
 
 from lympho_mil.cli import main
 from lympho_mil.data import PatientBagDataModule
@@ -27,7 +28,6 @@ from lympho_mil.models import TabularMLP
 from lympho_mil.models.metrics import METRIC_NAMES
 
 FOLDS, REPEATS = 3, 2
-TIMING_KEYS = ("wall_time_s", "seconds")
 
 
 @pytest.fixture(scope="module")
@@ -116,14 +116,6 @@ def paired(workdir: Path, configs: dict[str, Path]) -> Path:
 
 def load_report(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "cv_report.json").read_text())
-
-
-def without_timing(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [without_timing(v) for v in value]
-    return value
 
 
 def labelled_ids(root: Path) -> set[str]:

@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from reports import without_timing
 
 from lympho_mil.cli import main
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_KEYS = ("wall_time_s", "seconds")
 
 KILL_POINT = '''
 import time
@@ -230,14 +230,6 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert_same_state(final_state(reference), final_state(run))
     pd.testing.assert_series_equal(last_epoch_metrics(reference), last_epoch_metrics(run))
-
-
-def without_timing(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [without_timing(v) for v in value]
-    return value
 
 
 @pytest.mark.slow
