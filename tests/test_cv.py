@@ -22,7 +22,7 @@ from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.evaluation import compare_configs, cross_validate
 from lympho_mil.evaluation.cv_cli import _check_fit_options, build_parser
 from lympho_mil.evaluation.cv_plan import FOLD_FILE, PLAN_FILE
-from lympho_mil.evaluation.report import cv_output_names
+from lympho_mil.evaluation.report import COMPARISON_FILES, cv_output_names
 from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.models import TabularMLP
 from lympho_mil.models.metrics import METRIC_NAMES
@@ -458,6 +458,26 @@ def test_a_killed_cv_run_again_resumes_to_the_uninterrupted_report(
     assert without_timing(load_report(out)) == without_timing(load_report(single))
     for name in ("oof_predictions.csv", "inner_val_predictions.csv", "predictions_detail.csv"):
         assert (out / name).read_bytes() == (single / name).read_bytes()
+
+
+def test_a_killed_comparison_resumes_to_the_uninterrupted_one(
+    paired: Path, configs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Killed during the second config's folds: the first config's are all kept."""
+    out = Path(shutil.copytree(paired, tmp_path / "killed"))
+    for name in COMPARISON_FILES:
+        (out / name).unlink()
+    for name in cv_output_names(predict=True):
+        (out / "small" / name).unlink(missing_ok=True)
+    for fold in sorted((out / "small" / "folds").iterdir())[2:]:
+        shutil.rmtree(fold)
+    main(cv_args(configs["tabular"], configs["small"], out=out))
+    assert json.loads((out / "comparison.json").read_text()) == json.loads(
+        (paired / "comparison.json").read_text()
+    )
+    assert without_timing(load_report(out / "small")) == without_timing(
+        load_report(paired / "small")
+    )
 
 
 @pytest.mark.parametrize(
