@@ -27,6 +27,7 @@ from lympho_mil.models import (
     MaxPoolMIL,
     MeanPoolMIL,
     MILClassifier,
+    StatisticsPoolMIL,
     TabularMLP,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "MaxPoolMIL",
     "MeanPoolMIL",
     "PatientBagDataModule",
+    "StatisticsPoolMIL",
     "SyntheticDataModule",
     "TabularMLP",
     "__version__",

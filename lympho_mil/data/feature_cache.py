@@ -42,7 +42,7 @@ from lympho_mil.data.image_cache import (
     read_sidecar,
     write_cache,
 )
-from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
+from lympho_mil.data.transforms import CellTypes, FeatureScaling, FeaturesToTensor
 from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
 from lympho_mil.nn.tta import DIHEDRAL_VIEWS
 
@@ -186,19 +186,21 @@ class FeatureCache(MemmapRows):
 class SelectView:
     """Cached ``[n, V, D]`` features -> float32 ``[n, D]``: one random view per crop
     (``"random"``, training), the mean over views, or view 0 (the crop as it is); then the
-    optional ``scaling``."""
+    optional ``scaling`` and ``cell_types`` (``[n, K]`` one-hot)."""
 
     def __init__(
         self,
         mode: Literal["random", "mean", "identity"],
         to_tensor: FeaturesToTensor,
         scaling: FeatureScaling | None = None,
+        cell_types: CellTypes | None = None,
     ) -> None:
         if mode not in ("random", "mean", "identity"):
             raise SettingError(f"mode must be 'random', 'mean' or 'identity', got {mode!r}")
         self.mode = mode
         self.to_tensor = to_tensor
         self.scaling = scaling
+        self.cell_types = cell_types
 
     def __call__(self, features: np.ndarray, rng: np.random.Generator) -> Tensor:
         if self.mode == "random":
@@ -210,6 +212,8 @@ class SelectView:
             picked = features[:, 0]
         if self.scaling is not None:
             picked = self.scaling(picked.astype(np.float32))
+        if self.cell_types is not None:
+            picked = self.cell_types(picked.astype(np.float32))
         return self.to_tensor(picked, rng)
 
 
@@ -224,8 +228,9 @@ class CachedFeatureDataModule(PatientBagDataModule):
 
     Args:
         root: the DLMI folder.
-        encoder: the extractor: any `build_instance_encoder` name
-            (``small_cnn``, a timm model such as ``resnet18``, ...).
+        encoder: the extractor: ``cytometry`` (scikit-image cytomorphometry,
+            `lympho_mil.features.cytometry`) or any `build_instance_encoder` name
+            (``morphology``, ``small_cnn``, a timm model such as ``resnet18``, ...).
         encoder_weights: local weights file of the extractor (a state dict of the timm
             backbone, or of the built-in encoder module). Without it the encoder keeps its
             initial weights drawn under ``encoder_seed``: reproducible, but only a plumbing
@@ -241,6 +246,11 @@ class CachedFeatureDataModule(PatientBagDataModule):
             z-score it with their mean and standard deviation (for features on unequal
             scales, such as ``encoder="morphology"``); fitted per split, like the clinical
             standardisation, on the mean over views, and saved in checkpoints.
+        cell_types: with K > 0, each crop becomes its cell type: the nearest of K k-means
+            centres of the training patients' standardised crop features, one-hot
+            (`lympho_mil.data.transforms.CellTypes`; needs ``standardize``); mean pooling
+            then gives each patient's share of every type. Fitted per split, saved in
+            checkpoints; `feature_dim` is then K.
         noise_std: Gaussian noise added to training features (after standardisation).
         extract_batch_size: encoder inputs per forward during extraction.
         extract_device: where to extract (None: the Trainer's device when the datamodule is
@@ -262,6 +272,7 @@ class CachedFeatureDataModule(PatientBagDataModule):
         eval_view: EvalView = "mean",
         feature_dtype: Literal["float16", "float32"] = "float16",
         standardize: bool = False,
+        cell_types: int = 0,
         noise_std: float = 0.0,
         extract_batch_size: int = 256,
         extract_device: str | None = None,
@@ -280,8 +291,15 @@ class CachedFeatureDataModule(PatientBagDataModule):
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder_seed = encoder_seed
         self.eval_view = eval_view
+        if cell_types < 0 or (cell_types and not standardize):
+            raise SettingError(
+                f"cell_types must be 0 or a positive count with standardize: true, got "
+                f"{cell_types} (standardize: {standardize})"
+            )
         self.standardize = standardize
         self.scaling: FeatureScaling | None = None
+        self.n_cell_types = cell_types
+        self.cell_types: CellTypes | None = None
         self.noise_std = noise_std
         self.extract_batch_size = extract_batch_size
         self.extract_device = extract_device
@@ -301,19 +319,25 @@ class CachedFeatureDataModule(PatientBagDataModule):
         morphology encoder un-normalises with the loaders' ``mean``/``std`` (unless its
         ``encoder_kwargs`` say otherwise)."""
         kwargs = dict(self.encoder_kwargs)
-        if self.encoder_name == "morphology":
+        if self.encoder_name in ("morphology", "cytometry"):
             kwargs = {"mean": self.mean, "std": self.std, **kwargs}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.encoder_seed)
-            module = build_instance_encoder(
-                self.encoder_name, weights_path=self.encoder_weights, **kwargs
-            )
+            if self.encoder_name == "cytometry":
+                from lympho_mil.features.cytometry import CytometryEncoder
+
+                module: nn.Module = CytometryEncoder(**kwargs)
+            else:
+                module = build_instance_encoder(
+                    self.encoder_name, weights_path=self.encoder_weights, **kwargs
+                )
         return module.requires_grad_(False).eval()
 
     @property
     def feature_dim(self) -> int:
-        """D, the size of a crop's feature vector (the model's ``in_dim``)."""
-        return encoder_out_dim(self.extractor)
+        """D, the size of a crop's feature vector (the model's ``in_dim``): the encoder's,
+        or the number of cell types."""
+        return self.n_cell_types or encoder_out_dim(self.extractor)
 
     def setup(self, stage: str | None = None) -> None:
         self._check_model_in_dim()
@@ -343,6 +367,8 @@ class CachedFeatureDataModule(PatientBagDataModule):
         self.extractor.cpu()  # give back the accelerator's memory after an extraction
         if self.standardize and self.scaling is None:
             self.scaling = self._fit_scaling(store, usable)
+        if self.n_cell_types and self.cell_types is None and self.scaling is not None:
+            self.cell_types = self._fit_cell_types(store, usable, self.scaling)
         return store, usable
 
     def _fit_scaling(self, store: FeatureCache, usable: Sequence[Bag]) -> FeatureScaling | None:
@@ -359,22 +385,43 @@ class CachedFeatureDataModule(PatientBagDataModule):
         rows = np.sort(np.concatenate(train))
         return FeatureScaling.fit(store[rows].astype(np.float32).mean(axis=1))
 
+    def _fit_cell_types(
+        self, store: FeatureCache, usable: Sequence[Bag], scaling: FeatureScaling
+    ) -> CellTypes | None:
+        """The cell types of the training patients' readable crops (None without training
+        patients, as for the standardisation)."""
+        by_id = {b.bag_id: b for b in usable}
+        train = [by_id[i].rows for i in self.training_patients() if i in by_id]
+        if not train:
+            return None
+        rows = np.sort(np.concatenate(train))
+        features = scaling(store[rows].astype(np.float32).mean(axis=1))
+        return CellTypes.fit(features, self.n_cell_types, seed=self.encoder_seed)
+
     def state_dict(self) -> dict[str, Any]:
-        """The feature standardisation, saved in checkpoints: ``predict`` on other patients
-        (another folder, another split) then scales features exactly as in training."""
-        if self.scaling is None:
-            return {}
-        return {"feature_scaling": self.scaling.to_state()}
+        """The feature standardisation and cell types, saved in checkpoints: ``predict`` on
+        other patients (another folder, another split) then sees features exactly as in
+        training."""
+        state: dict[str, Any] = {}
+        if self.scaling is not None:
+            state["feature_scaling"] = self.scaling.to_state()
+        if self.cell_types is not None:
+            state["cell_types"] = self.cell_types.to_state()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the standardisation of a checkpoint, also in datasets already set up."""
+        """Restore the standardisation and cell types of a checkpoint, also in datasets
+        already set up."""
         saved = state_dict.get("feature_scaling")
-        if saved is None:
-            return
-        self.scaling = FeatureScaling.from_state(saved)
+        if saved is not None:
+            self.scaling = FeatureScaling.from_state(saved)
+        types = state_dict.get("cell_types")
+        if types is not None:
+            self.cell_types = CellTypes.from_state(types)
         for dataset in self.datasets.values():
             if isinstance(dataset.to_tensor, SelectView):
                 dataset.to_tensor.scaling = self.scaling
+                dataset.to_tensor.cell_types = self.cell_types
 
     def _device(self) -> torch.device:
         if self.extract_device is not None:
@@ -386,5 +433,5 @@ class CachedFeatureDataModule(PatientBagDataModule):
     def instance_transform(self, stage: str) -> InstanceTransform:
         to_tensor = FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
         if stage == "train":
-            return SelectView("random", to_tensor, self.scaling)
-        return SelectView(self.eval_view, to_tensor, self.scaling)
+            return SelectView("random", to_tensor, self.scaling, self.cell_types)
+        return SelectView(self.eval_view, to_tensor, self.scaling, self.cell_types)

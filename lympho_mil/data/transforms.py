@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.data.gpu_augment import DIHEDRAL_MATRICES, LUMA, colour_maps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -231,6 +232,44 @@ class FeatureScaling:
     def from_state(cls, state: dict[str, list[float]]) -> FeatureScaling:
         """The inverse of `to_state`."""
         return cls(**{k: np.asarray(v, np.float32) for k, v in state.items()})
+
+
+@dataclass
+class CellTypes:
+    """Each crop as its cell type: the nearest of ``K`` centres, one-hot ``float32[n, K]``.
+
+    The centres are a k-means clustering (scikit-learn) of the training patients'
+    standardised crop features, fitted per split like `FeatureScaling`; averaged over a bag,
+    the one-hot rows give the patient's share of every type, the form a haematologist counts
+    in ("how many atypical cells"). ``centres``: ``float32[K, D]``.
+    """
+
+    centres: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray, k: int, seed: int = 0) -> CellTypes:
+        """K-means (``k`` clusters, 4 restarts, ``seed``) of ``features[n, D]``."""
+        from sklearn.cluster import KMeans
+
+        if len(features) < k:
+            raise SettingError(
+                f"cell_types is {k} but the training patients have only {len(features)} crops"
+            )
+        kmeans = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(features)
+        return cls(kmeans.cluster_centers_.astype(np.float32))
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        distances = ((features[:, None, :] - self.centres[None]) ** 2).sum(axis=-1)
+        return np.eye(len(self.centres), dtype=np.float32)[distances.argmin(axis=1)]
+
+    def to_state(self) -> dict[str, list[list[float]]]:
+        """Plain lists, for a datamodule's ``state_dict`` (saved in checkpoints)."""
+        return {"centres": self.centres.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, list[list[float]]]) -> CellTypes:
+        """The inverse of `to_state`."""
+        return cls(np.asarray(state["centres"], np.float32))
 
 
 class FeaturesToTensor:

@@ -13,6 +13,7 @@ from lympho_mil.models.mil import (
     MaxPoolMIL,
     MeanPoolMIL,
     MILClassifier,
+    StatisticsPoolMIL,
 )
 from lympho_mil.models.tabular import GatedFusionMIL, TabularMLP
 
@@ -28,5 +29,6 @@ __all__ = [
     "MaxPoolMIL",
     "MeanPoolMIL",
     "NonFiniteLossError",
+    "StatisticsPoolMIL",
     "TabularMLP",
 ]
