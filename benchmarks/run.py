@@ -5,7 +5,8 @@ with `harness.study`); each prints JSON lines, and ``--record`` keeps them in
 ``benchmarks/results/<study>.jsonl`` for the docs tables (``python benchmarks/tables.py``).
 """
 
-import study_dlmi  # noqa: F401  (registers its studies)
+import study_dlmi  # noqa: F401  (each study_* module registers its studies)
+import study_speed  # noqa: F401
 from harness import run
 
 if __name__ == "__main__":

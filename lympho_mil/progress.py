@@ -1,8 +1,8 @@
 """Progress of long one-off steps (decoding crops, extracting features, pretraining).
 
 On a terminal a tqdm bar; otherwise (CI, a log file) a few plain lines on stderr: at the
-start, about every tenth of the work, and at the end, each with the elapsed time and an
-estimate of the rest. Lightning keeps its own bar for training.
+start, after every tenth of the work or minute (whichever comes first), and at the end, each
+with the elapsed time and an estimate of the rest. Lightning keeps its own bar for training.
 """
 
 from __future__ import annotations
@@ -26,19 +26,22 @@ class Progress(Protocol):
 class _Lines:
     """Plain progress lines, about ``steps`` of them, for output that is not a terminal."""
 
-    def __init__(self, desc: str, total: int, unit: str, steps: int = 10) -> None:
+    def __init__(
+        self, desc: str, total: int, unit: str, steps: int = 10, every_s: float = 60
+    ) -> None:
         self.desc, self.total, self.unit = desc, max(total, 1), unit
-        self.done, self.every = 0, max(1, self.total // steps)
-        self.start = time.perf_counter()
+        self.done, self.every, self.every_s = 0, max(1, self.total // steps), every_s
+        self.start = self.last = time.perf_counter()
         self.text = ""
         self.next_line = self.every
         _write(f"{desc}: {total} {unit}")
 
     def update(self, n: int = 1) -> None:
         self.done += n
-        if self.done >= self.next_line or self.done >= self.total:
-            self.next_line = self.done + self.every
-            elapsed = time.perf_counter() - self.start
+        now = time.perf_counter()
+        if self.done >= self.next_line or self.done >= self.total or now - self.last > self.every_s:
+            self.next_line, self.last = self.done + self.every, now
+            elapsed = now - self.start
             rest = elapsed / self.done * max(self.total - self.done, 0)
             note = f", {self.text}" if self.text else ""
             _write(

@@ -45,6 +45,7 @@ from lympho_mil.data.image_cache import (
 from lympho_mil.data.transforms import CellTypes, FeatureScaling, FeaturesToTensor
 from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
 from lympho_mil.nn.tta import DIHEDRAL_VIEWS
+from lympho_mil.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def extract_features(
     uint8 and are normalised there exactly as the image loaders do."""
     rows_per_step = max(1, batch_size // spec.views)
     encoder.eval().to(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), progress(f"extracting {spec.encoder} features", n_crops) as bar:
         for start in range(0, n_crops, rows_per_step):
             rows = np.arange(start, min(start + rows_per_step, n_crops))
             pixels = torch.from_numpy(images[rows]).to(device).permute(0, 3, 1, 2)
@@ -116,6 +117,7 @@ def extract_features(
                 x = stack_dihedral_views(x).flatten(0, 1)
             h = encoder(x).reshape(len(rows), spec.views, -1)
             out[rows] = h.float().cpu().numpy()
+            bar.update(len(rows))
 
 
 class FeatureCache(MemmapRows):

@@ -102,8 +102,11 @@ def _lightly() -> tuple[type[nn.Module], type[nn.Module]]:
 
 def simclr_views(seed: int) -> Any:
     """The albumentations pipeline that draws one view of a uint8 ``[S, S, 3]`` crop."""
-    import albumentations as A
     import cv2
+
+    from lympho_mil.data.transforms import albumentations
+
+    A = albumentations()
 
     return A.Compose(
         [
