@@ -182,5 +182,36 @@ def round7(args: argparse.Namespace) -> Iterator[Record]:
         if name in wanted or name in (REFERENCE, RECIPE):
             oofs[name] = _cv(name, candidates[name], args)
     refs = {n: oofs[n] for n in (REFERENCE, RECIPE)}
-    for name, oof in oofs.items():
-        yield _row(name, oof, refs, args.out)
+    rows = [_row(name, oof, refs, args.out) for name, oof in oofs.items()]
+    yield from rows
+    if set(candidates) <= set(oofs):
+        yield round7_verdict(rows)
+
+
+def round7_verdict(rows: list[Record]) -> Record:
+    """The seventh round's rule (docs/results.md), applied to its candidate records: the image
+    pathway is the image-only candidate of highest AUROC (within 0.005, higher balanced
+    accuracy); its fused twin replaces the recipe if it beats it in both metrics; the bars of
+    issue 19, met or not."""
+    by_name = {r["candidate"]: r for r in rows}
+    images = [r for r in rows if r["candidate"].startswith("images_")]
+    top_auroc = max(r["auroc"]["mean"] for r in images)
+    close = [r for r in images if r["auroc"]["mean"] >= top_auroc - 0.005]
+    pathway = max(close, key=lambda r: (r["balanced_accuracy"]["mean"], r["auroc"]["mean"]))
+    fused = by_name["fused_" + pathway["candidate"].removeprefix("images_")]
+    recipe = by_name[RECIPE]
+    adopted = fused["candidate"] != RECIPE and all(
+        fused[m]["mean"] > recipe[m]["mean"] for m in METRICS
+    )
+    versus = fused[f"minus_{REFERENCE}"]
+    return {
+        "record": "verdict",
+        "image_pathway": pathway["candidate"],
+        "fused": fused["candidate"],
+        "adopted_as_recipe": adopted,
+        "bar_images_balanced_accuracy_0.80": pathway["balanced_accuracy"]["mean"] >= 0.80,
+        "bar_images_auroc_0.85": pathway["auroc"]["mean"] >= 0.85,
+        "bar_fused_plus_0.05_ci_above_0": versus["balanced_accuracy"]["mean"] >= 0.05
+        and versus["balanced_accuracy"]["ci95_low"] > 0,
+        "bar_fused_auroc_difference_above_0": versus["auroc"]["mean"] > 0,
+    }
