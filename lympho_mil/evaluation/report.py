@@ -324,7 +324,7 @@ def roc_band(
     return curve(None), low, high
 
 
-def _png(figure: Any) -> bytes:
+def figure_png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     return buffer.getvalue()
@@ -355,7 +355,7 @@ def _roc_png(
         ylim=(0, 1.01),
     )
     ax.legend(loc="lower right", fontsize="small")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _per_fold_png(figure_class: Any, report: dict[str, Any]) -> bytes:
@@ -373,4 +373,4 @@ def _per_fold_png(figure_class: Any, report: dict[str, Any]) -> bytes:
     ax.set(xlabel="outer fold", ylabel="balanced accuracy", ylim=(0, 1.02), title=report["name"])
     ax.set_xticks(range(len(folds)), [f"r{f['repeat']}f{f['fold']}" for f in folds], fontsize=7)
     ax.legend(fontsize="small", loc="lower left")
-    return _png(fig)
+    return figure_png(fig)
