@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from lympho_mil.evaluation.bootstrap import ECE_BINS
-from lympho_mil.evaluation.report import ROC_BAND_RESAMPLES, figure_png, roc_band
+from lympho_mil.evaluation.report import ROC_BAND_RESAMPLES, figure_png, roc_axes, roc_band
 
 PLOT_CAPTIONS = {
     "roc.png": "ROC curve of each model with its 95% bootstrap band; dot: the operating point "
@@ -91,14 +91,7 @@ def _roc(
             markeredgecolor="black",
             label=f"{name}: threshold {models[name]['threshold']:.3f}",
         )
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(
-        xlabel="false-positive rate (1 - specificity)",
-        ylabel="true-positive rate (sensitivity)",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-        title="ROC with 95% bootstrap band",
-    )
+    roc_axes(ax, "ROC with 95% bootstrap band")
     ax.legend(loc="lower right", fontsize="small")
     return figure_png(fig)
 

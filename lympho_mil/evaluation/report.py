@@ -330,6 +330,18 @@ def figure_png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
+def roc_axes(ax: Any, title: str) -> None:
+    """The chance diagonal, axis labels and limits of a ROC plot."""
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(
+        xlabel="false-positive rate (1 - specificity)",
+        ylabel="true-positive rate (sensitivity)",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+
+
 def _roc_png(
     figure_class: Any, report: dict[str, Any], oof: pd.DataFrame, n_bootstrap: int, seed: int
 ) -> bytes:
@@ -346,14 +358,7 @@ def _roc_png(
         where="post",
         label=f"out-of-fold ROC, AUROC {auroc['mean']:.3f} {_interval(auroc)}",
     )
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(
-        xlabel="false-positive rate (1 - specificity)",
-        ylabel="true-positive rate (sensitivity)",
-        title=f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
+    roc_axes(ax, f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats")
     ax.legend(loc="lower right", fontsize="small")
     return figure_png(fig)
 
