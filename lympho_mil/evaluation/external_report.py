@@ -165,7 +165,7 @@ def markdown(report: dict[str, Any], sections: list[Section], figures: list[str]
 
 # -- HTML -------------------------------------------------------------------------------------
 STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1150px; color: #222; }
+body { font: 15px system-ui, sans-serif; margin: 1.5em auto; max-width: 1240px; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
 td { white-space: nowrap; }
