@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +47,39 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_folder(
+    out_dir: str | Path,
+    files: Mapping[str, bytes],
+    overwrite: bool = False,
+    replaces: Sequence[str] = (),
+) -> list[Path]:
+    """Write ``files`` (name -> content) into ``out_dir`` together: all into a temporary folder
+    beside it, then moved in (a new folder: one rename), so a failure leaves nothing behind.
+
+    Raises `OutputExistsError` before writing when any of ``files`` or ``replaces`` exists,
+    unless ``overwrite``; then the names of ``replaces`` not in ``files`` (outputs of an
+    earlier run that this one does not write) are removed.
+    """
+    out_dir = Path(out_dir)
+    check_writable([out_dir / name for name in (*files, *replaces)], overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        for name, data in files.items():
+            atomic_write_bytes(tmp / name, data)
+        if out_dir.exists():
+            for name in files:
+                os.replace(tmp / name, out_dir / name)
+            for name in set(replaces) - set(files):
+                (out_dir / name).unlink(missing_ok=True)
+        else:
+            os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir would create it
+            os.rename(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out_dir / name for name in files]
 
 
 def _umask() -> int:

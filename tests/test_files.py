@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from lympho_mil.files import OutputExistsError, atomic_write_bytes, atomic_write_text
+from lympho_mil.files import (
+    OutputExistsError,
+    atomic_write_bytes,
+    atomic_write_folder,
+    atomic_write_text,
+)
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
@@ -33,3 +38,25 @@ def test_files_follow_the_umask(tmp_path: Path, umask: int, mode: int) -> None:
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == mode
+
+
+def test_a_folder_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    previous = os.umask(0o022)
+    try:
+        atomic_write_folder(out, {"a.json": b"1", "b.png": b"2"}, replaces=["a.json", "c.png"])
+    finally:
+        os.umask(previous)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"a.json": b"1", "b.png": b"2"}
+    assert out.stat().st_mode & 0o777 == 0o755
+
+    with pytest.raises(OutputExistsError, match=r"a\.json"):
+        atomic_write_folder(out, {"a.json": b"new"})
+    with pytest.raises(TypeError):  # fails halfway: nothing of it lands
+        atomic_write_folder(out, {"a.json": b"new", "b.png": "not bytes"}, overwrite=True)  # type: ignore[dict-item]
+    assert (out / "a.json").read_bytes() == b"1"
+
+    (out / "c.png").write_bytes(b"stale")
+    atomic_write_folder(out, {"a.json": b"3"}, overwrite=True, replaces=["a.json", "c.png"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"a.json": b"3", "b.png": b"2"}
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left

@@ -1,4 +1,5 @@
-"""Evaluation: prediction files, cross-validation, thresholds, confidence intervals, reports."""
+"""Evaluation: prediction files, cross-validation, external validation, thresholds, confidence
+intervals, reports."""
 
 from lympho_mil.evaluation.bootstrap import (
     OOFArrays,
@@ -18,6 +19,7 @@ from lympho_mil.evaluation.cv import (
 )
 from lympho_mil.evaluation.ensemble import ensemble_records
 from lympho_mil.evaluation.explain import write_explanations
+from lympho_mil.evaluation.external import ModelPredictions, evaluate_predictions
 from lympho_mil.evaluation.predictions import PredictionWriter, write_predictions
 from lympho_mil.evaluation.thresholds import best_balanced_accuracy_threshold, choose_threshold
 
@@ -25,6 +27,7 @@ __all__ = [
     "CVResult",
     "Comparison",
     "FoldSplit",
+    "ModelPredictions",
     "OOFArrays",
     "PredictionWriter",
     "best_balanced_accuracy_threshold",
@@ -34,6 +37,7 @@ __all__ = [
     "cross_validate",
     "cv_splits",
     "ensemble_records",
+    "evaluate_predictions",
     "metric_summary",
     "paired_difference",
     "stratified_bootstrap_weights",

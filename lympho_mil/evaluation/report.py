@@ -324,10 +324,22 @@ def roc_band(
     return curve(None), low, high
 
 
-def _png(figure: Any) -> bytes:
+def figure_png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def roc_axes(ax: Any, title: str) -> None:
+    """The chance diagonal, axis labels and limits of a ROC plot."""
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(
+        xlabel="false-positive rate (1 - specificity)",
+        ylabel="true-positive rate (sensitivity)",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
 
 
 def _roc_png(
@@ -346,16 +358,9 @@ def _roc_png(
         where="post",
         label=f"out-of-fold ROC, AUROC {auroc['mean']:.3f} {_interval(auroc)}",
     )
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(
-        xlabel="false-positive rate (1 - specificity)",
-        ylabel="true-positive rate (sensitivity)",
-        title=f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
+    roc_axes(ax, f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats")
     ax.legend(loc="lower right", fontsize="small")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _per_fold_png(figure_class: Any, report: dict[str, Any]) -> bytes:
@@ -373,4 +378,4 @@ def _per_fold_png(figure_class: Any, report: dict[str, Any]) -> bytes:
     ax.set(xlabel="outer fold", ylabel="balanced accuracy", ylim=(0, 1.02), title=report["name"])
     ax.set_xticks(range(len(folds)), [f"r{f['repeat']}f{f['fold']}" for f in folds], fontsize=7)
     ax.legend(fontsize="small", loc="lower left")
-    return _png(fig)
+    return figure_png(fig)
