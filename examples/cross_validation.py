@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lympho_mil import compare_configs
 from lympho_mil.data.synthetic import make_synthetic_dlmi
-from lympho_mil.evaluation import compare_configs
 
 
 def configs(root: Path, cache: Path) -> dict[str, dict]:

@@ -7,6 +7,7 @@ Quick tour::
     model = AttentionMIL(tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats)
 """
 
+from lympho_mil.cli import compare_configs, cross_validate
 from lympho_mil.data import (
     BagBatch,
     BagDataModule,
@@ -16,7 +17,6 @@ from lympho_mil.data import (
     collate_bags,
     make_synthetic_dlmi,
 )
-from lympho_mil.evaluation import compare_configs, cross_validate
 from lympho_mil.models import (
     AttentionMIL,
     BagClassifier,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,13 @@ import pytest
 import yaml
 from lightning import Trainer
 
+from lympho_mil import compare_configs, cross_validate
 from lympho_mil.cli import main
+from lympho_mil.cli.cv import _check_fit_options, build_parser
 from lympho_mil.data import PatientBagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.synthetic import make_synthetic_dlmi
-from lympho_mil.evaluation import compare_configs, cross_validate
-from lympho_mil.evaluation.cv_cli import _check_fit_options, build_parser
+from lympho_mil.evaluation import ModuleRunner, run_cross_validation
 from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.models import TabularMLP
 from lympho_mil.models.metrics import METRIC_NAMES
@@ -437,3 +439,35 @@ def test_a_bad_config_from_python_raises_instead_of_exiting(configs: dict[str, P
     config["model"]["init_args"]["no_such_argument"] = 1
     with pytest.raises(ValueError, match="no_such_argument"):
         cross_validate(config, folds=2, verbose=False)
+
+
+def test_a_module_runner_cross_validates_without_configs_as_the_command_does(
+    configs: dict[str, Path], dlmi_root: Path, workdir: Path
+) -> None:
+    """The evaluation layer trains folds through any runner: Python callables give the same
+    folds, thresholds and probabilities as the config that the command line runs."""
+    trainer = {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1, "deterministic": True}
+    runner = ModuleRunner(
+        make_data=partial(
+            PatientBagDataModule,
+            str(dlmi_root),
+            image_size=32,
+            cache_dir=str(workdir / "cache"),
+            batch_size=4,
+            max_instances=1,
+            augment=False,
+        ),
+        make_model=lambda dm: TabularMLP(
+            tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats, lr=0.01
+        ),
+        trainer=trainer,
+    )
+    settings: dict[str, Any] = {"folds": 2, "n_bootstrap": 50, "verbose": False}
+    python = run_cross_validation(runner, **settings)
+    command = cross_validate(
+        configs["tabular"], overrides=["--trainer.deterministic=true"], **settings
+    )
+    pd.testing.assert_frame_equal(python.oof, command.oof)
+    assert python.report["config"] == {"source": "python", "trainer": trainer}
+    with pytest.raises(TypeError, match=r"lympho_mil\.cross_validate"):
+        run_cross_validation(configs["tabular"])  # type: ignore[arg-type]

@@ -1,4 +1,4 @@
-"""The ``lympho-mil`` command: LightningCLI (fit/validate/test/predict) plus ``cv``.
+"""The LightningCLI of ``lympho-mil`` (fit/validate/test/predict): parser, links, checkpoint policy.
 
 Model and data are chosen by class name (``--model AttentionMIL``, ``class_path:
 GatedFusionMIL`` in a config). The clinical vector size and its standardisation, fitted on
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import re
 import sys
 import warnings
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,14 +28,11 @@ from lightning.pytorch.cli import (
     SaveConfigCallback,
 )
 
-from lympho_mil.arguments import SettingError
+from lympho_mil.cli.checkpoints import global_step, read_checkpoint
+from lympho_mil.cli.errors import ConfigError, is_file
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
-from lympho_mil.data.errors import DataError
-from lympho_mil.evaluation.explain import ExplainError
 from lympho_mil.evaluation.predictions import PredictionWriter
-from lympho_mil.files import OutputExistsError
-from lympho_mil.models import BagClassifier, CheckpointFormatError
-from lympho_mil.nn import EncoderWeightsError
+from lympho_mil.models import BagClassifier
 
 MONITOR = "val_balanced_accuracy"
 DEFAULT_RUNS = "runs"
@@ -49,15 +44,6 @@ DEFAULT_LOGGER: dict[str, Any] = {
 EVAL_SETTINGS = ("threshold", "tta_views", "chunk_size")
 """Model settings that ``--model.<name>`` may change on a trained checkpoint (``validate``,
 ``test``, ``predict``): how it decides and evaluates, not what it learnt."""
-USER_ERRORS = (
-    SettingError,
-    DataError,
-    OutputExistsError,
-    FileNotFoundError,
-    CheckpointFormatError,
-    EncoderWeightsError,
-    ExplainError,
-)
 
 
 class LymphoCLI(LightningCLI):
@@ -103,7 +89,7 @@ class LymphoCLI(LightningCLI):
             if subcommand and given & {f"--model.{key}", f"--model.init_args.{key}"}
         }
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and _is_file(str(ckpt_path)):
+        if ckpt_path and is_file(str(ckpt_path)):
             read_checkpoint(ckpt_path)  # a file that is no checkpoint: one line, not a traceback
 
     def before_instantiate_classes(self) -> None:
@@ -162,12 +148,12 @@ class LymphoCLI(LightningCLI):
         best, whatever came before). A run branched from an older checkpoint writes into its
         own folder, and leaves the original run's files alone."""
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if not ckpt_path or not _is_file(str(ckpt_path)):
+        if not ckpt_path or not is_file(str(ckpt_path)):
             return
         checkpoint, given = read_checkpoint(ckpt_path), Path(ckpt_path).resolve()
         step = checkpoint.get("global_step", -1)
         folder = given.parent
-        if any(_global_step(p) > step for p in folder.glob("*.ckpt") if p.resolve() != given):
+        if any(global_step(p) > step for p in folder.glob("*.ckpt") if p.resolve() != given):
             return  # a branch from an older state of the run
         states = checkpoint.get("callbacks", {})
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set at run time
@@ -286,32 +272,6 @@ class RunConfigSaver(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint at ``path`` loaded with ``weights_only=True``, its tensors memory-mapped
-    (the CLI reads its metadata, not its weights); ConfigError when the file is not a
-    Lightning checkpoint (unpicklable content is left to the caller's handler)."""
-    if not zipfile.is_zipfile(path):
-        raise ConfigError(f"{path} is not a checkpoint (not a file that torch.save writes)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, KeyError) as exc:
-        raise ConfigError(f"cannot read the checkpoint {path}: {exc}") from exc
-    if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(
-        checkpoint
-    ):
-        raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict or version)")
-    return checkpoint
-
-
-def _global_step(path: Path) -> int:
-    """The training step a checkpoint file was written at (-1 if it cannot be read)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # any unreadable file: not a later state of the run
-        return -1
-    return int(checkpoint.get("global_step", -1)) if isinstance(checkpoint, dict) else -1
-
-
 def share_cpu_with_loader_workers(trainer: Trainer, datamodule: object) -> None:
     """On CPU, leave one core per loader worker: torch's default of one thread per core plus
     the workers oversubscribes the machine (measured: a quickstart epoch on 2 cores took
@@ -381,7 +341,7 @@ def check_class_names(argv: Sequence[str]) -> None:
             value = argv[i + 1]
         if key in ("--model", "--data"):
             given.append((key[2:], value))
-        elif key == "--config" and _is_file(value):
+        elif key == "--config" and is_file(value):
             try:
                 config = yaml.safe_load(Path(value).read_text()) or {}
             except yaml.YAMLError as exc:
@@ -398,71 +358,3 @@ def check_class_names(argv: Sequence[str]) -> None:
                 f"unknown {section} {name!r}; valid choices: {', '.join(choices)} "
                 "(or a full import path such as mypackage.MyModel)"
             )
-
-
-def _is_file(value: str) -> bool:
-    """Whether ``value`` names a file (an inline config may be too long to be a path)."""
-    try:
-        return Path(value).is_file()
-    except OSError:
-        return False
-
-
-class ConfigError(ValueError):
-    """A configuration names something that does not exist."""
-
-
-def _user_error_behind(exc: BaseException) -> BaseException | None:
-    """The first user error (bad data, files, weights, settings) in the chain of causes of
-    ``exc``, or None: a bug, to show with its traceback."""
-    seen: BaseException | None = exc.__cause__ or exc.__context__
-    while seen is not None:
-        if isinstance(seen, (*USER_ERRORS, ConfigError)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``lympho-mil`` and ``python -m lympho_mil``."""
-    argv = list(sys.argv[1:] if args is None else args)
-    try:
-        check_class_names(argv)
-        if argv[:1] == ["cv"]:
-            from lympho_mil.evaluation.cv_cli import cv_main
-
-            cv_main(argv[1:])
-            return
-        build_cli(None if args is None else argv)
-    except (*USER_ERRORS, ConfigError) as exc:
-        print(f"lympho-mil: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ValueError as exc:  # jsonargparse wraps what a class raised while instantiated
-        cause = _user_error_behind(exc)
-        if cause is None:
-            raise
-        print(f"lympho-mil: error: {cause}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RuntimeError as exc:
-        if "Error(s) in loading state_dict" not in str(exc):
-            raise
-        lines = str(exc).splitlines()
-        print(
-            "lympho-mil: error: the checkpoint's weights do not fit the model that the config "
-            "and data build (use the config and data it was trained with): "
-            + " ".join(line.strip() for line in lines[:3]),
-            file=sys.stderr,
-        )
-        raise SystemExit(2) from None
-    except pickle.UnpicklingError as exc:
-        print(
-            "lympho-mil: error: refusing to load a checkpoint that holds more than tensors and "
-            "plain values (it could run code when loaded; only weights_only=True loading is "
-            f"allowed): {str(exc).splitlines()[0]}",
-            file=sys.stderr,
-        )
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
