@@ -296,7 +296,7 @@ def test_cross_validation_extracts_once(
     tmp_path: Path, cache_dir: Path, extractions: list[int]
 ) -> None:
     """Each fold run instantiates the datamodule from the config (through the CLI)."""
-    from lympho_mil.evaluation.cv import cross_validate
+    from lympho_mil import cross_validate
 
     root = make_synthetic_dlmi(tmp_path / "dlmi", n_patients=20, image_size=SIZE, max_cells=16)
     config = {
