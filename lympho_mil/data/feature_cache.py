@@ -42,6 +42,7 @@ from lympho_mil.data.image_cache import (
     read_sidecar,
     write_cache,
 )
+from lympho_mil.data.scaled import ScaledFeatures
 from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
 from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
 from lympho_mil.nn.tta import DIHEDRAL_VIEWS
@@ -213,7 +214,7 @@ class SelectView:
         return self.to_tensor(picked, rng)
 
 
-class CachedFeatureDataModule(PatientBagDataModule):
+class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
     """DLMI patients as bags of frozen-encoder features ``float[n, D]``, extracted once.
 
     Crops are decoded into the image cache as for `PatientBagDataModule`, then every
@@ -359,22 +360,13 @@ class CachedFeatureDataModule(PatientBagDataModule):
         rows = np.sort(np.concatenate(train))
         return FeatureScaling.fit(store[rows].astype(np.float32).mean(axis=1))
 
-    def state_dict(self) -> dict[str, Any]:
-        """The feature standardisation, saved in checkpoints: ``predict`` on other patients
-        (another folder, another split) then scales features exactly as in training."""
-        if self.scaling is None:
-            return {}
-        return {"feature_scaling": self.scaling.to_state()}
+    def scaled_size(self) -> int:
+        return self.feature_dim
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the standardisation of a checkpoint, also in datasets already set up."""
-        saved = state_dict.get("feature_scaling")
-        if saved is None:
-            return
-        self.scaling = FeatureScaling.from_state(saved)
+    def use_scaling(self, scaling: FeatureScaling) -> None:
         for dataset in self.datasets.values():
             if isinstance(dataset.to_tensor, SelectView):
-                dataset.to_tensor.scaling = self.scaling
+                dataset.to_tensor.scaling = scaling
 
     def _device(self) -> torch.device:
         if self.extract_device is not None:
