@@ -29,8 +29,7 @@ from lympho_mil.models import (
     MILClassifier,
     TabularMLP,
 )
-
-__version__ = "0.1.0"
+from lympho_mil.version import __version__
 
 __all__ = [
     "AttentionMIL",

@@ -1,5 +1,5 @@
 """The package's layers: every module imports alone (no import cycle), and imports only point
-down: cli -> evaluation -> models -> data -> nn (``arguments`` and ``files`` below them all)."""
+down: cli -> evaluation -> models -> data -> nn (``arguments``, ``files``, ``version`` below)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lympho_mil"
 RANK = {"nn": 0, "data": 1, "models": 2, "evaluation": 3, "cli": 4}
 """A module may import its own layer and those of lower rank."""
-BOTTOM = {"arguments", "files"}  # plain helpers every layer may use
+BOTTOM = {"arguments", "files", "version"}  # plain helpers every layer may use
 
 
 def modules() -> list[str]:

@@ -1,9 +1,10 @@
 """The command layer: the one ``lympho-mil`` command and everything only it needs.
 
-``app`` holds the LightningCLI (fit, validate, test, predict: parser, links, checkpoint
-policy), ``cv`` the cross-validation command and its config-driven fold runner,
-``checkpoints`` how commands read checkpoint files, ``errors`` what a user error is. Nothing
-below this package (evaluation, models, data, nn) imports it; `main` is the entry point.
+``app`` holds the LightningCLI (its subcommands, parser, links and checkpoint policy) and the
+registry of further subcommands, ``cv`` the cross-validation subcommand and its
+config-driven fold runner, ``checkpoints`` how commands read checkpoint files, ``parser``
+and ``errors`` how a bad input becomes one line. Nothing below this package (evaluation,
+models, data, nn) imports it; `main` is the entry point.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lympho_mil.cli.app import LymphoCLI, build_cli, check_class_names
-from lympho_mil.cli.cv import ConfigRunner, compare_configs, cross_validate, cv_main
+from lympho_mil.cli.cv import ConfigRunner, compare_configs, cross_validate
 from lympho_mil.cli.errors import USER_ERRORS, ConfigError, user_error_behind
 
 __all__ = [
@@ -33,9 +34,6 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     try:
         check_class_names(argv)
-        if argv[:1] == ["cv"]:
-            cv_main(argv[1:])
-            return
         build_cli(None if args is None else argv)
     except USER_ERRORS as exc:
         fail(str(exc))

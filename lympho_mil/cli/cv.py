@@ -1,30 +1,29 @@
 """``lympho-mil cv``: repeated patient-level cross-validation of one or several ``fit`` configs.
 
-Each fold run is the ``fit`` command's LightningCLI (`ConfigRunner`) with the fold's patient
-lists as overrides; `cross_validate` and `compare_configs` do the same from Python.
+    lympho-mil cv --config CFG [--cv.folds K] [--cv.repeats R] [--cv.out DIR]
+                  [--cv.compare '[CFG2, ...]'] [--cv.predict true] [fit options ...]
 
-    lympho-mil cv --config CFG [--config CFG2 ...] [--folds K] [--repeats R] [--seed S]
-                  [--out DIR] [--threshold-policy fixed|inner_val] [--inner-val-fraction F]
-                  [--n-bootstrap B] [--predict] [--overwrite] [fit overrides ...]
-
-Every argument it does not know (``--data.root PATH``, ``--trainer.max_epochs 3`` ...) goes
-to each fold's ``fit`` config unchanged. Several ``--config`` are evaluated on identical
-splits and compared with the first.
+cv parses as ``fit`` does, plus its ``--cv.*`` options (`CVOptions`, or a ``cv:`` section of
+the config); every other argument (``--data.root PATH``, ``--trainer.max_epochs 3``) goes to
+each fold's ``fit`` unchanged. Each fold run is the ``fit`` command's LightningCLI
+(`ConfigRunner`) with the fold's patient lists as overrides; `cross_validate` and
+`compare_configs` do the same from Python.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from lympho_mil.cli.app import build_cli
+from lympho_mil.cli.app import Command, LymphoCLI, build_cli, register
+from lympho_mil.cli.errors import ConfigError
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
 from lympho_mil.evaluation.cv import (
@@ -36,7 +35,7 @@ from lympho_mil.evaluation.cv import (
     run_cross_validation,
 )
 from lympho_mil.evaluation.predictions import PredictionWriter
-from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, ThresholdPolicy
+from lympho_mil.evaluation.thresholds import ThresholdPolicy
 
 ConfigSource = str | Path | dict[str, Any]
 QUIET_ARGS = (
@@ -209,106 +208,72 @@ def compare_configs(
     )
 
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low``."""
+@dataclass
+class CVOptions:
+    """The options of ``lympho-mil cv`` (``--cv.<name>``, or a ``cv:`` section of a config).
 
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
-        return value
+    Args:
+        folds: outer folds K (at least 2).
+        repeats: repeats R; repeat r shuffles the patients with seed + r.
+        seed: seed of the splits (each fold trains under its own seed, derived from it).
+        out: output folder of the report, predictions, plots and fold models.
+        inner_val_fraction: share of each outer training set held out as inner validation,
+            for the checkpoint and the threshold.
+        n_bootstrap: patient bootstrap resamples for the confidence intervals.
+        predict: also write the fold ensemble's predictions of the patients to predict (the
+            unlabelled ones, or --data.predict_ids, which then stay out of the folds).
+        overwrite: replace an earlier run's outputs in ``out``.
+        compare: further fit configs, cross-validated on the same splits (with the same
+            overrides) and compared with the first, the --config one.
+    """
 
-    return parse
+    folds: int = 5
+    repeats: int = 1
+    seed: int = 0
+    out: str = "cv"
+    inner_val_fraction: float = 0.2
+    n_bootstrap: int = DEFAULT_RESAMPLES
+    predict: bool = False
+    overwrite: bool = False
+    compare: list[str] = field(default_factory=list)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The options of ``lympho-mil cv`` (the rest of the command line goes to ``fit``)."""
-    parser = argparse.ArgumentParser(
-        prog="lympho-mil cv",
-        description=(
-            "Repeated stratified patient-level cross-validation with inner validation for "
-            "checkpoint and threshold, bootstrap CIs, fold ensembles and paired comparison. "
-            "Unknown arguments (e.g. --data.root PATH) are passed to every fold's fit config."
-        ),
-        allow_abbrev=False,
-    )
-    parser.add_argument(
-        "--config",
-        action="append",
-        required=True,
-        help="a fit config (repeat it to compare several models on identical splits)",
-    )
-    parser.add_argument("--folds", type=at_least(2), default=5, help="outer folds K (default 5)")
-    parser.add_argument("--repeats", type=at_least(1), default=1, help="repeats R (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="repeat r shuffles with seed + r")
-    parser.add_argument("--out", default="cv", help="output folder (default ./cv)")
-    parser.add_argument(
-        "--threshold-policy",
-        choices=THRESHOLD_POLICIES,
-        default="inner_val",
-        help="fixed: the config's model.threshold (0.5 by default); inner_val: maximise "
-        "balanced accuracy on inner validation (default)",
-    )
-    parser.add_argument(
-        "--inner-val-fraction",
-        type=float,
-        default=0.2,
-        help="share of each outer training set held out for checkpoint and threshold",
-    )
-    parser.add_argument(
-        "--n-bootstrap",
-        type=at_least(1),
-        default=DEFAULT_RESAMPLES,
-        help=f"patient bootstrap resamples for the CIs (default {DEFAULT_RESAMPLES})",
-    )
-    parser.add_argument(
-        "--predict",
-        action="store_true",
-        help="also write the fold ensemble's predictions of the unlabelled patients",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
-    return parser
+    def check(self) -> None:
+        """ConfigError naming the first option out of its range."""
+        for name, low in (("folds", 2), ("repeats", 1), ("n_bootstrap", 1)):
+            value = getattr(self, name)
+            if value < low:
+                raise ConfigError(f"--cv.{name} must be an integer >= {low}, got {value}")
+        if not 0.0 < self.inner_val_fraction < 1.0:
+            raise ConfigError(
+                f"--cv.inner_val_fraction must be in (0, 1), got {self.inner_val_fraction}"
+            )
 
 
-FIT_OPTIONS = (
-    "trainer",
-    "model",
-    "data",
-    "checkpoint",
-    "last_checkpoint",
-    "prediction",
-    "optimizer",
-    "lr_scheduler",
-    "seed_everything",
-    "c",  # -c FILE: another config layered on every fold's (as --config is to fit)
-)
-"""The ``fit`` options that ``cv`` passes on (``--<name>`` or ``--<name>.<key>``)."""
-
-
-def cv_main(argv: list[str]) -> None:
-    """Run ``lympho-mil cv`` with the arguments that follow ``cv``."""
-    parser = build_parser()
-    args, overrides = parser.parse_known_args(argv)
-    _check_fit_options(parser, overrides)
-    common = {
-        "folds": args.folds,
-        "repeats": args.repeats,
-        "seed": args.seed,
-        "out_dir": args.out,
-        "threshold_policy": args.threshold_policy,
-        "inner_val_fraction": args.inner_val_fraction,
+def run_cv(cli: LymphoCLI) -> None:
+    """Run ``lympho-mil cv`` on the parsed command line: every argument but cv's own goes to
+    each fold's ``fit`` unchanged."""
+    parsed = cli.config["cv"]
+    options = CVOptions(**parsed["cv"])
+    options.check()
+    config, overrides = config_and_overrides(cli.argv[cli.argv.index("cv") + 1 :])
+    common: dict[str, Any] = {
+        "folds": options.folds,
+        "repeats": options.repeats,
+        "seed": options.seed,
+        "out_dir": options.out,
+        "threshold_policy": parsed["threshold_policy"],
+        "inner_val_fraction": options.inner_val_fraction,
         "overrides": overrides,
-        "predict": args.predict,
-        "overwrite": args.overwrite,
-        "n_bootstrap": args.n_bootstrap,
+        "predict": options.predict,
+        "overwrite": options.overwrite,
+        "n_bootstrap": options.n_bootstrap,
     }
-    if len(args.config) == 1:
-        result = cross_validate(args.config[0], **common)
-        assert result.out_dir is not None  # --out always names a folder (default ./cv)
+    if not options.compare:
+        result = cross_validate(config, **common)
         print(_summary_line(result))
-        print(f"report: {result.out_dir / 'cv_report.md'}")
+        print(f"report: {Path(options.out) / 'cv_report.md'}")
         return
-    comparison = compare_configs(args.config, **common)
+    comparison = compare_configs([config, *options.compare], **common)
     for result in comparison.results:
         print(_summary_line(result))
     reference = comparison.table["reference"]
@@ -318,27 +283,46 @@ def cv_main(argv: list[str]) -> None:
             f"{name} - {reference}: balanced accuracy {d['mean']:+.3f} "
             f"[{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]"
         )
-    print(f"comparison: {Path(args.out) / 'comparison.md'}")
+    print(f"comparison: {Path(options.out) / 'comparison.md'}")
 
 
-def _check_fit_options(parser: argparse.ArgumentParser, overrides: list[str]) -> None:
-    """Name an option that is neither cv's nor one of the fit options it passes on (a typo
-    such as ``--fold``); the word after an option without ``=`` is its value."""
-    value_next = False
-    for arg in overrides:
-        if value_next or not arg.startswith("-"):
-            value_next = False
-            continue
-        key = arg.split("=", 1)[0]
-        name = key.lstrip("-").split(".")[0]
-        if name in ("ckpt_path", "print_config"):
-            parser.error(f"{key} does not apply to cv: it trains every fold's model itself")
-        if name not in FIT_OPTIONS:
-            parser.error(
-                f"unknown option {key}: neither a cv option (lympho-mil cv --help) nor a fit "
-                "option (--trainer.*, --model.*, --data.*, ...) to pass on"
+def config_and_overrides(args: Sequence[str]) -> tuple[str, list[str]]:
+    """The config of cv's folds (the first ``--config``/``-c``) and the other arguments,
+    less cv's own options (``--cv.*``, ``--threshold_policy``): the folds' fit overrides.
+    A value follows its option after ``=`` or as the next word."""
+    config: str | None = None
+    overrides: list[str] = []
+    i = 0
+    while i < len(args):
+        key, equals, value = args[i].partition("=")
+        has_next = not equals and i + 1 < len(args) and not args[i + 1].startswith("--")
+        if has_next:
+            value = args[i + 1]
+        words = args[i : i + 1 + has_next]
+        i += 1 + has_next
+        if key in ("--config", "-c") and config is None:
+            config = value
+        elif key == "--config":
+            raise ConfigError(
+                "cv takes one --config; compare configs with --cv.compare '[B.yaml, C.yaml]' "
+                "(use -c to layer a further config on it, as fit does)"
             )
-        value_next = "=" not in arg
+        elif key not in ("--cv", "--threshold_policy") and not key.startswith("--cv."):
+            overrides += words
+    if config is None:
+        raise ConfigError("cv needs --config: the fit config to cross-validate")
+    return config, overrides
+
+
+register(
+    "cv",
+    Command(
+        "cross-validate fit configs: repeated patient-level folds, bootstrap intervals, "
+        "fold ensembles, paired comparison",
+        CVOptions,
+        run_cv,
+    ),
+)
 
 
 def _summary_line(result: CVResult) -> str:

@@ -427,7 +427,7 @@ def _claim_outputs(
     paths = list(dict.fromkeys(paths))
     if compare:  # its own per-config folders are claimed file by file above
         paths = [p for p in paths if p not in dirs]
-    check_writable(paths, overwrite, hint="cv --overwrite, or overwrite=True")
+    check_writable(paths, overwrite, hint="cv --cv.overwrite true, or overwrite=True")
     return [p for p in paths if p.exists()]
 
 
@@ -462,8 +462,8 @@ def _labelled_patients(runner: FoldRunner, predict: bool) -> tuple[list[str], li
     labelled = [b for b in bags if b.label in (0, 1) and b.bag_id not in to_predict]
     if predict and not to_predict:
         raise DataError(
-            "--predict: the data has no unlabelled patients to predict; name patients to "
-            "predict with --data.predict_ids '[P26, P27]' (left out of the cross-validation)"
+            "predict (cv --cv.predict): the data has no unlabelled patients to predict; name "
+            "patients to predict with --data.predict_ids '[P26, P27]' (left out of the folds)"
         )
     return [b.bag_id for b in labelled], [int(b.label) for b in labelled]
 

@@ -6,6 +6,7 @@ their pooling; ``InstanceMIL`` classifies every crop and averages the crop logit
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -138,7 +139,10 @@ class MILClassifier(EncoderMixin, BagClassifier):
             `BagClassifier`.
     """
 
-    default_pooling: str = "attention"  # a class default; GatedFusionMIL sets it per instance
+    @property
+    @abstractmethod
+    def default_pooling(self) -> str:
+        """The pooling a subclass fixes (a class attribute; GatedFusionMIL's is per model)."""
 
     def __init__(
         self,
