@@ -1,7 +1,9 @@
-"""Evaluation: prediction files, cross-validation, thresholds, confidence intervals, reports.
+"""Evaluation: prediction files, montages, cross-validation, thresholds, bootstrap intervals,
+fold ensembles and reports.
 
-Usable from Python without the command layer: cross-validation trains its folds through a
-`FoldRunner` its caller gives (`ModuleRunner` for Python callables).
+Usable from Python without the command layer, which it never imports: cross-validation
+trains its folds through a `FoldRunner` its caller gives (`ModuleRunner` for Python
+callables; the command line's builds them from ``fit`` configs).
 """
 
 from lympho_mil.evaluation.bootstrap import (
