@@ -5,7 +5,7 @@
 
 Three JSON lines: the decoding of the crops into the image cache, the one feature extraction
 (``CachedFeatureDataModule``: every crop through the frozen encoder, once), and the
-cross-validation itself (``lympho_mil.evaluation.cv.cross_validate``, each fold a ``fit`` run
+cross-validation itself (``lympho_mil.cross_validate``, each fold a ``fit`` run
 built from the same config, reading the cached features). Without ``--encoder-weights`` the
 encoder keeps its seeded initial weights: the figures time the plumbing; the metrics are not
 a result. The caches go to a fresh temporary folder unless ``--cache-dir`` is given. Heads on
@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from speed_common import emit, parser, quiet
 
+from lympho_mil import cross_validate
 from lympho_mil.data import CachedFeatureDataModule, PatientBagDataModule
 from lympho_mil.data.feature_cache import FeatureCache
-from lympho_mil.evaluation.cv import cross_validate
 
 
 def config(args: Any, cache_dir: str, in_dim: int) -> dict[str, Any]:

@@ -3,7 +3,7 @@
     python benchmarks/cv_tabular.py --data ../shared/data/dlmi-dev [--folds 5] [--repeats 3]
         [--config examples/configs/tabular_mlp.yaml] [--out DIR] [--cache-dir DIR]
 
-Runs :func:`lympho_mil.evaluation.cross_validate` (inner validation picks checkpoint and
+Runs :func:`lympho_mil.cross_validate` (inner validation picks checkpoint and
 threshold) and, on the very same outer splits, a clinical-only logistic regression as the
 reference. Prints one JSON line: each one's balanced accuracy and AUROC with their 95%
 patient-bootstrap intervals, wall and CPU time of this process, and the machine. The fold
@@ -27,8 +27,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from lympho_mil import cross_validate
 from lympho_mil.data import PatientBagDataModule
-from lympho_mil.evaluation import CVResult, cross_validate, metric_summary
+from lympho_mil.evaluation import CVResult, metric_summary
 
 CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tabular_mlp.yaml"
 REPORTED = ("balanced_accuracy", "auroc")

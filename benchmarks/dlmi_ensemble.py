@@ -24,8 +24,9 @@ import torch
 from dlmi_recipe import METRICS, interval, load
 from speed_common import emit, parser, quiet
 
+from lympho_mil import compare_configs, cross_validate
 from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
-from lympho_mil.evaluation.cv import OOF_COLUMNS, CVResult, compare_configs, cross_validate
+from lympho_mil.evaluation.cv import OOF_COLUMNS, CVResult
 
 
 def nested_ensemble(

@@ -33,9 +33,10 @@ import yaml
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 from speed_common import emit, parser, quiet
 
+from lympho_mil import compare_configs, cross_validate
 from lympho_mil.data import CachedFeatureDataModule, PatientBagDataModule
 from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
-from lympho_mil.evaluation.cv import CVResult, compare_configs, cross_validate
+from lympho_mil.evaluation.cv import CVResult
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 METRICS = ("balanced_accuracy", "auroc")

@@ -25,7 +25,7 @@ took 500 s. The frozen features learn the same way in every fold and cost second
 buys 5-fold CV, more repeats and more patients; the end-to-end fusion stays covered by
 examples/configs/gated_fusion_mil.yaml and the tests.
 
-Runs :func:`lympho_mil.evaluation.compare_configs` (inner validation picks the decision
+Runs :func:`lympho_mil.compare_configs` (inner validation picks the decision
 threshold) and prints one JSON line per model (balanced accuracy and AUROC with 95 %
 patient-bootstrap intervals), then the paired differences of ``GatedFusionMIL`` minus each
 single-modality model. ``--variants`` adds the gated fusion with the other gate input, without
@@ -58,8 +58,8 @@ from typing import Any
 import torch
 from speed_common import emit, quiet
 
+from lympho_mil import compare_configs
 from lympho_mil.data.synthetic import make_synthetic_dlmi
-from lympho_mil.evaluation import compare_configs
 from lympho_mil.evaluation.bootstrap import paired_difference
 from lympho_mil.nn import MORPHOLOGY_FEATURES
 

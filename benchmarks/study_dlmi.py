@@ -28,10 +28,10 @@ import pandas as pd
 import yaml
 from harness import DEFAULT_UNLABELLED, Record, study
 
+from lympho_mil.cli import cross_validate
 from lympho_mil.data import PatientBagDataModule
 from lympho_mil.data.image_cache import default_cache_dir
 from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
-from lympho_mil.evaluation.cv import cross_validate
 from lympho_mil.features.cytometry import CYTOMETRY_FEATURES
 from lympho_mil.features.pretrain import PretrainSettings, pretrained_encoder
 from lympho_mil.nn import MORPHOLOGY_FEATURES

@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from lympho_mil.version import __version__
 
 _HOMES = {
     "lympho_mil.data": (
@@ -27,7 +27,7 @@ _HOMES = {
         "collate_bags",
         "make_synthetic_dlmi",
     ),
-    "lympho_mil.evaluation": ("compare_configs", "cross_validate"),
+    "lympho_mil.cli": ("compare_configs", "cross_validate"),  # with the config-driven runner
     "lympho_mil.models": (
         "AttentionMIL",
         "BagClassifier",
@@ -83,6 +83,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the names as type checkers and IDEs see them
+    from lympho_mil.cli import compare_configs, cross_validate
     from lympho_mil.data import (
         BagBatch,
         BagDataModule,
@@ -92,7 +93,6 @@ if TYPE_CHECKING:  # the names as type checkers and IDEs see them
         collate_bags,
         make_synthetic_dlmi,
     )
-    from lympho_mil.evaluation import compare_configs, cross_validate
     from lympho_mil.models import (
         AttentionMIL,
         BagClassifier,

@@ -163,7 +163,7 @@ def test_recipe_cross_validates_through_the_cli(tmp_path: Path) -> None:
         tmp_path / "dlmi", n_patients=24, image_size=SIZE, seed=2, min_cells=3, max_cells=8
     )
     out = tmp_path / "cv"
-    args = ["--folds=2", f"--out={out}", "--n-bootstrap=50", "--trainer.max_epochs=2"]
+    args = ["--cv.folds=2", f"--cv.out={out}", "--cv.n_bootstrap=50", "--trainer.max_epochs=2"]
     main(["cv", *recipe_args(root, tmp_path / "cache"), *args])
     oof = pd.read_csv(out / "oof_predictions.csv")
     labelled = pd.read_csv(root / "trainset" / "trainset_true.csv")["ID"]

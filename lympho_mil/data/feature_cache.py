@@ -42,6 +42,7 @@ from lympho_mil.data.image_cache import (
     read_sidecar,
     write_cache,
 )
+from lympho_mil.data.scaled import ScaledFeatures
 from lympho_mil.data.transforms import CellTypes, FeatureScaling, FeaturesToTensor
 from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
 from lympho_mil.nn.tta import DIHEDRAL_VIEWS
@@ -219,7 +220,7 @@ class SelectView:
         return self.to_tensor(picked, rng)
 
 
-class CachedFeatureDataModule(PatientBagDataModule):
+class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
     """DLMI patients as bags of frozen-encoder features ``float[n, D]``, extracted once.
 
     Crops are decoded into the image cache as for `PatientBagDataModule`, then every
@@ -400,30 +401,40 @@ class CachedFeatureDataModule(PatientBagDataModule):
         features = scaling(store[rows].astype(np.float32).mean(axis=1))
         return CellTypes.fit(features, self.n_cell_types, seed=self.encoder_seed)
 
+    def scaled_size(self) -> int:
+        return encoder_out_dim(self.extractor)
+
+    def use_scaling(self, scaling: FeatureScaling) -> None:
+        for dataset in self.datasets.values():
+            if isinstance(dataset.to_tensor, SelectView):
+                dataset.to_tensor.scaling = scaling
+
     def state_dict(self) -> dict[str, Any]:
-        """The feature standardisation and cell types, saved in checkpoints: ``predict`` on
-        other patients (another folder, another split) then sees features exactly as in
-        training."""
-        state: dict[str, Any] = {}
-        if self.scaling is not None:
-            state["feature_scaling"] = self.scaling.to_state()
+        """The feature standardisation and the cell types, saved in checkpoints."""
+        state = super().state_dict()
         if self.cell_types is not None:
             state["cell_types"] = self.cell_types.to_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the standardisation and cell types of a checkpoint, also in datasets
-        already set up."""
-        saved = state_dict.get("feature_scaling")
-        if saved is not None:
-            self.scaling = FeatureScaling.from_state(saved)
-        types = state_dict.get("cell_types")
-        if types is not None:
-            self.cell_types = CellTypes.from_state(types)
+        """Restore a checkpoint's standardisation and cell types, also in the datasets
+        already set up; `DataError` when they do not fit these features."""
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("cell_types")
+        if saved is None:
+            return
+        types = CellTypes.from_state(saved)
+        wanted = (self.n_cell_types, self.scaled_size())
+        if types.centres.shape != wanted:
+            raise DataError(
+                f"the checkpoint has {types.centres.shape[0]} cell types of "
+                f"{types.centres.shape[1]} features but the data settings give {wanted[0]} of "
+                f"{wanted[1]}: use the data settings the model was trained with"
+            )
+        self.cell_types = types
         for dataset in self.datasets.values():
             if isinstance(dataset.to_tensor, SelectView):
-                dataset.to_tensor.scaling = self.scaling
-                dataset.to_tensor.cell_types = self.cell_types
+                dataset.to_tensor.cell_types = types
 
     def _device(self) -> torch.device:
         if self.extract_device is not None:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
 
 from lympho_mil.evaluation.bootstrap import (
@@ -58,8 +57,7 @@ def cv_output_names(predict: bool) -> list[str]:
 
 def cv_report(
     name: str,
-    config: str | Path | dict[str, Any],
-    overrides: list[str],
+    record: dict[str, Any],
     settings: CVSettings,
     n_patients: int,
     runs: Sequence[FoldRun],
@@ -70,6 +68,7 @@ def cv_report(
 
     Each metric gets ``{mean, std, ci95_low, ci95_high}``: mean and std over the repeats'
     out-of-fold estimates, the interval from a stratified patient bootstrap (percentile).
+    ``record`` is what the fold runner records about its configuration (``FoldRunner.record``).
     """
     label = oof.drop_duplicates("id")["label"]
     report: dict[str, Any] = {
@@ -91,8 +90,7 @@ def cv_report(
     }
     if ensemble is not None:
         report["ensemble"] = ensemble
-    report["config"] = _config_record(config)
-    report["overrides"] = list(overrides)
+    report.update(record)
     report["versions"] = _versions()
     report["wall_time_s"] = round(sum(run.seconds for run in runs), 2)
     return report
@@ -112,12 +110,6 @@ def _fold_entry(run: FoldRun, oof: pd.DataFrame) -> dict[str, Any]:
         "auroc": float(roc_auc_score(rows["label"], rows["probability"])),
         "seconds": round(run.seconds, 2),
     }
-
-
-def _config_record(config: str | Path | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(config, dict):
-        return {"source": "dict", "content": config}
-    return {"source": str(config), "content": yaml.safe_load(Path(config).read_text())}
 
 
 def _versions() -> dict[str, str]:

@@ -1,4 +1,6 @@
-"""LightningModules: one base class (loss, metrics, optimiser) and small subclasses."""
+"""LightningModules: one base class (loss, metrics, optimiser, threshold, checkpoint format,
+predict records) and small subclasses that build their networks from ``nn``. Reads batches of
+``data``; never imports ``evaluation`` or the command layer."""
 
 from lympho_mil.models.base import (
     BagClassifier,

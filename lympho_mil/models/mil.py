@@ -7,6 +7,7 @@ and averages the crop logits.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -139,7 +140,10 @@ class MILClassifier(EncoderMixin, BagClassifier):
             `BagClassifier`.
     """
 
-    default_pooling: str = "attention"  # a class default; GatedFusionMIL sets it per instance
+    @property
+    @abstractmethod
+    def default_pooling(self) -> str:
+        """The pooling a subclass fixes (a class attribute; GatedFusionMIL's is per model)."""
 
     def __init__(
         self,

@@ -1,5 +1,6 @@
 """Pure-PyTorch building blocks: instance encoders, MIL pooling, clinical encoders, fusion,
-test-time views."""
+test-time views. The lowest layer: it imports no Lightning and nothing of lympho-mil's other
+layers, so every block works in plain PyTorch."""
 
 from lympho_mil.nn.encoders import (
     BUILTIN_ENCODERS,
