@@ -2,8 +2,8 @@
 
     python benchmarks/tables.py [FILE ...] [--results DIR] [--check]
 
-A table lives between two markers in a markdown file (default: ``docs/benchmarks.md`` and
-``docs/results.md``)::
+A table lives between two markers, each at the start of its line, in a markdown file
+(default: ``docs/benchmarks.md`` and ``docs/results.md``)::
 
     <!-- table: NAME[:VIEW] -->
     (generated: replaced on every run)
@@ -35,8 +35,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "results.md")
-MARKER = re.compile(r"<!-- table: (?P<spec>\S+) -->\n(?P<body>.*?)<!-- /table -->", re.S)
-OPENING = re.compile(r"<!-- table: ")
+MARKER = re.compile(r"^<!-- table: (?P<spec>\S+) -->\n(?P<body>.*?)^<!-- /table -->", re.S | re.M)
+OPENING = re.compile(r"^<!-- table: ", re.M)  # markers start a line; quoted ones do not count
 HEADER = ("study", "record", "command", "commit", "date", "machine")
 METRIC = {"mean", "ci95_low", "ci95_high"}
 METRICS = {"balanced_accuracy": "balanced accuracy", "auroc": "AUROC"}

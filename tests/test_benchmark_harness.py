@@ -138,14 +138,14 @@ def test_tables_fill_the_marked_tables_once_and_for_all(results: Path, tmp_path:
     tables = load_tables()
     doc = tmp_path / "results.md"
     doc.write_text(
-        "# Results\n\nBefore.\n\n"
+        "# Results\n\nBefore; a quoted marker, `<!-- table: x -->`, is prose.\n\n"
         "<!-- table: dlmi-round7 -->\nold text\n<!-- /table -->\n\nBetween.\n\n"
         "<!-- table: dlmi-round7:images -->\n<!-- /table -->\n\n"
         "<!-- table: cv-cached:cv_cached -->\n<!-- /table -->\nAfter.\n"
     )
     assert tables.main([str(doc), "--results", str(results)]) == 0
     text = doc.read_text()
-    assert "old text" not in text and text.startswith("# Results\n\nBefore.\n\n")
+    assert "old text" not in text and text.startswith("# Results\n\nBefore; a quoted")
     assert text.endswith("<!-- /table -->\nAfter.\n") and "\n\nBetween.\n\n" in text
     blocks = re.findall(r"<!-- table: (\S+) -->\n(.*?)<!-- /table -->", text, flags=re.S)
     (_, everything), (_, images), (_, cv) = blocks
