@@ -48,23 +48,28 @@ StudyFunction = Callable[[argparse.Namespace], Iterator[Record]]
 
 @dataclass(frozen=True)
 class Study:
-    """A registered study: its function, a one-line description, extra arguments."""
+    """A registered study: its function, a one-line description, extra arguments, and its
+    default of ``--threads`` (0: torch's default)."""
 
     run: StudyFunction
     help: str
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    threads: int = 1
 
 
 STUDIES: dict[str, Study] = {}
 
 
 def study(
-    name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    name: str,
+    help: str,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    threads: int = 1,
 ) -> Callable[[StudyFunction], StudyFunction]:
     """Register the decorated function as the study ``name``."""
 
     def register(function: StudyFunction) -> StudyFunction:
-        STUDIES[name] = Study(function, help, arguments)
+        STUDIES[name] = Study(function, help, arguments, threads)
         return function
 
     return register
@@ -127,7 +132,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a DLMI folder")
         s.add_argument("--cache-dir", default=None, help="caches (default: LYMPHO_MIL_CACHE)")
         s.add_argument("--out", type=Path, default=None, help="working folder of the study")
-        s.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's)")
+        s.add_argument(
+            "--threads",
+            type=int,
+            default=entry.threads,
+            help=f"torch threads (0: torch's default; default {entry.threads})",
+        )
         s.add_argument(
             "--record",
             nargs="?",

@@ -256,10 +256,11 @@ def epoch_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=4, help="at least 2: the first is not timed")
     p.add_argument("--augment", default="cpu,gpu", help="of cpu,gpu,none")
     p.add_argument("--workers", type=int, default=2)
-    p.set_defaults(threads=0)  # torch's default: the README's table compares 1 and 2
 
 
-@study("fit-epoch", "seconds per training epoch of the default CPU model", epoch_arguments)
+@study(
+    "fit-epoch", "seconds per training epoch of the default CPU model", epoch_arguments, threads=0
+)
 def fit_epoch(args: argparse.Namespace) -> Iterator[Record]:
     """The model and data settings are the quickstart's (``examples/configs/quickstart.yaml``):
     ``GatedFusionMIL`` with a ``small_cnn`` (width 16) on 64 px crops, 8 bags of at most 24
@@ -490,13 +491,13 @@ def memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", default="8,16,32,64,200")
     p.add_argument("--bag-size", type=int, default=200)
     p.add_argument("--image-size", type=int, default=224)
-    p.set_defaults(threads=0)
 
 
 @study(
     "eval-memory",
     "peak memory of evaluating a 200-crop bag at 224 px with a ResNet-18, per chunk size",
     memory_arguments,
+    threads=0,
 )
 def eval_memory(args: argparse.Namespace) -> Iterator[Record]:
     """The bag is the largest patient of the DLMI folder, its crops repeated up to
@@ -668,13 +669,13 @@ def gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--shape-multiple", type=int, default=16, help="0: one shape per crop count")
     p.add_argument("--allow-cpu", action="store_true", help="smoke-test the study on a CPU")
-    p.set_defaults(threads=0)
 
 
 @study(
     "gpu-throughput",
     "training crops per second on CUDA: the real pipeline against the in-memory bound",
     gpu_arguments,
+    threads=0,
 )
 def gpu_throughput(args: argparse.Namespace) -> Iterator[Record]:
     """A ResNet-18 ``AttentionMIL`` (channels-last) trains on 224 px crops, 8 bags of 32 crops

@@ -276,13 +276,13 @@ def attention_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, nargs="+", default=[0], help="one record per seed")
     p.add_argument("--explain", type=Path, help="write montages of the test patients here")
-    p.set_defaults(threads=2)
 
 
 @study(
     "attention-auroc",
     "does attention point at the abnormal cells? instance AUROC on synthetic patients",
     attention_arguments,
+    threads=2,
 )
 def attention_auroc(args: argparse.Namespace) -> Iterator[Record]:
     """Writes a synthetic DLMI dataset (whose ``ground_truth.csv`` flags every abnormal crop;
@@ -418,13 +418,13 @@ def synthetic_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--montage", type=Path, help="also save a montage PNG here")
-    p.set_defaults(threads=0)
 
 
 @study(
     "synthetic-data",
     "the synthetic generator: write speed, clinical-only baseline, montage",
     synthetic_arguments,
+    threads=0,
 )
 def synthetic_data(args: argparse.Namespace) -> Iterator[Record]:
     """Writes ``--patients`` synthetic patients (into ``--out``, default a temporary folder):

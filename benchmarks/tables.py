@@ -5,7 +5,7 @@
 A table lives between two markers, each at the start of its line, in a markdown file
 (default: ``docs/benchmarks.md`` and ``docs/results.md``)::
 
-    <!-- table: NAME[:VIEW] -->
+    <!-- table: NAME[:VIEW[:COLUMNS]] -->
     (generated: replaced on every run)
     <!-- /table -->
 
@@ -14,7 +14,9 @@ A table lives between two markers, each at the start of its line, in a markdown 
 picks the table: a view of the study (``dlmi-round7``: ``candidates``, the default, or only
 the ``images`` or ``fused`` candidates beside the references), or a record kind (the
 ``record`` field, e.g. ``cv-cached:cv_cached``): one row per record of that kind, one column
-per field. Without a view, every record of the file, one column per field. Each table is
+per field. Without a view, every record of the file, one column per field. ``COLUMNS``
+(comma-separated fields, a nested one as ``a.b``) keeps those columns of a per-field table,
+in that order (``NAME::COLUMNS``: every record). Each table is
 followed by a line naming the command, the commit and the date of its run, so every figure
 traces back to a run. Running the script twice changes nothing the second time; ``--check``
 changes nothing and fails if a table is not what the records make (or a marker names no
@@ -37,7 +39,7 @@ RESULTS = HERE / "results"
 DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "docs" / "results.md")
 MARKER = re.compile(r"^<!-- table: (?P<spec>\S+) -->\n(?P<body>.*?)^<!-- /table -->", re.S | re.M)
 OPENING = re.compile(r"^<!-- table: ", re.M)  # markers start a line; quoted ones do not count
-HEADER = ("study", "record", "command", "commit", "date", "machine")
+HEADER = ("study", "command", "commit", "date", "machine")  # of the run, not of a record
 METRIC = {"mean", "ci95_low", "ci95_high"}
 METRICS = {"balanced_accuracy": "balanced accuracy", "auroc": "AUROC"}
 
@@ -90,10 +92,16 @@ def fields(record: Record, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def generic(records: list[Record]) -> Table:
-    """One row per record, one column per field (in the order the fields first appear)."""
+def generic(records: list[Record], columns: list[str] | None = None) -> Table:
+    """One row per record, one column per field (``columns``, or every field in the order
+    they first appear, the record kind only when there are several)."""
     rows = [fields(r) for r in records]
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+    if columns is None:
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        if len({row.get("record") for row in rows}) == 1:
+            columns = [c for c in columns if c != "record"]
+    elif missing := [c for c in columns if all(c not in row for row in rows)]:
+        raise SystemExit(f"no field {missing} in these records (fields: {sorted(rows[0])})")
     return [c.replace("_", " ") for c in columns], [[cell(r.get(c)) for c in columns] for r in rows]
 
 
@@ -129,13 +137,18 @@ DEFAULT_VIEW = {"dlmi-round7": "candidates"}
 
 
 def table(spec: str, results: Path) -> str:
-    """The generated block of the marker ``spec`` (``NAME[:VIEW]``): table, then its run."""
+    """The generated block of the marker ``spec`` (``NAME[:VIEW[:COLUMNS]]``): table, then
+    the line naming its run."""
     name, _, view = spec.partition(":")
+    view, _, wanted = view.partition(":")
+    columns = wanted.split(",") if wanted else None
     records = read(name, results)
     study = records[0].get("study", name)
     view = view or DEFAULT_VIEW.get(study, "")
     views = VIEWS.get(study, {})
     if view in views:
+        if columns:
+            raise SystemExit(f"{spec}: the view {view!r} has its own columns")
         headers, rows = views[view](records)
     else:
         kinds = list(dict.fromkeys(str(r.get("record")) for r in records))
@@ -144,7 +157,8 @@ def table(spec: str, results: Path) -> str:
                 f"{spec}: no view or record kind {view!r} (views {sorted(views)}, "
                 f"record kinds {kinds})"
             )
-        headers, rows = generic([r for r in records if not view or r.get("record") == view])
+        chosen = [r for r in records if not view or r.get("record") == view]
+        headers, rows = generic(chosen, columns)
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(["", *lines, "", provenance(name, study, records), "", ""])

@@ -141,14 +141,15 @@ def test_tables_fill_the_marked_tables_once_and_for_all(results: Path, tmp_path:
         "# Results\n\nBefore; a quoted marker, `<!-- table: x -->`, is prose.\n\n"
         "<!-- table: dlmi-round7 -->\nold text\n<!-- /table -->\n\nBetween.\n\n"
         "<!-- table: dlmi-round7:images -->\n<!-- /table -->\n\n"
-        "<!-- table: cv-cached:cv_cached -->\n<!-- /table -->\nAfter.\n"
+        "<!-- table: cv-cached:cv_cached -->\n<!-- /table -->\n"
+        "<!-- table: cv-cached::record,seconds -->\n<!-- /table -->\nAfter.\n"
     )
     assert tables.main([str(doc), "--results", str(results)]) == 0
     text = doc.read_text()
     assert "old text" not in text and text.startswith("# Results\n\nBefore; a quoted")
     assert text.endswith("<!-- /table -->\nAfter.\n") and "\n\nBetween.\n\n" in text
     blocks = re.findall(r"<!-- table: (\S+) -->\n(.*?)<!-- /table -->", text, flags=re.S)
-    (_, everything), (_, images), (_, cv) = blocks
+    (_, everything), (_, images), (_, cv), (_, chosen) = blocks
     header = "| candidate | balanced accuracy | AUROC | minus `tabular_mlp`: balanced accuracy |"
     assert header in everything
     recipe = "| `fused_morphology_mean` | 0.795 [0.715, 0.875] | 0.900 [0.840, 0.960] |"
@@ -158,6 +159,10 @@ def test_tables_fill_the_marked_tables_once_and_for_all(results: Path, tmp_path:
     assert images.count("\n| `") == 3  # the references stay beside the image candidates
     assert "`images_ssl_mean`" in images and "`fused_ssl_mean`" not in images
     assert "| seconds | fold seconds |\n| --- | --- |\n| 18.02 | 3.3, 3.5 |" in cv
+    assert (
+        "| record | seconds |\n| --- | --- |\n| image_cache | 7.7 |\n| cv_cached | 18.02 |"
+        in chosen
+    )
     made = "`python benchmarks/run.py dlmi-round7 --repeats 5 --record` at commit `abc1234`"
     assert f"{made}, 2026-12-07, load average 2.5." in everything
     assert "benchmarks/results/cv-cached.jsonl" in cv and "arguments not recorded" in cv
@@ -177,6 +182,8 @@ def test_tables_check_reports_stale_tables_and_bad_markers(results: Path, tmp_pa
         ("<!-- table: cv-cached -->\nno end\n", "without '<!-- /table -->'"),
         ("<!-- table: nothing-recorded -->\n<!-- /table -->\n", "no recorded run"),
         ("<!-- table: cv-cached:no_such_kind -->\n<!-- /table -->\n", "no view or record kind"),
+        ("<!-- table: cv-cached::no_such_field -->\n<!-- /table -->\n", "no field"),
+        ("<!-- table: dlmi-round7:images:auroc -->\n<!-- /table -->\n", "has its own columns"),
     ):
         doc.write_text(bad)
         with pytest.raises(SystemExit, match=re.escape(message)):
