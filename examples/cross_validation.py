@@ -9,10 +9,10 @@ inner training patients, keeps the checkpoint and the threshold that are best on
 validation patients, and predicts its outer fold once. The paired table says by how much
 the second model differs from the first, with a patient-bootstrap interval.
 
-The same from the command line, with config files (unknown options go to every fold's fit):
+The same from the command line, with config files (fit options go to every fold's fit):
 
-    lympho-mil cv --config clinical.yaml --config fusion.yaml --folds 3 --repeats 2 \\
-        --out cv-example --data.root PATH
+    lympho-mil cv --config clinical.yaml --cv.compare '[fusion.yaml]' --cv.folds 3 \\
+        --cv.repeats 2 --cv.out cv-example --data.root PATH
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lympho_mil import compare_configs
 from lympho_mil.data.synthetic import make_synthetic_dlmi
-from lympho_mil.evaluation import compare_configs
 
 
 def configs(root: Path, cache: Path) -> dict[str, dict]:

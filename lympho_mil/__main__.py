@@ -1,3 +1,5 @@
+"""``python -m lympho_mil``: the ``lympho-mil`` command."""
+
 import sys
 
 from lympho_mil.cli import main

@@ -3,6 +3,7 @@ to be writable; a full disk or a read-only folder is an error that names the fil
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
@@ -91,22 +92,67 @@ def atomic_write_files(
     contents: Mapping[str | Path, bytes | str], overwrite: bool = False
 ) -> list[Path]:
     """Write several files (``str`` as UTF-8) as one: each through a temporary file beside
-    it, all renamed into place only once every one is whole. A failure (a full disk, a kill)
-    leaves the earlier files, not a mix of earlier and new ones, and no temporary file; its
-    OSError names the file it was writing. Returns the paths."""
+    it, all renamed into place only once every one is whole. A failure (a full disk, a bad
+    content) leaves the earlier files, not a mix of earlier and new ones, and neither a
+    temporary file nor a folder it made; its OSError names the file it was writing. Returns
+    the paths."""
     paths = [Path(p) for p in contents]
     check_writable(paths, overwrite)
+    data = [c.encode() if isinstance(c, str) else c for c in contents.values()]
+    return _write_together(paths, data)
+
+
+def atomic_write_folder(
+    out_dir: str | Path,
+    files: Mapping[str, bytes],
+    overwrite: bool = False,
+    replaces: Sequence[str] = (),
+) -> list[Path]:
+    """Write ``files`` (name -> bytes) into ``out_dir`` together, as `atomic_write_files`
+    does: a failure leaves nothing of them (nor the folder, when this call made it).
+
+    Raises `OutputExistsError` before writing when any of ``files`` or ``replaces`` exists,
+    unless ``overwrite``; then the names of ``replaces`` not in ``files`` (outputs of an
+    earlier run that this one does not write) are removed.
+    """
+    out_dir = Path(out_dir)
+    check_writable([out_dir / name for name in (*files, *replaces)], overwrite)
+    paths = _write_together([out_dir / name for name in files], list(files.values()))
+    for name in set(replaces) - set(files):
+        (out_dir / name).unlink(missing_ok=True)
+    return paths
+
+
+def _write_together(paths: list[Path], contents: list[bytes]) -> list[Path]:
+    """The one mechanism of the writers above: every content into a temporary file beside
+    its path, then every rename; on a failure, the temporary files and the folders made for
+    them are removed and the earlier files stay."""
+    made = _missing_folders(paths)
     written: list[str] = []
     try:
-        for path, data in zip(paths, contents.values(), strict=True):
-            written.append(_write_temporary(path, data.encode() if isinstance(data, str) else data))
+        for path, data in zip(paths, contents, strict=True):
+            written.append(_write_temporary(path, data))
     except BaseException:
         for tmp in written:
             Path(tmp).unlink(missing_ok=True)
+        for folder in made:  # deepest first; only those left empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     for tmp, path in zip(written, paths, strict=True):
         os.replace(tmp, path)  # a rename within a folder needs no room
     return paths
+
+
+def _missing_folders(paths: Sequence[Path]) -> list[Path]:
+    """The folders above ``paths`` that do not exist yet, deepest first."""
+    missing: set[Path] = set()
+    for path in paths:
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            missing.add(folder)
+            folder = folder.parent
+    return sorted(missing, key=lambda f: len(f.parts), reverse=True)
 
 
 def _write_temporary(path: Path, data: bytes) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from lympho_mil import __version__
 from lympho_mil.cli import main
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 
@@ -236,6 +238,10 @@ def test_data_root_and_model_from_the_command_line(dlmi_root: Path, tmp_path: Pa
             ["--data.root", "/no/such/folder"],
             "/no/such/folder does not exist or is not a folder (a relative",
         ),
+        (["--data.max_instance", "32"], "data.max_instance; did you mean data.max_instances?"),
+        (["--trainer.max_epoch", "5"], "did you mean --trainer.max_epochs?"),  # no abbreviation
+        (["--model.init_args.pos_wieght", "2"], "did you mean model.pos_weight?"),
+        (["--model.pos_weight", "x"], "invalid value x for model.pos_weight"),
     ],
 )
 def test_bad_configuration_is_a_short_message(
@@ -252,6 +258,7 @@ def test_bad_configuration_is_a_short_message(
     err = capsys.readouterr().err
     assert expected in err
     assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 5 and "usage:" not in err
 
 
 def test_an_unreadable_config_is_a_short_message(
@@ -362,6 +369,51 @@ def test_main_help_names_cv(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "lympho-mil cv --help" in capsys.readouterr().out
+
+
+def test_one_command_lists_its_subcommands_with_its_own_words(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Lightning Trainer command line tool" not in out and "lympho-mil:" in out
+    listed = dict(re.findall(r"^    (\w+) +(\S.*)$", out, flags=re.M))
+    assert set(listed) == {"fit", "validate", "test", "predict", "cv"}
+    assert listed["cv"].startswith("cross-validate fit configs")
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.strip() == f"lympho-mil {__version__}"
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "'best' is refused (resume from last)" in help_text  # lympho-mil's rule, not Lightning's
+    offered = set(re.findall(r"lympho_mil(?:\.data)?\.(\w+)[,)]", help_text))
+    assert {"AttentionMIL", "TabularMLP", "PatientBagDataModule"} <= offered
+    assert not {"BagClassifier", "MILClassifier", "BagDataModule"} & offered
+
+
+def test_the_printed_config_names_the_version(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    assert capsys.readouterr().out.startswith(f"# lympho-mil=={__version__}\n")
+
+
+def test_an_unknown_key_in_a_config_file_is_named(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    content = yaml.safe_load(config.read_text())
+    content["model"]["init_args"]["pos_wieght"] = 2
+    config.write_text(yaml.safe_dump(content))
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(config)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unknown option model.pos_wieght" in err
+    assert "did you mean model.pos_weight?" in err and len(err.strip().splitlines()) <= 5
 
 
 def test_weights_that_do_not_fit_the_model_are_a_user_error(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,17 @@ import yaml
 from lightning import Trainer
 from reports import without_timing
 
+from lympho_mil import compare_configs, cross_validate
 from lympho_mil.cli import main
+from lympho_mil.cli.cv import config_and_overrides
 from lympho_mil.data import PatientBagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.synthetic import make_synthetic_dlmi
-from lympho_mil.evaluation import compare_configs, cross_validate
-from lympho_mil.evaluation.cv_cli import _check_fit_options, build_parser
+from lympho_mil.evaluation import ModuleRunner, run_cross_validation
 from lympho_mil.evaluation.cv_plan import FOLD_FILE, PLAN_FILE
 from lympho_mil.evaluation.report import COMPARISON_FILES, cv_output_names
 from lympho_mil.evaluation.thresholds import choose_threshold
+from lympho_mil.files import OutputExistsError
 from lympho_mil.models import TabularMLP
 from lympho_mil.models.metrics import METRIC_NAMES
 
@@ -83,17 +86,19 @@ def configs(workdir: Path, dlmi_root: Path) -> dict[str, Path]:
     return paths
 
 
-def cv_args(*configs: Path, out: Path) -> list[str]:
-    config_args = [arg for c in configs for arg in ("--config", str(c))]
+def cv_args(first: Path, *compared: Path, out: Path) -> list[str]:
+    compare = [f"--cv.compare={json.dumps([str(c) for c in compared])}"] if compared else []
     return [
         "cv",
-        *config_args,
-        f"--folds={FOLDS}",
-        f"--repeats={REPEATS}",
-        "--seed=3",
-        f"--out={out}",
-        "--n-bootstrap=200",
-        "--predict",
+        "--config",
+        str(first),
+        *compare,
+        f"--cv.folds={FOLDS}",
+        f"--cv.repeats={REPEATS}",
+        "--cv.seed=3",
+        f"--cv.out={out}",
+        "--cv.n_bootstrap=200",
+        "--cv.predict=true",
         "--trainer.deterministic=true",
     ]
 
@@ -266,11 +271,12 @@ def test_overwrite_clears_an_earlier_run_only_once_the_new_one_starts(
 ) -> None:
     out = Path(shutil.copytree(single, tmp_path / "again"))
     with pytest.raises(SystemExit):  # a typo: the earlier run's files must survive
-        main([*cv_args(configs["tabular"], out=out), "--overwrite", "--trainer.max_epocs=2"])
+        typo = ["--cv.overwrite=true", "--trainer.max_epocs=2"]
+        main([*cv_args(configs["tabular"], out=out), *typo])
     assert (out / "folds" / "r1_f0" / "model.ckpt").is_file()
     assert (out / "predictions.csv").is_file()
-    without_predict = [a for a in cv_args(configs["tabular"], out=out) if a != "--predict"]
-    main([*without_predict, "--overwrite", "--repeats=1"])
+    without_predict = [a for a in cv_args(configs["tabular"], out=out) if a != "--cv.predict=true"]
+    main([*without_predict, "--cv.overwrite=true", "--cv.repeats=1"])
     assert not (out / "predictions.csv").exists()  # no ensemble of models that are gone
     assert sorted(p.name for p in (out / "folds").iterdir()) == [f"r0_f{i}" for i in range(FOLDS)]
     assert load_report(out)["repeats"] == 1
@@ -333,24 +339,34 @@ def test_cross_validation_of_a_subset_of_patients(
 def test_an_option_neither_cv_nor_fit_knows_is_named(
     configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    config = str(configs["tabular"])
     with pytest.raises(SystemExit) as exc:
-        main(["cv", "--config", str(configs["tabular"]), f"--out={tmp_path}", "--fold", "3"])
+        main(["cv", "--config", config, f"--cv.out={tmp_path}", "--fold", "3"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "unknown option --fold" in err and "cv --help" in err
-    parser = build_parser()  # the value after an option written without '=' is not checked
-    _check_fit_options(parser, ["--trainer.max_epochs", "-1", "-c", "x.yaml", "--model=TabularMLP"])
-    for option in (["--ckpt_path", "last"], ["--print_config"]):
-        with pytest.raises(SystemExit):
-            _check_fit_options(parser, option)
-        assert "does not apply to cv" in capsys.readouterr().err
+    assert "did you mean --cv.folds?" in err and len(err.strip().splitlines()) <= 2
+    # the value after an option written without '=' goes with it to every fold's fit
+    args = ["--trainer.max_epochs", "-1", "-c", "x.yaml", "--model=TabularMLP", "--cv.folds", "3"]
+    assert config_and_overrides(["--config", config, *args]) == (config, args[:-2])
+    with pytest.raises(SystemExit):
+        main(["cv", "--config", config, "--ckpt_path", "last"])
+    assert "does not apply to cv" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # cv's options, the fit config's, in one printout
+        main(["cv", "--config", config, "--cv.folds=4", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert exc.value.code == 0 and printed["cv"]["folds"] == 4
+    assert printed["model"]["class_path"].endswith("TabularMLP")
+    with pytest.raises(SystemExit):  # two --config would be layered into one: refused
+        main(["cv", "--config", config, "--config", config])
+    assert "--cv.compare" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", ["--repeats=0", "--folds=1", "--n-bootstrap=0"])
+@pytest.mark.parametrize("bad", ["--cv.repeats=0", "--cv.folds=1", "--cv.n_bootstrap=0"])
 def test_bad_cv_settings_are_one_line_errors(
     configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["cv", "--config", str(configs["tabular"]), f"--out={tmp_path}", bad])
+        main(["cv", "--config", str(configs["tabular"]), f"--cv.out={tmp_path}", bad])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert bad.split("=")[0] in err and "must be an integer >=" in err
@@ -484,8 +500,8 @@ def test_a_killed_comparison_resumes_to_the_uninterrupted_one(
     ("change", "named"),
     [
         (["--trainer.max_epochs=3"], "the config of tabular (trainer.max_epochs: 2 -> 3)"),
-        (["--folds=2"], "--folds 3 -> 2"),
-        (["--model.lr=0.02", "--seed=4"], "--seed 3 -> 4; the config of tabular (model"),
+        (["--cv.folds=2"], "--cv.folds 3 -> 2"),
+        (["--model.lr=0.02", "--cv.seed=4"], "--cv.seed 3 -> 4; the config of tabular (model"),
     ],
 )
 def test_a_killed_cv_run_again_otherwise_is_refused_naming_what_changed(
@@ -503,7 +519,7 @@ def test_a_killed_cv_run_again_otherwise_is_refused_naming_what_changed(
     assert exc.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"lympho-mil: error: {out} holds an unfinished cross-validation")
-    assert named in line and "--overwrite" in line
+    assert named in line and "--cv.overwrite" in line
     assert (out / PLAN_FILE).read_bytes() == plan and (out / "folds" / "r0_f0").is_dir()
 
 
@@ -524,7 +540,77 @@ def test_changed_data_is_refused_and_overwrite_starts_afresh(
     finally:
         os.utime(crop, ns=(times.st_atime_ns, times.st_mtime_ns))
     assert "the data of tabular (patients, labels" in capsys.readouterr().err
-    without_predict = [a for a in cv_args(configs["tabular"], out=out) if a != "--predict"]
-    main([*without_predict, "--overwrite", "--repeats=1"])
+    without_predict = [a for a in cv_args(configs["tabular"], out=out) if a != "--cv.predict=true"]
+    main([*without_predict, "--cv.overwrite=true", "--cv.repeats=1"])
     assert json.loads((out / PLAN_FILE).read_text())["settings"]["repeats"] == 1
     assert sorted(p.name for p in (out / "folds").iterdir()) == [f"r0_f{i}" for i in range(FOLDS)]
+
+
+def test_a_module_runner_cross_validates_without_configs_as_the_command_does(
+    configs: dict[str, Path], dlmi_root: Path, workdir: Path
+) -> None:
+    """The evaluation layer trains folds through any runner: Python callables give the same
+    folds, thresholds and probabilities as the config that the command line runs."""
+    trainer = {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1, "deterministic": True}
+    runner = ModuleRunner(
+        make_data=partial(
+            PatientBagDataModule,
+            str(dlmi_root),
+            image_size=32,
+            cache_dir=str(workdir / "cache"),
+            batch_size=4,
+            max_instances=1,
+            augment=False,
+        ),
+        make_model=lambda dm: TabularMLP(
+            tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats, lr=0.01
+        ),
+        trainer=trainer,
+    )
+    settings: dict[str, Any] = {"folds": 2, "n_bootstrap": 50, "verbose": False}
+    python = run_cross_validation(runner, **settings)
+    command = cross_validate(
+        configs["tabular"], overrides=["--trainer.deterministic=true"], **settings
+    )
+    pd.testing.assert_frame_equal(python.oof, command.oof)
+    assert python.report["config"] == {"source": "python", "trainer": trainer}
+    with pytest.raises(TypeError, match=r"lympho_mil\.cross_validate"):
+        run_cross_validation(configs["tabular"])  # type: ignore[arg-type]
+
+
+def test_a_module_runner_resumes_a_killed_run_and_refuses_other_trainer_settings(
+    dlmi_root: Path, workdir: Path, tmp_path: Path
+) -> None:
+    """Resuming is the evaluation layer's, whatever the runner: a runner without a resolved
+    config is compared by its record (here its trainer arguments) and its data."""
+    trainer = {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1, "deterministic": True}
+    runner = ModuleRunner(
+        make_data=partial(
+            PatientBagDataModule,
+            str(dlmi_root),
+            image_size=32,
+            cache_dir=str(workdir / "cache"),
+            batch_size=4,
+            max_instances=1,
+            augment=False,
+        ),
+        make_model=lambda dm: TabularMLP(
+            tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats, lr=0.01
+        ),
+        trainer=trainer,
+    )
+    out = tmp_path / "cv"
+    settings: dict[str, Any] = {"folds": 2, "n_bootstrap": 50, "verbose": False, "out_dir": out}
+    uninterrupted = run_cross_validation(runner, **settings)
+    (out / "cv_report.json").unlink()  # killed during its second fold
+    shutil.rmtree(out / "folds" / "r0_f1")
+    kept = (out / "folds" / "r0_f0" / "model.ckpt").stat().st_mtime_ns
+    resumed = run_cross_validation(runner, **settings)
+    assert (out / "folds" / "r0_f0" / "model.ckpt").stat().st_mtime_ns == kept
+    pd.testing.assert_frame_equal(resumed.oof, uninterrupted.oof)
+    assert without_timing(resumed.report) == without_timing(uninterrupted.report)
+
+    (out / "cv_report.json").unlink()
+    runner.trainer = {**trainer, "max_epochs": 3}
+    with pytest.raises(OutputExistsError, match=r"config\.trainer\.max_epochs: 2 -> 3"):
+        run_cross_validation(runner, **settings)

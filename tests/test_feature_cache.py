@@ -297,7 +297,7 @@ def test_cross_validation_extracts_once(
     tmp_path: Path, cache_dir: Path, extractions: list[int]
 ) -> None:
     """Each fold run instantiates the datamodule from the config (through the CLI)."""
-    from lympho_mil.evaluation.cv import cross_validate
+    from lympho_mil import cross_validate
 
     root = make_synthetic_dlmi(tmp_path / "dlmi", n_patients=20, image_size=SIZE, max_cells=16)
     config = {
@@ -362,3 +362,23 @@ def test_training_draws_a_view_evaluation_sees_the_chosen_one(
     draws = [train[(0, seed)].instances.numpy() for seed in range(4)]
     assert all((draw[:, None] == stored).all(-1).any(1).all() for draw in draws)  # real views
     assert any(not np.array_equal(draws[0], draw) for draw in draws[1:])
+
+
+def test_a_checkpoints_standardisation_of_another_feature_size_is_refused(
+    synthetic_dlmi: Path, shared_cache: Path
+) -> None:
+    """As for feature bags (the same code): a DataError naming both sizes, and the data's
+    own standardisation stays."""
+    dm = make_dm(synthetic_dlmi, shared_cache, standardize=True)
+    dm.setup("fit")
+    state, own = dm.state_dict(), dm.scaling
+    assert set(state) == {"feature_scaling"} and own is not None
+    wider = FeatureScaling(*(np.ones(D + 1, np.float32) for _ in range(4)))
+    with pytest.raises(DataError, match=rf"instances of {D + 1} values .* hold {D}"):
+        dm.load_state_dict({"feature_scaling": wider.to_state()})
+    assert dm.scaling is own
+    narrower = FeatureScaling(*(np.full(D, 2.0, np.float32) for _ in range(4)))
+    dm.load_state_dict({"feature_scaling": narrower.to_state()})  # the right size: applied
+    view = dm.datasets["val"].to_tensor
+    assert isinstance(view, SelectView) and view.scaling is dm.scaling
+    np.testing.assert_array_equal(dm.scaling.mean, narrower.mean)

@@ -13,6 +13,7 @@ from lympho_mil.files import (
     OutputFolderError,
     atomic_write_bytes,
     atomic_write_files,
+    atomic_write_folder,
     atomic_write_text,
     check_folder_writable,
 )
@@ -70,3 +71,31 @@ def test_a_file_in_place_of_the_output_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(OutputFolderError, match="is a file, not a folder"):
         check_folder_writable(tmp_path / "out" / "sub")
     check_folder_writable(tmp_path / "new" / "sub")  # would be made in a writable folder
+
+
+def test_a_folder_is_written_whole_or_not_at_all(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    previous = os.umask(0o022)
+    try:
+        atomic_write_folder(out, {"a.json": b"1", "b.png": b"2"}, replaces=["a.json", "c.png"])
+    finally:
+        os.umask(previous)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"a.json": b"1", "b.png": b"2"}
+    assert out.stat().st_mode & 0o777 == 0o755
+
+    with pytest.raises(OutputExistsError, match=r"a\.json"):
+        atomic_write_folder(out, {"a.json": b"new"})
+    with pytest.raises(TypeError):  # fails halfway: nothing of it lands
+        atomic_write_folder(out, {"a.json": b"new", "b.png": "not bytes"}, overwrite=True)  # type: ignore[dict-item]
+    assert (out / "a.json").read_bytes() == b"1"
+
+    (out / "c.png").write_bytes(b"stale")
+    atomic_write_folder(out, {"a.json": b"3"}, overwrite=True, replaces=["a.json", "c.png"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {"a.json": b"3", "b.png": b"2"}
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no temporary folder left
+
+
+def test_a_new_folder_that_fails_halfway_is_not_left_behind(tmp_path: Path) -> None:
+    with pytest.raises(TypeError):
+        atomic_write_folder(tmp_path / "new" / "report", {"a.json": b"1", "b.png": "not bytes"})  # type: ignore[dict-item]
+    assert list(tmp_path.iterdir()) == []

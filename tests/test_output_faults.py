@@ -110,7 +110,7 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(
             f"--ckpt_path={last}",
             f"--prediction.output_dir={locked / 'pred'}",
         ],
-        "cv": ["cv", "--config", str(config), "--folds=2", f"--out={locked / 'cv'}"],
+        "cv": ["cv", "--config", str(config), "--cv.folds=2", f"--cv.out={locked / 'cv'}"],
     }[command]
     read_only(monkeypatch, locked)
     with pytest.raises(SystemExit) as exc:

@@ -241,8 +241,8 @@ def test_a_killed_cv_run_again_writes_the_uninterrupted_report(tmp_path: Path) -
     for name in ("uninterrupted", "killed"):
         folder = tmp_path / name
         folder.mkdir()
-        args = ["cv", "--config", str(config), "--folds=3", "--repeats=2", "--n-bootstrap=200"]
-        args.append(f"--out={folder / 'cv'}")
+        args = ["cv", "--config", str(config), "--cv.folds=3", "--cv.repeats=2"]
+        args += ["--cv.n_bootstrap=200", f"--cv.out={folder / 'cv'}"]
         process = run_cli(args, folder)
         if name == "killed":
             first = folder / "cv" / "folds" / "r0_f0" / "fold_run.json"

@@ -101,7 +101,7 @@ def test_two_processes_on_one_cache_folder_build_each_cache_once(
     def fit(name: str) -> list[str]:
         return ["fit", *shared, f"--trainer.default_root_dir={tmp_path / name}"]
 
-    cv = ["cv", *shared, "--folds=2", f"--out={tmp_path / 'cv'}", "--n-bootstrap=10"]
+    cv = ["cv", *shared, "--cv.folds=2", f"--cv.out={tmp_path / 'cv'}", "--cv.n_bootstrap=10"]
     first = start(script, fit("first"))
     other = start(script, fit("second") if second == "fit" else cv)
     errors = finish(first) + finish(other)

@@ -1,4 +1,6 @@
-"""Data layer: clinical table, DLMI layout, bag datasets, collate, transforms, datamodules."""
+"""Data layer: clinical table, DLMI layout, caches, bag datasets, the batch contract, collate,
+transforms, splits and datamodules. Above ``nn`` (the feature cache runs its encoders), below
+``models``, ``evaluation`` and the command layer, which it never imports."""
 
 from lympho_mil.data.bag_sources import (
     FeatureBagDataModule,

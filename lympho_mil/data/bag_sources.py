@@ -26,6 +26,7 @@ from lympho_mil.arguments import SettingError
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
 from lympho_mil.data.errors import DataError
+from lympho_mil.data.scaled import ScaledFeatures
 from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
 
 NO_TABULAR = np.zeros(0, dtype=np.float32)
@@ -238,15 +239,15 @@ def read_mnist_bags(
     return mnist_bags(pixels, digits, **kwargs)
 
 
-class FeatureBagDataModule(BagDataModule):
+class FeatureBagDataModule(ScaledFeatures, BagDataModule):
     """Bags of a classic MIL file (``.mat`` or ``.csv``, see `read_mil_file`).
 
     Instances are ``float[n, D]`` vectors (``in_dim`` = D), standardised per feature with
     means and scales of the *training* bags' instances, after clipping every feature to the
     range seen in training: in sparse features (Elephant) a value never seen in training
     would otherwise reach ``|z|`` in the thousands. The standardisation is saved in
-    checkpoints, so ``predict`` under other splits scales as in training. Models take
-    ``encoder="mlp"`` or ``"identity"`` with ``in_dim``.
+    checkpoints (`ScaledFeatures`), so ``predict`` under other splits scales as in
+    training. Models take ``encoder="mlp"`` or ``"identity"`` with ``in_dim``.
 
     Args:
         path: the data file.
@@ -307,27 +308,10 @@ class FeatureBagDataModule(BagDataModule):
         flat = self._features.reshape(len(self._features), -1)
         return self.scaling(flat).astype(np.float32).reshape(self._features.shape)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The feature standardisation, saved in checkpoints: ``predict`` under other splits
-        then scales the instances exactly as in training."""
-        if self.scaling is None:
-            return {}
-        return {"feature_scaling": self.scaling.to_state()}
+    def scaled_size(self) -> int:
+        return self.in_dim
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a checkpoint's standardisation, also in the instances already set up.
-        Raises `DataError` when it was fitted on instances of another size."""
-        saved = state_dict.get("feature_scaling")
-        if saved is None:
-            return
-        scaling = FeatureScaling.from_state(saved)
-        size = self.in_dim
-        if scaling.mean.shape != (size,):
-            raise DataError(
-                f"the checkpoint standardises instances of {scaling.mean.size} values but the "
-                f"data's instances hold {size}: use the data the model was trained with"
-            )
-        self.scaling = scaling
+    def use_scaling(self, scaling: FeatureScaling) -> None:
         if self._store is not None and self.standardize:
             self._store[...] = self._scaled()  # in place: the datasets hold this array
 

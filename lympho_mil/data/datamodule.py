@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -48,7 +49,7 @@ STAGES = ("train", "val", "test", "predict")
 DEVICE_COPY_ROWS = 1024  # crops per host -> device copy of cache_on_device (bounds host memory)
 
 
-class BagDataModule(LightningDataModule):
+class BagDataModule(LightningDataModule, ABC):
     """Base class: split policy, clinical standardisation, datasets and loaders.
 
     Args:
@@ -116,17 +117,17 @@ class BagDataModule(LightningDataModule):
         self.datasets: dict[str, BagDataset] = {}
 
     # -- what a subclass provides ---------------------------------------------------------
+    @abstractmethod
     def load_bags(self) -> list[Bag]:
         """Every bag of the source, labelled (0/1) and unlabelled (-1); no decoding here."""
-        raise NotImplementedError
 
+    @abstractmethod
     def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
         """The instance store behind ``Bag.rows`` and the bags that remain usable."""
-        raise NotImplementedError
 
+    @abstractmethod
     def instance_transform(self, stage: str) -> InstanceTransform:
         """Store rows -> float tensor, for ``stage`` in `STAGES`."""
-        raise NotImplementedError
 
     def split_store(self, split: str, store: InstanceStore) -> InstanceStore:
         """The store the ``split`` dataset reads: ``store`` itself, unless a subclass ships

@@ -30,6 +30,7 @@ from PIL import Image, UnidentifiedImageError
 from lympho_mil.arguments import SettingError
 from lympho_mil.data.errors import DataError
 from lympho_mil.files import atomic_write_text, naming
+from lympho_mil.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -356,8 +357,12 @@ def _decode_into(
                 ) from None
             bad.append(row)
 
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        list(pool.map(fill, range(len(paths))))
+    with (
+        progress("decoding crops into the cache", len(paths)) as bar,
+        ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool,
+    ):
+        for _ in pool.map(fill, range(len(paths))):
+            bar.update()
     return sorted(bad)
 
 

@@ -1,4 +1,10 @@
-"""Evaluation: prediction files, cross-validation, thresholds, confidence intervals, reports."""
+"""Evaluation: prediction files, montages, cross-validation, external validation, thresholds,
+bootstrap intervals, fold ensembles and reports.
+
+Usable from Python without the command layer, which it never imports: cross-validation
+trains its folds through a `FoldRunner` its caller gives (`ModuleRunner` for Python
+callables; the command line's builds them from ``fit`` configs).
+"""
 
 from lympho_mil.evaluation.bootstrap import (
     OOFArrays,
@@ -11,31 +17,42 @@ from lympho_mil.evaluation.bootstrap import (
 from lympho_mil.evaluation.cv import (
     Comparison,
     CVResult,
+    FoldObjects,
+    FoldRunner,
+    FoldSetup,
     FoldSplit,
-    compare_configs,
-    cross_validate,
+    ModuleRunner,
     cv_splits,
+    run_comparison,
+    run_cross_validation,
 )
 from lympho_mil.evaluation.ensemble import ensemble_records
 from lympho_mil.evaluation.explain import write_explanations
+from lympho_mil.evaluation.external import ModelPredictions, evaluate_predictions
 from lympho_mil.evaluation.predictions import PredictionWriter, write_predictions
 from lympho_mil.evaluation.thresholds import best_balanced_accuracy_threshold, choose_threshold
 
 __all__ = [
     "CVResult",
     "Comparison",
+    "FoldObjects",
+    "FoldRunner",
+    "FoldSetup",
     "FoldSplit",
+    "ModelPredictions",
+    "ModuleRunner",
     "OOFArrays",
     "PredictionWriter",
     "best_balanced_accuracy_threshold",
     "binary_metrics",
     "choose_threshold",
-    "compare_configs",
-    "cross_validate",
     "cv_splits",
     "ensemble_records",
+    "evaluate_predictions",
     "metric_summary",
     "paired_difference",
+    "run_comparison",
+    "run_cross_validation",
     "stratified_bootstrap_weights",
     "weighted_binary_metrics",
     "write_explanations",

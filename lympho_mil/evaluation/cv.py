@@ -1,14 +1,19 @@
-"""Repeated, stratified, patient-level cross-validation of any ``fit`` config.
+"""Repeated, stratified, patient-level cross-validation, driven through a fold runner.
 
 Repeat ``r`` splits the labelled patients into K stratified folds (seed ``seed + r``). For
 each outer fold, an inner validation split is carved from the other patients only. The fold
 run trains on the inner training patients (the clinical standardisation is fitted on them),
-keeps the checkpoint that is best on the inner validation patients (the CLI's
-``ModelCheckpoint``: ``val_balanced_accuracy`` unless the config monitors something else),
-chooses its decision threshold there too, then predicts the outer fold once. Each fold run
-is the ``fit`` CLI itself (`lympho_mil.cli.build_cli`) with the fold's patient lists
-as overrides, so any config that ``fit`` accepts works unchanged. Several configs run on
-identical splits and get a paired comparison.
+keeps the checkpoint that is best on the inner validation patients (its trainer's
+``ModelCheckpoint``), chooses its decision threshold there too, then predicts the outer fold
+once. Several runners run on identical splits and get a paired comparison.
+
+What trains one fold comes from the caller, as a `FoldRunner`: `ModuleRunner` builds it
+from Python callables; the command line's runner (``lympho_mil.cli.cv``) from a ``fit``
+config, so ``lympho-mil cv`` accepts any config that ``fit`` does.
+
+With an output folder, a killed cross-validation run again with the same arguments resumes:
+it keeps the folds that finished and writes the report an uninterrupted run writes
+(`lympho_mil.evaluation.cv_plan`).
 """
 
 from __future__ import annotations
@@ -19,17 +24,20 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import pandas as pd
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
+from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.splits import holdout_split, stratified_folds
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
@@ -43,7 +51,6 @@ from lympho_mil.evaluation.cv_plan import (
     unfinished_plan,
 )
 from lympho_mil.evaluation.ensemble import ensemble_records
-from lympho_mil.evaluation.predictions import PredictionWriter
 from lympho_mil.evaluation.report import (
     COMPARISON_FILES,
     comparison_table,
@@ -54,18 +61,15 @@ from lympho_mil.evaluation.report import (
 )
 from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, ThresholdPolicy, choose_threshold
 from lympho_mil.files import check_writable, naming
+from lympho_mil.models.base import BagClassifier
 
-ConfigSource = str | Path | dict[str, Any]
-# Defaults of a fold run that the user's overrides may still change.
-QUIET_ARGS = (
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-    "--trainer.num_sanity_val_steps=0",
-)
-QUIET_WARNINGS = (
-    "LightningCLI's args parameter is intended",  # cv passes args while sys.argv holds "cv"
-    ".*LeafSpec.* is deprecated",  # Lightning's own use of torch.utils._pytree
-)
+QUIET_WARNINGS = (".*LeafSpec.* is deprecated",)  # Lightning's own use of torch.utils._pytree
+QUIET_TRAINER: dict[str, Any] = {
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+"""Trainer defaults of a fold run (one line a fold is printed instead)."""
 OOF_COLUMNS = ("repeat", "fold", "id", "label", "probability", "predicted", "threshold")
 
 
@@ -111,6 +115,106 @@ class FoldSplit:
     test_ids: list[str]
 
 
+@dataclass(frozen=True)
+class FoldSetup:
+    """What a runner builds one fold run for.
+
+    split: the fold's patients (train on ``train_ids``, validate on ``val_ids``, test on
+        ``test_ids``: the datamodule's explicit id lists).
+    seed: seed everything with it before building (each fold its own).
+    directory: the fold's folder, for its logs and checkpoints.
+    predict_ids: the patients its ``predict`` split holds (None: the data's own, as
+        configured).
+    """
+
+    split: FoldSplit
+    seed: int
+    directory: Path
+    predict_ids: list[str] | None
+
+
+class FoldObjects(NamedTuple):
+    """A fold run as built by a `FoldRunner`: the trainer fits the model on the datamodule."""
+
+    trainer: Trainer
+    model: BagClassifier
+    datamodule: BagDataModule
+
+
+class FoldRunner(Protocol):
+    """What cross-validation needs from its caller to train one fold.
+
+    `ModuleRunner` builds folds from Python callables; ``lympho_mil.cli.cv.ConfigRunner``
+    from a ``fit`` config, as the ``lympho-mil cv`` command does.
+    """
+
+    def data(self) -> BagDataModule:
+        """The datamodule as configured (its bags and ``predict`` split are read; nothing
+        is trained)."""
+        ...
+
+    def build(self, setup: FoldSetup) -> FoldObjects:
+        """A fresh trainer, model and datamodule for one fold, seeded with ``setup.seed``,
+        whose trainer keeps its best checkpoint on the validation patients
+        (``trainer.checkpoint_callback``) and writes into ``setup.directory``."""
+        ...
+
+    def record(self) -> dict[str, Any]:
+        """What the report records about this configuration (entries of
+        ``cv_report.json``, e.g. ``{"config": ..., "overrides": ...}``). A runner may also
+        have ``resolved_config()``, every setting its folds depend on as dotted keys (the
+        command line's: the resolved ``fit`` config); without it, a resumed cross-validation
+        compares ``record()`` with its plan's (`lympho_mil.evaluation.cv_plan.fingerprint`)."""
+        ...
+
+
+@dataclass
+class ModuleRunner:
+    """Folds built from Python callables, without configs or the command line.
+
+    Args:
+        make_data: returns a datamodule; called with no argument for the data as configured,
+            and with ``train_ids``, ``val_ids``, ``test_ids`` (and ``predict_ids``) for a
+            fold, e.g. ``functools.partial(PatientBagDataModule, root, image_size=64)``.
+        make_model: the model for a datamodule, e.g. ``lambda dm: TabularMLP(
+            tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats)``.
+        trainer: ``Trainer`` arguments (``max_epochs``, ``accelerator``, ...); the runner
+            sets the logger, the checkpoint callback and the folder.
+        monitor, mode: what the best checkpoint is chosen by on the validation patients.
+    """
+
+    make_data: Callable[..., BagDataModule]
+    make_model: Callable[[BagDataModule], BagClassifier]
+    trainer: dict[str, Any] = field(default_factory=dict)
+    monitor: str = "val_balanced_accuracy"
+    mode: str = "max"
+
+    def data(self) -> BagDataModule:
+        return self.make_data()
+
+    def build(self, setup: FoldSetup) -> FoldObjects:
+        seed_everything(setup.seed, workers=True, verbose=False)
+        split = setup.split
+        ids = {"train_ids": split.train_ids, "val_ids": split.val_ids, "test_ids": split.test_ids}
+        if setup.predict_ids is not None:
+            ids["predict_ids"] = setup.predict_ids
+        datamodule = self.make_data(**ids)
+        model = self.make_model(datamodule)
+        checkpoint = ModelCheckpoint(
+            dirpath=setup.directory / "checkpoints", monitor=self.monitor, mode=self.mode
+        )
+        trainer = Trainer(
+            **{**QUIET_TRAINER, **self.trainer},
+            default_root_dir=setup.directory,
+            logger=CSVLogger(setup.directory, name="", version=""),
+            callbacks=[checkpoint],
+        )
+        return FoldObjects(trainer, model, datamodule)
+
+    def record(self) -> dict[str, Any]:
+        return {"config": {"source": "python", "trainer": self.trainer}}
+
+
 @dataclass
 class FoldRun:
     """What one fold run produced: its threshold and ``predict_step`` records per split."""
@@ -127,7 +231,7 @@ class FoldRun:
 class CVResult:
     """Cross-validation of one config.
 
-    name: the config's name (its folder under `compare_configs`' ``out_dir``).
+    name: the configuration's name (its folder under `run_comparison`'s ``out_dir``).
     report: the content of ``cv_report.json``.
     oof: out-of-fold predictions, columns `OOF_COLUMNS` (each patient once a repeat).
     inner_val: the inner-validation predictions each fold's threshold was chosen on.
@@ -166,7 +270,7 @@ def cv_splits(
     the outer training patients only.
 
     ``ids`` and ``labels`` (0/1) are the labelled patients; the other arguments are those of
-    `cross_validate`. Raises `DataError` when the patients cannot be split so.
+    `run_cross_validation`. Raises `DataError` when the patients cannot be split so.
     """
     label_of = dict(zip(ids, labels, strict=True))
     splits = []
@@ -187,38 +291,38 @@ def cv_splits(
     return splits
 
 
-def cross_validate(
-    config: ConfigSource,
+def run_cross_validation(
+    runner: FoldRunner,
     folds: int = 5,
     repeats: int = 1,
     seed: int = 0,
     out_dir: str | Path | None = None,
     threshold_policy: ThresholdPolicy = "inner_val",
     inner_val_fraction: float = 0.2,
-    overrides: Sequence[str] | None = None,
     predict: bool = False,
     overwrite: bool = False,
     n_bootstrap: int = DEFAULT_RESAMPLES,
     verbose: bool = True,
     patients: Sequence[str] | None = None,
+    name: str = "model",
 ) -> CVResult:
-    """Repeated stratified patient-level k-fold cross-validation of a ``fit`` config.
+    """Repeated stratified patient-level k-fold cross-validation of what ``runner`` trains.
 
     Args:
-        config: a ``fit`` config file, or the same content as a dict.
+        runner: builds each fold's trainer, model and datamodule (`FoldRunner`).
         folds, repeats, seed: K outer folds, R repeats; repeat r shuffles with ``seed + r``.
         out_dir: where to write the report, predictions, plots and fold models (None: keep
             everything in memory).
         threshold_policy: "inner_val" (maximise balanced accuracy on the inner validation
             patients) or "fixed" (the model's threshold setting, 0.5 by default).
         inner_val_fraction: share of each outer training set held out as inner validation.
-        overrides: extra ``fit`` arguments, e.g. ``["--trainer.max_epochs=3"]``.
         predict: also average the fold models on the unlabelled patients (fold ensemble).
         overwrite: replace an existing report in ``out_dir``.
         n_bootstrap: resamples of the patient-level bootstrap.
         verbose: print one line per fold.
         patients: cross-validate these labelled patients only (default: all of them), e.g.
             the training patients of an outer fold in a nested cross-validation.
+        name: the name the report and the fold lines give it.
     """
     settings = CVSettings(
         folds,
@@ -231,38 +335,31 @@ def cross_validate(
         verbose,
         patients,
     )
-    named = dict(zip(config_names([config]), [config], strict=True))
-    return _run_configs(named, settings, out_dir, overrides, overwrite, compare=False).results[0]
+    return _run({name: _checked(runner)}, settings, out_dir, overwrite, compare=False).results[0]
 
 
-def compare_configs(
-    configs: Sequence[ConfigSource] | Mapping[str, ConfigSource],
+def run_comparison(
+    runners: Mapping[str, FoldRunner],
     folds: int = 5,
     repeats: int = 1,
     seed: int = 0,
     out_dir: str | Path | None = None,
     threshold_policy: ThresholdPolicy = "inner_val",
     inner_val_fraction: float = 0.2,
-    overrides: Sequence[str] | None = None,
     predict: bool = False,
     overwrite: bool = False,
     n_bootstrap: int = DEFAULT_RESAMPLES,
     verbose: bool = True,
     patients: Sequence[str] | None = None,
 ) -> Comparison:
-    """Cross-validate several configs on identical splits; compare each with the first.
+    """Cross-validate several runners on identical splits; compare each with the first.
 
-    Each config's outputs go to ``out_dir/<name>/``, the paired table to
-    ``out_dir/comparison.json`` and ``comparison.md``. ``configs`` maps names to configs, or
-    is a list (names from `config_names`). Other arguments as `cross_validate`.
+    Each one's outputs go to ``out_dir/<name>/``, the paired table to
+    ``out_dir/comparison.json`` and ``comparison.md``. Other arguments as
+    `run_cross_validation`.
     """
-    named = (
-        dict(configs)
-        if isinstance(configs, Mapping)
-        else dict(zip(config_names(configs), configs, strict=True))
-    )
-    if len(named) < 2:
-        raise ValueError("compare_configs needs at least two configs")
+    if len(runners) < 2:
+        raise ValueError("a comparison needs at least two configs")
     settings = CVSettings(
         folds,
         repeats,
@@ -274,35 +371,33 @@ def compare_configs(
         verbose,
         patients,
     )
-    return _run_configs(named, settings, out_dir, overrides, overwrite, compare=True)
+    checked = {name: _checked(runner) for name, runner in runners.items()}
+    return _run(checked, settings, out_dir, overwrite, compare=True)
 
 
-def config_names(configs: Sequence[ConfigSource]) -> list[str]:
-    """A distinct folder name per config: the file's stem, or ``config<i>`` for a dict."""
-    names: list[str] = []
-    for i, config in enumerate(configs):
-        base = f"config{i}" if isinstance(config, dict) else Path(config).stem
-        names.append(base if base not in names else f"{base}-{i}")
-    return names
+def _checked(runner: FoldRunner) -> FoldRunner:
+    if isinstance(runner, (str, Path, dict)):
+        raise TypeError(
+            "run_cross_validation takes a FoldRunner; for a config file or dict use "
+            "lympho_mil.cross_validate (or lympho_mil.cli.cv.ConfigRunner)"
+        )
+    return runner
 
 
-def _run_configs(
-    named: dict[str, ConfigSource],
+def _run(
+    runners: dict[str, FoldRunner],
     settings: CVSettings,
     out_dir: str | Path | None,
-    overrides: Sequence[str] | None,
     overwrite: bool,
     compare: bool,
 ) -> Comparison:
-    names, configs = list(named), list(named.values())
-    overrides = list(overrides or [])
+    names = list(runners)
     root = Path(out_dir) if out_dir is not None else None
     dirs = {n: (root / n if compare else root) if root else None for n in names}
     resuming = unfinished_plan(root, overwrite)  # a killed run's plan: resume it
     stale = _claim_outputs(root, list(dirs.values()), compare, overwrite, resuming) if root else []
     with tempfile.TemporaryDirectory(prefix="lympho-cv-") as scratch:
-        sources = [_config_source(c) for c in configs]
-        seen = [_labelled_patients(s, overrides, settings.predict) for s in sources]
+        seen = [_labelled_patients(r, settings.predict) for r in runners.values()]
         patients = [(ids, labels) for ids, labels, _ in seen]
         for name, other in zip(names[1:], patients[1:], strict=True):
             if other != patients[0]:
@@ -321,14 +416,14 @@ def _run_configs(
             prints = {n: f for n, (_, _, f) in zip(names, seen, strict=True)}
             start_or_resume(root, make_plan(settings, prints, splits), resuming, settings.verbose)
         results = []
-        for name, config, source in zip(names, configs, sources, strict=True):
+        for name, runner in runners.items():
             fold_root = (dirs[name] or Path(scratch) / name) / "folds"
             runs = [
                 _kept_fold(name, _fold_dir(fold_root, split), settings)
-                or _run_fold(name, source, overrides, split, settings, fold_root, dirs[name])
+                or _run_fold(name, runner, split, settings, fold_root, dirs[name])
                 for split in splits
             ]
-            results.append(_collect(name, config, overrides, runs, settings, len(ids)))
+            results.append(_collect(name, runner, runs, settings, len(ids)))
     for result in results:
         out_dir = dirs[result.name]
         if out_dir is not None:
@@ -359,7 +454,7 @@ def _claim_outputs(
     paths = list(dict.fromkeys(paths))
     if compare:  # its own per-config folders are claimed file by file above
         paths = [p for p in paths if p not in dirs]
-    check_writable(paths, overwrite, hint="cv --overwrite, or overwrite=True")
+    check_writable(paths, overwrite, hint="cv --cv.overwrite true, or overwrite=True")
     return [p for p in paths if p.exists()]
 
 
@@ -383,38 +478,24 @@ def _remove(paths: Sequence[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _config_source(config: ConfigSource) -> list[str]:
-    """The ``--config`` argument of a config file, or of a dict as JSON text."""
-    if isinstance(config, dict):
-        return ["--config", json.dumps(config)]
-    path = Path(config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    return ["--config", str(path)]
-
-
 def _labelled_patients(
-    source: list[str], overrides: list[str], predict: bool
+    runner: FoldRunner, predict: bool
 ) -> tuple[list[str], list[int], dict[str, Any]]:
-    """Instantiate the config once to list its labelled patients (sorted) and their labels;
-    with ``predict``, those named to predict (``predict_ids``) are left out: no fold model
-    may train on a patient it predicts. Third: its `fingerprint`, for the plan."""
-    from lympho_mil.cli import build_cli  # here: the CLI imports this package
-
+    """The labelled patients of the runner's data (sorted) and their labels; with
+    ``predict``, those named to predict (``predict_ids``) are left out: no fold model may
+    train on a patient it predicts. Third: the runner's `fingerprint`, for the plan."""
     with _quiet_lightning():
-        cli = build_cli(
-            [*source, *QUIET_ARGS, *overrides, "--trainer.logger=false", "--seed_everything=false"],
-            run=False,
-        )
-    bags = sorted(cli.datamodule.bags.values(), key=lambda b: b.bag_id)
-    to_predict = set(cli.datamodule.split_ids["predict"]) if predict else set()
+        datamodule = runner.data()
+    bags = sorted(datamodule.bags.values(), key=lambda b: b.bag_id)
+    to_predict = set(datamodule.split_ids["predict"]) if predict else set()
     labelled = [b for b in bags if b.label in (0, 1) and b.bag_id not in to_predict]
     if predict and not to_predict:
         raise DataError(
-            "--predict: the data has no unlabelled patients to predict; name patients to "
-            "predict with --data.predict_ids '[P26, P27]' (left out of the cross-validation)"
+            "predict (cv --cv.predict): the data has no unlabelled patients to predict; name "
+            "patients to predict with --data.predict_ids '[P26, P27]' (left out of the folds)"
         )
-    return [b.bag_id for b in labelled], [int(b.label) for b in labelled], fingerprint(cli)
+    ids, labels = [b.bag_id for b in labelled], [int(b.label) for b in labelled]
+    return ids, labels, fingerprint(runner, datamodule)
 
 
 def _restrict(
@@ -431,32 +512,9 @@ def _restrict(
     return [i for i, _ in pairs], [y for _, y in pairs]
 
 
-def _fold_args(split: FoldSplit, settings: CVSettings, fold_dir: Path) -> list[str]:
-    logger = {
-        "class_path": "lightning.pytorch.loggers.CSVLogger",
-        "init_args": {"save_dir": str(fold_dir), "name": "", "version": ""},
-    }
-    args = [
-        f"--seed_everything={settings.seed + split.repeat * settings.folds + split.fold}",
-        f"--data.train_ids={json.dumps(split.train_ids)}",
-        f"--data.val_ids={json.dumps(split.val_ids)}",
-        f"--data.test_ids={json.dumps(split.test_ids)}",
-        f"--trainer.default_root_dir={fold_dir}",
-        f"--trainer.logger={json.dumps(logger)}",
-        f"--checkpoint.dirpath={fold_dir / 'checkpoints'}",
-        "--checkpoint.save_last=false",
-    ]
-    if not settings.predict:
-        # Every trainer.predict sets the datamodule up for "predict"; without the ensemble,
-        # point that split at the test fold so data without unlabelled patients works.
-        args.append(f"--data.predict_ids={json.dumps(split.test_ids)}")
-    return args
-
-
 def _run_fold(
     name: str,
-    source: list[str],
-    overrides: list[str],
+    runner: FoldRunner,
     split: FoldSplit,
     settings: CVSettings,
     fold_root: Path,
@@ -464,19 +522,18 @@ def _run_fold(
 ) -> FoldRun:
     """Train on the inner training patients, choose checkpoint and threshold on the inner
     validation patients, then predict the test fold (and the unlabelled patients)."""
-    from lympho_mil.cli import build_cli  # here: the CLI imports this package
-
     start = time.perf_counter()
     fold_dir = _fold_dir(fold_root, split)
-    args = [*source, *QUIET_ARGS, *overrides, *_fold_args(split, settings, fold_dir)]
+    setup = FoldSetup(
+        split,
+        seed=settings.seed + split.repeat * settings.folds + split.fold,
+        directory=fold_dir,
+        # Every trainer.predict sets the datamodule up for "predict"; without the ensemble,
+        # point that split at the test fold so data without unlabelled patients works.
+        predict_ids=None if settings.predict else split.test_ids,
+    )
     with _quiet_lightning():
-        cli = build_cli(args, run=False)
-        trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
-        # cv writes its own prediction files; the CLI's writer would fire on every predict.
-        # (Trainer.callbacks is set by Lightning at run time but missing from its types.)
-        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
-        kept = [c for c in callbacks if not isinstance(c, PredictionWriter)]
-        trainer.callbacks = kept  # type: ignore[attr-defined]
+        trainer, model, datamodule = runner.build(setup)
         datamodule.setup()  # every split over one instance store (the trainer: one per stage)
         trainer.fit(model, datamodule=datamodule)
         checkpoint = trainer.checkpoint_callback
@@ -584,8 +641,7 @@ def _prediction_rows(run: FoldRun, records: list[dict[str, Any]]) -> list[dict[s
 
 def _collect(
     name: str,
-    config: ConfigSource,
-    overrides: list[str],
+    runner: FoldRunner,
     runs: list[FoldRun],
     settings: CVSettings,
     n_patients: int,
@@ -600,8 +656,7 @@ def _collect(
         )
     report = cv_report(
         name=name,
-        config=config,
-        overrides=overrides,
+        record=runner.record(),
         settings=settings,
         n_patients=n_patients,
         runs=runs,

@@ -1,13 +1,14 @@
 """Resuming ``lympho-mil cv``: its plan, written first, and the record of each finished fold.
 
 A cross-validation with an output folder writes ``cv_plan.json`` before its first fold: the
-settings, the splits, and per config a hash of its resolved ``fit`` config and a fingerprint
-of its data. Each fold run, once its model is saved, writes ``fold_run.json`` beside it (the
-threshold and the predictions it made). Run again with the same arguments after a kill, ``cv``
-finds the plan of an unfinished run, keeps the finished folds, trains the others and writes
-the report an uninterrupted run would (the folds' times aside: each is the time it took when
-it ran). A plan that no longer matches (another config, other data, other settings) is
-refused with a line naming what changed; ``--overwrite`` starts afresh.
+settings, the splits, and per config a hash of its fold runner's settings (the command line's
+runner: the resolved ``fit`` config) and a fingerprint of its data. Each fold run, once its
+model is saved, writes ``fold_run.json`` beside it (the threshold and the predictions it
+made). Run again with the same arguments after a kill, ``cv`` finds the plan of an unfinished
+run, keeps the finished folds, trains the others and writes the report an uninterrupted run
+would (the folds' times aside: each is the time it took when it ran). A plan that no longer
+matches (another config, other data, other settings) is refused with a line naming what
+changed; ``--cv.overwrite true`` (``overwrite=True``) starts afresh.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from lympho_mil.evaluation.report import COMPARISON_FILES, REPORT_FILES
 from lympho_mil.files import OutputExistsError, atomic_write_text
 
 if TYPE_CHECKING:
-    from lympho_mil.evaluation.cv import CVSettings, FoldRun, FoldSplit
+    from lympho_mil.data.datamodule import BagDataModule
+    from lympho_mil.evaluation.cv import CVSettings, FoldRun, FoldRunner, FoldSplit
 
 PLAN_FILE = "cv_plan.json"
 FOLD_FILE = "fold_run.json"
@@ -38,14 +38,14 @@ class PlanChangedError(OutputExistsError):
     """The output folder holds an unfinished cross-validation planned otherwise."""
 
 
-def fingerprint(cli: Any) -> dict[str, Any]:
-    """What a fold run of this config depends on, from its instantiated ``LymphoCLI``:
-    ``resolved``, the resolved ``fit`` config (every setting, defaults included) as dotted
-    keys; ``config``, its hash; ``data``, a hash of every patient (id, label, clinical
-    values, crop names) and, for image folders, of each crop file's size and time."""
-    resolved = _flat(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)))
-    resolved.pop("config", None)  # the config files' paths: their content is in the rest
-    datamodule = cli.datamodule
+def fingerprint(runner: FoldRunner, datamodule: BagDataModule) -> dict[str, Any]:
+    """What a fold run of ``runner`` depends on: ``resolved``, its settings as dotted keys
+    (the runner's ``resolved_config()`` where it has one, as the command line's runner does:
+    its resolved ``fit`` config, defaults included; else its flattened ``record()``);
+    ``config``, their hash; ``data``, a hash of every patient of ``datamodule`` (id, label,
+    clinical values, crop names) and, for image folders, of each crop file's size and time."""
+    resolved_config = getattr(runner, "resolved_config", None)
+    resolved = resolved_config() if callable(resolved_config) else flat(runner.record())
     digest = hashlib.sha256()
     paths_of = getattr(datamodule, "instance_paths", None)
     for bag in sorted(datamodule.bags.values(), key=lambda b: b.bag_id):
@@ -91,20 +91,21 @@ def start_or_resume(root: Path, plan: dict[str, Any], resuming: bool, verbose: b
     written there (`PlanChangedError` naming what changed)."""
     path = root / PLAN_FILE
     if not resuming:
-        atomic_write_text(path, json.dumps(plan, indent=1), overwrite=True)
+        atomic_write_text(path, json.dumps(plan, indent=1, default=str), overwrite=True)
         return
     try:
         planned = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise PlanChangedError(
-            f"{path} cannot be read ({exc}); pass --overwrite to start afresh"
+            f"{path} cannot be read ({exc}); pass --cv.overwrite true (overwrite=True) to start "
+            "afresh"
         ) from exc
     changes = _changes(planned, plan)
     if changes:
         raise PlanChangedError(
             f"{root} holds an unfinished cross-validation planned otherwise: "
             f"{'; '.join(changes)}; resume it with the arguments it was planned with, pass "
-            "--overwrite to start afresh, or choose another --out"
+            "--cv.overwrite true (overwrite=True) to start afresh, or choose another --cv.out"
         )
     if verbose:
         print(f"resuming the cross-validation planned in {path}", flush=True)
@@ -142,7 +143,7 @@ def _changes(planned: dict[str, Any], now: dict[str, Any]) -> list[str]:
     if planned.get("version") != now["version"]:
         return [f"plan format {planned.get('version')} (this lympho-mil writes {now['version']})"]
     changes = [
-        f"--{key.replace('_', '-')} {planned['settings'].get(key)!r} -> {value!r}"
+        f"{_option(key)} {planned['settings'].get(key)!r} -> {value!r}"
         for key, value in now["settings"].items()
         if planned["settings"].get(key) != value
     ]
@@ -159,6 +160,13 @@ def _changes(planned: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return changes
 
 
+def _option(setting: str) -> str:
+    """How ``lympho-mil cv`` spells a `CVSettings` field (``patients``: Python only)."""
+    if setting == "patients":
+        return "patients"
+    return "--threshold_policy" if setting == "threshold_policy" else f"--cv.{setting}"
+
+
 def _config_diff(before: dict[str, Any], after: dict[str, Any]) -> str:
     old, new = before["resolved"], after["resolved"]
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
@@ -168,14 +176,14 @@ def _config_diff(before: dict[str, Any], after: dict[str, Any]) -> str:
     return ", ".join(shown) or "its resolved content"
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+def flat(value: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> ``{"a.b.c": leaf}``."""
     if not isinstance(value, dict) or not value:
         return {prefix: value}
-    flat: dict[str, Any] = {}
+    items: dict[str, Any] = {}
     for key, item in value.items():
-        flat.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
+        items.update(flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return items
 
 
 def _hash(value: Any) -> str:

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
 
 from lympho_mil.evaluation.bootstrap import (
@@ -58,8 +57,7 @@ def cv_output_names(predict: bool) -> list[str]:
 
 def cv_report(
     name: str,
-    config: str | Path | dict[str, Any],
-    overrides: list[str],
+    record: dict[str, Any],
     settings: CVSettings,
     n_patients: int,
     runs: Sequence[FoldRun],
@@ -70,6 +68,7 @@ def cv_report(
 
     Each metric gets ``{mean, std, ci95_low, ci95_high}``: mean and std over the repeats'
     out-of-fold estimates, the interval from a stratified patient bootstrap (percentile).
+    ``record`` is what the fold runner records about its configuration (``FoldRunner.record``).
     """
     label = oof.drop_duplicates("id")["label"]
     report: dict[str, Any] = {
@@ -91,8 +90,7 @@ def cv_report(
     }
     if ensemble is not None:
         report["ensemble"] = ensemble
-    report["config"] = _config_record(config)
-    report["overrides"] = list(overrides)
+    report.update(record)
     report["versions"] = _versions()
     report["wall_time_s"] = round(sum(run.seconds for run in runs), 2)
     return report
@@ -112,12 +110,6 @@ def _fold_entry(run: FoldRun, oof: pd.DataFrame) -> dict[str, Any]:
         "auroc": float(roc_auc_score(rows["label"], rows["probability"])),
         "seconds": round(run.seconds, 2),
     }
-
-
-def _config_record(config: str | Path | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(config, dict):
-        return {"source": "dict", "content": config}
-    return {"source": str(config), "content": yaml.safe_load(Path(config).read_text())}
 
 
 def _versions() -> dict[str, str]:
@@ -317,10 +309,22 @@ def roc_band(
     return curve(None), low, high
 
 
-def _png(figure: Any) -> bytes:
+def figure_png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def roc_axes(ax: Any, title: str) -> None:
+    """The chance diagonal, axis labels and limits of a ROC plot."""
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(
+        xlabel="false-positive rate (1 - specificity)",
+        ylabel="true-positive rate (sensitivity)",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
 
 
 def _roc_png(
@@ -339,16 +343,9 @@ def _roc_png(
         where="post",
         label=f"out-of-fold ROC, AUROC {auroc['mean']:.3f} {_interval(auroc)}",
     )
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(
-        xlabel="false-positive rate (1 - specificity)",
-        ylabel="true-positive rate (sensitivity)",
-        title=f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
+    roc_axes(ax, f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats")
     ax.legend(loc="lower right", fontsize="small")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _per_fold_png(figure_class: Any, report: dict[str, Any]) -> bytes:
@@ -366,4 +363,4 @@ def _per_fold_png(figure_class: Any, report: dict[str, Any]) -> bytes:
     ax.set(xlabel="outer fold", ylabel="balanced accuracy", ylim=(0, 1.02), title=report["name"])
     ax.set_xticks(range(len(folds)), [f"r{f['repeat']}f{f['fold']}" for f in folds], fontsize=7)
     ax.legend(fontsize="small", loc="lower left")
-    return _png(fig)
+    return figure_png(fig)

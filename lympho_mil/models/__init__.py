@@ -1,4 +1,6 @@
-"""LightningModules: one base class (loss, metrics, optimiser) and small subclasses."""
+"""LightningModules: one base class (loss, metrics, optimiser, threshold, checkpoint format,
+predict records) and small subclasses that build their networks from ``nn``. Reads batches of
+``data``; never imports ``evaluation`` or the command layer."""
 
 from lympho_mil.models.base import (
     BagClassifier,
@@ -13,6 +15,7 @@ from lympho_mil.models.mil import (
     MaxPoolMIL,
     MeanPoolMIL,
     MILClassifier,
+    StatisticsPoolMIL,
 )
 from lympho_mil.models.tabular import GatedFusionMIL, TabularMLP
 
@@ -28,5 +31,6 @@ __all__ = [
     "MaxPoolMIL",
     "MeanPoolMIL",
     "NonFiniteLossError",
+    "StatisticsPoolMIL",
     "TabularMLP",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal, NamedTuple, cast
 
 import torch
@@ -55,7 +56,7 @@ CHECKPOINT_FORMAT = 1
 """Version of what `BagClassifier` adds to a checkpoint (``checkpoint["lympho_mil"]``)."""
 
 
-class BagClassifier(LightningModule):
+class BagClassifier(LightningModule, ABC):
     """Base class of every model: binary patient classification from a `BagBatch`.
 
     Args:
@@ -136,12 +137,13 @@ class BagClassifier(LightningModule):
         self.configure_models()
         self.metrics = nn.ModuleDict({f"{s}_metrics": PatientMetrics() for s in SPLITS})
 
+    @abstractmethod
     def configure_models(self) -> None:
         """Build the networks (called from ``__init__`` once the base settings exist)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def forward(self, batch: BagBatch) -> BagOutput:
-        raise NotImplementedError
+        """The patient logits (and crop weights, where the model has them) of ``batch``."""
 
     def check_batch(self, batch: BagBatch) -> None:
         """Refuse data the model was not built for (e.g. a checkpoint run with another

@@ -1,11 +1,13 @@
 """Image-bag models: an instance encoder, a mask-aware pooling and a head.
 
-``AttentionMIL``, ``GatedAttentionMIL``, ``MeanPoolMIL`` and ``MaxPoolMIL`` differ only by
-their pooling; ``InstanceMIL`` classifies every crop and averages the crop logits.
+``AttentionMIL``, ``GatedAttentionMIL``, ``MeanPoolMIL``, ``MaxPoolMIL`` and
+``StatisticsPoolMIL`` differ only by their pooling; ``InstanceMIL`` classifies every crop
+and averages the crop logits.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -138,7 +140,10 @@ class MILClassifier(EncoderMixin, BagClassifier):
             `BagClassifier`.
     """
 
-    default_pooling: str = "attention"  # a class default; GatedFusionMIL sets it per instance
+    @property
+    @abstractmethod
+    def default_pooling(self) -> str:
+        """The pooling a subclass fixes (a class attribute; GatedFusionMIL's is per model)."""
 
     def __init__(
         self,
@@ -237,6 +242,15 @@ class MaxPoolMIL(MILClassifier):
     (``attention_hidden`` unused)."""
 
     default_pooling = "max"
+
+
+class StatisticsPoolMIL(MILClassifier):
+    """Per feature, the mean, standard deviation and 10/50/90 % quantiles of the crop
+    embeddings (`lympho_mil.nn.StatisticsPooling`); with ``encoder="identity"`` on cached
+    crop features, a linear model of the patient-level statistics. Arguments as
+    `MILClassifier` (``attention_hidden`` unused)."""
+
+    default_pooling = "statistics"
 
 
 class InstanceMIL(EncoderMixin, BagClassifier):

@@ -84,6 +84,8 @@ class GatedFusionMIL(MILClassifier):
             (``tabular_dim`` must be > 0).
     """
 
+    default_pooling = "attention"  # the ``pooling`` argument sets it per model
+
     def __init__(
         self,
         pooling: str = "attention",

@@ -1,5 +1,6 @@
 """Pure-PyTorch building blocks: instance encoders, MIL pooling, clinical encoders, fusion,
-test-time views."""
+test-time views. The lowest layer: it imports no Lightning and nothing of lympho-mil's other
+layers, so every block works in plain PyTorch."""
 
 from lympho_mil.nn.encoders import (
     BUILTIN_ENCODERS,
@@ -23,6 +24,7 @@ from lympho_mil.nn.pooling import (
     MaxPooling,
     MeanPooling,
     MILPooling,
+    StatisticsPooling,
     build_pooling,
 )
 from lympho_mil.nn.tabular import Standardize, TabularEncoder
@@ -49,6 +51,7 @@ __all__ = [
     "MorphologyEncoder",
     "SmallCNN",
     "Standardize",
+    "StatisticsPooling",
     "TabularEncoder",
     "TimmEncoder",
     "build_instance_encoder",

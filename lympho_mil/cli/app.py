@@ -1,23 +1,27 @@
-"""The ``lympho-mil`` command: LightningCLI (fit/validate/test/predict) plus ``cv``.
+"""The LightningCLI of ``lympho-mil``: its subcommands, parser, links and checkpoint policy.
 
 Model and data are chosen by class name (``--model AttentionMIL``, ``class_path:
 GatedFusionMIL`` in a config). The clinical vector size and its standardisation, fitted on
-the training patients, flow from the datamodule into the model at instantiation.
+the training patients, flow from the datamodule into the model at instantiation. Lightning's
+fit, validate, test and predict run its Trainer; a further subcommand (``cv``) registers a
+`Command` here: its options become a ``--<name>.*`` group (and a ``<name>:`` section of a
+config) and it runs on the parsed config instead of a Trainer method.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
-import pickle
 import re
 import sys
 import warnings
-import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import yaml
 from lightning import Trainer
@@ -30,20 +34,15 @@ from lightning.pytorch.cli import (
     SaveConfigCallback,
 )
 
-from lympho_mil.arguments import SettingError
-from lympho_mil.checkpoint import RunCheckpoint
+from lympho_mil.cli.checkpoints import RunCheckpoint, global_step, read_checkpoint
+from lympho_mil.cli.errors import ConfigError, is_file
+from lympho_mil.cli.parser import LymphoParser, short_message
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
-from lympho_mil.data.errors import DataError
-from lympho_mil.evaluation.explain import ExplainError
 from lympho_mil.evaluation.predictions import PredictionWriter
-from lympho_mil.files import (
-    OutputExistsError,
-    OutputFolderError,
-    check_folder_writable,
-    write_error_message,
-)
-from lympho_mil.models import BagClassifier, CheckpointFormatError
-from lympho_mil.nn import EncoderWeightsError
+from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES
+from lympho_mil.files import check_folder_writable
+from lympho_mil.models import BagClassifier
+from lympho_mil.version import __version__
 
 MONITOR = "val_balanced_accuracy"
 DEFAULT_RUNS = "runs"
@@ -55,22 +54,117 @@ DEFAULT_LOGGER: dict[str, Any] = {
 EVAL_SETTINGS = ("threshold", "tta_views", "chunk_size")
 """Model settings that ``--model.<name>`` may change on a trained checkpoint (``validate``,
 ``test``, ``predict``): how it decides and evaluates, not what it learnt."""
-USER_ERRORS = (
-    SettingError,
-    DataError,
-    OutputExistsError,
-    OutputFolderError,
-    FileNotFoundError,
-    CheckpointFormatError,
-    EncoderWeightsError,
-    ExplainError,
+DESCRIPTION = (
+    "lympho-mil: patient-level diagnosis (reactive or tumoral lymphocytosis) from bags of "
+    "blood-smear cell crops and clinical data."
 )
+LIGHTNING_COMMANDS = {
+    "fit": "train a model on the training patients; keeps its best and last checkpoints",
+    "validate": "score a checkpoint (--ckpt_path) on the validation patients",
+    "test": "score a checkpoint (--ckpt_path) on the test patients",
+    "predict": "write a checkpoint's predictions (--ckpt_path) of the patients to predict",
+}
+"""Lympho-mil's one-line description of each of Lightning's subcommands."""
+CKPT_PATH_HELP = {
+    "fit": "resume training from a checkpoint: a path, or 'last' (the newest last.ckpt of the "
+    "runs folder, or of --checkpoint.dirpath); a resumed run goes on writing checkpoints "
+    "into the folder of the run it resumes. 'best' is refused (resume from last).",
+    "score": "the checkpoint to use (required: without one the weights would be untrained): "
+    "a path, 'best' (the best checkpoint the newest run recorded) or 'last' (its last.ckpt). "
+    "With 'best' or 'last' the model comes from the config; with a path, from the "
+    "checkpoint, except --model.threshold, --model.tta_views and --model.chunk_size.",
+}
+"""``--ckpt_path`` as lympho-mil reads it (Lightning's own help says otherwise)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand beyond Lightning's four.
+
+    description: its one line in ``lympho-mil --help``.
+    options: a dataclass whose fields become the ``--<name>.<field>`` options.
+    run: runs it on the parsed `LymphoCLI` (nothing is instantiated for it).
+    """
+
+    description: str
+    options: type
+    run: Callable[[LymphoCLI], None]
+
+
+COMMANDS: dict[str, Command] = {}
+"""The registered subcommands beyond Lightning's, by name (see `register`)."""
+
+
+def register(name: str, command: Command) -> None:
+    """Make ``command`` the subcommand ``lympho-mil <name>``."""
+    COMMANDS[name] = command
 
 
 class LymphoCLI(LightningCLI):
-    """LightningCLI with the links, the checkpoint policy and the prediction files."""
+    """LightningCLI with lympho-mil's subcommands, links, checkpoint policy and prediction
+    files."""
+
+    argv: list[str]  # the arguments parsed (the command line's, or those given)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), **{name: set() for name in COMMANDS}}
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault(
+            "dump_header", [f"lympho-mil=={__version__}", f"lightning.pytorch=={pl.__version__}"]
+        )
+        return super().init_parser(**kwargs)
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            self.parser.add_argument(
+                "--version",
+                action="version",
+                version=f"lympho-mil {__version__}",
+                help="Print lympho-mil's version and exit.",
+            )
+        else:  # one parser for the run alone (cv's folds): a config's command sections pass
+            for name, command in COMMANDS.items():
+                self.parser.add_class_arguments(command.options, name)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's four and the registered ones, each with lympho-mil's description."""
+        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
+        subcommands = parser.add_subcommands()
+        described = {**LIGHTNING_COMMANDS, **{n: c.description for n, c in COMMANDS.items()}}
+        for name, description in described.items():
+            settings = {"description": description, **kwargs.get(name, {})}
+            subparser = self._prepare_subcommand_parser(Trainer, name, **settings)
+            self._subcommand_parsers[name] = subparser
+            subcommands.add_subcommand(name, subparser, help=description)
+
+    def _prepare_subcommand_parser(
+        self, klass: type, subcommand: str, **kwargs: Any
+    ) -> LightningArgumentParser:
+        if subcommand in COMMANDS:
+            parser = self.init_parser(**kwargs)
+            self._add_arguments(parser)
+            parser.add_class_arguments(COMMANDS[subcommand].options, subcommand)
+            self._subcommand_method_arguments[subcommand] = []
+            return parser
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        for action in parser._actions:
+            if action.dest == "ckpt_path":
+                action.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "score"]
+        return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--threshold_policy",
+            choices=THRESHOLD_POLICIES,
+            default="inner_val",
+            help="how cv chooses each fold's decision threshold on its validation patients: "
+            "inner_val maximises their balanced accuracy, fixed keeps model.threshold",
+        )
         parser.link_arguments(
             "data.tabular_dim", "model.init_args.tabular_dim", apply_on="instantiate"
         )
@@ -101,7 +195,7 @@ class LymphoCLI(LightningCLI):
         ``--ckpt_path``, LightningCLI then replaces every model argument by the checkpoint's,
         and `before_instantiate_classes` puts these back."""
         super().parse_arguments(parser, args)
-        argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
+        self.argv = argv = sys.argv[1:] if args is None else args if isinstance(args, list) else []
         given = {a.split("=", 1)[0] for a in argv}
         subcommand = self.config.get("subcommand")
         self._asked_eval_settings = {
@@ -110,13 +204,15 @@ class LymphoCLI(LightningCLI):
             if subcommand and given & {f"--model.{key}", f"--model.init_args.{key}"}
         }
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and _is_file(str(ckpt_path)):
+        if ckpt_path and is_file(str(ckpt_path)):
             read_checkpoint(ckpt_path)  # a file that is no checkpoint: one line, not a traceback
 
     def before_instantiate_classes(self) -> None:
         """The evaluation settings asked on the command line win over the checkpoint's, and
         ``--trainer.default_root_dir`` moves the default logger's ``runs/`` folder."""
         subcommand = self.config.get("subcommand")
+        if subcommand in COMMANDS:
+            return
         for key, value in self._asked_eval_settings.items():
             self.config[subcommand]["model"]["init_args"][key] = value
         trainer = self.config[subcommand]["trainer"] if subcommand else self.config["trainer"]
@@ -132,6 +228,8 @@ class LymphoCLI(LightningCLI):
             _log_beside_an_earlier_run(logger)
 
     def instantiate_classes(self) -> None:
+        if self.config.get("subcommand") in COMMANDS:
+            return  # it builds what it needs itself
         super().instantiate_classes()
         share_cpu_with_loader_workers(self.trainer, self.datamodule)
         if "threshold" in self._asked_eval_settings:
@@ -149,6 +247,16 @@ class LymphoCLI(LightningCLI):
         self._resolve_last()
 
     before_validate = before_test = _require_checkpoint
+
+    def _set_seed(self) -> None:
+        if self.subcommand not in COMMANDS:  # they seed what they build (cv: every fold)
+            super()._set_seed()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in COMMANDS:
+            COMMANDS[subcommand].run(self)
+        else:
+            super()._run_subcommand(subcommand)
 
     def before_predict(self) -> None:
         self._require_checkpoint()
@@ -169,12 +277,12 @@ class LymphoCLI(LightningCLI):
         best, whatever came before). A run branched from an older checkpoint writes into its
         own folder, and leaves the original run's files alone."""
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if not ckpt_path or not _is_file(str(ckpt_path)):
+        if not ckpt_path or not is_file(str(ckpt_path)):
             return
         checkpoint, given = read_checkpoint(ckpt_path), Path(ckpt_path).resolve()
         step = checkpoint.get("global_step", -1)
         folder = given.parent
-        if any(_global_step(p) > step for p in folder.glob("*.ckpt") if p.resolve() != given):
+        if any(global_step(p) > step for p in folder.glob("*.ckpt") if p.resolve() != given):
             return  # a branch from an older state of the run
         states = checkpoint.get("callbacks", {})
         callbacks = self.trainer.callbacks  # type: ignore[attr-defined]  # set at run time
@@ -295,32 +403,6 @@ class RunConfigSaver(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint at ``path`` loaded with ``weights_only=True``, its tensors memory-mapped
-    (the CLI reads its metadata, not its weights); ConfigError when the file is not a
-    Lightning checkpoint (unpicklable content is left to the caller's handler)."""
-    if not zipfile.is_zipfile(path):
-        raise ConfigError(f"{path} is not a checkpoint (not a file that torch.save writes)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, KeyError) as exc:
-        raise ConfigError(f"cannot read the checkpoint {path}: {exc}") from exc
-    if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= set(
-        checkpoint
-    ):
-        raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict or version)")
-    return checkpoint
-
-
-def _global_step(path: Path) -> int:
-    """The training step a checkpoint file was written at (-1 if it cannot be read)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # any unreadable file: not a later state of the run
-        return -1
-    return int(checkpoint.get("global_step", -1)) if isinstance(checkpoint, dict) else -1
-
-
 def share_cpu_with_loader_workers(trainer: Trainer, datamodule: object) -> None:
     """On CPU, leave one core per loader worker: torch's default of one thread per core plus
     the workers oversubscribes the machine (measured: a quickstart epoch on 2 cores took
@@ -344,7 +426,7 @@ def build_cli(args: Sequence[str] | None, run: bool = True) -> LymphoCLI:
     try:
         return _build_cli(args, run)
     except argparse.ArgumentError as exc:  # raised instead of exiting when run=False
-        raise ConfigError(f"invalid config: {exc}") from exc
+        raise ConfigError(f"invalid config: {short_message(str(exc))}") from exc
 
 
 def _build_cli(args: Sequence[str] | None, run: bool) -> LymphoCLI:
@@ -358,9 +440,12 @@ def _build_cli(args: Sequence[str] | None, run: bool) -> LymphoCLI:
         trainer_defaults={"logger": DEFAULT_LOGGER},
         save_config_callback=RunConfigSaver,
         save_config_kwargs={"overwrite": True},
+        parser_class=LymphoParser,
         parser_kwargs={
-            "epilog": "lympho-mil cv --help: repeated patient-level cross-validation of a fit "
-            "config (not a LightningCLI subcommand, so not in the list above)",
+            "prog": "lympho-mil",
+            "description": DESCRIPTION,
+            "epilog": "lympho-mil cv --help (any SUBCOMMAND --help) lists a subcommand's "
+            "options; docs/cli.md explains them.",
             "exit_on_error": run,
         },
         auto_configure_optimizers=True,
@@ -374,7 +459,8 @@ def class_choices(base: type) -> dict[str, type]:
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        found[cls.__name__] = cls
+        if not inspect.isabstract(cls):
+            found[cls.__name__] = cls
     return dict(sorted(found.items()))
 
 
@@ -390,7 +476,7 @@ def check_class_names(argv: Sequence[str]) -> None:
             value = argv[i + 1]
         if key in ("--model", "--data"):
             given.append((key[2:], value))
-        elif key == "--config" and _is_file(value):
+        elif key == "--config" and is_file(value):
             try:
                 config = yaml.safe_load(Path(value).read_text()) or {}
             except yaml.YAMLError as exc:
@@ -407,78 +493,3 @@ def check_class_names(argv: Sequence[str]) -> None:
                 f"unknown {section} {name!r}; valid choices: {', '.join(choices)} "
                 "(or a full import path such as mypackage.MyModel)"
             )
-
-
-def _is_file(value: str) -> bool:
-    """Whether ``value`` names a file (an inline config may be too long to be a path)."""
-    try:
-        return Path(value).is_file()
-    except OSError:
-        return False
-
-
-class ConfigError(ValueError):
-    """A configuration names something that does not exist."""
-
-
-def _user_error_behind(exc: BaseException) -> BaseException | None:
-    """The first user error (bad data, files, weights, settings) in the chain of causes of
-    ``exc``, or None: a bug, to show with its traceback."""
-    seen: BaseException | None = exc.__cause__ or exc.__context__
-    while seen is not None:
-        if isinstance(seen, (*USER_ERRORS, ConfigError)):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of ``lympho-mil`` and ``python -m lympho_mil``."""
-    argv = list(sys.argv[1:] if args is None else args)
-    try:
-        check_class_names(argv)
-        if argv[:1] == ["cv"]:
-            from lympho_mil.evaluation.cv_cli import cv_main
-
-            cv_main(argv[1:])
-            return
-        build_cli(None if args is None else argv)
-    except (*USER_ERRORS, ConfigError) as exc:
-        print(f"lympho-mil: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except ValueError as exc:  # jsonargparse wraps what a class raised while instantiated
-        cause = _user_error_behind(exc)
-        message = str(cause) if cause is not None else write_error_message(exc)
-        if message is None:
-            raise
-        print(f"lympho-mil: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except OSError as exc:  # a full disk, a read-only folder: the file, not a traceback
-        message = write_error_message(exc)
-        if message is None:
-            raise
-        print(f"lympho-mil: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RuntimeError as exc:
-        if "Error(s) in loading state_dict" not in str(exc):
-            raise
-        lines = str(exc).splitlines()
-        print(
-            "lympho-mil: error: the checkpoint's weights do not fit the model that the config "
-            "and data build (use the config and data it was trained with): "
-            + " ".join(line.strip() for line in lines[:3]),
-            file=sys.stderr,
-        )
-        raise SystemExit(2) from None
-    except pickle.UnpicklingError as exc:
-        print(
-            "lympho-mil: error: refusing to load a checkpoint that holds more than tensors and "
-            "plain values (it could run code when loaded; only weights_only=True loading is "
-            f"allowed): {str(exc).splitlines()[0]}",
-            file=sys.stderr,
-        )
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()
