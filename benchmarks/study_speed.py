@@ -38,13 +38,12 @@ from torch.utils.data import DataLoader, Dataset
 from lympho_mil.data import (
     BagBatch,
     BagSample,
-    CachedFeatureDataModule,
     PatientBagDataModule,
     collate_bags,
 )
-from lympho_mil.data.feature_cache import FeatureCache
 from lympho_mil.data.image_cache import CropSpec, decode_crop
 from lympho_mil.data.transforms import BagAugment, BagToTensor, train_augmentation
+from lympho_mil.features import CachedFeatureDataModule, FeatureCache
 from lympho_mil.models import AttentionMIL, GatedFusionMIL
 
 IMPORTS = ("torch", "lympho_mil", "lympho_mil.nn", "lympho_mil.models")

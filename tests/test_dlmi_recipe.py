@@ -13,10 +13,11 @@ import torch
 import yaml
 
 from lympho_mil.cli import main
-from lympho_mil.data import CachedFeatureDataModule, CropSpec, read_dlmi
+from lympho_mil.data import CropSpec, read_dlmi
 from lympho_mil.data.image_cache import decode_crop
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.data.transforms import BagToTensor, FeatureScaling
+from lympho_mil.features import CachedFeatureDataModule
 from lympho_mil.models import MeanPoolMIL
 from lympho_mil.nn import MORPHOLOGY_FEATURES, MorphologyEncoder
 

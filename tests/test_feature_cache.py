@@ -11,28 +11,28 @@ import torch
 from trainers import quiet_trainer
 
 from lympho_mil.data import (
-    CachedFeatureDataModule,
     CropSpec,
     DataError,
     ImageCache,
     make_synthetic_dlmi,
     read_dlmi,
 )
-from lympho_mil.data import feature_cache as feature_cache_module
 from lympho_mil.data import image_cache as image_cache_module
-from lympho_mil.data.feature_cache import (
-    FeatureCache,
-    FeatureSpec,
-    SelectView,
-    feature_cache_key,
-    weights_digest,
-)
 from lympho_mil.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BagToTensor,
     FeatureScaling,
     FeaturesToTensor,
+)
+from lympho_mil.features import cache as feature_cache_module
+from lympho_mil.features.cache import (
+    CachedFeatureDataModule,
+    FeatureCache,
+    FeatureSpec,
+    SelectView,
+    feature_cache_key,
+    weights_digest,
 )
 from lympho_mil.models import AttentionMIL, MeanPoolMIL
 from lympho_mil.nn import MORPHOLOGY_FEATURES, SmallCNN

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from lympho_mil.arguments import SettingError
-from lympho_mil.data import CachedFeatureDataModule
 from lympho_mil.data.transforms import CellTypes
-from lympho_mil.features import pretrain
+from lympho_mil.features import CachedFeatureDataModule, pretrain
 from lympho_mil.features.cytometry import (
     CYTOMETRY_FEATURES,
     IMAGENET_MEAN,

@@ -17,7 +17,7 @@ RECORDING_CLI = """
 import os, sys, time
 from contextlib import contextmanager
 from pathlib import Path
-import lympho_mil.data.feature_cache as feature_cache
+import lympho_mil.features.cache as feature_cache
 import lympho_mil.data.image_cache as image_cache
 
 folder = Path(sys.argv[1])

@@ -40,6 +40,7 @@ from lympho_mil.cli.parser import LymphoParser, short_message
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
 from lympho_mil.evaluation.predictions import PredictionWriter
 from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES
+from lympho_mil.features import CachedFeatureDataModule  # noqa: F401 (registers it)
 from lympho_mil.files import check_folder_writable
 from lympho_mil.models import BagClassifier
 from lympho_mil.version import __version__

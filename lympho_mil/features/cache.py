@@ -43,6 +43,7 @@ from lympho_mil.data.image_cache import (
 )
 from lympho_mil.data.scaled import ScaledFeatures
 from lympho_mil.data.transforms import CellTypes, FeatureScaling, FeaturesToTensor
+from lympho_mil.features.cytometry import CytometryEncoder
 from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
 from lympho_mil.nn.tta import DIHEDRAL_VIEWS
 from lympho_mil.progress import progress
@@ -217,7 +218,7 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
 
     Crops are decoded into the image cache as for `PatientBagDataModule`, then every
     crop is embedded once by the encoder and the features are cached
-    (`lympho_mil.data.feature_cache`). Models read them with ``encoder="identity"`` (or
+    (`lympho_mil.features.cache`). Models read them with ``encoder="identity"`` (or
     ``"mlp"``) and ``in_dim`` equal to `feature_dim`; a mismatch stops ``setup`` with
     both sizes named.
 
@@ -319,8 +320,6 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.encoder_seed)
             if self.encoder_name == "cytometry":
-                from lympho_mil.features.cytometry import CytometryEncoder
-
                 module: nn.Module = CytometryEncoder(**kwargs)
             else:
                 module = build_instance_encoder(
