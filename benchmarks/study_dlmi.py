@@ -215,3 +215,43 @@ def round7_verdict(rows: list[Record]) -> Record:
         and versus["balanced_accuracy"]["ci95_low"] > 0,
         "bar_fused_auroc_difference_above_0": versus["auroc"]["mean"] > 0,
     }
+
+
+def threshold_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/benchmarks/dlmi-round7"),
+        help="a DLMI round's working folder (one cv output per candidate)",
+    )
+    p.add_argument(
+        "--candidates", nargs="*", default=[REFERENCE, RECIPE], help="candidates to compare"
+    )
+
+
+@study(
+    "threshold-rules",
+    "fixed 0.5 against the inner-validation threshold, on a round's out-of-fold predictions",
+    threshold_arguments,
+)
+def threshold_rules(args: argparse.Namespace) -> Iterator[Record]:
+    """The two threshold rules of ``fit`` (issue 27, item 7), measured without training again:
+    the threshold does not change the training or the checkpoint, so a round's out-of-fold
+    probabilities give both rules' decisions on identical models and splits."""
+    for name in args.candidates:
+        chosen = pd.read_csv(args.runs / name / "oof_predictions.csv", dtype={"id": str})
+        fixed = chosen.assign(threshold=0.5, predicted=(chosen["probability"] >= 0.5).astype(int))
+        summaries = {
+            "inner_val": metric_summary(chosen, 2000, 0),
+            "fixed_0.5": metric_summary(fixed, 2000, 0),
+        }
+        diff = paired_difference(chosen, fixed, 2000, 0)
+        yield {
+            "record": "threshold_rule",
+            "candidate": name,
+            **{
+                f"{rule}_balanced_accuracy": s["balanced_accuracy"] for rule, s in summaries.items()
+            },
+            "fixed_minus_inner_val": diff["balanced_accuracy"],
+            "median_inner_threshold": float(chosen["threshold"].median()),
+        }
