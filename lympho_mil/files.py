@@ -1,7 +1,8 @@
-"""Safe output files: written atomically, never overwritten unless asked."""
+"""Files: outputs written atomically and never overwritten unless asked; digests of contents."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Sequence
@@ -46,6 +47,16 @@ def atomic_write_bytes(path: str | Path, data: bytes, overwrite: bool = False) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_digest(path: str | Path) -> str:
+    """A hash of the file's bytes (BLAKE2b, 32 hex digits): equal contents, equal digests,
+    wherever the files are."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _umask() -> int:
