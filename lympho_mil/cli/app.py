@@ -84,9 +84,12 @@ CKPT_PATH_HELP = {
     "runs folder, or of --checkpoint.dirpath); a resumed run goes on writing checkpoints "
     "into the folder of the run it resumes. 'best' is refused (resume from last).",
     "score": "the checkpoint to use (required: without one the weights would be untrained): "
-    "a path, 'best' (the best checkpoint the newest run recorded) or 'last' (its last.ckpt). "
+    "a path, 'best' (the best checkpoint recorded by the newest run of the config's model and "
+    "data) or 'last' (that run's last.ckpt); one that does not fit the config is refused. "
     "With 'best' or 'last' the model comes from the config; with a path, from the "
     "checkpoint, except --model.threshold, --model.tta_views and --model.chunk_size.",
+    "predict": "; predict also takes several, averaged as cv's fold ensemble: a cv output "
+    "folder (its folds/*/model.ckpt) or a list '[a.ckpt, b.ckpt]'.",
 }
 """``--ckpt_path`` as lympho-mil reads it (Lightning's own help says otherwise)."""
 EMPTY_RUN = {"config.yaml", "hparams.yaml"}
@@ -176,6 +179,8 @@ class LymphoCLI(LightningCLI):
         for action in parser._actions:
             if action.dest == "ckpt_path":
                 action.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "score"]
+                if subcommand == "predict":
+                    action.help = action.help[:-1] + CKPT_PATH_HELP["predict"]
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
