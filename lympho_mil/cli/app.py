@@ -79,17 +79,21 @@ LIGHTNING_COMMANDS = {
     "predict": "write a checkpoint's predictions (--ckpt_path) of the patients to predict",
 }
 """Lympho-mil's one-line description of each of Lightning's subcommands."""
+_SCORE_HELP = (
+    "the checkpoint to use (required: without one the weights would be untrained): a path, "
+    "'best' (the best checkpoint recorded by the newest run of the config's model and data) "
+    "or 'last' (that run's last.ckpt); one that does not fit the config is refused. With "
+    "'best' or 'last' the model comes from the config; with a path, from the checkpoint, "
+    "except --model.threshold, --model.tta_views and --model.chunk_size."
+)
 CKPT_PATH_HELP = {
     "fit": "resume training from a checkpoint: a path, or 'last' (the newest last.ckpt of the "
     "runs folder, or of --checkpoint.dirpath); a resumed run goes on writing checkpoints "
     "into the folder of the run it resumes. 'best' is refused (resume from last).",
-    "score": "the checkpoint to use (required: without one the weights would be untrained): "
-    "a path, 'best' (the best checkpoint recorded by the newest run of the config's model and "
-    "data) or 'last' (that run's last.ckpt); one that does not fit the config is refused. "
-    "With 'best' or 'last' the model comes from the config; with a path, from the "
-    "checkpoint, except --model.threshold, --model.tta_views and --model.chunk_size.",
-    "predict": "; predict also takes several, averaged as cv's fold ensemble: a cv output "
-    "folder (its folds/*/model.ckpt) or a list '[a.ckpt, b.ckpt]'.",
+    "validate": _SCORE_HELP,
+    "test": _SCORE_HELP,
+    "predict": _SCORE_HELP + " Or several, averaged as cv's fold ensemble: a cv output folder "
+    "(its folds/*/model.ckpt) or a list '[a.ckpt, b.ckpt]'.",
 }
 """``--ckpt_path`` as lympho-mil reads it (Lightning's own help says otherwise)."""
 EMPTY_RUN = {"config.yaml", "hparams.yaml"}
@@ -178,9 +182,7 @@ class LymphoCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         for action in parser._actions:
             if action.dest == "ckpt_path":
-                action.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "score"]
-                if subcommand == "predict":
-                    action.help = action.help[:-1] + CKPT_PATH_HELP["predict"]
+                action.help = CKPT_PATH_HELP[subcommand]
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -299,7 +301,7 @@ class LymphoCLI(LightningCLI):
         config's (one line naming both sides); then print the one line saying what is used:
         the checkpoint (or the fold ensemble), its model, training date and validation
         score, and the threshold."""
-        infos, thresholds = [], []
+        infos, thresholds, replaced = [], [], None
         for path in paths:
             info = CheckpointInfo.read(path)
             differences = info.differences(self.config_model, self.datamodule.input_settings())
@@ -315,14 +317,17 @@ class LymphoCLI(LightningCLI):
             thresholds.append(info.threshold if replaced is None else replaced)
         if not self.trainer.is_global_zero:
             return
-        if len(infos) > 1:
-            print(ensemble_line(infos, float(statistics.median(thresholds))), flush=True)
-        elif self.model.threshold_asked:
-            print(infos[0].line(thresholds[0], "asked: --model.threshold"), flush=True)
-        elif thresholds[0] != infos[0].threshold:
-            print(infos[0].line(thresholds[0], "the config's model.threshold"), flush=True)
-        else:
-            print(infos[0].line(thresholds[0], infos[0].threshold_origin()), flush=True)
+        origin = (
+            infos[0].threshold_origin()
+            if replaced is None
+            else "asked: --model.threshold"
+            if self.model.threshold_asked
+            else "the config's model.threshold"
+        )
+        ensemble = len(infos) > 1
+        threshold = float(statistics.median(thresholds))
+        line = ensemble_line(infos, threshold) if ensemble else infos[0].line(threshold, origin)
+        print(line, flush=True)
 
     def predict(self, **kwargs: Any) -> None:
         """Lightning's predict; with several checkpoints (``--ckpt_path`` a cv folder or a

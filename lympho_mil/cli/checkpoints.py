@@ -61,7 +61,7 @@ def global_step(path: Path) -> int:
 class CheckpointInfo:
     """What the commands read of a checkpoint before they use it.
 
-    model: the model class's name (None: not a lympho-mil checkpoint).
+    model: the model class's name.
     data: the data it was trained on (``class``, ``settings``, ``train_ids``, ``val_ids``;
         None in checkpoints of older versions).
     saved: when it was written (ISO date; the file's time for older checkpoints).
@@ -72,7 +72,7 @@ class CheckpointInfo:
     """
 
     path: Path
-    model: str | None
+    model: str
     data: dict[str, Any] | None
     saved: str
     validation: dict[str, float]
@@ -87,7 +87,7 @@ class CheckpointInfo:
         threshold = checkpoint["state_dict"].get("threshold")
         return cls(
             path=Path(path),
-            model=meta.get("class"),
+            model=str(meta.get("class")),
             data=meta.get("data"),
             saved=meta.get("saved") or mtime.isoformat(timespec="seconds"),
             validation=dict(meta.get("validation") or {}),
@@ -99,7 +99,7 @@ class CheckpointInfo:
         """What differs between this checkpoint and the model class and data settings a
         config builds, each as ``what: checkpoint's vs config's`` (nothing unrecorded)."""
         found = []
-        if model is not None and self.model is not None and model != self.model:
+        if model is not None and model != self.model:
             found.append(f"model {self.model} vs {model}")
         ours = (self.data or {}).get("settings")
         if ours is not None and data is not None:
@@ -116,7 +116,7 @@ class CheckpointInfo:
 
     def summary(self) -> str:
         """``AttentionMIL on crops (PatientBagDataModule)``: the model and its data."""
-        return f"{self.model or 'unknown model'} on {self.data_kind()}"
+        return f"{self.model} on {self.data_kind()}"
 
     def line(self, threshold: float, origin: str) -> str:
         """The one line a command prints before it uses this checkpoint."""
