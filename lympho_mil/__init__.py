@@ -5,31 +5,44 @@ Quick tour::
     from lympho_mil import PatientBagDataModule, AttentionMIL
     dm = PatientBagDataModule("path/to/dlmi", image_size=64, max_instances=32)
     model = AttentionMIL(tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats)
+
+The names below are imported on first use, so ``import lympho_mil.nn`` (pure PyTorch) loads
+neither Lightning nor the data layer.
 """
 
-from lympho_mil.cli import compare_configs, cross_validate
-from lympho_mil.data import (
-    BagBatch,
-    BagDataModule,
-    DataError,
-    PatientBagDataModule,
-    SyntheticDataModule,
-    collate_bags,
-    make_synthetic_dlmi,
-)
-from lympho_mil.models import (
-    AttentionMIL,
-    BagClassifier,
-    BagOutput,
-    GatedAttentionMIL,
-    GatedFusionMIL,
-    InstanceMIL,
-    MaxPoolMIL,
-    MeanPoolMIL,
-    MILClassifier,
-    TabularMLP,
-)
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from lympho_mil.version import __version__
+
+_HOMES = {
+    "lympho_mil.data": (
+        "BagBatch",
+        "BagDataModule",
+        "DataError",
+        "PatientBagDataModule",
+        "SyntheticDataModule",
+        "collate_bags",
+        "make_synthetic_dlmi",
+    ),
+    "lympho_mil.cli": ("compare_configs", "cross_validate"),  # with the config-driven runner
+    "lympho_mil.models": (
+        "AttentionMIL",
+        "BagClassifier",
+        "BagOutput",
+        "GatedAttentionMIL",
+        "GatedFusionMIL",
+        "InstanceMIL",
+        "MILClassifier",
+        "MaxPoolMIL",
+        "MeanPoolMIL",
+        "StatisticsPoolMIL",
+        "TabularMLP",
+    ),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
 
 __all__ = [
     "AttentionMIL",
@@ -45,6 +58,7 @@ __all__ = [
     "MaxPoolMIL",
     "MeanPoolMIL",
     "PatientBagDataModule",
+    "StatisticsPoolMIL",
     "SyntheticDataModule",
     "TabularMLP",
     "__version__",
@@ -53,3 +67,42 @@ __all__ = [
     "cross_validate",
     "make_synthetic_dlmi",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its home module on first use (PEP 562)."""
+    if name not in _HOME_OF:
+        raise AttributeError(f"module 'lympho_mil' has no attribute {name!r}")
+    value = getattr(import_module(_HOME_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOME_OF])
+
+
+if TYPE_CHECKING:  # the names as type checkers and IDEs see them
+    from lympho_mil.cli import compare_configs, cross_validate
+    from lympho_mil.data import (
+        BagBatch,
+        BagDataModule,
+        DataError,
+        PatientBagDataModule,
+        SyntheticDataModule,
+        collate_bags,
+        make_synthetic_dlmi,
+    )
+    from lympho_mil.models import (
+        AttentionMIL,
+        BagClassifier,
+        BagOutput,
+        GatedAttentionMIL,
+        GatedFusionMIL,
+        InstanceMIL,
+        MaxPoolMIL,
+        MeanPoolMIL,
+        MILClassifier,
+        StatisticsPoolMIL,
+        TabularMLP,
+    )

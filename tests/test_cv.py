@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from functools import partial
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 from lightning import Trainer
+from reports import without_timing
 
 from lympho_mil import compare_configs, cross_validate
 from lympho_mil.cli import main
@@ -21,12 +23,14 @@ from lympho_mil.data import PatientBagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.evaluation import ModuleRunner, run_cross_validation
+from lympho_mil.evaluation.cv_plan import FOLD_FILE, PLAN_FILE
+from lympho_mil.evaluation.report import COMPARISON_FILES, cv_output_names
 from lympho_mil.evaluation.thresholds import choose_threshold
+from lympho_mil.files import OutputExistsError
 from lympho_mil.models import TabularMLP
 from lympho_mil.models.metrics import METRIC_NAMES
 
 FOLDS, REPEATS = 3, 2
-TIMING_KEYS = ("wall_time_s", "seconds")
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +121,6 @@ def paired(workdir: Path, configs: dict[str, Path]) -> Path:
 
 def load_report(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "cv_report.json").read_text())
-
-
-def without_timing(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: without_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [without_timing(v) for v in value]
-    return value
 
 
 def labelled_ids(root: Path) -> set[str]:
@@ -454,6 +450,102 @@ def test_a_bad_config_from_python_raises_instead_of_exiting(configs: dict[str, P
         cross_validate(config, folds=2, verbose=False)
 
 
+def killed_after_the_first_fold(single: Path, folder: Path) -> Path:
+    """A copy of ``single`` as a kill during its second fold leaves it: the plan, the first
+    fold's model and record, the second fold's model without its record, no report."""
+    out = Path(shutil.copytree(single, folder))
+    for name in cv_output_names(predict=True):
+        (out / name).unlink(missing_ok=True)
+    for fold in sorted((out / "folds").iterdir())[1:]:
+        (fold / FOLD_FILE).unlink()
+        if fold.name != "r0_f1":
+            shutil.rmtree(fold)
+    return out
+
+
+def test_a_killed_cv_run_again_resumes_to_the_uninterrupted_report(
+    single: Path, configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = killed_after_the_first_fold(single, tmp_path / "killed")
+    kept = (out / "folds" / "r0_f0" / "model.ckpt").stat().st_mtime_ns
+    main(cv_args(configs["tabular"], out=out))
+    assert "resuming the cross-validation planned in" in capsys.readouterr().out
+    assert (out / "folds" / "r0_f0" / "model.ckpt").stat().st_mtime_ns == kept  # not retrained
+    assert without_timing(load_report(out)) == without_timing(load_report(single))
+    for name in ("oof_predictions.csv", "inner_val_predictions.csv", "predictions_detail.csv"):
+        assert (out / name).read_bytes() == (single / name).read_bytes()
+
+
+def test_a_killed_comparison_resumes_to_the_uninterrupted_one(
+    paired: Path, configs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Killed during the second config's folds: the first config's are all kept."""
+    out = Path(shutil.copytree(paired, tmp_path / "killed"))
+    for name in COMPARISON_FILES:
+        (out / name).unlink()
+    for name in cv_output_names(predict=True):
+        (out / "small" / name).unlink(missing_ok=True)
+    for fold in sorted((out / "small" / "folds").iterdir())[2:]:
+        shutil.rmtree(fold)
+    main(cv_args(configs["tabular"], configs["small"], out=out))
+    assert json.loads((out / "comparison.json").read_text()) == json.loads(
+        (paired / "comparison.json").read_text()
+    )
+    assert without_timing(load_report(out / "small")) == without_timing(
+        load_report(paired / "small")
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--trainer.max_epochs=3"], "the config of tabular (trainer.max_epochs: 2 -> 3)"),
+        (["--cv.folds=2"], "--cv.folds 3 -> 2"),
+        (["--model.lr=0.02", "--cv.seed=4"], "--cv.seed 3 -> 4; the config of tabular (model"),
+    ],
+)
+def test_a_killed_cv_run_again_otherwise_is_refused_naming_what_changed(
+    single: Path,
+    configs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: list[str],
+    named: str,
+) -> None:
+    out = killed_after_the_first_fold(single, tmp_path / "killed")
+    plan = (out / PLAN_FILE).read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main([*cv_args(configs["tabular"], out=out), *change])
+    assert exc.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"lympho-mil: error: {out} holds an unfinished cross-validation")
+    assert named in line and "--cv.overwrite" in line
+    assert (out / PLAN_FILE).read_bytes() == plan and (out / "folds" / "r0_f0").is_dir()
+
+
+def test_changed_data_is_refused_and_overwrite_starts_afresh(
+    single: Path,
+    configs: dict[str, Path],
+    dlmi_root: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = killed_after_the_first_fold(single, tmp_path / "killed")
+    crop = next((dlmi_root / "trainset").glob("*/*.*"))
+    times = crop.stat()
+    try:
+        os.utime(crop, ns=(times.st_atime_ns, times.st_mtime_ns + 10**9))  # a replaced crop
+        with pytest.raises(SystemExit):
+            main(cv_args(configs["tabular"], out=out))
+    finally:
+        os.utime(crop, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert "the data of tabular (patients, labels" in capsys.readouterr().err
+    without_predict = [a for a in cv_args(configs["tabular"], out=out) if a != "--cv.predict=true"]
+    main([*without_predict, "--cv.overwrite=true", "--cv.repeats=1"])
+    assert json.loads((out / PLAN_FILE).read_text())["settings"]["repeats"] == 1
+    assert sorted(p.name for p in (out / "folds").iterdir()) == [f"r0_f{i}" for i in range(FOLDS)]
+
+
 def test_a_module_runner_cross_validates_without_configs_as_the_command_does(
     configs: dict[str, Path], dlmi_root: Path, workdir: Path
 ) -> None:
@@ -527,3 +619,41 @@ def test_cv_without_labelled_patients_is_one_line(
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "no labelled patient" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_module_runner_resumes_a_killed_run_and_refuses_other_trainer_settings(
+    dlmi_root: Path, workdir: Path, tmp_path: Path
+) -> None:
+    """Resuming is the evaluation layer's, whatever the runner: a runner without a resolved
+    config is compared by its record (here its trainer arguments) and its data."""
+    trainer = {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1, "deterministic": True}
+    runner = ModuleRunner(
+        make_data=partial(
+            PatientBagDataModule,
+            str(dlmi_root),
+            image_size=32,
+            cache_dir=str(workdir / "cache"),
+            batch_size=4,
+            max_instances=1,
+            augment=False,
+        ),
+        make_model=lambda dm: TabularMLP(
+            tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats, lr=0.01
+        ),
+        trainer=trainer,
+    )
+    out = tmp_path / "cv"
+    settings: dict[str, Any] = {"folds": 2, "n_bootstrap": 50, "verbose": False, "out_dir": out}
+    uninterrupted = run_cross_validation(runner, **settings)
+    (out / "cv_report.json").unlink()  # killed during its second fold
+    shutil.rmtree(out / "folds" / "r0_f1")
+    kept = (out / "folds" / "r0_f0" / "model.ckpt").stat().st_mtime_ns
+    resumed = run_cross_validation(runner, **settings)
+    assert (out / "folds" / "r0_f0" / "model.ckpt").stat().st_mtime_ns == kept
+    pd.testing.assert_frame_equal(resumed.oof, uninterrupted.oof)
+    assert without_timing(resumed.report) == without_timing(uninterrupted.report)
+
+    (out / "cv_report.json").unlink()
+    runner.trainer = {**trainer, "max_epochs": 3}
+    with pytest.raises(OutputExistsError, match=r"config\.trainer\.max_epochs: 2 -> 3"):
+        run_cross_validation(runner, **settings)

@@ -169,6 +169,18 @@ def test_training_subsets_depend_on_seed_and_epoch_only(make_dm) -> None:
         assert len(names) == 4 and set(names) <= set(dm.bags[bag_id].instance_ids)
 
 
+def test_a_loader_with_workers_draws_the_epoch_set_after_iter(make_dm) -> None:
+    """Lightning creates a resumed run's training iterator before it sets the sampler's epoch;
+    the first batch must still come from that epoch (workers prefetch at creation)."""
+    dm = make_dm(max_instances=4, augment=False, num_workers=1)
+    expected = train_instance_ids(dm, 1)
+    loader = make_dm(max_instances=4, augment=False, num_workers=1).train_dataloader()
+    batches = iter(loader)  # as FitLoop.setup_data does on resuming
+    loader.sampler.set_epoch(1)  # then FitLoop.on_advance_start
+    first = next(batches)
+    assert first.instance_id == [expected[b] for b in first.bag_id]
+
+
 def test_batches_hold_several_padded_bags(make_dm) -> None:
     dm = make_dm(batch_size=4, augment=False)
     batch = next(iter(dm.train_dataloader()))

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import lightning as L
 import numpy as np
@@ -16,15 +13,15 @@ import torch
 import yaml
 
 from lympho_mil.cli import main
-from lympho_mil.data import CachedFeatureDataModule, CropSpec, read_dlmi
+from lympho_mil.data import CropSpec, read_dlmi
 from lympho_mil.data.image_cache import decode_crop
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.data.transforms import BagToTensor, FeatureScaling
+from lympho_mil.features import CachedFeatureDataModule
 from lympho_mil.models import MeanPoolMIL
 from lympho_mil.nn import MORPHOLOGY_FEATURES, MorphologyEncoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 RECIPE_CONFIGS = ("dlmi.yaml", "dlmi_attention.yaml")
 SIZE = 32
 
@@ -186,61 +183,3 @@ def test_morphology_finds_the_nucleus_of_real_crops(shared_data: Path) -> None:
     diameter = features[:, MORPHOLOGY_FEATURES.index("nucleus_diameter")]
     assert (diameter > 0.2).float().mean() > 0.9  # a lymphocyte nucleus spans ~50 px of 112
     assert ((diameter > 0.25) & (diameter < 0.85)).float().mean() > 0.9
-
-
-def benchmark_script(name: str) -> ModuleType:
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-
-
-def test_contrastive_loss_rewards_matching_views() -> None:
-    nt_xent = benchmark_script("dlmi_ssl").nt_xent
-    z = torch.nn.functional.one_hot(torch.arange(4), 8).float()
-    assert nt_xent(z, z, temperature=0.05) < 1e-6  # each view finds its partner only
-    assert nt_xent(z, z.roll(1, dims=0), temperature=0.05) > 10  # partners are strangers
-
-
-@pytest.mark.slow
-def test_pretrained_encoder_loads_into_the_feature_cache(
-    synthetic_dlmi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """benchmarks/dlmi_ssl.py on random crops; its weights become the frozen extractor."""
-    crops = tmp_path / "crops.npy"
-    np.save(crops, np.random.default_rng(0).integers(0, 256, (40, SIZE, SIZE, 3), np.uint8))
-    weights = tmp_path / "new_folder" / "encoder.pt"  # the script creates the folder
-    argv = ["--crops", str(crops), "--out", str(weights), "--epochs", "1", "--batch-size", "16"]
-    monkeypatch.setattr(sys, "argv", ["dlmi_ssl.py", *argv, "--width", "4", "--out-dim", "8"])
-    benchmark_script("dlmi_ssl").main()
-    dm = CachedFeatureDataModule(
-        str(synthetic_dlmi),
-        encoder="small_cnn",
-        encoder_weights=str(weights),
-        encoder_kwargs={"width": 4, "out_dim": 8},
-        image_size=SIZE,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    saved = torch.load(weights, weights_only=True)
-    for name, tensor in dm.extractor.state_dict().items():
-        torch.testing.assert_close(tensor, saved[name])
-    assert dm.feature_dim == 8
-
-
-@pytest.mark.parametrize("protocol", ["all_train", "inner_val"])
-def test_linear_experts_study_predicts_each_patient_once_a_repeat(protocol: str) -> None:
-    """benchmarks/dlmi_linear_experts.py: out-of-fold rows of summed logistic experts."""
-    study = benchmark_script("dlmi_linear_experts")
-    rng = np.random.default_rng(0)
-    y = np.array([0] * 15 + [1] * 25)
-    ids = [f"P{i:02d}" for i in range(len(y))]
-    informative = study.logistic(y[:, None] + rng.normal(0, 0.1, (len(y), 1)), y, 1.0)
-    noise = study.logistic(rng.normal(size=(len(y), 3)), y, 1.0)
-    oof = study.out_of_fold([informative, noise], ids, y, protocol)
-    assert len(oof) == 3 * len(y)
-    assert (oof.groupby("repeat")["id"].apply(sorted) == [ids] * 3).all()
-    assert (oof["label"].to_numpy() == y[oof["id"].str[1:].astype(int)]).all()
-    assert (oof["predicted"] == oof["label"]).mean() > 0.95  # the informative expert wins
-    alone = study.out_of_fold([noise], ids, y, protocol)
-    assert (alone["predicted"] == alone["label"]).mean() < 0.8

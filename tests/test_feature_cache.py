@@ -11,28 +11,28 @@ import torch
 from trainers import quiet_trainer
 
 from lympho_mil.data import (
-    CachedFeatureDataModule,
     CropSpec,
     DataError,
     ImageCache,
     make_synthetic_dlmi,
     read_dlmi,
 )
-from lympho_mil.data import feature_cache as feature_cache_module
 from lympho_mil.data import image_cache as image_cache_module
-from lympho_mil.data.feature_cache import (
-    FeatureCache,
-    FeatureSpec,
-    SelectView,
-    feature_cache_key,
-    weights_digest,
-)
 from lympho_mil.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     BagToTensor,
     FeatureScaling,
     FeaturesToTensor,
+)
+from lympho_mil.features import cache as feature_cache_module
+from lympho_mil.features.cache import (
+    CachedFeatureDataModule,
+    FeatureCache,
+    FeatureSpec,
+    SelectView,
+    feature_cache_key,
+    weights_digest,
 )
 from lympho_mil.models import AttentionMIL, MeanPoolMIL
 from lympho_mil.nn import MORPHOLOGY_FEATURES, SmallCNN
@@ -163,7 +163,8 @@ def test_reused_until_an_input_changes(
     assert other.path != base.path and len(extractions) == 2
     assert not np.allclose(other.array, base.array)
     files = {p.name for p in cache_dir.glob("features-*")}
-    assert files == {c.path.with_suffix(s).name for c in (base, other) for s in (".npy", ".json")}
+    suffixes = (".npy", ".json", ".npy.lock")  # the lock file of its build
+    assert files == {c.path.with_suffix(s).name for c in (base, other) for s in suffixes}
 
 
 @pytest.mark.parametrize("damage", ["flip", "flip_keep_mtime", "truncate"])

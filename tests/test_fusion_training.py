@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
-import json
-import sys
 from datetime import date
 from pathlib import Path
 
@@ -22,7 +19,6 @@ from lympho_mil.data.synthetic import _patients, make_synthetic_dlmi
 from lympho_mil.data.transforms import BagToTensor
 
 TINY_ENCODER = {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 16}
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 STATS = {"mean": [0.0, 0.0, 0.0], "scale": [1.0, 1.0, 1.0]}
 
 
@@ -152,24 +148,3 @@ def test_datamodule_names_its_cache_by_overlap_only_when_set() -> None:
     assert (mixed.root / "clinical_annotation.csv").read_bytes() != (
         plain.root / "clinical_annotation.csv"
     ).read_bytes()
-
-
-def test_fusion_benchmark_compares_the_three_models_on_the_same_patients(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """benchmarks/fusion_synthetic.py end to end on a tiny set: morphology features extracted
-    and fed to the image models, one line per model, the paired differences of the fusion."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    benchmark = importlib.import_module("fusion_synthetic")
-    argv = ["--patients", "30", "--folds", "2", "--repeats", "1", "--epochs", "1"]
-    argv += ["--min-cells", "1", "--max-cells", "2", "--out", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", ["fusion_synthetic.py", *argv])
-    benchmark.main()
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    models = [line for line in lines if line["name"] == "fusion_synthetic"]
-    assert [m["model"] for m in models] == ["TabularMLP", "AttentionMIL", "GatedFusionMIL"]
-    assert {m["patients"] for m in models} == {24}  # the labelled 80 %, all in every model
-    for m in models:
-        assert 0.0 <= m["balanced_accuracy"]["mean"] <= 1.0
-    paired = [line["difference"] for line in lines if line["name"] == "fusion_synthetic_paired"]
-    assert paired == ["GatedFusionMIL - TabularMLP", "GatedFusionMIL - AttentionMIL"]

@@ -81,7 +81,7 @@ def test_built_once_then_reused(
     first = ImageCache.build_or_load(paths, SPEC, cache_dir, threads=2)
     np.testing.assert_array_equal(first.array, fresh_decode(paths, SPEC))
     assert len(first) == len(paths) and first.bad == ()
-    assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".npy"]
+    assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".lock", ".npy"]
 
     def no_decoding(path: Path, spec: CropSpec) -> np.ndarray:
         raise AssertionError(f"decoded {path} again")

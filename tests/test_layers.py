@@ -1,5 +1,6 @@
 """The package's layers: every module imports alone (no import cycle), and imports only point
-down: cli -> evaluation -> models -> data -> nn (``arguments``, ``files``, ``version`` below)."""
+down: cli -> evaluation -> models -> features -> data -> nn (``arguments``, ``files``,
+``progress``, ``version`` below)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lympho_mil"
-RANK = {"nn": 0, "data": 1, "models": 2, "evaluation": 3, "cli": 4}
+RANK = {"nn": 0, "data": 1, "features": 2, "models": 3, "evaluation": 4, "cli": 5}
 """A module may import its own layer and those of lower rank."""
-BOTTOM = {"arguments", "files", "version"}  # plain helpers every layer may use
+BOTTOM = {"arguments", "files", "progress", "version"}  # plain helpers every layer may use
 
 
 def modules() -> list[str]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
 import torch
 from torch import Tensor, nn
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.nn.encoders import (
     EncoderWeightsError,
     IdentityEncoder,
@@ -201,10 +203,63 @@ def test_builtin_encoders_load_a_weights_file_strictly(tmp_path: Path) -> None:
     loaded = build_instance_encoder("small_cnn", weights_path=str(path), width=4, out_dim=8)
     for name, tensor in trained.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor)
-    with pytest.raises(EncoderWeightsError, match="size mismatch") as exc:  # another width
+    with pytest.raises(EncoderWeightsError, match="shape mismatches") as exc:  # another width
         build_instance_encoder("small_cnn", weights_path=str(path), width=8, out_dim=8)
     assert f"weights in {path} do not fit the 'small_cnn' encoder" in str(exc.value)
     with pytest.raises(FileNotFoundError, match="weights file not found"):
         build_instance_encoder("small_cnn", weights_path=str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="pretrained applies to timm models"):
         build_instance_encoder("small_cnn", pretrained=True)
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda s: {"state_dict": {f"model.backbone.{k}": v for k, v in s.items()}},
+        lambda s: {f"module.{k}": v for k, v in s.items()},
+        lambda s: {"teacher": {f"backbone.{k}": v for k, v in s.items()}, "epoch": 3},
+    ],
+    ids=["lightning", "ddp", "dino"],
+)
+def test_wrapped_state_dicts_are_unwrapped(tmp_path: Path, wrap: Any) -> None:
+    trained = build_instance_encoder("small_cnn", width=4, out_dim=8)
+    path = tmp_path / "wrapped.pt"
+    torch.save(wrap(trained.state_dict()), path)
+    loaded = build_instance_encoder("small_cnn", weights_path=str(path), width=4, out_dim=8)
+    for name, tensor in trained.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)
+
+
+def test_unexpected_keys_are_named_but_heads_are_ignored(tmp_path: Path) -> None:
+    state = build_instance_encoder("small_cnn", width=4, out_dim=8).state_dict()
+    path = tmp_path / "extra.pt"
+    torch.save({**state, "dino_head.last_layer.weight": torch.zeros(3)}, path)
+    build_instance_encoder("small_cnn", weights_path=str(path), width=4, out_dim=8)
+    torch.save({**state, "adapter.weight": torch.zeros(3)}, path)
+    with pytest.raises(EncoderWeightsError, match=r"1 unexpected keys \(e\.g\. adapter\.weight\)"):
+        build_instance_encoder("small_cnn", weights_path=str(path), width=4, out_dim=8)
+
+
+def test_dinov2_checkpoint_loads_into_timm_vit_at_the_crop_size(tmp_path: Path) -> None:
+    """DinoBloom's layout: DINOv2 keys under teacher.backbone., a mask token, heads, 224 px."""
+    source = timm.create_model("vit_small_patch14_dinov2", num_classes=0, img_size=224)
+    state = {f"backbone.{k}": v for k, v in source.state_dict().items()}
+    state["backbone.mask_token"] = torch.zeros(1, source.embed_dim)
+    state["dino_head.mlp.0.weight"] = torch.zeros(4, 4)
+    path = tmp_path / "dinobloom-s.pth"
+    torch.save({"teacher": state}, path)
+    encoder = build_instance_encoder(
+        "vit_small_patch14_dinov2", pretrained=True, weights_path=str(path), img_size=56
+    )
+    assert encoder.out_dim == 384
+    assert encoder.model.pos_embed.shape == (1, 1 + (56 // 14) ** 2, 384)  # resampled
+    for name in ("blocks.11.attn.qkv.weight", "cls_token", "norm.weight"):
+        torch.testing.assert_close(encoder.model.state_dict()[name], source.state_dict()[name])
+    assert encoder(torch.randn(2, 3, 56, 56)).shape == (2, 384)
+
+
+def test_timm_encoder_kwargs_pass_through_or_are_named() -> None:
+    vit = build_instance_encoder("vit_tiny_patch16_224", img_size=64)
+    assert vit(torch.randn(1, 3, 64, 64)).shape == (1, vit.out_dim)
+    with pytest.raises(SettingError, match=r"does not take encoder_kwargs.*'wingspan'"):
+        build_instance_encoder("resnet18", wingspan=3)

@@ -51,7 +51,14 @@ def padded_batch(bags: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def test_registry_and_factory() -> None:
-    assert set(POOLINGS) == {"mean", "max", "attention", "gated_attention", "distribution"}
+    assert set(POOLINGS) == {
+        "mean",
+        "max",
+        "attention",
+        "gated_attention",
+        "distribution",
+        "statistics",
+    }
     assert isinstance(build_pooling("gated_attention", DIM), GatedAttentionPooling)
     assert isinstance(build_pooling("attention", DIM), AttentionPooling)
     assert not MeanPooling.has_attention and not MaxPooling.has_attention

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from reports import without_timing
 
 from lympho_mil.cli import main
 from lympho_mil.data.synthetic import make_synthetic_dlmi
@@ -130,23 +132,78 @@ def test_two_fits_with_one_seed_are_identical(dlmi_root: Path, tmp_path: Path) -
     pd.testing.assert_frame_equal(predictions[0], predictions[1])
 
 
+def quickstart_config(folder: Path, synthetic: Path, **data: object) -> Path:
+    """The shipped quickstart config as written (loader workers, persistent workers, bag
+    subsets, CPU augmentation), at small sizes, with the issue's seed and 3 epochs."""
+    config = yaml.safe_load((REPO / "examples/configs/quickstart.yaml").read_text())
+    config["seed_everything"] = 3
+    config["trainer"].update(
+        max_epochs=3,
+        deterministic=True,
+        enable_progress_bar=False,
+        default_root_dir=str(folder),
+    )
+    config["model"]["init_args"].update(
+        encoder_kwargs={"width": 8}, embed_dim=16, attention_hidden=16
+    )
+    config["data"]["init_args"].update(
+        root=str(synthetic),
+        n_patients=24,
+        synthetic_size=32,
+        max_cells=20,
+        image_size=32,
+        batch_size=4,
+        max_instances=8,
+        cache_dir=str(folder / "cache"),
+        **data,
+    )
+    assert config["data"]["init_args"]["num_workers"] == 2  # what the quickstart ships
+    assert config["data"]["init_args"]["persistent_workers"]
+    config["checkpoint"] = {"dirpath": str(folder / "ckpt")}
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def last_epoch_metrics(folder: Path) -> pd.Series:
+    """The logged metrics of the last epoch, over every run (version) of ``folder``."""
+    logs = sorted((folder / "lightning_logs").glob("version_*/metrics.csv"))
+    frame = pd.concat([pd.read_csv(log) for log in logs])
+    epochs = frame.groupby("epoch").last()
+    return epochs.loc[epochs.index.max()].filter(like="val_")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize(
+    ("sig", "data"),
+    [
+        (signal.SIGKILL, {}),
+        (signal.SIGTERM, {}),
+        (signal.SIGKILL, {"augment": "gpu", "cache_on_device": True}),
+    ],
+    ids=["SIGKILL", "SIGTERM", "SIGKILL-device-augmentation"],
+)
 def test_killed_mid_epoch_then_resumed_matches_uninterrupted(
-    dlmi_root: Path, tmp_path: Path, sig: signal.Signals, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, sig: signal.Signals, data: dict[str, object]
 ) -> None:
+    """The quickstart config with its loader workers, killed in the middle of the second
+    epoch (after the first checkpoint) and resumed with --ckpt_path last in a new process."""
+    synthetic = tmp_path / "synthetic"
     reference = tmp_path / "reference"
     reference.mkdir()
-    main(["fit", "--config", str(write_config(reference, dlmi_root))])
+    uninterrupted = run_cli(
+        ["fit", "--config", str(quickstart_config(reference, synthetic, **data))], reference
+    )
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()
 
     run = tmp_path / "killed"
     run.mkdir()
     (run / "killpoint.py").write_text(KILL_POINT)
-    config = write_config(run, dlmi_root)
+    config = quickstart_config(run, synthetic, **data)
     marker = run / "paused"
     pause = {
         "class_path": "killpoint.PauseAt",
-        "init_args": {"epoch": 2, "batch": 2, "marker": str(marker)},
+        "init_args": {"epoch": 1, "batch": 2, "marker": str(marker)},
     }
     process = run_cli(
         [
@@ -167,11 +224,44 @@ def test_killed_mid_epoch_then_resumed_matches_uninterrupted(
     process.send_signal(sig)
     process.wait(timeout=60)
     interrupted = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert interrupted["epoch"] < 3  # the kill really cut the run short
+    assert interrupted["epoch"] == 0  # the kill really cut the run short
 
-    monkeypatch.syspath_prepend(str(run))  # the checkpoint's hparams name the test callback
-    main(["fit", "--config", str(config), "--ckpt_path", "last"])
+    resumed = run_cli(["fit", "--config", str(config), "--ckpt_path", "last"], run, run)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert_same_state(final_state(reference), final_state(run))
+    pd.testing.assert_series_equal(last_epoch_metrics(reference), last_epoch_metrics(run))
+
+
+@pytest.mark.slow
+def test_a_killed_cv_run_again_writes_the_uninterrupted_report(tmp_path: Path) -> None:
+    """cv of the quickstart config (3 folds x 2 repeats, loader workers), SIGKILLed once its
+    first fold has finished, then run again with the same arguments in a new process."""
+    config = quickstart_config(tmp_path, tmp_path / "synthetic")
+    reports = {}
+    for name in ("uninterrupted", "killed"):
+        folder = tmp_path / name
+        folder.mkdir()
+        args = ["cv", "--config", str(config), "--cv.folds=3", "--cv.repeats=2"]
+        args += ["--cv.n_bootstrap=200", f"--cv.out={folder / 'cv'}"]
+        process = run_cli(args, folder)
+        if name == "killed":
+            first = folder / "cv" / "folds" / "r0_f0" / "fold_run.json"
+            deadline = time.time() + 300
+            while not first.exists():
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert time.time() < deadline, "the first fold never finished"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+            assert not (folder / "cv" / "cv_report.json").exists()  # cut short
+            assert not (folder / "cv" / "folds" / "r1_f2" / "fold_run.json").exists()
+            kept = first.stat().st_mtime_ns
+            process = run_cli(args, folder)
+        assert process.wait(timeout=600) == 0, process.stderr.read() if process.stderr else ""
+        if name == "killed":
+            assert first.stat().st_mtime_ns == kept  # the finished fold was not run again
+        reports[name] = json.loads((folder / "cv" / "cv_report.json").read_text())
+    assert without_timing(reports["killed"]) == without_timing(reports["uninterrupted"])
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_usable(

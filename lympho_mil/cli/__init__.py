@@ -17,6 +17,7 @@ from typing import NoReturn
 from lympho_mil.cli.app import LymphoCLI, build_cli, check_class_names, without_lightning_noise
 from lympho_mil.cli.cv import ConfigRunner, compare_configs, cross_validate
 from lympho_mil.cli.errors import USER_ERRORS, ConfigError, user_error_behind
+from lympho_mil.files import write_error_message
 
 __all__ = [
     "ConfigError",
@@ -40,9 +41,15 @@ def main(args: Sequence[str] | None = None) -> None:
         fail(str(exc))
     except ValueError as exc:  # jsonargparse wraps what a class raised while instantiated
         cause = user_error_behind(exc)
-        if cause is None:
+        message = str(cause) if cause is not None else write_error_message(exc)
+        if message is None:
             raise
-        fail(str(cause))
+        fail(message)
+    except OSError as exc:  # a full disk, a read-only folder: the file, not a traceback
+        message = write_error_message(exc)
+        if message is None:
+            raise
+        fail(message)
     except RuntimeError as exc:
         if "Error(s) in loading state_dict" not in str(exc):
             raise

@@ -40,6 +40,7 @@ from lightning.pytorch.cli import (
 
 from lympho_mil.cli.checkpoints import (
     CheckpointInfo,
+    RunCheckpoint,
     ensemble_line,
     global_step,
     newest_matching,
@@ -55,6 +56,8 @@ from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (re
 from lympho_mil.evaluation.ensemble import ensemble_records
 from lympho_mil.evaluation.predictions import PredictionWriter, gather_records
 from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, choose_on_validation
+from lympho_mil.features import CachedFeatureDataModule  # noqa: F401 (registers it)
+from lympho_mil.files import check_folder_writable
 from lympho_mil.models import BagClassifier
 from lympho_mil.version import __version__
 
@@ -200,10 +203,10 @@ class LymphoCLI(LightningCLI):
         parser.link_arguments(
             "data.tabular_stats", "model.init_args.tabular_stats", apply_on="instantiate"
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         # ``last.ckpt`` refreshed every epoch (Lightning's ``save_last`` writes it only when a
         # best checkpoint is written), so a killed run resumes from its latest epoch.
-        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "last_checkpoint")
         parser.link_arguments("checkpoint.dirpath", "last_checkpoint.dirpath")
         parser.set_defaults(
             {
@@ -525,6 +528,8 @@ class RunConfigSaver(SaveConfigCallback):
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if trainer.loggers:
+            if trainer.log_dir is not None and trainer.is_global_zero:
+                check_folder_writable(trainer.log_dir)  # before anything is written there
             super().setup(trainer, pl_module, stage)
 
 

@@ -1,4 +1,5 @@
-"""Checkpoint files as the commands read them: their metadata, without their weights."""
+"""Checkpoint files as the commands read them (their metadata, without their weights) and
+write them (`RunCheckpoint`, the callback of ``--checkpoint.*`` and ``--last_checkpoint.*``)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from typing import Any
 
 import torch
 import yaml
+from lightning import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lympho_mil.cli.errors import ConfigError
 from lympho_mil.evaluation.ensemble import PROBABILITY_RULE, THRESHOLD_RULE
+from lympho_mil.files import check_folder_writable, naming
 from lympho_mil.models.base import check_format
 
 
@@ -44,8 +48,15 @@ def store_threshold(path: Path, value: float, notes: dict[str, Any]) -> None:
     meta["threshold"] = notes["threshold"]
     meta["validation"] = {**meta.get("validation", {}), **notes["validation"]}
     partial = path.with_name(f".{path.name}.partial")
-    torch.save(checkpoint, partial)
-    os.replace(partial, path)
+    try:
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)
+    except OSError as exc:  # a full disk names no file; the previous checkpoint stays
+        partial.unlink(missing_ok=True)
+        raise naming(exc, path) from exc
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def global_step(path: Path) -> int:
@@ -246,3 +257,26 @@ def ensemble_line(infos: list[CheckpointInfo], threshold: float) -> str:
         f"{infos[0].summary()}, trained {trained}{score}; probability: {PROBABILITY_RULE}; "
         f"threshold {threshold:.3f} ({THRESHOLD_RULE})"
     )
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint that checks its folder can be written when ``fit`` starts
+    (not at the end of the first epoch) and whose write errors name the checkpoint file (a
+    disk that fills raises ENOSPC without a name). The file is written whole or not at all
+    (Lightning writes a temporary file and renames it): the previous one stays."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.dirpath is not None and trainer.is_global_zero:
+            check_folder_writable(self.dirpath)
+
+    def _save_checkpoint(self, trainer: Trainer, filepath: str) -> None:
+        try:
+            super()._save_checkpoint(trainer, filepath)
+        except OSError as exc:
+            raise naming(exc, filepath) from exc
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        """The key of Lightning's ModelCheckpoint (its class name first): a checkpoint written
+        by either restores the other's state (best score, folder)."""
+        return f"{ModelCheckpoint.__qualname__}{kwargs!r}"

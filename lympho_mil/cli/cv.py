@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from lympho_mil.cli.app import Command, LymphoCLI, build_cli, register
+from lympho_mil.cli.app import COMMANDS, Command, LymphoCLI, build_cli, register
 from lympho_mil.cli.errors import ConfigError
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
@@ -34,6 +34,7 @@ from lympho_mil.evaluation.cv import (
     run_comparison,
     run_cross_validation,
 )
+from lympho_mil.evaluation.cv_plan import flat
 from lympho_mil.evaluation.predictions import PredictionWriter
 
 ConfigSource = str | Path | dict[str, Any]
@@ -43,6 +44,8 @@ QUIET_ARGS = (
     "--trainer.num_sanity_val_steps=0",
 )
 """Defaults of a fold run that the user's overrides may still change."""
+DATA_ARGS = ("--trainer.logger=false", "--seed_everything=false")
+"""What the config is built with to read its data (nothing is trained or logged)."""
 
 
 class ConfigRunner:
@@ -53,6 +56,7 @@ class ConfigRunner:
     def __init__(self, config: ConfigSource, overrides: Sequence[str] = ()) -> None:
         self.config = config
         self.overrides = list(overrides)
+        self._resolved: dict[str, Any] | None = None
         if isinstance(config, dict):
             self.source = ["--config", json.dumps(config)]
         elif Path(config).is_file():
@@ -67,7 +71,16 @@ class ConfigRunner:
             return build_cli(args, run=False)
 
     def data(self) -> BagDataModule:
-        return self._cli(["--trainer.logger=false", "--seed_everything=false"]).datamodule
+        cli = self._cli(DATA_ARGS)
+        self._resolved = resolved_config(cli)
+        return cli.datamodule
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The resolved ``fit`` config of the folds (`resolved_config`): what a resumed
+        ``cv`` compares with its plan (``lympho_mil.evaluation.cv_plan``)."""
+        if self._resolved is None:  # cv reads the data first, and keeps it from there
+            self._resolved = resolved_config(self._cli(DATA_ARGS))
+        return self._resolved
 
     def build(self, setup: FoldSetup) -> FoldObjects:
         cli = self._cli(fold_args(setup))
@@ -103,6 +116,19 @@ def fold_args(setup: FoldSetup) -> list[str]:
     if setup.predict_ids is not None:
         args.append(f"--data.predict_ids={json.dumps(setup.predict_ids)}")
     return args
+
+
+def resolved_config(cli: LymphoCLI) -> dict[str, Any]:
+    """Every setting of a built config as dotted keys, defaults included: the config files'
+    paths left out (their content is in the rest), and so are the sections of cv and other
+    subcommands and ``threshold_policy`` (cross-validation settings, not the fold's fit)."""
+    resolved = flat(yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)))
+    own = tuple(f"{name}." for name in COMMANDS)
+    return {
+        key: value
+        for key, value in resolved.items()
+        if key not in ("config", "threshold_policy") and not key.startswith(own)
+    }
 
 
 def config_record(config: ConfigSource) -> dict[str, Any]:

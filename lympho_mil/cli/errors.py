@@ -8,7 +8,7 @@ from pathlib import Path
 from lympho_mil.arguments import SettingError
 from lympho_mil.data.errors import DataError
 from lympho_mil.evaluation.explain import ExplainError
-from lympho_mil.files import OutputExistsError
+from lympho_mil.files import OutputExistsError, OutputFolderError
 from lympho_mil.models import CheckpointFormatError
 from lympho_mil.nn import EncoderWeightsError
 
@@ -22,12 +22,15 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     SettingError,
     DataError,
     OutputExistsError,
+    OutputFolderError,
     FileNotFoundError,
     CheckpointFormatError,
     EncoderWeightsError,
     ExplainError,
 )
-"""Errors caused by the user's input, not by a bug: one line, no traceback."""
+"""Errors caused by the user's input, not by a bug: one line, no traceback. (An unfinished
+cross-validation planned otherwise, ``cv_plan.PlanChangedError``, is an OutputExistsError; a
+full disk or a read-only folder met while writing is found by `files.write_error_message`.)"""
 
 
 def user_error_behind(exc: BaseException) -> BaseException | None:

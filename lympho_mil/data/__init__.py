@@ -16,7 +16,6 @@ from lympho_mil.data.datamodule import BagDataModule, PatientBagDataModule
 from lympho_mil.data.dataset import Bag, BagDataset
 from lympho_mil.data.dlmi import PatientRecord, read_dlmi
 from lympho_mil.data.errors import DataError
-from lympho_mil.data.feature_cache import CachedFeatureDataModule, FeatureCache, FeatureSpec
 from lympho_mil.data.image_cache import CropSpec, ImageCache
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.data.synthetic_datamodule import SyntheticDataModule
@@ -28,13 +27,10 @@ __all__ = [
     "BagDataModule",
     "BagDataset",
     "BagSample",
-    "CachedFeatureDataModule",
     "CropSpec",
     "DataError",
     "FeatureBagDataModule",
     "FeatureBags",
-    "FeatureCache",
-    "FeatureSpec",
     "ImageCache",
     "MNISTBagsDataModule",
     "PatientBagDataModule",

@@ -30,6 +30,7 @@ from lympho_mil.data.clinical import FEATURE_NAMES, fit_standardization
 from lympho_mil.data.dataset import (
     Bag,
     BagDataset,
+    EpochLoader,
     EpochSeededSampler,
     InstanceStore,
     InstanceTransform,
@@ -296,7 +297,7 @@ class BagDataModule(LightningDataModule, ABC):
         if split != "train" and torch.distributed.is_available() and dist.is_initialized():
             # each patient evaluated exactly once across ranks (Lightning would pad)
             sampler = UnrepeatedDistributedSamplerWrapper(sampler, shuffle=False)
-        return DataLoader(
+        return EpochLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lympho_mil.data.batch import BagSample
 
@@ -119,7 +119,8 @@ class EpochSeededSampler(Sampler[tuple[int, int]]):
     """Yields ``(index, seed)`` pairs whose order and seeds depend only on ``(seed, epoch)``.
 
     Lightning calls `set_epoch` before every epoch, so the data randomness of epoch
-    ``e`` is the same whether the run was interrupted and resumed or not.
+    ``e`` is the same whether the run was interrupted and resumed or not (served by an
+    `EpochLoader`, which draws from the sampler only once the epoch is set).
     """
 
     def __init__(self, n: int, shuffle: bool, seed: int) -> None:
@@ -136,3 +137,28 @@ class EpochSeededSampler(Sampler[tuple[int, int]]):
         order = torch.randperm(self.n, generator=generator) if self.shuffle else range(self.n)
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=generator)
         return iter(zip([int(i) for i in order], seeds.tolist(), strict=True))
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that draws from its sampler at the first batch asked for, not at ``iter()``.
+
+    Lightning creates a resumed run's training iterator before it calls the sampler's
+    ``set_epoch``, and keeps it for the first epoch; a loader with workers draws its first
+    indices as its iterator is created, so that epoch would replay the order and bag seeds of
+    the sampler's earlier epoch. Starting at the first ``next`` draws after ``set_epoch``,
+    as an uninterrupted run does (and costs nothing: the two calls follow each other).
+    """
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # any iterator will do
+        return _StartsOnFirstNext(super().__iter__)
+
+
+class _StartsOnFirstNext(Iterator[Any]):
+    def __init__(self, start: Callable[[], Iterator[Any]]) -> None:
+        self.start = start
+        self.iterator: Iterator[Any] | None = None
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self.start()
+        return next(self.iterator)

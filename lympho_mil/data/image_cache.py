@@ -10,24 +10,28 @@ longer match the checksum in its sidecar is rebuilt, never used.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 from PIL import Image, UnidentifiedImageError
 
 from lympho_mil.arguments import SettingError
 from lympho_mil.data.errors import DataError
-from lympho_mil.files import atomic_write_text, file_digest
+from lympho_mil.files import atomic_write_text, file_digest, naming
+from lympho_mil.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -151,19 +155,21 @@ class ImageCache(MemmapRows):
         key = cache_key(paths, spec)
         data_path = cache_dir / f"crops-{key}.npy"
         meta_path = cache_dir / f"crops-{key}.json"
-        meta = read_sidecar(meta_path, CACHE_VERSION)
-        if meta is not None and data_path.is_file():
-            bad = meta["bad"]
-            if bad and not skip_bad_images:
+        meta = load_or_build(
+            data_path,
+            meta_path,
+            CACHE_VERSION,
+            "image cache",
+            lambda: cls._build(paths, spec, data_path, meta_path, key, skip_bad_images, threads),
+        )
+        if meta["bad"]:
+            if not skip_bad_images:
                 raise DataError(
                     f"unreadable image(s) {meta['bad_files'][:5]}; pass skip_bad_images=True "
                     "(--data.skip_bad_images true) to skip them"
                 )
-            if is_intact(data_path, meta["checksum"], "image cache"):
-                if bad:
-                    _warn_skipped(meta["bad_files"])
-                return cls(data_path, bad)
-        return cls._build(paths, spec, data_path, meta_path, key, skip_bad_images, threads)
+            _warn_skipped(meta["bad_files"])
+        return cls(data_path, meta["bad"])
 
     @classmethod
     def _build(
@@ -175,7 +181,8 @@ class ImageCache(MemmapRows):
         key: str,
         skip_bad_images: bool,
         threads: int | None,
-    ) -> ImageCache:
+    ) -> dict[str, Any]:
+        """Decode every crop into the cache; returns its sidecar."""
         shape = (len(paths), spec.image_size, spec.image_size, 3)
 
         def fill(array: np.ndarray) -> dict[str, Any]:
@@ -183,7 +190,7 @@ class ImageCache(MemmapRows):
             bad = _decode_into(array, paths, spec, skip_bad_images, threads)
             return {"bad": bad, "bad_files": [str(paths[i]) for i in bad]}
 
-        meta = write_cache(
+        return write_cache(
             data_path,
             meta_path,
             shape,
@@ -191,9 +198,6 @@ class ImageCache(MemmapRows):
             fill,
             {"version": CACHE_VERSION, "key": key, "spec": asdict(spec)},
         )
-        if meta["bad"]:
-            _warn_skipped(meta["bad_files"])
-        return cls(data_path, meta["bad"])
 
 
 # -- shared by the caches of this package: an .npy array plus a JSON sidecar ------------------
@@ -208,17 +212,66 @@ def read_sidecar(meta_path: Path, version: int) -> dict[str, Any] | None:
     return meta
 
 
-def is_intact(data_path: Path, checksum: str, what: str) -> bool:
-    """Whether ``data_path`` still has the bytes its sidecar's ``checksum`` describes.
+def load_or_build(
+    data_path: Path,
+    meta_path: Path,
+    version: int,
+    what: str,
+    build: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
+    """The sidecar of the intact cache ``data_path``; when it is absent, stale or corrupted
+    (a warning naming the ``what``), ``build`` writes it and returns its sidecar.
 
-    A file is hashed once per process (until its size or mtime change). A mismatch warns
-    that the ``what`` is corrupted and will be rebuilt.
+    Building holds a lock file beside the cache (``<name>.lock``): of several processes that
+    want one cache (two fits, a fit and a cv), one builds it and the others wait, then load it.
+    The kernel releases the lock of a killed process. An intact cache is loaded without the
+    lock (a read-only cache folder works), which is safe: a cache and its sidecar only ever
+    appear whole (`write_cache`).
     """
-    if _stamp(data_path) in _VERIFIED or file_digest(data_path) == checksum:
+    meta = intact_sidecar(data_path, meta_path, version)
+    if meta is not None:
+        return meta
+    with cache_lock(data_path):
+        meta = intact_sidecar(data_path, meta_path, version, corrupted=what)
+        if meta is not None:
+            return meta
+        for stale in data_path.parent.glob(f"{data_path.name}.tmp*"):  # of a killed build
+            stale.unlink(missing_ok=True)
+        return build()
+
+
+def intact_sidecar(
+    data_path: Path, meta_path: Path, version: int, corrupted: str | None = None
+) -> dict[str, Any] | None:
+    """The sidecar of ``data_path`` when both exist and the file still has the bytes the
+    sidecar's checksum describes (hashed once per process, until its size or mtime change);
+    else None, with a warning that the ``corrupted`` cache is rebuilt for a checksum that no
+    longer matches."""
+    meta = read_sidecar(meta_path, version)
+    if meta is None or not data_path.is_file():
+        return None
+    if _stamp(data_path) in _VERIFIED or file_digest(data_path) == meta["checksum"]:
         _VERIFIED.add(_stamp(data_path))
-        return True
-    warnings.warn(f"{what} {data_path} is corrupted; rebuilding it", stacklevel=3)
-    return False
+        return meta
+    if corrupted:
+        warnings.warn(f"{corrupted} {data_path} is corrupted; rebuilding it", stacklevel=4)
+    return None
+
+
+@contextmanager
+def cache_lock(data_path: Path) -> Iterator[None]:
+    """Hold the lock file ``<data_path>.lock``, saying so when another process holds it."""
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(data_path.with_name(data_path.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("waiting for another process to finish building %s", data_path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def write_cache(
@@ -234,16 +287,22 @@ def write_cache(
 
     The sidecar holds ``meta``, what ``fill`` returns, the shape and the file's checksum.
     The array is written to a temporary file renamed into place, so an interrupted build
-    leaves no cache behind. Returns the sidecar.
+    leaves no cache behind. Its blocks are reserved first: a disk too full for it is an
+    OSError naming ``data_path`` before any work (a memory map would crash the process at
+    the first page that finds no room). Returns the sidecar.
     """
     data_path.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = data_path.with_name(data_path.name + f".tmp{os.getpid()}")
     try:
         array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype, shape=shape)
+        _reserve(tmp_path)
         extra = fill(array)
         array.flush()
         del array
         os.replace(tmp_path, data_path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise naming(exc, data_path) from exc
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -251,6 +310,19 @@ def write_cache(
     atomic_write_text(meta_path, json.dumps(meta), overwrite=True)
     _VERIFIED.add(_stamp(data_path))
     return meta
+
+
+def _reserve(path: Path) -> None:
+    """Allocate every block of the (sparse) file ``path``; ENOSPC when the disk lacks room.
+    Skipped where the system or file system cannot (macOS, some network file systems)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
 
 
 def _decode_into(
@@ -278,8 +350,12 @@ def _decode_into(
                 ) from None
             bad.append(row)
 
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
-        list(pool.map(fill, range(len(paths))))
+    with (
+        progress("decoding crops into the cache", len(paths)) as bar,
+        ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool,
+    ):
+        for _ in pool.map(fill, range(len(paths))):
+            bar.update()
     return sorted(bad)
 
 

@@ -11,17 +11,17 @@ passes. An albumentations pipeline (`train_augmentation`, or your own) still plu
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
-
-import albumentations as A
-import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.data.gpu_augment import DIHEDRAL_MATRICES, LUMA, colour_maps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,6 +32,25 @@ BagAugmentation = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 _DIHEDRAL = np.array(DIHEDRAL_MATRICES, dtype=np.float64)
 _LUMA = np.array(LUMA)
+
+if TYPE_CHECKING:
+    import albumentations as A
+
+
+def albumentations() -> ModuleType:
+    """The albumentations module, imported on first use (it takes about a second and would
+    check online for updates: ``NO_ALBUMENTATIONS_UPDATE`` is set for that import only when
+    the user has not set it)."""
+    if "NO_ALBUMENTATIONS_UPDATE" in os.environ:
+        import albumentations as A
+
+        return A
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    try:
+        import albumentations as A
+    finally:
+        del os.environ["NO_ALBUMENTATIONS_UPDATE"]
+    return A
 
 
 def train_augmentation(
@@ -46,14 +65,15 @@ def train_augmentation(
 
     ``affine`` and ``color_jitter`` are the probabilities of those steps (0 disables them).
     """
+    albu = albumentations()
     steps: list[A.BasicTransform] = []
     if flips:
-        steps += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+        steps += [albu.HorizontalFlip(p=0.5), albu.VerticalFlip(p=0.5)]
     if rotate90:
-        steps.append(A.RandomRotate90(p=1.0))
+        steps.append(albu.RandomRotate90(p=1.0))
     if affine > 0:
         steps.append(
-            A.Affine(
+            albu.Affine(
                 scale=(0.9, 1.1),
                 translate_percent=(-0.05, 0.05),
                 rotate=(-15, 15),
@@ -65,9 +85,9 @@ def train_augmentation(
     if color_jitter > 0:
         s = jitter_strength
         steps.append(
-            A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s / 5, p=color_jitter)
+            albu.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s / 5, p=color_jitter)
         )
-    return A.Compose(steps)
+    return albu.Compose(steps)
 
 
 @dataclass(frozen=True)
@@ -93,6 +113,8 @@ class BagAugment:
     degrees: float = 15.0
 
     def __call__(self, crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        import cv2
+
         n: int  # an int, not Any, so that numpy's stubs type the draws below as arrays
         n, height, width, _ = crops.shape
         if (self.dihedral or self.affine > 0) and height != width:
@@ -132,6 +154,8 @@ class BagAugment:
 
 def _dihedral_into(crop: np.ndarray, view: int, out: np.ndarray) -> None:
     """Write dihedral ``view`` (0-7, the rows of ``DIHEDRAL_MATRICES``) of ``crop`` into ``out``."""
+    import cv2
+
     if view == 0:
         np.copyto(out, crop)
     elif view in (1, 3):
@@ -148,6 +172,13 @@ def _dihedral_into(crop: np.ndarray, view: int, out: np.ndarray) -> None:
             cv2.flip(out, -1, out)
 
 
+def _is_albumentations(augment: object) -> bool:
+    """Whether ``augment`` is an albumentations transform (only possible once the user has
+    imported albumentations: this never imports it)."""
+    module = sys.modules.get("albumentations")
+    return module is not None and isinstance(augment, module.BasicTransform | module.BaseCompose)
+
+
 class PerCrop:
     """An albumentations pipeline applied crop by crop, seeded from the bag's generator."""
 
@@ -162,6 +193,8 @@ class PerCrop:
 def channel_planes(crops: np.ndarray) -> Tensor:
     """uint8[n, H, W, 3] -> uint8[3, n, H, W], one OpenCV transpose of the bag's pixels (several
     times faster than a strided copy of the HWC -> CHW permutation)."""
+    import cv2
+
     n, height, width, channels = crops.shape
     if channels != 3:
         raise ValueError(f"expected RGB crops [n, H, W, 3], got {crops.shape}")
@@ -186,8 +219,7 @@ class BagToTensor:
     ) -> None:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values each, std > 0; got {mean}, {std}")
-        albumentations = isinstance(augment, A.BasicTransform | A.BaseCompose)
-        self.augment = PerCrop(augment) if albumentations else augment
+        self.augment = PerCrop(augment) if _is_albumentations(augment) else augment
         std_t = torch.tensor(std, dtype=torch.float64)
         self.scale = (1 / (255 * std_t)).float().view(3, 1, 1, 1)
         self.shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).float().view(3, 1, 1, 1)
@@ -231,6 +263,44 @@ class FeatureScaling:
     def from_state(cls, state: dict[str, list[float]]) -> FeatureScaling:
         """The inverse of `to_state`."""
         return cls(**{k: np.asarray(v, np.float32) for k, v in state.items()})
+
+
+@dataclass
+class CellTypes:
+    """Each crop as its cell type: the nearest of ``K`` centres, one-hot ``float32[n, K]``.
+
+    The centres are a k-means clustering (scikit-learn) of the training patients'
+    standardised crop features, fitted per split like `FeatureScaling`; averaged over a bag,
+    the one-hot rows give the patient's share of every type, the form a haematologist counts
+    in ("how many atypical cells"). ``centres``: ``float32[K, D]``.
+    """
+
+    centres: np.ndarray
+
+    @classmethod
+    def fit(cls, features: np.ndarray, k: int, seed: int = 0) -> CellTypes:
+        """K-means (``k`` clusters, 4 restarts, ``seed``) of ``features[n, D]``."""
+        from sklearn.cluster import KMeans
+
+        if len(features) < k:
+            raise SettingError(
+                f"cell_types is {k} but the training patients have only {len(features)} crops"
+            )
+        kmeans = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(features)
+        return cls(kmeans.cluster_centers_.astype(np.float32))
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        distances = ((features[:, None, :] - self.centres[None]) ** 2).sum(axis=-1)
+        return np.eye(len(self.centres), dtype=np.float32)[distances.argmin(axis=1)]
+
+    def to_state(self) -> dict[str, list[list[float]]]:
+        """Plain lists, for a datamodule's ``state_dict`` (saved in checkpoints)."""
+        return {"centres": self.centres.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, list[list[float]]]) -> CellTypes:
+        """The inverse of `to_state`."""
+        return cls(np.asarray(state["centres"], np.float32))
 
 
 class FeaturesToTensor:

@@ -1,5 +1,5 @@
-"""Evaluation: prediction files, montages, cross-validation, thresholds, bootstrap intervals,
-fold ensembles and reports.
+"""Evaluation: prediction files, montages, cross-validation, external validation, thresholds,
+bootstrap intervals, fold ensembles and reports.
 
 Usable from Python without the command layer, which it never imports: cross-validation
 trains its folds through a `FoldRunner` its caller gives (`ModuleRunner` for Python
@@ -28,6 +28,7 @@ from lympho_mil.evaluation.cv import (
 )
 from lympho_mil.evaluation.ensemble import ensemble_records
 from lympho_mil.evaluation.explain import write_explanations
+from lympho_mil.evaluation.external import ModelPredictions, evaluate_predictions
 from lympho_mil.evaluation.predictions import PredictionWriter, write_predictions
 from lympho_mil.evaluation.thresholds import best_balanced_accuracy_threshold, choose_threshold
 
@@ -38,6 +39,7 @@ __all__ = [
     "FoldRunner",
     "FoldSetup",
     "FoldSplit",
+    "ModelPredictions",
     "ModuleRunner",
     "OOFArrays",
     "PredictionWriter",
@@ -46,6 +48,7 @@ __all__ = [
     "choose_threshold",
     "cv_splits",
     "ensemble_records",
+    "evaluate_predictions",
     "metric_summary",
     "paired_difference",
     "run_comparison",

@@ -6,6 +6,10 @@ by label so both classes stay present; a resampled patient keeps all its repeats
 prediction keeps its own fold's threshold. A resample is a vector of integer weights (how
 often each patient was drawn), so all resamples are scored at once with numpy; the weighted
 formulas equal scikit-learn's on the duplicated rows (the tests check it).
+
+The same weights score one model on an external cohort (`weighted_cohort_metrics`, which adds
+PPV, NPV, Brier score and calibration error) and its rule-out operating point
+(`weighted_referral`), for `lympho_mil.evaluation.external`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,18 @@ from lympho_mil.models.metrics import METRIC_NAMES
 
 DEFAULT_RESAMPLES = 2000
 CI_LEVEL = 0.95
+COHORT_METRIC_NAMES = (
+    "balanced_accuracy",
+    "auroc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "brier",
+    "ece",
+)
+ECE_BINS = 10
 
 
 def binary_metrics(label: np.ndarray, prob: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
@@ -97,6 +113,85 @@ def weighted_binary_metrics(
     }
 
 
+def weighted_cohort_metrics(
+    label: np.ndarray,
+    prob: np.ndarray,
+    threshold: float,
+    weights: np.ndarray,
+    n_bins: int = ECE_BINS,
+) -> dict[str, np.ndarray]:
+    """Every metric of `COHORT_METRIC_NAMES` of one model's decisions ``prob >= threshold``.
+
+    Beyond `weighted_binary_metrics`: PPV and NPV (0 where nothing is predicted in the class),
+    the Brier score (mean squared ``prob - label``) and the expected calibration error over
+    ``n_bins`` equal-width bins of ``prob`` (the last one closed): the weighted mean over the
+    patients of ``|mean prob - share tumoral|`` of their bin.
+
+    Args:
+        label: int[n] 0/1 targets.
+        prob: float[n] probabilities of the positive class.
+        threshold: decision threshold.
+        weights: float[B, n] patient weights (bootstrap counts; ``ones[1, n]``: the estimate).
+
+    Returns:
+        float[B] per metric name.
+    """
+    label, prob = np.asarray(label), np.asarray(prob, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    predicted = prob >= threshold
+    base = weighted_binary_metrics(label, prob[None], predicted[None], weights)
+    pos = label == 1
+    tp, fp = weights @ (predicted & pos), weights @ (predicted & ~pos)
+    tn, fn = weights @ (~predicted & ~pos), weights @ (~predicted & pos)
+    total = weights.sum(1)
+    bins = np.minimum((prob * n_bins).astype(np.int64), n_bins - 1)
+    gaps = np.abs((weights * (prob - label)) @ np.eye(n_bins)[bins])  # [B, K]
+    metrics = {
+        **{name: values[:, 0] for name, values in base.items()},
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "brier": weights @ (prob - label) ** 2 / total,
+        "ece": gaps.sum(1) / total,
+    }
+    return {name: metrics[name] for name in COHORT_METRIC_NAMES}
+
+
+def weighted_referral(
+    label: np.ndarray, prob: np.ndarray, target: float, weights: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The rule-out operating point at sensitivity >= ``target``, on each resample.
+
+    Its threshold is the highest one whose (weighted) share of tumoral patients with
+    ``prob >= threshold`` is at least ``target``; it is always a tumoral patient's
+    probability. The patients below it could skip flow cytometry.
+
+    Args:
+        label: int[n] 0/1 targets (1 tumoral).
+        prob: float[n] probabilities of tumoral.
+        target: the sensitivity to keep, in (0, 1].
+        weights: float[B, n] patient weights (bootstrap counts; ``ones[1, n]``: the estimate).
+
+    Returns:
+        float[B] each: ``threshold``, ``skip_fraction`` (share of all patients below it),
+        ``sensitivity`` and ``specificity`` (share of reactive patients below it).
+    """
+    label, prob = np.asarray(label), np.asarray(prob, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    pos = label == 1
+    order = np.argsort(prob[pos], kind="stable")
+    tumoral_weights = weights[:, pos][:, order]
+    at_or_above = np.cumsum(tumoral_weights[:, ::-1], axis=1)[:, ::-1]  # [B, P], non-increasing
+    kept = (at_or_above >= target * at_or_above[:, :1] - 1e-9).sum(1) - 1
+    threshold = prob[pos][order][kept]
+    below = prob[None, :] < threshold[:, None]  # [B, n]
+    return {
+        "threshold": threshold,
+        "skip_fraction": (weights * below).sum(1) / weights.sum(1),
+        "sensitivity": 1 - _ratio((weights * (below & pos)).sum(1), weights[:, pos].sum(1)),
+        "specificity": _ratio((weights * (below & ~pos)).sum(1), weights[:, ~pos].sum(1)),
+    }
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """``num / den`` with 0 where ``den`` is 0 (scikit-learn's ``zero_division=0``)."""
     num, den = np.broadcast_arrays(np.asarray(num, float), np.asarray(den, float))
@@ -148,11 +243,17 @@ class OOFArrays:
         return {name: values.mean(axis=1) for name, values in metrics.items()}
 
 
+def percentile_interval(resampled: np.ndarray) -> tuple[float, float]:
+    """The `CI_LEVEL` percentile interval of bootstrap estimates ``float[B]``."""
+    tail = 100 * (1 - CI_LEVEL) / 2
+    low, high = np.percentile(resampled, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def summarize(per_repeat: np.ndarray, resampled: np.ndarray) -> dict[str, float | None]:
     """``{mean, std, ci95_low, ci95_high}``: mean and sample std over the repeats (std is None
     with one repeat) and the percentile interval of the bootstrap resamples."""
-    tail = 100 * (1 - CI_LEVEL) / 2
-    low, high = np.percentile(resampled, [tail, 100 - tail])
+    low, high = percentile_interval(resampled)
     return {
         "mean": float(np.mean(per_repeat)),
         "std": float(np.std(per_repeat, ddof=1)) if len(per_repeat) > 1 else None,

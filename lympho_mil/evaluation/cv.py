@@ -10,6 +10,10 @@ once. Several runners run on identical splits and get a paired comparison.
 What trains one fold comes from the caller, as a `FoldRunner`: `ModuleRunner` builds it
 from Python callables; the command line's runner (``lympho_mil.cli.cv``) from a ``fit``
 config, so ``lympho-mil cv`` accepts any config that ``fit`` does.
+
+With an output folder, a killed cross-validation run again with the same arguments resumes:
+it keeps the folds that finished and writes the report an uninterrupted run writes
+(`lympho_mil.evaluation.cv_plan`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,15 @@ from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.splits import holdout_split, stratified_folds
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
+from lympho_mil.evaluation.cv_plan import (
+    PLAN_FILE,
+    fingerprint,
+    finished_fold,
+    make_plan,
+    save_fold,
+    start_or_resume,
+    unfinished_plan,
+)
 from lympho_mil.evaluation.ensemble import ensemble_records
 from lympho_mil.evaluation.report import (
     COMPARISON_FILES,
@@ -51,7 +64,7 @@ from lympho_mil.evaluation.thresholds import (
     ThresholdPolicy,
     choose_on_validation,
 )
-from lympho_mil.files import check_writable
+from lympho_mil.files import check_writable, naming
 from lympho_mil.models.base import BagClassifier
 
 QUIET_WARNINGS = (".*LeafSpec.* is deprecated",)  # Lightning's own use of torch.utils._pytree
@@ -152,7 +165,10 @@ class FoldRunner(Protocol):
 
     def record(self) -> dict[str, Any]:
         """What the report records about this configuration (entries of
-        ``cv_report.json``, e.g. ``{"config": ..., "overrides": ...}``)."""
+        ``cv_report.json``, e.g. ``{"config": ..., "overrides": ...}``). A runner may also
+        have ``resolved_config()``, every setting its folds depend on as dotted keys (the
+        command line's: the resolved ``fit`` config); without it, a resumed cross-validation
+        compares ``record()`` with its plan's (`lympho_mil.evaluation.cv_plan.fingerprint`)."""
         ...
 
 
@@ -382,9 +398,11 @@ def _run(
     names = list(runners)
     root = Path(out_dir) if out_dir is not None else None
     dirs = {n: (root / n if compare else root) if root else None for n in names}
-    stale = _claim_outputs(root, list(dirs.values()), compare, overwrite) if root else []
+    resuming = unfinished_plan(root, overwrite)  # a killed run's plan: resume it
+    stale = _claim_outputs(root, list(dirs.values()), compare, overwrite, resuming) if root else []
     with tempfile.TemporaryDirectory(prefix="lympho-cv-") as scratch:
-        patients = [_labelled_patients(r, settings.predict) for r in runners.values()]
+        seen = [_labelled_patients(r, settings.predict) for r in runners.values()]
+        patients = [(ids, labels) for ids, labels, _ in seen]
         for name, other in zip(names[1:], patients[1:], strict=True):
             if other != patients[0]:
                 raise DataError(f"config {name} sees other labelled patients than {names[0]}")
@@ -398,11 +416,16 @@ def _run(
             settings.inner_val_fraction,
         )
         _remove(stale)  # only now: configs and splits are sound, the run starts
+        if root is not None:
+            prints = {n: f for n, (_, _, f) in zip(names, seen, strict=True)}
+            start_or_resume(root, make_plan(settings, prints, splits), resuming, settings.verbose)
         results = []
         for name, runner in runners.items():
             fold_root = (dirs[name] or Path(scratch) / name) / "folds"
             runs = [
-                _run_fold(name, runner, split, settings, fold_root, dirs[name]) for split in splits
+                _kept_fold(name, _fold_dir(fold_root, split), settings)
+                or _run_fold(name, runner, split, settings, fold_root, dirs[name])
+                for split in splits
             ]
             results.append(_collect(name, runner, runs, settings, len(ids)))
     for result in results:
@@ -417,15 +440,19 @@ def _run(
 
 
 def _claim_outputs(
-    root: Path, dirs: list[Path | None], compare: bool, overwrite: bool
+    root: Path, dirs: list[Path | None], compare: bool, overwrite: bool, resuming: bool
 ) -> list[Path]:
     """Refuse to start when an earlier run's outputs exist (unless ``overwrite``); return them,
     every file a cross-validation may write and the old fold models, for `_remove`. Both
     layouts count (one config: files in ``root``; a comparison: ``root/<name>/`` folders and
-    the comparison files), so a run of one layout leaves nothing of the other behind."""
+    the comparison files), so a run of one layout leaves nothing of the other behind. An
+    unfinished run resumed claims nothing: its plan and fold runs are kept."""
+    if resuming:
+        check_writable([root / PLAN_FILE], overwrite=True)  # the folder, still writable?
+        return []
     homes = {*(d for d in dirs if d is not None), root}
     paths = [d / n for d in homes for n in cv_output_names(predict=True)]
-    paths += [d / "folds" for d in homes]
+    paths += [d / "folds" for d in homes] + [root / PLAN_FILE]
     paths += [root / n for n in COMPARISON_FILES]
     paths += [root / name for name in _compared_names(root)]  # an earlier comparison's
     paths = list(dict.fromkeys(paths))
@@ -455,10 +482,12 @@ def _remove(paths: Sequence[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _labelled_patients(runner: FoldRunner, predict: bool) -> tuple[list[str], list[int]]:
+def _labelled_patients(
+    runner: FoldRunner, predict: bool
+) -> tuple[list[str], list[int], dict[str, Any]]:
     """The labelled patients of the runner's data (sorted) and their labels; with
     ``predict``, those named to predict (``predict_ids``) are left out: no fold model may
-    train on a patient it predicts."""
+    train on a patient it predicts. Third: the runner's `fingerprint`, for the plan."""
     with _quiet_lightning():
         datamodule = runner.data()
     bags = sorted(datamodule.bags.values(), key=lambda b: b.bag_id)
@@ -474,7 +503,8 @@ def _labelled_patients(runner: FoldRunner, predict: bool) -> tuple[list[str], li
             "predict (cv --cv.predict): the data has no unlabelled patients to predict; name "
             "patients to predict with --data.predict_ids '[P26, P27]' (left out of the folds)"
         )
-    return [b.bag_id for b in labelled], [int(b.label) for b in labelled]
+    ids, labels = [b.bag_id for b in labelled], [int(b.label) for b in labelled]
+    return ids, labels, fingerprint(runner, datamodule)
 
 
 def _restrict(
@@ -502,7 +532,7 @@ def _run_fold(
     """Train on the inner training patients, choose checkpoint and threshold on the inner
     validation patients, then predict the test fold (and the unlabelled patients)."""
     start = time.perf_counter()
-    fold_dir = fold_root / f"r{split.repeat}_f{split.fold}"
+    fold_dir = _fold_dir(fold_root, split)
     setup = FoldSetup(
         split,
         seed=settings.seed + split.repeat * settings.folds + split.fold,
@@ -534,10 +564,27 @@ def _run_fold(
             _predict(trainer, model, datamodule.predict_dataloader()) if settings.predict else None
         )
         if out_dir is not None:
-            trainer.save_checkpoint(fold_dir / "model.ckpt", weights_only=True)
+            try:
+                trainer.save_checkpoint(fold_dir / "model.ckpt", weights_only=True)
+            except OSError as exc:  # a full disk names no file
+                raise naming(exc, fold_dir / "model.ckpt") from exc
         shutil.rmtree(fold_dir / "checkpoints", ignore_errors=True)
     run = FoldRun(split, threshold, val, test, unlabelled, time.perf_counter() - start)
+    if out_dir is not None:
+        save_fold(fold_dir, run)  # what a resumed run keeps
     if settings.verbose:
+        _print_fold(name, run, settings)
+    return run
+
+
+def _fold_dir(fold_root: Path, split: FoldSplit) -> Path:
+    return fold_root / f"r{split.repeat}_f{split.fold}"
+
+
+def _kept_fold(name: str, fold_dir: Path, settings: CVSettings) -> FoldRun | None:
+    """The fold run an earlier, killed run of this cross-validation finished, or None."""
+    run = finished_fold(fold_dir)
+    if run is not None and settings.verbose:
         _print_fold(name, run, settings)
     return run
 

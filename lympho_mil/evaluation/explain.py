@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from lympho_mil.data.dlmi import check_patient_id
 from lympho_mil.data.errors import DataError
-from lympho_mil.files import atomic_write_bytes, atomic_write_text
+from lympho_mil.files import atomic_write_files
 
 EXPLANATION_FILE = "explanations.md"
 MONTAGE_DIR = "montages"
@@ -161,6 +161,7 @@ def write_explanations(
     by_id = {r["id"]: r for r in records}
     rows = sorted(by_id.values(), key=lambda r: (-r["probability"], r["id"]))
     sections, kind = [], ""
+    outputs: dict[str | Path, bytes | str] = {}
     for record in rows:
         pid = check_patient_id(record["id"], "the predicted patients")
         scores, kind = crop_scores(record)
@@ -184,11 +185,12 @@ def write_explanations(
         )
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        atomic_write_bytes(output_dir / MONTAGE_DIR / f"{pid}.png", buffer.getvalue(), overwrite)
+        outputs[output_dir / MONTAGE_DIR / f"{pid}.png"] = buffer.getvalue()
         sections.append((record, f"{MONTAGE_DIR}/{pid}.png"))
-    return atomic_write_text(
-        output_dir / EXPLANATION_FILE, _summary(sections, kind, top_k, model_name), overwrite
-    )
+    summary = output_dir / EXPLANATION_FILE
+    outputs[summary] = _summary(sections, kind, top_k, model_name)
+    atomic_write_files(outputs, overwrite)  # as one: a failure leaves no mix of two runs' files
+    return summary
 
 
 def _summary(

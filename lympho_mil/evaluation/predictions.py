@@ -23,7 +23,7 @@ from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lympho_mil.evaluation.explain import EXPLANATION_FILE, ExplainError, write_explanations
-from lympho_mil.files import atomic_write_csv, check_writable
+from lympho_mil.files import atomic_write_files, check_writable
 
 PREDICTION_FILES = ("predictions.csv", "predictions_detail.csv", "attention.csv")
 
@@ -64,20 +64,23 @@ def prediction_tables(records: Sequence[dict[str, Any]]) -> dict[str, pd.DataFra
     }
 
 
+def prediction_files(records: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The csv text of the three files by file name (see `prediction_tables`)."""
+    return {name: table.to_csv(index=False) for name, table in prediction_tables(records).items()}
+
+
 def write_predictions(
     records: Sequence[dict[str, Any]], output_dir: str | Path, overwrite: bool = False
 ) -> dict[str, Path]:
-    """Write the three files into ``output_dir`` atomically; refuse to overwrite by default.
+    """Write the three files into ``output_dir`` as one (`atomic_write_files`); refuse to
+    overwrite by default.
 
     ``records``: ``predict_step`` records (repeats of a patient are dropped). Returns each
     file's path by file name.
     """
-    output_dir = Path(output_dir)
-    check_writable([output_dir / name for name in PREDICTION_FILES], overwrite)
-    return {
-        name: atomic_write_csv(output_dir / name, table, overwrite=True)
-        for name, table in prediction_tables(records).items()
-    }
+    files = prediction_files(records)
+    paths = atomic_write_files({Path(output_dir) / n: text for n, text in files.items()}, overwrite)
+    return dict(zip(files, paths, strict=True))
 
 
 class PredictionWriter(BasePredictionWriter):

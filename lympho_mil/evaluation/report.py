@@ -24,8 +24,8 @@ from lympho_mil.evaluation.bootstrap import (
     paired_difference,
     stratified_bootstrap_weights,
 )
-from lympho_mil.evaluation.predictions import PREDICTION_FILES, write_predictions
-from lympho_mil.files import atomic_write_bytes, atomic_write_csv, atomic_write_text
+from lympho_mil.evaluation.predictions import PREDICTION_FILES, prediction_files
+from lympho_mil.files import atomic_write_files
 from lympho_mil.models.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
@@ -124,20 +124,21 @@ def _versions() -> dict[str, str]:
 
 # -- files ------------------------------------------------------------------------------------
 def write_cv_outputs(result: CVResult, out_dir: Path, n_bootstrap: int, seed: int) -> list[Path]:
-    """Write the report, prediction tables, plots and ensemble predictions of one config.
+    """Write the report, prediction tables, plots and ensemble predictions of one config, as
+    one (`atomic_write_files`: a failure leaves the earlier files, not a mix).
 
     The caller has checked that the folder may be written (see ``cross_validate``).
     """
-    paths = [
-        atomic_write_text(out_dir / "cv_report.json", _json(result.report), overwrite=True),
-        atomic_write_text(out_dir / "cv_report.md", cv_markdown(result.report), overwrite=True),
-        atomic_write_csv(out_dir / "oof_predictions.csv", result.oof, overwrite=True),
-        atomic_write_csv(out_dir / "inner_val_predictions.csv", result.inner_val, overwrite=True),
-    ]
+    files: dict[str, str | bytes] = {
+        "cv_report.json": _json(result.report),
+        "cv_report.md": cv_markdown(result.report),
+        "oof_predictions.csv": result.oof.to_csv(index=False),
+        "inner_val_predictions.csv": result.inner_val.to_csv(index=False),
+    }
     if result.ensemble is not None:
-        paths += write_predictions(result.ensemble, out_dir, overwrite=True).values()
-    paths += write_plots(result.report, result.oof, out_dir, n_bootstrap, seed)
-    return paths
+        files.update(prediction_files(result.ensemble))
+    files.update(plot_files(result.report, result.oof, n_bootstrap, seed))
+    return atomic_write_files({out_dir / n: c for n, c in files.items()}, overwrite=True)
 
 
 def comparison_table(results: Sequence[CVResult], n_bootstrap: int, seed: int) -> dict[str, Any]:
@@ -169,10 +170,8 @@ def comparison_table(results: Sequence[CVResult], n_bootstrap: int, seed: int) -
 
 def write_comparison(table: dict[str, Any], out_dir: Path) -> list[Path]:
     """``comparison.json`` and ``comparison.md`` (the caller checked they may be written)."""
-    return [
-        atomic_write_text(out_dir / "comparison.json", _json(table), overwrite=True),
-        atomic_write_text(out_dir / "comparison.md", comparison_markdown(table), overwrite=True),
-    ]
+    files = {"comparison.json": _json(table), "comparison.md": comparison_markdown(table)}
+    return atomic_write_files({out_dir / n: c for n, c in files.items()}, overwrite=True)
 
 
 def _json(content: dict[str, Any]) -> str:
@@ -272,24 +271,18 @@ def comparison_markdown(table: dict[str, Any]) -> str:
 
 
 # -- plots ------------------------------------------------------------------------------------
-def write_plots(
-    report: dict[str, Any], oof: pd.DataFrame, out_dir: Path, n_bootstrap: int, seed: int
-) -> list[Path]:
-    """``roc.png`` and ``per_fold_balanced_accuracy.png``; nothing without matplotlib."""
+def plot_files(
+    report: dict[str, Any], oof: pd.DataFrame, n_bootstrap: int, seed: int
+) -> dict[str, bytes]:
+    """``roc.png`` and ``per_fold_balanced_accuracy.png`` by name; none without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        return []
-    return [
-        atomic_write_bytes(
-            out_dir / "roc.png", _roc_png(Figure, report, oof, n_bootstrap, seed), overwrite=True
-        ),
-        atomic_write_bytes(
-            out_dir / "per_fold_balanced_accuracy.png",
-            _per_fold_png(Figure, report),
-            overwrite=True,
-        ),
-    ]
+        return {}
+    return {
+        "roc.png": _roc_png(Figure, report, oof, n_bootstrap, seed),
+        "per_fold_balanced_accuracy.png": _per_fold_png(Figure, report),
+    }
 
 
 def roc_band(
@@ -316,10 +309,22 @@ def roc_band(
     return curve(None), low, high
 
 
-def _png(figure: Any) -> bytes:
+def figure_png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def roc_axes(ax: Any, title: str) -> None:
+    """The chance diagonal, axis labels and limits of a ROC plot."""
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(
+        xlabel="false-positive rate (1 - specificity)",
+        ylabel="true-positive rate (sensitivity)",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
 
 
 def _roc_png(
@@ -338,16 +343,9 @@ def _roc_png(
         where="post",
         label=f"out-of-fold ROC, AUROC {auroc['mean']:.3f} {_interval(auroc)}",
     )
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(
-        xlabel="false-positive rate (1 - specificity)",
-        ylabel="true-positive rate (sensitivity)",
-        title=f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats",
-        xlim=(0, 1),
-        ylim=(0, 1.01),
-    )
+    roc_axes(ax, f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats")
     ax.legend(loc="lower right", fontsize="small")
-    return _png(fig)
+    return figure_png(fig)
 
 
 def _per_fold_png(figure_class: Any, report: dict[str, Any]) -> bytes:
@@ -365,4 +363,4 @@ def _per_fold_png(figure_class: Any, report: dict[str, Any]) -> bytes:
     ax.set(xlabel="outer fold", ylabel="balanced accuracy", ylim=(0, 1.02), title=report["name"])
     ax.set_xticks(range(len(folds)), [f"r{f['repeat']}f{f['fold']}" for f in folds], fontsize=7)
     ax.legend(fontsize="small", loc="lower left")
-    return _png(fig)
+    return figure_png(fig)

@@ -15,6 +15,7 @@ from lympho_mil.models.mil import (
     MaxPoolMIL,
     MeanPoolMIL,
     MILClassifier,
+    StatisticsPoolMIL,
 )
 from lympho_mil.models.tabular import GatedFusionMIL, TabularMLP
 
@@ -30,5 +31,6 @@ __all__ = [
     "MaxPoolMIL",
     "MeanPoolMIL",
     "NonFiniteLossError",
+    "StatisticsPoolMIL",
     "TabularMLP",
 ]

@@ -1,7 +1,8 @@
 """Image-bag models: an instance encoder, a mask-aware pooling and a head.
 
-``AttentionMIL``, ``GatedAttentionMIL``, ``MeanPoolMIL`` and ``MaxPoolMIL`` differ only by
-their pooling; ``InstanceMIL`` classifies every crop and averages the crop logits.
+``AttentionMIL``, ``GatedAttentionMIL``, ``MeanPoolMIL``, ``MaxPoolMIL`` and
+``StatisticsPoolMIL`` differ only by their pooling; ``InstanceMIL`` classifies every crop
+and averages the crop logits.
 """
 
 from __future__ import annotations
@@ -241,6 +242,15 @@ class MaxPoolMIL(MILClassifier):
     (``attention_hidden`` unused)."""
 
     default_pooling = "max"
+
+
+class StatisticsPoolMIL(MILClassifier):
+    """Per feature, the mean, standard deviation and 10/50/90 % quantiles of the crop
+    embeddings (`lympho_mil.nn.StatisticsPooling`); with ``encoder="identity"`` on cached
+    crop features, a linear model of the patient-level statistics. Arguments as
+    `MILClassifier` (``attention_hidden`` unused)."""
+
+    default_pooling = "statistics"
 
 
 class InstanceMIL(EncoderMixin, BagClassifier):

@@ -24,6 +24,7 @@ from lympho_mil.nn.pooling import (
     MaxPooling,
     MeanPooling,
     MILPooling,
+    StatisticsPooling,
     build_pooling,
 )
 from lympho_mil.nn.tabular import Standardize, TabularEncoder
@@ -50,6 +51,7 @@ __all__ = [
     "MorphologyEncoder",
     "SmallCNN",
     "Standardize",
+    "StatisticsPooling",
     "TabularEncoder",
     "TimmEncoder",
     "build_instance_encoder",

@@ -7,15 +7,17 @@ padded bags ``[B, N, ...]``.
 from __future__ import annotations
 
 import math
+import sys
+from collections import Counter
 from collections.abc import Mapping
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, SupportsInt, cast
 
-import timm
 import torch
 from torch import Tensor, nn
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.nn.morphology import MorphologyEncoder
 
 BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity", "morphology")
@@ -115,9 +117,13 @@ class IdentityEncoder(nn.Module):
 class TimmEncoder(nn.Module):
     """Any timm model without its classifier: ``x[M, in_chans, H, W]`` -> ``[M, num_features]``.
 
-    Nothing is downloaded: pretrained weights come from a local state dict ``weights_path``
-    (extra keys such as a classifier head are ignored; every backbone key must be present
-    with the right shape). ``pretrained`` only asserts that weights are wanted: without
+    ``model_kwargs`` go to ``timm.create_model`` as they are (``img_size=112`` for a ViT at the
+    crop size, ``in_chans``, ``drop_path_rate``, ...); one it does not take is a
+    SettingError naming it. Nothing is downloaded: pretrained weights come from a local file
+    ``weights_path`` read by `read_weights` (the usual wrappers and prefixes removed, then
+    timm's own conversion for the architecture: a DINOv2 checkpoint such as DinoBloom's
+    loads into timm's ``vit_*_patch14_dinov2`` models, position embeddings resampled to
+    ``img_size``). ``pretrained`` only asserts that weights are wanted: without
     ``weights_path`` it raises RuntimeError. ``name`` must be a timm model (else ValueError).
     """
 
@@ -126,9 +132,11 @@ class TimmEncoder(nn.Module):
         name: str,
         pretrained: bool = False,
         weights_path: str | None = None,
-        in_chans: int = 3,
+        **model_kwargs: Any,
     ) -> None:
         super().__init__()
+        import timm  # here, not at module load: importing timm takes seconds
+
         if not timm.is_model(name):
             raise ValueError(
                 f"unknown instance encoder {name!r}: neither built-in {list(BUILTIN_ENCODERS)} "
@@ -141,31 +149,90 @@ class TimmEncoder(nn.Module):
             )
         if weights_path is not None:
             _existing(weights_path)
-        self.model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
+        try:
+            self.model = timm.create_model(name, pretrained=False, num_classes=0, **model_kwargs)
+        except TypeError as exc:
+            raise SettingError(
+                f"timm model {name!r} does not take encoder_kwargs {sorted(model_kwargs)}: {exc}"
+            ) from exc
         self.out_dim: int = self.model.num_features  # type: ignore[assignment]
         if weights_path is not None:
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-            self._load_backbone(state, weights_path)
-
-    def _load_backbone(self, state: Mapping[str, Any], path: str) -> None:
-        """Load the backbone keys of ``state``, raising on any missing or mismatched one."""
-        own = self.model.state_dict()
-        missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-        mismatched = [
-            f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-            for k, v in own.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if missing or mismatched:
-            raise EncoderWeightsError(
-                f"weights in {path} do not fit the backbone; missing keys: {missing}; "
-                f"shape mismatches: {mismatched}"
-            )
-        self.model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+            state = read_weights(weights_path, self.model.state_dict())
+            state = _timm_conversion(self.model)(state, self.model)
+            load_weights(self.model, state, weights_path, f"the timm backbone {name!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         """``x[M, C, H, W]`` -> ``[M, out_dim]``."""
         return self.model(x)
+
+
+WEIGHT_CONTAINERS = ("teacher", "state_dict", "model", "module", "network")
+"""Keys under which training checkpoints keep a state dict (``teacher``: DINO's EMA network,
+DinoBloom's layout), tried in this order when the file's top level holds no tensors."""
+HEAD_KEYS = ("head", "fc.", "classifier", "dino_head", "ibot_head", "mask_token")
+"""Key prefixes of a file that are not the backbone and are ignored when left over."""
+
+
+def read_weights(path: str, wanted: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The state dict in the weights file ``path``, unwrapped for a module whose own keys are
+    ``wanted``: a container key of `WEIGHT_CONTAINERS` is entered while the level holds no
+    tensor, then the key prefix of a wrapping network (``module.``, ``backbone.``,
+    ``model.encoder.``, ...) is removed: the one after which most keys are the module's."""
+    content: Any = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(content, Mapping) and not any(isinstance(v, Tensor) for v in content.values()):
+        inner = next((content[k] for k in WEIGHT_CONTAINERS if k in content), None)
+        if not isinstance(inner, Mapping):
+            break
+        content = inner
+    if not isinstance(content, Mapping):
+        raise EncoderWeightsError(f"{path} holds no state dict (a mapping of names to tensors)")
+    state = {str(k): v for k, v in content.items() if isinstance(v, Tensor)}
+    prefixes: Counter[str] = Counter()
+    for key in state:
+        for own in wanted:
+            if key.endswith(own) and (len(key) == len(own) or key[-len(own) - 1] == "."):
+                prefixes[key[: len(key) - len(own)]] += 1
+    prefix = prefixes.most_common(1)[0][0] if prefixes else ""
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_weights(
+    module: nn.Module, state: Mapping[str, Tensor], path: str, what: str = "the encoder"
+) -> None:
+    """Load ``state`` into ``module`` (``what``, for messages): every key of the module must
+    be in ``state`` with its shape, and every key of ``state`` must be the module's or a head
+    (`HEAD_KEYS`); else an `EncoderWeightsError` naming the file and a few of the keys at
+    fault."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.startswith(HEAD_KEYS)]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{len(found)} {what} (e.g. {', '.join(found[:4])})"
+        for what, found in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        )
+        if found
+    ]
+    if problems:
+        raise EncoderWeightsError(f"weights in {path} do not fit {what}: {'; '.join(problems)}")
+    module.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+
+
+def _timm_conversion(model: nn.Module) -> Any:
+    """timm's own ``checkpoint_filter_fn`` for the architecture of ``model`` (it converts
+    other layouts such as DINOv2's and resamples position embeddings), or the identity."""
+    module = sys.modules.get(type(model).__module__)
+    convert = getattr(module, "checkpoint_filter_fn", None)
+    if convert is None:
+        return lambda state, model: state
+    return convert
 
 
 def build_instance_encoder(
@@ -195,15 +262,9 @@ def build_instance_encoder(
         )
     module = _builtin_encoder(name, in_dim, out_dim, **kwargs)
     if weights_path is not None:
-        state = torch.load(_existing(weights_path), map_location="cpu", weights_only=True)
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as exc:  # torch's "Error(s) in loading state_dict": name the file
-            detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
-            raise EncoderWeightsError(
-                f"weights in {weights_path} do not fit the {name!r} encoder built with these "
-                f"settings (out_dim={out_dim}, {kwargs or 'defaults'}): {detail}"
-            ) from exc
+        state = read_weights(_existing(weights_path), module.state_dict())
+        built = f"the {name!r} encoder built with out_dim={out_dim}, {kwargs or 'defaults'}"
+        load_weights(module, state, weights_path, built)
     return module
 
 

@@ -132,7 +132,7 @@ class MorphologyEncoder(nn.Module):
     ``D = len(MORPHOLOGY_FEATURES)``, in that order (how the nucleus is found:
     `lympho_mil.nn.morphology`). The input is un-normalised
     with ``mean``/``std`` (those of the loaders; ImageNet's by default;
-    `lympho_mil.data.CachedFeatureDataModule` passes its own), so pixels are back in [0, 1]
+    `lympho_mil.features.CachedFeatureDataModule` passes its own), so pixels are back in [0, 1]
     before the colour thresholds (a pixel exactly on a threshold, e.g. ``B - G = 51/255``,
     falls on the side that the normalisation's float rounding gives). No parameters; any
     float input dtype; float32 out.

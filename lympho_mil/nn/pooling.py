@@ -2,8 +2,8 @@
 
 Every operator maps instance embeddings ``h[B, N, D]`` and ``mask[B, N]`` (True where an
 instance is real) to ``(z, a)``: the bag embedding ``z[B, output_dim(D)]`` (dtype of ``h``;
-``D`` except for ``DistributionPooling``) and the per-instance weights ``a[B, N]`` (float32,
-None for operators without attention).
+``D`` except for ``DistributionPooling`` and ``StatisticsPooling``) and the per-instance
+weights ``a[B, N]`` (float32, None for operators without attention).
 
 Padded instances never change the result or the gradients, whatever they hold (junk, inf,
 NaN): they are replaced before any arithmetic. Every bag must hold at least one real
@@ -133,12 +133,54 @@ class DistributionPooling(MILPooling):
         return z.to(h.dtype), None
 
 
+class StatisticsPooling(MILPooling):
+    """Per feature, the mean, standard deviation and quantiles of the real instances.
+
+    ``z = [mean_n h, std_n h, q_1(h), ..., q_K(h)]``: the patient-level statistics of crop
+    features (cytometry, say) that a plain linear model reads well. Quantiles interpolate
+    linearly between order statistics, as ``numpy.quantile`` does; the standard deviation is
+    the population one (0 for a single instance). ``quantiles`` are the ``K`` levels in
+    [0, 1].
+    """
+
+    levels: Tensor
+
+    def __init__(self, quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> None:
+        super().__init__()
+        if not quantiles or not all(0.0 <= q <= 1.0 for q in quantiles):
+            raise ValueError(f"need quantiles in [0, 1], got {quantiles}")
+        self.register_buffer("levels", torch.tensor(list(quantiles), dtype=torch.float32))
+
+    def output_dim(self, dim: int) -> int:
+        return dim * (2 + self.levels.numel())
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, None]:
+        """``h[B, N, D]``, ``mask[B, N]`` -> ``(z[B, D * (2 + K)], None)``."""
+        x = _clean(h, mask).float()
+        count = mask.sum(dim=1).float()[:, None]  # [B, 1]
+        mean = x.sum(dim=1) / count
+        spread = (_clean(x - mean.unsqueeze(1), mask) ** 2).sum(dim=1) / count
+        ordered = _clean(x, mask, float("inf")).sort(dim=1).values  # real instances first
+        position = self.levels[None, :] * (count - 1)  # [B, K]
+        below = position.floor().long()
+        above = (below + 1).clamp(max=ordered.shape[1] - 1)
+        step = (position - below)[..., None]  # [B, K, 1]
+        low = ordered.gather(1, below[..., None].expand(-1, -1, x.shape[-1]))
+        high = ordered.gather(1, above[..., None].expand(-1, -1, x.shape[-1]))
+        high = torch.where(step > 0, high, low)  # an infinite pad never enters at step 0
+        quantiles = low + step * (high - low)  # [B, K, D]
+        std = spread.clamp(min=1e-12).sqrt()  # finite gradient for a single instance
+        z = torch.cat([mean, std, quantiles.flatten(1)], dim=1)
+        return z.to(h.dtype), None
+
+
 POOLINGS: dict[str, type[MILPooling]] = {
     "mean": MeanPooling,
     "max": MaxPooling,
     "attention": AttentionPooling,
     "gated_attention": GatedAttentionPooling,
     "distribution": DistributionPooling,
+    "statistics": StatisticsPooling,
 }
 """The pooling operators by name, as `build_pooling` and the models' ``pooling`` take
 them."""
@@ -148,7 +190,8 @@ def build_pooling(name: str, dim: int, hidden: int = 128, dropout: float = 0.0) 
     """The pooling called ``name`` (a key of ``POOLINGS``) for embeddings of size ``dim``.
 
     ``hidden`` and ``dropout`` configure the attention poolings and are ignored by the others
-    (``"distribution"`` takes its default levels). Raises ValueError for an unknown name.
+    (``"distribution"`` and ``"statistics"`` take their default levels). Raises ValueError
+    for an unknown name.
     """
     if name not in POOLINGS:
         raise ValueError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}")

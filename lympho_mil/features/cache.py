@@ -38,15 +38,16 @@ from lympho_mil.data.image_cache import (
     ImageCache,
     MemmapRows,
     default_cache_dir,
-    is_intact,
-    read_sidecar,
+    load_or_build,
     write_cache,
 )
 from lympho_mil.data.scaled import ScaledFeatures
-from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
+from lympho_mil.data.transforms import CellTypes, FeatureScaling, FeaturesToTensor
+from lympho_mil.features.cytometry import CytometryEncoder
 from lympho_mil.files import file_digest
 from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
 from lympho_mil.nn.tta import DIHEDRAL_VIEWS
+from lympho_mil.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def extract_features(
     uint8 and are normalised there exactly as the image loaders do."""
     rows_per_step = max(1, batch_size // spec.views)
     encoder.eval().to(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), progress(f"extracting {spec.encoder} features", n_crops) as bar:
         for start in range(0, n_crops, rows_per_step):
             rows = np.arange(start, min(start + rows_per_step, n_crops))
             pixels = torch.from_numpy(images[rows]).to(device).permute(0, 3, 1, 2)
@@ -118,6 +119,7 @@ def extract_features(
                 x = stack_dihedral_views(x).flatten(0, 1)
             h = encoder(x).reshape(len(rows), spec.views, -1)
             out[rows] = h.float().cpu().numpy()
+            bar.update(len(rows))
 
 
 class FeatureCache(MemmapRows):
@@ -154,13 +156,6 @@ class FeatureCache(MemmapRows):
         key = feature_cache_key(spec, weights, images.path.stem)
         data_path = cache_dir / f"features-{key}.npy"
         meta_path = cache_dir / f"features-{key}.json"
-        meta = read_sidecar(meta_path, FEATURE_CACHE_VERSION)
-        if (
-            meta is not None
-            and data_path.is_file()
-            and is_intact(data_path, meta["checksum"], "feature cache")
-        ):
-            return cls(data_path)
         shape = (len(images), spec.views, encoder_out_dim(encoder))
 
         def fill(array: np.ndarray) -> dict[str, Any]:
@@ -174,13 +169,13 @@ class FeatureCache(MemmapRows):
             return {"seconds": round(time.perf_counter() - start, 3)}
 
         description = {**asdict(spec), "weights": weights, "images": images.path.stem}
-        write_cache(
+        meta = {"version": FEATURE_CACHE_VERSION, "key": key, **description}
+        load_or_build(
             data_path,
             meta_path,
-            shape,
-            spec.dtype,
-            fill,
-            {"version": FEATURE_CACHE_VERSION, "key": key, **description},
+            FEATURE_CACHE_VERSION,
+            "feature cache",
+            lambda: write_cache(data_path, meta_path, shape, spec.dtype, fill, meta),
         )
         return cls(data_path)
 
@@ -188,19 +183,21 @@ class FeatureCache(MemmapRows):
 class SelectView:
     """Cached ``[n, V, D]`` features -> float32 ``[n, D]``: one random view per crop
     (``"random"``, training), the mean over views, or view 0 (the crop as it is); then the
-    optional ``scaling``."""
+    optional ``scaling`` and ``cell_types`` (``[n, K]`` one-hot)."""
 
     def __init__(
         self,
         mode: Literal["random", "mean", "identity"],
         to_tensor: FeaturesToTensor,
         scaling: FeatureScaling | None = None,
+        cell_types: CellTypes | None = None,
     ) -> None:
         if mode not in ("random", "mean", "identity"):
             raise SettingError(f"mode must be 'random', 'mean' or 'identity', got {mode!r}")
         self.mode = mode
         self.to_tensor = to_tensor
         self.scaling = scaling
+        self.cell_types = cell_types
 
     def __call__(self, features: np.ndarray, rng: np.random.Generator) -> Tensor:
         if self.mode == "random":
@@ -212,6 +209,8 @@ class SelectView:
             picked = features[:, 0]
         if self.scaling is not None:
             picked = self.scaling(picked.astype(np.float32))
+        if self.cell_types is not None:
+            picked = self.cell_types(picked.astype(np.float32))
         return self.to_tensor(picked, rng)
 
 
@@ -220,14 +219,15 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
 
     Crops are decoded into the image cache as for `PatientBagDataModule`, then every
     crop is embedded once by the encoder and the features are cached
-    (`lympho_mil.data.feature_cache`). Models read them with ``encoder="identity"`` (or
+    (`lympho_mil.features.cache`). Models read them with ``encoder="identity"`` (or
     ``"mlp"``) and ``in_dim`` equal to `feature_dim`; a mismatch stops ``setup`` with
     both sizes named.
 
     Args:
         root: the DLMI folder.
-        encoder: the extractor: any `build_instance_encoder` name
-            (``small_cnn``, a timm model such as ``resnet18``, ...).
+        encoder: the extractor: ``cytometry`` (scikit-image cytomorphometry,
+            `lympho_mil.features.cytometry`) or any `build_instance_encoder` name
+            (``morphology``, ``small_cnn``, a timm model such as ``resnet18``, ...).
         encoder_weights: local weights file of the extractor (a state dict of the timm
             backbone, or of the built-in encoder module). Without it the encoder keeps its
             initial weights drawn under ``encoder_seed``: reproducible, but only a plumbing
@@ -243,6 +243,11 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
             z-score it with their mean and standard deviation (for features on unequal
             scales, such as ``encoder="morphology"``); fitted per split, like the clinical
             standardisation, on the mean over views, and saved in checkpoints.
+        cell_types: with K > 0, each crop becomes its cell type: the nearest of K k-means
+            centres of the training patients' standardised crop features, one-hot
+            (`lympho_mil.data.transforms.CellTypes`; needs ``standardize``); mean pooling
+            then gives each patient's share of every type. Fitted per split, saved in
+            checkpoints; `feature_dim` is then K.
         noise_std: Gaussian noise added to training features (after standardisation).
         extract_batch_size: encoder inputs per forward during extraction.
         extract_device: where to extract (None: the Trainer's device when the datamodule is
@@ -264,6 +269,7 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         eval_view: EvalView = "mean",
         feature_dtype: Literal["float16", "float32"] = "float16",
         standardize: bool = False,
+        cell_types: int = 0,
         noise_std: float = 0.0,
         extract_batch_size: int = 256,
         extract_device: str | None = None,
@@ -282,8 +288,15 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.encoder_seed = encoder_seed
         self.eval_view = eval_view
+        if cell_types < 0 or (cell_types and not standardize):
+            raise SettingError(
+                f"cell_types must be 0 or a positive count with standardize: true, got "
+                f"{cell_types} (standardize: {standardize})"
+            )
         self.standardize = standardize
         self.scaling: FeatureScaling | None = None
+        self.n_cell_types = cell_types
+        self.cell_types: CellTypes | None = None
         self.noise_std = noise_std
         self.extract_batch_size = extract_batch_size
         self.extract_device = extract_device
@@ -309,6 +322,7 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
             "dihedral": self.feature_spec.dihedral,
             "eval_view": self.eval_view,
             "standardize": self.standardize,
+            "cell_types": self.n_cell_types,
         }
 
     @cached_property
@@ -317,19 +331,23 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         morphology encoder un-normalises with the loaders' ``mean``/``std`` (unless its
         ``encoder_kwargs`` say otherwise)."""
         kwargs = dict(self.encoder_kwargs)
-        if self.encoder_name == "morphology":
+        if self.encoder_name in ("morphology", "cytometry"):
             kwargs = {"mean": self.mean, "std": self.std, **kwargs}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.encoder_seed)
-            module = build_instance_encoder(
-                self.encoder_name, weights_path=self.encoder_weights, **kwargs
-            )
+            if self.encoder_name == "cytometry":
+                module: nn.Module = CytometryEncoder(**kwargs)
+            else:
+                module = build_instance_encoder(
+                    self.encoder_name, weights_path=self.encoder_weights, **kwargs
+                )
         return module.requires_grad_(False).eval()
 
     @property
     def feature_dim(self) -> int:
-        """D, the size of a crop's feature vector (the model's ``in_dim``)."""
-        return encoder_out_dim(self.extractor)
+        """D, the size of a crop's feature vector (the model's ``in_dim``): the encoder's,
+        or the number of cell types."""
+        return self.n_cell_types or encoder_out_dim(self.extractor)
 
     def setup(self, stage: str | None = None) -> None:
         self._check_model_in_dim()
@@ -359,6 +377,8 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         self.extractor.cpu()  # give back the accelerator's memory after an extraction
         if self.standardize and self.scaling is None:
             self.scaling = self._fit_scaling(store, usable)
+        if self.n_cell_types and self.cell_types is None and self.scaling is not None:
+            self.cell_types = self._fit_cell_types(store, usable, self.scaling)
         return store, usable
 
     def _fit_scaling(self, store: FeatureCache, usable: Sequence[Bag]) -> FeatureScaling | None:
@@ -375,13 +395,53 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         rows = np.sort(np.concatenate(train))
         return FeatureScaling.fit(store[rows].astype(np.float32).mean(axis=1))
 
+    def _fit_cell_types(
+        self, store: FeatureCache, usable: Sequence[Bag], scaling: FeatureScaling
+    ) -> CellTypes | None:
+        """The cell types of the training patients' readable crops (None without training
+        patients, as for the standardisation)."""
+        by_id = {b.bag_id: b for b in usable}
+        train = [by_id[i].rows for i in self.training_patients() if i in by_id]
+        if not train:
+            return None
+        rows = np.sort(np.concatenate(train))
+        features = scaling(store[rows].astype(np.float32).mean(axis=1))
+        return CellTypes.fit(features, self.n_cell_types, seed=self.encoder_seed)
+
     def scaled_size(self) -> int:
-        return self.feature_dim
+        return encoder_out_dim(self.extractor)
 
     def use_scaling(self, scaling: FeatureScaling) -> None:
         for dataset in self.datasets.values():
             if isinstance(dataset.to_tensor, SelectView):
                 dataset.to_tensor.scaling = scaling
+
+    def state_dict(self) -> dict[str, Any]:
+        """The feature standardisation and the cell types, saved in checkpoints."""
+        state = super().state_dict()
+        if self.cell_types is not None:
+            state["cell_types"] = self.cell_types.to_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a checkpoint's standardisation and cell types, also in the datasets
+        already set up; `DataError` when they do not fit these features."""
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("cell_types")
+        if saved is None:
+            return
+        types = CellTypes.from_state(saved)
+        wanted = (self.n_cell_types, self.scaled_size())
+        if types.centres.shape != wanted:
+            raise DataError(
+                f"the checkpoint has {types.centres.shape[0]} cell types of "
+                f"{types.centres.shape[1]} features but the data settings give {wanted[0]} of "
+                f"{wanted[1]}: use the data settings the model was trained with"
+            )
+        self.cell_types = types
+        for dataset in self.datasets.values():
+            if isinstance(dataset.to_tensor, SelectView):
+                dataset.to_tensor.cell_types = types
 
     def _device(self) -> torch.device:
         if self.extract_device is not None:
@@ -393,5 +453,5 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
     def instance_transform(self, stage: str) -> InstanceTransform:
         to_tensor = FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
         if stage == "train":
-            return SelectView("random", to_tensor, self.scaling)
-        return SelectView(self.eval_view, to_tensor, self.scaling)
+            return SelectView("random", to_tensor, self.scaling, self.cell_types)
+        return SelectView(self.eval_view, to_tensor, self.scaling, self.cell_types)

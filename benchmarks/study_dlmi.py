@@ -1,0 +1,217 @@
+"""DLMI rounds: candidates cross-validated on identical repeated splits of dlmi-dev.
+
+``dlmi-round7`` (docs/results.md, seventh round, its rule fixed before it ran): three crop
+representations (the recipe's 33 morphology features, 54 scikit-image cytometry features,
+128 features of a crop encoder pretrained with SimCLR on the crops themselves) times three
+patient summaries (mean, per-feature statistics, shares of 16 cell types), each as an
+image-only linear model and in the recipe's late fusion, beside ``TabularMLP``.
+
+Each candidate's cross-validation goes to ``--out/<candidate>/`` (the files of ``lympho-mil
+cv``); a candidate whose report there was made from the same config is not run again, so a
+study can be run in pieces (``--candidates``) and resumed. Records: one per candidate
+(balanced accuracy and AUROC with 95 % patient-bootstrap intervals, paired differences to
+``TabularMLP`` and to the current recipe, whole-CV time), once all references are there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from harness import DEFAULT_UNLABELLED, Record, study
+
+from lympho_mil.cli import cross_validate
+from lympho_mil.data import PatientBagDataModule
+from lympho_mil.data.image_cache import default_cache_dir
+from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
+from lympho_mil.features.cytometry import CYTOMETRY_FEATURES
+from lympho_mil.features.pretrain import PretrainSettings, pretrained_encoder
+from lympho_mil.nn import MORPHOLOGY_FEATURES
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+METRICS = ("balanced_accuracy", "auroc")
+REFERENCE, RECIPE = "tabular_mlp", "fused_morphology_mean"
+SSL_SETTINGS = PretrainSettings()  # fixed with the seventh round: 100 epochs, SmallCNN w32
+CELL_TYPES = 16
+
+
+def load(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CONFIGS / name).read_text())
+
+
+def with_data(config: dict[str, Any], root: Path, cache_dir: str | None) -> dict[str, Any]:
+    """A copy of ``config`` reading ``root`` (and ``cache_dir``)."""
+    config = copy.deepcopy(config)
+    config["data"]["init_args"]["root"] = str(root)
+    if cache_dir is not None:
+        config["data"]["init_args"]["cache_dir"] = cache_dir
+    return config
+
+
+def ssl_weights(roots: list[Path], cache_dir: str | None) -> tuple[Path, float]:
+    """The SimCLR encoder of the seventh round, pretrained on every crop of ``roots`` (64 px of
+    the 112 px centre; cached), and the seconds this call took."""
+    start = time.perf_counter()
+    crops, keys = [], []
+    dm = None
+    for root in roots:
+        dm = PatientBagDataModule(str(root), image_size=64, center_crop=112, cache_dir=cache_dir)
+        store, _ = dm.build_store(list(dm.bags.values()))
+        good = np.setdiff1d(np.arange(len(store)), np.asarray(store.bad, dtype=int))
+        crops.append(store[good])
+        keys.append(store.path.stem)
+    assert dm is not None
+    folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    path = pretrained_encoder(crops, keys, SSL_SETTINGS, dm.mean, dm.std, folder)
+    return path, time.perf_counter() - start
+
+
+def round7_candidates(ssl_path: Path | None) -> dict[str, dict[str, Any]]:
+    """The seventh round's candidates (configs without a data root), references first."""
+    recipe = load("dlmi.yaml")
+    representations: dict[str, tuple[dict[str, Any], int]] = {
+        "morphology": ({"encoder": "morphology"}, len(MORPHOLOGY_FEATURES)),
+        "cytometry": ({"encoder": "cytometry"}, len(CYTOMETRY_FEATURES)),
+    }
+    if ssl_path is not None:
+        ssl = {
+            "encoder": "small_cnn",
+            "encoder_weights": str(ssl_path),
+            "encoder_kwargs": SSL_SETTINGS.encoder_kwargs,
+            "image_size": 64,
+        }
+        representations["ssl"] = (ssl, SSL_SETTINGS.out_dim)
+    summaries = {"mean": ("mean", 0), "statistics": ("statistics", 0), "types": ("mean", 16)}
+    candidates = {REFERENCE: load("tabular_mlp.yaml")}
+    for rep, (data_args, dim) in representations.items():
+        for summary, (pooling, types) in summaries.items():
+            fused = copy.deepcopy(recipe)
+            fused["data"]["init_args"].update(data_args, cell_types=types)
+            fused["model"]["init_args"].update(pooling=pooling, in_dim=types or dim)
+            image = copy.deepcopy(fused)
+            head = {
+                k: v
+                for k, v in fused["model"]["init_args"].items()
+                if k in ("encoder", "in_dim", "lr", "weight_decay", "pos_weight")
+            }
+            pool_class = "StatisticsPoolMIL" if pooling == "statistics" else "MeanPoolMIL"
+            image["model"] = {"class_path": pool_class, "init_args": head}
+            candidates[f"fused_{rep}_{summary}"] = fused
+            candidates[f"images_{rep}_{summary}"] = image
+    order = [REFERENCE, RECIPE] + [n for n in candidates if n not in (REFERENCE, RECIPE)]
+    return {n: candidates[n] for n in order}
+
+
+def _cv(name: str, config: dict[str, Any], args: argparse.Namespace) -> pd.DataFrame:
+    """The out-of-fold predictions of ``config``: its earlier run's, if made from the same
+    config, else a new cross-validation into ``args.out/name``."""
+    out = args.out / name
+    report_path = out / "cv_report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        same = report.get("config", {}).get("content") == config
+        if same and report.get("repeats") == args.repeats:
+            return pd.read_csv(out / "oof_predictions.csv", dtype={"id": str})
+    result = cross_validate(
+        config, folds=args.folds, repeats=args.repeats, seed=0, out_dir=out, overwrite=True
+    )
+    return result.oof
+
+
+def _row(name: str, oof: pd.DataFrame, refs: dict[str, pd.DataFrame], out: Path) -> Record:
+    """The record of candidate ``name``: its metrics and paired differences to ``refs``."""
+    report = json.loads((out / name / "cv_report.json").read_text())
+    summary = metric_summary(oof, 2000, 0)
+    row: Record = {
+        "record": "candidate",
+        "candidate": name,
+        **{m: summary[m] for m in METRICS},
+        "whole_cv_s": report["wall_time_s"],
+        "folds": report["folds"],
+        "repeats": report["repeats"],
+        "patients": report["n_patients"],
+    }
+    for ref_name, ref in refs.items():
+        if ref_name != name:
+            diff = paired_difference(ref, oof, 2000, 0)
+            row[f"minus_{ref_name}"] = {m: diff[m] for m in METRICS}
+    return row
+
+
+def round7_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--candidates", nargs="*", default=None, help="run only these candidates")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-ssl", action="store_true", help="leave out the pretrained encoder")
+    p.add_argument(
+        "--unlabelled", type=Path, default=DEFAULT_UNLABELLED, help="more crops to pretrain on"
+    )
+
+
+@study("dlmi-round7", "the seventh round: crop representations x summaries", round7_arguments)
+def round7(args: argparse.Namespace) -> Iterator[Record]:
+    args.out = args.out or Path("runs/benchmarks/dlmi-round7")
+    ssl_path = None
+    if not args.no_ssl:
+        ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
+        meta = json.loads(ssl_path.with_suffix(".json").read_text())
+        yield {
+            "record": "pretraining",
+            "weights": ssl_path.name,
+            "call_s": round(seconds, 1),
+            **{k: meta[k] for k in ("crops", "seconds", "settings")},
+            "loss_first_last": [meta["loss"][0], meta["loss"][-1]],
+        }
+    candidates = {
+        n: with_data(c, args.data, args.cache_dir) for n, c in round7_candidates(ssl_path).items()
+    }
+    wanted = args.candidates or list(candidates)
+    unknown = sorted(set(wanted) - set(candidates))
+    if unknown:
+        raise SystemExit(f"unknown candidates {unknown}; known: {sorted(candidates)}")
+    oofs = {}
+    for name in candidates:
+        if name in wanted or name in (REFERENCE, RECIPE):
+            oofs[name] = _cv(name, candidates[name], args)
+    refs = {n: oofs[n] for n in (REFERENCE, RECIPE)}
+    rows = [_row(name, oof, refs, args.out) for name, oof in oofs.items()]
+    yield from rows
+    if set(candidates) <= set(oofs):
+        yield round7_verdict(rows)
+
+
+def round7_verdict(rows: list[Record]) -> Record:
+    """The seventh round's rule (docs/results.md), applied to its candidate records: the image
+    pathway is the image-only candidate of highest AUROC (within 0.005, higher balanced
+    accuracy); its fused twin replaces the recipe if it beats it in both metrics; the bars of
+    issue 19, met or not."""
+    by_name = {r["candidate"]: r for r in rows}
+    images = [r for r in rows if r["candidate"].startswith("images_")]
+    top_auroc = max(r["auroc"]["mean"] for r in images)
+    close = [r for r in images if r["auroc"]["mean"] >= top_auroc - 0.005]
+    pathway = max(close, key=lambda r: (r["balanced_accuracy"]["mean"], r["auroc"]["mean"]))
+    fused = by_name["fused_" + pathway["candidate"].removeprefix("images_")]
+    recipe = by_name[RECIPE]
+    adopted = fused["candidate"] != RECIPE and all(
+        fused[m]["mean"] > recipe[m]["mean"] for m in METRICS
+    )
+    versus = fused[f"minus_{REFERENCE}"]
+    return {
+        "record": "verdict",
+        "image_pathway": pathway["candidate"],
+        "fused": fused["candidate"],
+        "adopted_as_recipe": adopted,
+        "bar_images_balanced_accuracy_0.80": pathway["balanced_accuracy"]["mean"] >= 0.80,
+        "bar_images_auroc_0.85": pathway["auroc"]["mean"] >= 0.85,
+        "bar_fused_plus_0.05_ci_above_0": versus["balanced_accuracy"]["mean"] >= 0.05
+        and versus["balanced_accuracy"]["ci95_low"] > 0,
+        "bar_fused_auroc_difference_above_0": versus["auroc"]["mean"] > 0,
+    }

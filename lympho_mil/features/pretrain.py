@@ -1,0 +1,242 @@
+"""Self-supervised pretraining of a crop encoder on the crops themselves (SimCLR, lightly).
+
+No weights can be downloaded where this library runs, so the crop encoder learns from the
+crops alone, labels unused: two random views of every crop go through the encoder and a
+projection head, and lightly's NT-Xent loss pulls the two views of a crop together and pushes
+the other crops of the batch away. The views keep what a haematologist reads: any rotation
+or mirror image, a shift of a few pixels, sizes within 10 % (cell size is a diagnostic sign,
+so no random resized crop), mild colour jitter (the blue of the cytoplasm is another) and
+a little blur. Batches mix the crops of every patient; the encoder (`SmallCNN`) normalises
+with GroupNorm.
+
+The weights are cached: ``<cache_dir>/encoder-<key>.pt`` plus a JSON sidecar (settings, loss
+per epoch, seconds), ``key`` hashing the settings, the pixel normalisation and the decoded
+crops' cache keys; a second run with the same crops and settings loads them. Needs the
+``ssl`` extra (``pip install lympho-mil[ssl]``: lightly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lympho_mil.arguments import SettingError, check_positive
+from lympho_mil.files import atomic_write_bytes, atomic_write_text
+from lympho_mil.nn.encoders import SmallCNN
+from lympho_mil.progress import progress
+
+log = logging.getLogger(__name__)
+
+PRETRAIN_VERSION = 1  # bump when the method changes: cached encoders are then retrained
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """SimCLR pretraining of a `SmallCNN` (``width``, ``out_dim``) on decoded crops.
+
+    ``epochs`` passes over the crops in batches of ``batch_size`` (two views each), AdamW at
+    ``lr`` (linear warm-up over the first ``warmup_epochs``, then cosine) with
+    ``weight_decay``; NT-Xent at ``temperature``; projection head ``out_dim`` -> ``hidden``
+    -> ``projection_dim``; ``seed`` fixes the weights, the order and the views.
+    """
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 5
+    temperature: float = 0.2
+    width: int = 32
+    out_dim: int = 128
+    hidden: int = 256
+    projection_dim: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            width=self.width,
+            out_dim=self.out_dim,
+            hidden=self.hidden,
+            projection_dim=self.projection_dim,
+        )
+        if self.lr <= 0 or self.temperature <= 0 or self.weight_decay < 0:
+            raise SettingError(
+                f"pretraining needs lr > 0, temperature > 0 and weight_decay >= 0, got "
+                f"{self.lr}, {self.temperature}, {self.weight_decay}"
+            )
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise SettingError(
+                f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} of {self.epochs}"
+            )
+
+    @property
+    def encoder_kwargs(self) -> dict[str, int]:
+        """The `SmallCNN` settings that load the pretrained weights."""
+        return {"width": self.width, "out_dim": self.out_dim}
+
+
+def _lightly() -> tuple[type[nn.Module], type[nn.Module]]:
+    """lightly's NT-Xent loss and SimCLR projection head, or a one-line SettingError."""
+    try:
+        from lightly.loss import NTXentLoss
+        from lightly.models.modules import SimCLRProjectionHead
+    except ImportError as exc:
+        raise SettingError(
+            "encoder pretraining needs lightly: pip install 'lympho-mil[ssl]'"
+        ) from exc
+    return NTXentLoss, SimCLRProjectionHead
+
+
+def simclr_views(seed: int) -> Any:
+    """The albumentations pipeline that draws one view of a uint8 ``[S, S, 3]`` crop."""
+    import cv2
+
+    from lympho_mil.data.transforms import albumentations
+
+    A = albumentations()
+
+    return A.Compose(
+        [
+            A.D4(),
+            A.Affine(
+                rotate=(-180, 180),
+                scale=(0.9, 1.1),
+                translate_percent=(-0.05, 0.05),
+                border_mode=cv2.BORDER_REFLECT_101,
+                p=1.0,
+            ),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8),
+            A.GaussianBlur(blur_limit=(3, 5), p=0.2),
+        ],
+        seed=seed,
+    )
+
+
+def pretrain_simclr(
+    crops: np.ndarray,
+    settings: PretrainSettings,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: str | torch.device = "cpu",
+) -> tuple[SmallCNN, list[float]]:
+    """Pretrain a `SmallCNN` on ``crops`` (uint8 ``[M, S, S, 3]``, any order of patients).
+
+    Pixels in [0, 1] are normalised with ``mean``/``std`` as the loaders do. Returns the
+    encoder (on the CPU, eval mode) and the mean loss of each epoch.
+    """
+    loss_cls, head_cls = _lightly()
+    steps = len(crops) // settings.batch_size
+    if steps == 0:
+        raise SettingError(
+            f"pretraining batch_size {settings.batch_size} exceeds the {len(crops)} crops"
+        )
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        encoder = SmallCNN(**settings.encoder_kwargs)
+        head = head_cls(settings.out_dim, settings.hidden, settings.projection_dim)
+    encoder.to(device).train()
+    head.to(device).train()
+    criterion = loss_cls(temperature=settings.temperature)
+    params = [*encoder.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_cosine(settings.warmup_epochs * steps, settings.epochs * steps)
+    )
+    views = simclr_views(settings.seed)
+    order_rng = np.random.default_rng(settings.seed)
+    m = torch.tensor(list(mean), device=device).view(1, 3, 1, 1)
+    s = torch.tensor(list(std), device=device).view(1, 3, 1, 1)
+
+    def view_batch(rows: np.ndarray) -> Tensor:
+        pixels = np.stack([views(image=crops[r])["image"] for r in rows])
+        x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 255
+        return (x - m) / s
+
+    history: list[float] = []
+    with progress("pretraining the crop encoder (SimCLR)", settings.epochs, "epochs") as bar:
+        for _ in range(settings.epochs):
+            order = order_rng.permutation(len(crops))
+            total = 0.0
+            for step in range(steps):
+                rows = np.sort(order[step * settings.batch_size : (step + 1) * settings.batch_size])
+                z0, z1 = (head(encoder(view_batch(rows))) for _ in range(2))
+                loss = criterion(z0, z1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach())
+            history.append(round(total / steps, 4))
+            bar.note(f"loss {history[-1]:.3f}")
+            bar.update()
+    return encoder.cpu().eval(), history
+
+
+def _warmup_cosine(warmup: int, total: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+def pretrained_encoder(
+    crops: Sequence[np.ndarray],
+    crop_keys: Sequence[str],
+    settings: PretrainSettings,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cache_dir: Path,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """The weights file of a `SmallCNN` pretrained on every crop of ``crops`` (uint8
+    ``[M_i, S, S, 3]`` arrays, e.g. the decoded-crop caches of several folders, whose cache
+    keys are ``crop_keys``; their order does not matter): loaded from ``cache_dir`` when this
+    pretraining ran before, else trained now and cached."""
+    described = [PRETRAIN_VERSION, asdict(settings), list(mean), list(std), sorted(crop_keys)]
+    key = hashlib.sha256(json.dumps(described).encode()).hexdigest()[:24]
+    weights = cache_dir / f"encoder-{key}.pt"
+    sidecar = cache_dir / f"encoder-{key}.json"
+    if weights.is_file() and sidecar.is_file():
+        return weights
+    in_key_order = sorted(zip(crop_keys, crops, strict=True), key=lambda pair: pair[0])
+    pixels = np.concatenate([np.asarray(c) for _, c in in_key_order])
+    log.info("pretraining a crop encoder on %d crops (%s)", len(pixels), settings)
+    start = time.perf_counter()
+    encoder, history = pretrain_simclr(pixels, settings, mean, std, device)
+    seconds = round(time.perf_counter() - start, 1)
+    buffer = _state_bytes(encoder)
+    atomic_write_bytes(weights, buffer, overwrite=True)
+    meta = {
+        "version": PRETRAIN_VERSION,
+        "settings": asdict(settings),
+        "crops": len(pixels),
+        "crop_caches": sorted(crop_keys),
+        "seconds": seconds,
+        "loss": history,
+    }
+    atomic_write_text(sidecar, json.dumps(meta, indent=1), overwrite=True)
+    return weights
+
+
+def _state_bytes(module: nn.Module) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buffer)
+    return buffer.getvalue()

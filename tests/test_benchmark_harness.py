@@ -1,0 +1,210 @@
+"""The benchmark harness (benchmarks/): its entry point, its records and the docs tables."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import runpy
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def harness(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """``benchmarks/harness.py``, importable by the study modules as ``harness``."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("harness")
+
+
+def load_tables() -> ModuleType:
+    """``benchmarks/tables.py`` under a name no installed package has."""
+    spec = importlib.util.spec_from_file_location("benchmark_tables", BENCHMARKS / "tables.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def registered_in_sources() -> set[str]:
+    """The study names that the ``study_*`` modules register, read from their source."""
+    pattern = re.compile(r'@study\(\s*"([^"]+)"')
+    return {n for p in BENCHMARKS.glob("study_*.py") for n in pattern.findall(p.read_text())}
+
+
+def test_entry_point_lists_every_registered_study(
+    harness: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python benchmarks/run.py --help`` (run in this process) names every study of every
+    ``study_*`` module, the speed, MIL, synthetic and DLMI ones among them."""
+    monkeypatch.setattr(sys, "argv", ["run.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(BENCHMARKS / "run.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    out, err = capsys.readouterr()
+    assert "left out" not in err  # every study module imports here
+    listed = set(re.findall(r"^ {4}([a-z0-9-]+)", out, flags=re.M))
+    names = registered_in_sources()
+    assert listed == names == set(harness.STUDIES)
+    assert {"loader-throughput", "mil-classic", "fusion-synthetic", "dlmi-round7"} <= names
+
+
+def test_a_study_run_is_recorded_with_its_command_and_commit(
+    harness: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def arguments(p):  # type: ignore[no-untyped-def]
+        p.add_argument("--n", type=int, default=2)
+
+    def counting(args) -> Iterator[dict]:  # type: ignore[no-untyped-def]
+        for i in range(args.n):
+            yield {"record": "count", "i": i}
+
+    monkeypatch.setitem(harness.STUDIES, "test-count", harness.Study(counting, "count", arguments))
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    harness.run(["test-count", "--n", "3", "--record", "counted"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == harness.read_records("counted", tmp_path)
+    assert [r["i"] for r in printed] == [0, 1, 2]
+    first = printed[0]
+    assert first["study"] == "test-count" and first["record"] == "count"
+    assert first["command"].endswith("run.py test-count --n 3 --record counted")
+    assert first["commit"] and re.fullmatch(r"\d{4}-\d\d-\d\d", first["date"])
+    assert {"platform", "cpu_count", "load_avg"} <= first["machine"].keys()
+    harness.run(["test-count", "--n", "1", "--record"])  # the study's name by default
+    assert len(harness.read_records("test-count", tmp_path)) == 1
+
+
+def interval(mean: float, low: float, high: float) -> dict[str, float]:
+    return {"mean": mean, "std": 0.01, "ci95_low": low, "ci95_high": high}
+
+
+HEADER = {
+    "command": "python benchmarks/run.py dlmi-round7 --repeats 5 --record",
+    "commit": "abc1234",
+    "date": "2026-12-07",
+    "machine": {"load_avg": [2.5, 2.0, 1.9]},
+}
+
+
+def candidate(name: str, ba: float, **minus: tuple[float, float, float]) -> dict:
+    return {
+        "study": "dlmi-round7",
+        "record": "candidate",
+        "candidate": name,
+        "balanced_accuracy": interval(ba, ba - 0.08, ba + 0.08),
+        "auroc": interval(0.9, 0.84, 0.96),
+        **{
+            f"minus_{ref}": {"balanced_accuracy": interval(*d), "auroc": interval(*d)}
+            for ref, d in minus.items()
+        },
+        "whole_cv_s": 1234.4,
+        **HEADER,
+    }
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """Fake recorded runs: a DLMI round and a study with two kinds of record."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    round7 = [
+        {"study": "dlmi-round7", "record": "pretraining", "crops": 10019, **HEADER},
+        candidate("tabular_mlp", 0.78, fused_morphology_mean=(-0.015, -0.067, 0.036)),
+        candidate("fused_morphology_mean", 0.795, tabular_mlp=(0.015, -0.036, 0.067)),
+        candidate("images_ssl_mean", 0.7, tabular_mlp=(-0.08, -0.2, 0.04)),
+        candidate("fused_ssl_mean", 0.79, tabular_mlp=(0.01, -0.05, 0.07)),
+    ]
+    other = [
+        {"study": "cv-cached", "record": "image_cache", "crops": 6761, "seconds": 7.7},
+        {"study": "cv-cached", "record": "cv_cached", "seconds": 18.02, "fold_seconds": [3.3, 3.5]},
+    ]
+    for name, records in (("dlmi-round7", round7), ("cv-cached", other)):
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        (folder / f"{name}.jsonl").write_text(text)
+    return folder
+
+
+def test_tables_fill_the_marked_tables_once_and_for_all(results: Path, tmp_path: Path) -> None:
+    tables = load_tables()
+    doc = tmp_path / "results.md"
+    doc.write_text(
+        "# Results\n\nBefore; a quoted marker, `<!-- table: x -->`, is prose.\n\n"
+        "<!-- table: dlmi-round7 -->\nold text\n<!-- /table -->\n\nBetween.\n\n"
+        "<!-- table: dlmi-round7:images -->\n<!-- /table -->\n\n"
+        "<!-- table: cv-cached:cv_cached -->\n<!-- /table -->\n"
+        "<!-- table: cv-cached::record,seconds -->\n<!-- /table -->\nAfter.\n"
+    )
+    assert tables.main([str(doc), "--results", str(results)]) == 0
+    text = doc.read_text()
+    assert "old text" not in text and text.startswith("# Results\n\nBefore; a quoted")
+    assert text.endswith("<!-- /table -->\nAfter.\n") and "\n\nBetween.\n\n" in text
+    blocks = re.findall(r"<!-- table: (\S+) -->\n(.*?)<!-- /table -->", text, flags=re.S)
+    (_, everything), (_, images), (_, cv), (_, chosen) = blocks
+    header = "| candidate | balanced accuracy | AUROC | minus `tabular_mlp`: balanced accuracy |"
+    assert header in everything
+    recipe = "| `fused_morphology_mean` | 0.795 [0.715, 0.875] | 0.900 [0.840, 0.960] |"
+    diff = "+0.015 [-0.036, +0.067]"
+    assert f"{recipe} {diff} | {diff} |  |  | 1,234 s |" in everything
+    assert everything.count("\n| `") == 4  # the pretraining record is not a candidate
+    assert images.count("\n| `") == 3  # the references stay beside the image candidates
+    assert "`images_ssl_mean`" in images and "`fused_ssl_mean`" not in images
+    assert "| seconds | fold seconds |\n| --- | --- |\n| 18.02 | 3.3, 3.5 |" in cv
+    assert (
+        "| record | seconds |\n| --- | --- |\n| image_cache | 7.7 |\n| cv_cached | 18.02 |"
+        in chosen
+    )
+    made = "`python benchmarks/run.py dlmi-round7 --repeats 5 --record` at commit `abc1234`"
+    assert f"{made}, 2026-12-07, load average 2.5." in everything
+    assert "benchmarks/results/cv-cached.jsonl" in cv and "arguments not recorded" in cv
+    # idempotent: a second run, and a check, find nothing to change
+    assert tables.main([str(doc), "--results", str(results)]) == 0
+    assert doc.read_text() == text
+    assert tables.main([str(doc), "--results", str(results), "--check"]) == 0
+
+
+def test_tables_check_reports_stale_tables_and_bad_markers(results: Path, tmp_path: Path) -> None:
+    tables = load_tables()
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- table: cv-cached:image_cache -->\n| stale |\n<!-- /table -->\n")
+    assert tables.main([str(doc), "--results", str(results), "--check"]) == 1
+    assert "| stale |" in doc.read_text()  # --check writes nothing
+    for bad, message in (
+        ("<!-- table: cv-cached -->\nno end\n", "without '<!-- /table -->'"),
+        ("<!-- table: nothing-recorded -->\n<!-- /table -->\n", "no recorded run"),
+        ("<!-- table: cv-cached:no_such_kind -->\n<!-- /table -->\n", "no view or record kind"),
+        ("<!-- table: cv-cached::no_such_field -->\n<!-- /table -->\n", "no field"),
+        ("<!-- table: dlmi-round7:images:auroc -->\n<!-- /table -->\n", "has its own columns"),
+    ):
+        doc.write_text(bad)
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            tables.main([str(doc), "--results", str(results)])
+
+
+def test_fusion_study_compares_the_three_models_on_the_same_patients(
+    harness: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fusion-synthetic`` end to end on a tiny set: morphology features extracted and fed
+    to the image models, one record per model, the paired differences of the fusion."""
+    importlib.import_module("study_synthetic")
+    argv = ["fusion-synthetic", "--patients", "30", "--folds", "2", "--repeats", "1"]
+    argv += ["--epochs", "1", "--min-cells", "1", "--max-cells", "2", "--out", str(tmp_path)]
+    harness.run(argv)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {line["study"] for line in lines} == {"fusion-synthetic"}
+    models = [line for line in lines if line["record"] == "model"]
+    assert [m["model"] for m in models] == ["TabularMLP", "AttentionMIL", "GatedFusionMIL"]
+    assert {m["patients"] for m in models} == {24}  # the labelled 80 %, all in every model
+    for m in models:
+        assert 0.0 <= m["balanced_accuracy"]["mean"] <= 1.0
+    paired = [line["difference"] for line in lines if line["record"] == "paired"]
+    assert paired == ["GatedFusionMIL - TabularMLP", "GatedFusionMIL - AttentionMIL"]

@@ -1,0 +1,180 @@
+"""Crop features: scikit-image cytometry, statistics pooling, cell types, SimCLR pretraining."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lympho_mil.arguments import SettingError
+from lympho_mil.data.transforms import CellTypes
+from lympho_mil.features import CachedFeatureDataModule, pretrain
+from lympho_mil.features.cytometry import (
+    CYTOMETRY_FEATURES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CytometryEncoder,
+    cytometry_features,
+)
+from lympho_mil.nn import StatisticsPooling
+
+SIDE = 112
+BACKGROUND = (245, 225, 200)  # cream plasma
+NUCLEUS = (80, 30, 125)  # dark blue-violet chromatin
+CYTOPLASM = (175, 180, 235)  # pale blue
+
+
+def cell_crop(nucleus: float, cell: float, noise: int = 6, seed: int = 0) -> np.ndarray:
+    """A synthetic May-Grünwald Giemsa crop: one round cell at the centre (radii in px)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    r = np.hypot(yy - (SIDE - 1) / 2, xx - (SIDE - 1) / 2)
+    crop = np.empty((SIDE, SIDE, 3), np.float64)
+    crop[:] = BACKGROUND
+    crop[r <= cell] = CYTOPLASM
+    crop[r <= nucleus] = NUCLEUS
+    crop += rng.normal(0, noise, crop.shape)
+    return np.clip(crop, 0, 255).astype(np.uint8)
+
+
+def feature(values: np.ndarray, name: str) -> float:
+    return float(values[CYTOMETRY_FEATURES.index(name)])
+
+
+def test_cytometry_measures_the_centred_cell() -> None:
+    small = cytometry_features(cell_crop(20, 26))
+    large = cytometry_features(cell_crop(30, 44))
+    assert small.shape == (len(CYTOMETRY_FEATURES),) and np.isfinite(small).all()
+    assert feature(small, "nucleus_found") == 1.0
+    assert feature(small, "nucleus_diameter") == pytest.approx(40 / SIDE, rel=0.05)
+    assert feature(large, "nucleus_diameter") == pytest.approx(60 / SIDE, rel=0.05)
+    assert feature(small, "nucleus_eccentricity") < 0.3  # a disc
+    assert feature(small, "nucleus_cell_area_ratio") == pytest.approx((20 / 26) ** 2, abs=0.08)
+    assert feature(large, "nucleus_cell_area_ratio") == pytest.approx((30 / 44) ** 2, abs=0.08)
+    # the nucleus is denser than the cytoplasm, which is bluer than it is red
+    assert feature(small, "nucleus_od_g") > feature(small, "cytoplasm_od_g") > 0
+    assert feature(small, "cytoplasm_blue_excess") > 0
+
+
+def test_cytometry_without_a_nucleus_gives_zeros_and_says_so() -> None:
+    blank = np.full((SIDE, SIDE, 3), BACKGROUND, np.uint8)
+    values = cytometry_features(blank)
+    assert feature(values, "nucleus_found") == 0.0
+    assert feature(values, "nucleus_diameter") == 0.0
+    assert np.isfinite(values).all()
+
+
+def test_cytometry_texture_tells_coarse_from_smooth_chromatin() -> None:
+    smooth = cell_crop(28, 36, noise=2)
+    coarse = smooth.copy()
+    yy, xx = np.mgrid[:SIDE, :SIDE]
+    clumps = ((yy // 4 + xx // 4) % 2 == 0) & (np.hypot(yy - 55.5, xx - 55.5) < 26)
+    coarse[clumps] = (40, 10, 90)
+    a, b = cytometry_features(smooth), cytometry_features(coarse)
+    assert feature(b, "glcm_contrast_d3") > feature(a, "glcm_contrast_d3")
+    assert feature(b, "nucleus_od_std") > feature(a, "nucleus_od_std")
+
+
+def test_cytometry_encoder_reads_normalised_crops() -> None:
+    crops = np.stack([cell_crop(20, 26), cell_crop(30, 44, seed=1)])
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    encoder = CytometryEncoder()
+    out = encoder((x - mean) / std)
+    assert out.shape == (2, encoder.out_dim) and out.dtype == torch.float32
+    expected = np.stack([cytometry_features(c) for c in crops])
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_statistics_pooling_matches_numpy_and_ignores_padding() -> None:
+    rng = np.random.default_rng(0)
+    h = torch.from_numpy(rng.normal(size=(3, 7, 4)).astype(np.float32))
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3, [True] + [False] * 6])
+    junk = h.clone()
+    junk[~mask] = float("nan")
+    pooling = StatisticsPooling((0.1, 0.5, 0.9))
+    z, weights = pooling(junk, mask)
+    assert weights is None and z.shape == (3, pooling.output_dim(4)) == (3, 20)
+    for b in range(3):
+        real = h[b][mask[b]].numpy()
+        expected = np.concatenate(
+            [real.mean(0), real.std(0), *np.quantile(real, [0.1, 0.5, 0.9], axis=0)]
+        )
+        np.testing.assert_allclose(z[b].numpy(), expected, rtol=1e-5, atol=1e-6)
+    h.requires_grad_(True)
+    pooling(h, mask)[0].sum().backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all()
+    assert (h.grad[~mask] == 0).all()
+
+
+def test_cell_types_are_one_hot_shares_and_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([rng.normal(-3, 0.3, (50, 2)), rng.normal(3, 0.3, (30, 2))])
+    types = CellTypes.fit(blobs.astype(np.float32), k=2)
+    onehot = types(blobs.astype(np.float32))
+    assert onehot.shape == (80, 2) and set(np.unique(onehot)) == {0.0, 1.0}
+    assert sorted(onehot.sum(0).tolist()) == [30.0, 50.0]
+    again = CellTypes.from_state(types.to_state())
+    np.testing.assert_array_equal(again(blobs.astype(np.float32)), onehot)
+    with pytest.raises(SettingError, match="only 1 crops"):
+        CellTypes.fit(blobs[:1].astype(np.float32), k=2)
+
+
+def test_cached_cytometry_cell_types_are_fitted_and_saved(
+    synthetic_dlmi: Path, cache_dir: Path
+) -> None:
+    settings = dict(
+        encoder="cytometry",
+        image_size=32,
+        cache_dir=str(cache_dir),
+        feature_dtype="float32",
+        standardize=True,
+        cell_types=3,
+        val_fraction=0.3,
+    )
+    dm = CachedFeatureDataModule(str(synthetic_dlmi), **settings)
+    assert dm.feature_dim == 3
+    dm.setup("fit")
+    sample = dm.datasets["val"][(0, 0)].instances
+    assert sample.shape[1] == 3
+    torch.testing.assert_close(sample.sum(dim=1), torch.ones(len(sample)))
+    state = dm.state_dict()
+    assert np.asarray(state["cell_types"]["centres"]).shape == (3, len(CYTOMETRY_FEATURES))
+    fresh = CachedFeatureDataModule(str(synthetic_dlmi), **settings)
+    fresh.load_state_dict(state)
+    assert fresh.cell_types is not None
+    np.testing.assert_array_equal(fresh.cell_types.centres, dm.cell_types.centres)  # type: ignore[union-attr]
+    with pytest.raises(SettingError, match="cell_types"):
+        CachedFeatureDataModule(str(synthetic_dlmi), encoder="cytometry", cell_types=3)
+
+
+def test_simclr_pretraining_learns_and_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("lightly")
+    crops = np.stack([cell_crop(8 + i % 8, 12 + i % 8, seed=i)[::4, ::4] for i in range(64)])
+    settings = pretrain.PretrainSettings(
+        epochs=3, batch_size=32, warmup_epochs=1, width=8, out_dim=16, hidden=32
+    )
+    path = pretrain.pretrained_encoder(
+        [crops[:40], crops[40:]], ["a", "b"], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path
+    )
+    state = torch.load(path, weights_only=True)
+    assert any(k.startswith("head.") for k in state)  # a SmallCNN state dict
+    meta = path.with_suffix(".json").read_text()
+    assert '"crops": 64' in meta and '"loss": [' in meta
+
+    with pytest.raises(SettingError, match="batch_size"):
+        pretrain.pretrain_simclr(crops[:10], settings, IMAGENET_MEAN, IMAGENET_STD)
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached encoder should have been loaded")
+
+    monkeypatch.setattr(pretrain, "pretrain_simclr", no_training)
+    again = pretrain.pretrained_encoder(
+        [crops[:40], crops[40:]], ["b", "a"], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path
+    )
+    assert again == path
