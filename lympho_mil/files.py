@@ -1,10 +1,12 @@
 """Safe output files: written atomically, never overwritten unless asked, into folders checked
-to be writable; a full disk or a read-only folder is an error that names the file."""
+to be writable; a full disk or a read-only folder is an error that names the file. Digests of
+file contents."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -174,6 +176,16 @@ def _write_temporary(path: Path, data: bytes) -> str:
             raise naming(exc, path) from exc
         raise
     return tmp
+
+
+def file_digest(path: str | Path) -> str:
+    """A hash of the file's bytes (BLAKE2b, 32 hex digits): equal contents, equal digests,
+    wherever the files are."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,10 +12,12 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from trainers import quiet_trainer
 
-from lympho_mil import __version__
+from lympho_mil import PatientBagDataModule, TabularMLP, __version__
 from lympho_mil.cli import main
 from lympho_mil.data.synthetic import make_synthetic_dlmi
+from lympho_mil.evaluation.thresholds import best_balanced_accuracy_threshold
 
 
 @pytest.fixture(scope="module")
@@ -475,8 +478,8 @@ def test_a_models_encoder_weights_that_do_not_fit_are_one_line(
 
 def test_a_run_folder_is_never_overwritten(dlmi_root: Path, tmp_path: Path) -> None:
     """A config that names its log folder (as each ``cv`` fold's does): predicting with it
-    logs beside that run, whose config.yaml and metrics.csv stay; and the metrics hold the
-    trained epochs only (not the best checkpoint's final validation as a third)."""
+    leaves that run's config.yaml and metrics.csv alone; and the metrics hold the trained
+    epochs only (not the best checkpoint's final validation as a third)."""
     config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
     content = yaml.safe_load(config.read_text())
     content["trainer"]["logger"]["init_args"].update(name="", version="")
@@ -490,7 +493,7 @@ def test_a_run_folder_is_never_overwritten(dlmi_root: Path, tmp_path: Path) -> N
     predict = ["predict", "--config", str(config), "--ckpt_path", str(best)]
     main([*predict, "--prediction.output_dir", str(tmp_path / "pred")])
     assert {name: (run / name).read_bytes() for name in before} == before
-    assert (run / "version_0" / "config.yaml").is_file()  # the prediction's own
+    assert not (run / "version_0").exists()  # predict logs nothing: no log folder of its own
 
 
 def test_without_a_logger_last_resumes_and_no_config_lands_in_the_working_directory(
@@ -568,3 +571,117 @@ def test_a_file_that_is_not_a_checkpoint_is_one_line(
     err = capsys.readouterr().err
     assert exc.value.code == 2 and str(path) in err and "not a" in err
     assert "Traceback" not in err
+
+
+def runs_config(path: Path, root: Path, cache: Path, model: str = "AttentionMIL") -> Path:
+    """`write_config` with each run's checkpoints in its own version folder."""
+    config = write_config(path, root, cache, model)
+    content = yaml.safe_load(config.read_text())
+    del content["checkpoint"]
+    if model == "TabularMLP":
+        content["model"]["init_args"] = {}
+    config.write_text(yaml.safe_dump(content))
+    return config
+
+
+def predicted(config: Path, ckpt: str, out: Path, *extra: str) -> pd.DataFrame:
+    main(["predict", "--config", str(config), "--ckpt_path", ckpt, "--prediction.output_dir",
+          str(out), *extra])  # fmt: skip
+    return pd.read_csv(out / "predictions_detail.csv").set_index("id")
+
+
+def test_best_is_the_newest_run_of_the_configs_model_and_data(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A newer run of another model in the same runs folder is skipped, with a line saying
+    which checkpoint is used; a config that no run fits is refused, naming the runs."""
+    attention = runs_config(tmp_path / "attention.yaml", dlmi_root, tmp_path / "cache")
+    tabular = runs_config(tmp_path / "tabular.yaml", dlmi_root, tmp_path / "cache", "TabularMLP")
+    main(["fit", "--config", str(attention), "--trainer.max_epochs", "1"])
+    best = capsys.readouterr().out.split("best checkpoint: ")[1].split()[0]
+    main(["fit", "--config", str(tabular), "--trainer.max_epochs", "1"])  # newer, another model
+    capsys.readouterr()
+    chosen = predicted(attention, "best", tmp_path / "best")
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"checkpoint {best}: AttentionMIL on crops (PatientBagDataModule)")
+    assert "trained 20" in line and "validation balanced accuracy" in line
+    assert f"threshold {chosen['threshold'].iloc[0]:.3f} (chosen on its" in line
+    explicit = predicted(attention, best, tmp_path / "explicit")
+    assert chosen["probability"].tolist() == explicit["probability"].tolist()
+    with pytest.raises(SystemExit) as exc:  # no run of this data setting
+        main(["predict", "--config", str(attention), "--ckpt_path", "best", "--data.image_size",
+              "16"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no run fits the config" in err
+    assert "comes from a TabularMLP run" in err and "comes from a AttentionMIL run" in err
+
+
+def test_a_checkpoint_that_does_not_fit_the_config_is_one_line_naming_both(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    attention = runs_config(tmp_path / "attention.yaml", dlmi_root, tmp_path / "cache")
+    tabular = runs_config(tmp_path / "tabular.yaml", dlmi_root, tmp_path / "cache", "TabularMLP")
+    main(["fit", "--config", str(tabular), "--trainer.max_epochs", "1"])
+    tabular_best = capsys.readouterr().out.split("best checkpoint: ")[1].split()[0]
+    for config, extra, expected in (
+        (attention, [], "model TabularMLP vs AttentionMIL"),  # ran the TabularMLP silently
+        (tabular, ["--data.image_size", "16"], "data image_size 32 vs 16"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["predict", "--config", str(config), "--ckpt_path", tabular_best, *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and expected in err and "(checkpoint vs config)" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_fit_chooses_the_threshold_on_its_validation_patients_and_marks_in_sample_patients(
+    dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = runs_config(tmp_path / "tabular.yaml", dlmi_root, tmp_path / "cache", "TabularMLP")
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "3"])
+    out = capsys.readouterr().out
+    best = Path(out.split("best checkpoint: ")[1].split()[0])
+    content = torch.load(best, map_location="cpu", weights_only=True)
+    meta = content["lympho_mil"]
+    train, val = meta["data"]["train_ids"], meta["data"]["val_ids"]
+    assert train and val and not set(train) & set(val)
+    # independently: the validation patients' probabilities, then the rule of cv
+    model = TabularMLP.load_from_checkpoint(best, threshold=0.5)
+    dm = PatientBagDataModule(str(dlmi_root), image_size=32, cache_dir=str(tmp_path / "cache"),
+                              train_ids=train, val_ids=val)  # fmt: skip
+    records = [r for b in quiet_trainer().predict(model, dm.val_dataloader()) for r in b]
+    expected = best_balanced_accuracy_threshold(
+        [r["probability"] for r in records], [r["label"] for r in records]
+    )
+    assert float(content["state_dict"]["threshold"]) == pytest.approx(expected)
+    assert (meta["threshold"]["policy"], meta["threshold"]["n_patients"]) == ("inner_val", len(val))
+    assert f"threshold: {expected:.3f}, chosen on the {len(val)} validation patients" in out
+    # predicting patients it trained or validated on marks them
+    seen, unlabelled = [*train[:2], *val[:1]], "|".join(sorted(dm.predict_split))
+    detail = predicted(config, str(best), tmp_path / "pred", "--data.predict_ids", json.dumps(seen))
+    assert detail.loc[seen, "in_sample"].tolist() == [True, True, True]
+    assert f"threshold {expected:.3f} (chosen on its {len(val)} validation patients" in (
+        capsys.readouterr().out
+    )
+    detail = predicted(config, str(best), tmp_path / "new")
+    assert not detail["in_sample"].any() and "|".join(sorted(detail.index)) == unlabelled
+    main(["fit", "--config", str(config), "--trainer.max_epochs", "1", "--threshold_policy",
+          "fixed"])  # fmt: skip
+    kept = Path(capsys.readouterr().out.split("best checkpoint: ")[1].split()[0])
+    content = torch.load(kept, map_location="cpu", weights_only=True)
+    assert float(content["state_dict"]["threshold"]) == 0.5
+    assert content["lympho_mil"]["threshold"]["policy"] == "fixed"
+
+
+def test_a_run_that_fails_leaves_no_empty_version_folder(
+    dlmi_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = runs_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache", "TabularMLP")
+
+    def fails(*args: object) -> None:
+        raise RuntimeError("a bug in the first step")
+
+    monkeypatch.setattr(TabularMLP, "training_step", fails)
+    with pytest.raises(RuntimeError, match="a bug in the first step"):
+        main(["fit", "--config", str(config)])
+    assert list((tmp_path / "logs").rglob("version_*")) == []

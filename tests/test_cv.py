@@ -578,6 +578,49 @@ def test_a_module_runner_cross_validates_without_configs_as_the_command_does(
         run_cross_validation(configs["tabular"])  # type: ignore[arg-type]
 
 
+def test_predict_averages_the_fold_models_on_another_folder_of_patients(
+    single: Path, configs: dict[str, Path], dlmi_root: Path, tmp_path: Path
+) -> None:
+    """The fold ensemble of a cv run predicts any cohort, by cv's own rule: on the cv run's
+    unlabelled patients, copied into a folder of their own, it gives cv's predictions."""
+    cohort = tmp_path / "cohort"
+    shutil.copytree(dlmi_root / "testset", cohort / "testset")
+    out = tmp_path / "predictions"
+    base = ["predict", "--config", str(configs["tabular"]), "--data.root", str(cohort)]
+    main([*base, "--ckpt_path", str(single), "--prediction.output_dir", str(out)])
+    detail = pd.read_csv(out / "predictions_detail.csv").set_index("id")
+    unlabelled = pd.read_csv(dlmi_root / "testset" / "testset_data.csv")["ID"]
+    assert sorted(detail.index) == sorted(unlabelled)  # one prediction per patient
+    expected = pd.read_csv(single / "predictions_detail.csv").set_index("id").loc[detail.index]
+    np.testing.assert_allclose(detail["probability"], expected["probability"], atol=1e-6)
+    assert detail["threshold"].tolist() == pytest.approx(expected["threshold"].tolist())
+    assert not detail["in_sample"].any()
+    # a list of checkpoints: the mean of their probabilities
+    folds = [single / "folds" / f"r0_f{k}" / "model.ckpt" for k in range(2)]
+    listed = [*base, "--ckpt_path", json.dumps([str(p) for p in folds])]
+    main([*listed, "--prediction.output_dir", str(tmp_path / "two")])
+    two = pd.read_csv(tmp_path / "two" / "predictions_detail.csv").set_index("id")
+    alone = []
+    for k, path in enumerate(folds):
+        main([*base, "--ckpt_path", str(path), "--prediction.output_dir", str(tmp_path / f"{k}")])
+        alone.append(pd.read_csv(tmp_path / f"{k}" / "predictions_detail.csv").set_index("id"))
+    mean = (alone[0]["probability"] + alone[1]["probability"]) / 2
+    np.testing.assert_allclose(two["probability"], mean.loc[two.index], atol=1e-6)
+
+
+def test_cv_without_labelled_patients_is_one_line(
+    configs: dict[str, Path], dlmi_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(dlmi_root / "testset", unlabelled / "testset")
+    with pytest.raises(SystemExit) as exc:
+        main(["cv", "--config", str(configs["tabular"]), "--data.root", str(unlabelled),
+              f"--cv.out={tmp_path / 'cv'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no labelled patient" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_a_module_runner_resumes_a_killed_run_and_refuses_other_trainer_settings(
     dlmi_root: Path, workdir: Path, tmp_path: Path
 ) -> None:

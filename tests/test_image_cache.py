@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,20 +94,24 @@ def test_built_once_then_reused(
     np.testing.assert_array_equal(from_disk.array, first.array)
 
 
-def test_touched_or_replaced_jpeg_rebuilds(
-    dlmi_root: Path, cache_dir: Path, count_decodes: list[Path]
+def test_the_cache_is_keyed_by_content_a_replaced_jpeg_rebuilds(
+    dlmi_root: Path, tmp_path: Path, cache_dir: Path, count_decodes: list[Path]
 ) -> None:
+    """The same crops touched, or copied into another folder (a new cohort's), reuse the
+    cache; a crop replaced by other bytes rebuilds it."""
     paths = image_paths(dlmi_root)
     first = ImageCache.build_or_load(paths, SPEC, cache_dir)
     stat = paths[3].stat()
     os.utime(paths[3], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    copies = [Path(shutil.copy(p, tmp_path / f"{i}{p.suffix}")) for i, p in enumerate(paths)]
     count_decodes.clear()
     touched = ImageCache.build_or_load(paths, SPEC, cache_dir)
-    assert touched.path != first.path and len(count_decodes) == len(paths)
+    copied = ImageCache.build_or_load(copies, SPEC, cache_dir)
+    assert touched.path == copied.path == first.path and count_decodes == []
 
     Image.new("RGB", (32, 32), (0, 255, 0)).save(paths[5])
     replaced = ImageCache.build_or_load(paths, SPEC, cache_dir)
-    assert replaced.path not in (first.path, touched.path)
+    assert replaced.path != first.path and len(count_decodes) == len(paths)
     np.testing.assert_array_equal(replaced.array, fresh_decode(paths, SPEC))
     assert not np.array_equal(replaced[np.array([5])], first[np.array([5])])
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from lympho_mil.cli.app import LymphoCLI, build_cli, check_class_names
+from lympho_mil.cli.app import LymphoCLI, build_cli, check_class_names, without_lightning_noise
 from lympho_mil.cli.cv import ConfigRunner, compare_configs, cross_validate
 from lympho_mil.cli.errors import USER_ERRORS, ConfigError, user_error_behind
 from lympho_mil.files import write_error_message
@@ -35,7 +35,8 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     try:
         check_class_names(argv)
-        build_cli(None if args is None else argv)
+        with without_lightning_noise():
+            build_cli(None if args is None else argv)
     except USER_ERRORS as exc:
         fail(str(exc))
     except ValueError as exc:  # jsonargparse wraps what a class raised while instantiated

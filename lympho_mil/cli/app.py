@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
 import re
+import shutil
+import statistics
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +38,24 @@ from lightning.pytorch.cli import (
     SaveConfigCallback,
 )
 
-from lympho_mil.cli.checkpoints import RunCheckpoint, global_step, read_checkpoint
+from lympho_mil.cli.checkpoints import (
+    CheckpointInfo,
+    RunCheckpoint,
+    ensemble_line,
+    global_step,
+    newest_matching,
+    read_checkpoint,
+    recorded_best,
+    run_checkpoints,
+    several_checkpoints,
+    store_threshold,
+)
 from lympho_mil.cli.errors import ConfigError, is_file
 from lympho_mil.cli.parser import LymphoParser, short_message
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
-from lympho_mil.evaluation.predictions import PredictionWriter
-from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES
+from lympho_mil.evaluation.ensemble import ensemble_records
+from lympho_mil.evaluation.predictions import PredictionWriter, gather_records
+from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, choose_on_validation
 from lympho_mil.features import CachedFeatureDataModule  # noqa: F401 (registers it)
 from lympho_mil.files import check_folder_writable
 from lympho_mil.models import BagClassifier
@@ -66,16 +82,30 @@ LIGHTNING_COMMANDS = {
     "predict": "write a checkpoint's predictions (--ckpt_path) of the patients to predict",
 }
 """Lympho-mil's one-line description of each of Lightning's subcommands."""
+_SCORE_HELP = (
+    "the checkpoint to use (required: without one the weights would be untrained): a path, "
+    "'best' (the best checkpoint recorded by the newest run of the config's model and data) "
+    "or 'last' (that run's last.ckpt); one that does not fit the config is refused. With "
+    "'best' or 'last' the model comes from the config; with a path, from the checkpoint, "
+    "except --model.threshold, --model.tta_views and --model.chunk_size."
+)
 CKPT_PATH_HELP = {
     "fit": "resume training from a checkpoint: a path, or 'last' (the newest last.ckpt of the "
     "runs folder, or of --checkpoint.dirpath); a resumed run goes on writing checkpoints "
     "into the folder of the run it resumes. 'best' is refused (resume from last).",
-    "score": "the checkpoint to use (required: without one the weights would be untrained): "
-    "a path, 'best' (the best checkpoint the newest run recorded) or 'last' (its last.ckpt). "
-    "With 'best' or 'last' the model comes from the config; with a path, from the "
-    "checkpoint, except --model.threshold, --model.tta_views and --model.chunk_size.",
+    "validate": _SCORE_HELP,
+    "test": _SCORE_HELP,
+    "predict": _SCORE_HELP + " Or several, averaged as cv's fold ensemble: a cv output folder "
+    "(its folds/*/model.ckpt) or a list '[a.ckpt, b.ckpt]'.",
 }
 """``--ckpt_path`` as lympho-mil reads it (Lightning's own help says otherwise)."""
+EMPTY_RUN = {"config.yaml", "hparams.yaml"}
+"""What a run folder holds before anything is logged."""
+LIGHTNING_NOISE = (
+    r".*LeafSpec.* is deprecated",  # Lightning's own use of torch.utils._pytree
+    r"Be aware that when using `ckpt_path`, callbacks used to create the checkpoint",
+)
+"""Warnings of Lightning's that mean nothing for these commands (`without_lightning_noise`)."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +185,7 @@ class LymphoCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         for action in parser._actions:
             if action.dest == "ckpt_path":
-                action.help = CKPT_PATH_HELP["fit" if subcommand == "fit" else "score"]
+                action.help = CKPT_PATH_HELP[subcommand]
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -163,8 +193,9 @@ class LymphoCLI(LightningCLI):
             "--threshold_policy",
             choices=THRESHOLD_POLICIES,
             default="inner_val",
-            help="how cv chooses each fold's decision threshold on its validation patients: "
-            "inner_val maximises their balanced accuracy, fixed keeps model.threshold",
+            help="how fit (for its best checkpoint) and cv (for each fold's model) choose the "
+            "decision threshold on the validation patients: inner_val maximises their "
+            "balanced accuracy, fixed keeps model.threshold",
         )
         parser.link_arguments(
             "data.tabular_dim", "model.init_args.tabular_dim", apply_on="instantiate"
@@ -205,8 +236,16 @@ class LymphoCLI(LightningCLI):
             if subcommand and given & {f"--model.{key}", f"--model.init_args.{key}"}
         }
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        self.ensemble = several_checkpoints(str(ckpt_path)) if ckpt_path else None
+        if self.ensemble:
+            if subcommand != "predict":
+                raise ConfigError(f"{subcommand} takes one checkpoint; predict averages several")
+            ckpt_path = self.config[subcommand]["ckpt_path"] = str(self.ensemble[0])
         if ckpt_path and is_file(str(ckpt_path)):
             read_checkpoint(ckpt_path)  # a file that is no checkpoint: one line, not a traceback
+        model = self.config[subcommand].get("model") if subcommand else None
+        class_path = getattr(model, "class_path", None)  # before a checkpoint's replaces it
+        self.config_model = class_path.rpartition(".")[2] if class_path else None
 
     def before_instantiate_classes(self) -> None:
         """The evaluation settings asked on the command line win over the checkpoint's, and
@@ -225,7 +264,7 @@ class LymphoCLI(LightningCLI):
             and logger.init_args.save_dir == DEFAULT_RUNS
         ):
             logger.init_args.save_dir = str(root)  # the default logger, moved with the root
-        if subcommand in ("validate", "test", "predict"):
+        if subcommand in ("validate", "test"):
             _log_beside_an_earlier_run(logger)
 
     def instantiate_classes(self) -> None:
@@ -235,6 +274,13 @@ class LymphoCLI(LightningCLI):
         share_cpu_with_loader_workers(self.trainer, self.datamodule)
         if "threshold" in self._asked_eval_settings:
             self.model.threshold_asked = True  # even the value the checkpoint was trained with
+        self.runs_logger = self.trainer.logger  # where --ckpt_path last/best look for runs
+        if self.subcommand not in (None, "fit"):
+            trainer: Any = self.trainer  # Trainer.callbacks: set at run time, not in its types
+            # scoring a checkpoint trains nothing: its checkpoint state is not restored
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+        if self.subcommand == "predict":
+            self.trainer.loggers = []  # predict logs nothing: no empty version folder
 
     def _require_checkpoint(self) -> None:
         """validate, test and predict score a trained model: without ``--ckpt_path`` (or with
@@ -246,8 +292,63 @@ class LymphoCLI(LightningCLI):
                 "fold model.ckpt of `cv`); without one it would use untrained weights"
             )
         self._resolve_last()
+        path = self.config_init[self.subcommand]["ckpt_path"]
+        paths = self.ensemble or ([Path(path)] if is_file(str(path)) else [])
+        if paths:
+            self._check_and_announce(paths)
 
     before_validate = before_test = _require_checkpoint
+
+    def _check_and_announce(self, paths: list[Path]) -> None:
+        """Refuse a checkpoint of another model class or other data settings than the
+        config's (one line naming both sides); then print the one line saying what is used:
+        the checkpoint (or the fold ensemble), its model, training date and validation
+        score, and the threshold."""
+        infos, thresholds, replaced = [], [], None
+        for path in paths:
+            info = CheckpointInfo.read(path)
+            differences = info.differences(self.config_model, self.datamodule.input_settings())
+            if differences:
+                saved = path.parent.parent / "config.yaml"
+                hint = f"its run's {saved}" if saved.is_file() else "the config it was trained with"
+                raise ConfigError(
+                    f"the checkpoint {path} does not fit the config: {'; '.join(differences)} "
+                    f"(checkpoint vs config); use {hint}, or set those options as the checkpoint's"
+                )
+            replaced = self.model.threshold_from(read_checkpoint(path))
+            infos.append(info)
+            thresholds.append(info.threshold if replaced is None else replaced)
+        if not self.trainer.is_global_zero:
+            return
+        origin = (
+            infos[0].threshold_origin()
+            if replaced is None
+            else "asked: --model.threshold"
+            if self.model.threshold_asked
+            else "the config's model.threshold"
+        )
+        ensemble = len(infos) > 1
+        threshold = float(statistics.median(thresholds))
+        line = ensemble_line(infos, threshold) if ensemble else infos[0].line(threshold, origin)
+        print(line, flush=True)
+
+    def predict(self, **kwargs: Any) -> None:
+        """Lightning's predict; with several checkpoints (``--ckpt_path`` a cv folder or a
+        list) each predicts the patients, and the prediction files hold their average by the
+        rule of cv's fold ensemble (mean probability, median threshold)."""
+        trainer: Any = self.trainer  # Trainer.callbacks: set at run time, not in its types
+        if not self.ensemble:
+            trainer.predict(**kwargs)
+            return
+        writers = [c for c in trainer.callbacks if isinstance(c, PredictionWriter)]
+        trainer.callbacks = [c for c in trainer.callbacks if c not in writers]
+        runs = []
+        for path in self.ensemble:
+            batches = trainer.predict(**{**kwargs, "ckpt_path": str(path)})
+            runs.append(gather_records([record for batch in batches for record in batch]))
+        records, _ = ensemble_records([run[0]["threshold"] for run in runs], runs)
+        for writer in writers:
+            writer.write(trainer, self.model, records)
 
     def _set_seed(self) -> None:
         if self.subcommand not in COMMANDS:  # they seed what they build (cv: every fold)
@@ -256,8 +357,20 @@ class LymphoCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand in COMMANDS:
             COMMANDS[subcommand].run(self)
-        else:
+            return
+        try:
             super()._run_subcommand(subcommand)
+        except BaseException:
+            self._remove_empty_run_folder()
+            raise
+
+    def _remove_empty_run_folder(self) -> None:
+        """A run that failed before it logged anything leaves no ``version_N`` folder (only
+        its config.yaml and hparams.yaml would be in it)."""
+        log_dir = getattr(self.trainer.logger, "log_dir", None)
+        folder = Path(log_dir) if log_dir else None
+        if folder and folder.is_dir() and {p.name for p in folder.iterdir()} <= EMPTY_RUN:
+            shutil.rmtree(folder)
 
     def before_predict(self) -> None:
         self._require_checkpoint()
@@ -298,89 +411,105 @@ class LymphoCLI(LightningCLI):
                 )
 
     def _resolve_last(self) -> None:
-        """``--ckpt_path last`` takes the newest run's ``last.ckpt``; ``--ckpt_path best``
-        (validate, test, predict) the best checkpoint that this last.ckpt records. Each run
-        logs into a new ``version_N`` folder, which holds no checkpoint yet, and Lightning
-        alone would look only there and silently start from scratch (fit) or use untrained
-        weights (``best`` it knows only within the run that trained)."""
+        """``--ckpt_path last`` takes the ``last.ckpt`` of the newest run of the config's model
+        class and data settings; ``--ckpt_path best`` (validate, test, predict) the best
+        checkpoint that this last.ckpt records. Each run logs into a new ``version_N``
+        folder, which holds no checkpoint yet, and Lightning alone would look only there and
+        silently start from scratch (fit) or use untrained weights (``best`` it knows only
+        within the run that trained)."""
         config = self.config_init[self.subcommand]
-        name, callback = config.get("ckpt_path"), self.trainer.checkpoint_callback
+        name, callback = config.get("ckpt_path"), config.get("checkpoint")
         if name not in ("last", "best") or not isinstance(callback, ModelCheckpoint):
             return
         if name == "best" and self.subcommand == "fit":
             raise ConfigError("fit --ckpt_path best: resume from last, or pass a path")
-        last = self._newest_last_checkpoint(callback, name)
-        if last is None:
+        root = self.trainer.default_root_dir
+        candidates = run_checkpoints(name, callback.dirpath, self.runs_logger, root)
+        if candidates is None:
             return
-        checkpoint = read_checkpoint(last)
-        saved = checkpoint.get("lympho_mil", {}).get("class")
-        if saved and saved != type(self.model).__name__:  # same keys may load silently
-            raise ConfigError(
-                f"--ckpt_path {name}: {last} comes from a {saved} run, but the config builds a "
-                f"{type(self.model).__name__} (with {name}, the model comes from the config): "
-                f"pass --model {saved}, or the checkpoint's path"
-            )
-        if name == "last":
-            config["ckpt_path"] = str(last)
-            return
-        state = checkpoint.get("callbacks", {}).get(callback.state_key, {})
-        recorded = Path(state.get("best_model_path") or "")
-        beside = last.parent / recorded.name  # a relative path of another working directory
-        found = [p for p in (beside, recorded) if recorded.name and p.is_file()]
-        if not found:
-            raise ConfigError(
-                f"--ckpt_path best: {last} records no best checkpoint that still exists for "
-                f"the monitor {callback.monitor!r}; pass the checkpoint's path"
-            )
-        config["ckpt_path"] = str(found[0])
-
-    def _newest_last_checkpoint(self, callback: ModelCheckpoint, name: str) -> Path | None:
-        """The newest ``last.ckpt`` of the configured checkpoint folder(s); ConfigError when
-        there is none (None: a logger without a folder, left to Lightning)."""
-        logger = self.trainer.logger
-        if callback.dirpath:  # a fixed checkpoint folder
-            where = f"{callback.dirpath} (--checkpoint.dirpath)"
-            candidates = [Path(callback.dirpath) / "last.ckpt"]
-        elif logger is None:  # checkpoints go to default_root_dir/checkpoints
-            where = str(Path(self.trainer.default_root_dir) / "checkpoints")
-            candidates = [Path(where) / "last.ckpt"]
-        elif logger.root_dir is None:
-            return None
-        else:
-            where = f"{logger.root_dir}/version_*/checkpoints"
-            candidates = list(Path(logger.root_dir).glob("version_*/checkpoints/last.ckpt"))
-        found = sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise ConfigError(
-                f"--ckpt_path {name}: no last.ckpt in {where}; pass the checkpoint's path"
-            )
-        return found[-1]
+        data = self.datamodule.input_settings()
+        last = newest_matching(name, candidates, type(self.model).__name__, data).path
+        if name == "best":
+            last = recorded_best(last, callback.state_key, callback.monitor)
+        config["ckpt_path"] = str(last)
 
     def after_fit(self) -> None:
-        """Report the best checkpoint's validation metrics (the quickstart ends with these)."""
-        callback = self.trainer.checkpoint_callback
-        best = getattr(callback, "best_model_path", "")
-        if not best or self.trainer.interrupted:
+        """Choose the decision threshold of the best checkpoint on the validation patients
+        by ``--threshold_policy`` (cv's rule), store it in that checkpoint, and report its
+        validation figures (the quickstart ends with these)."""
+        trainer: Any = self.trainer  # Trainer.callbacks: set at run time, not in its types
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if not best or trainer.interrupted:
             return
-        loggers, self.trainer.loggers = self.trainer.loggers, []  # not an epoch of the run's log
+        loggers, trainer.loggers = trainer.loggers, []  # not an epoch of the run's log
+        callbacks = trainer.callbacks  # the user's prediction files are not these
+        trainer.callbacks = [c for c in callbacks if not isinstance(c, PredictionWriter)]
         try:
-            results = self.trainer.validate(
-                self.model, self.datamodule, ckpt_path=best, verbose=False
-            )
+            results = trainer.validate(self.model, self.datamodule, ckpt_path=best, verbose=False)
+            # the validation loader alone: the datamodule would set up a predict split (and
+            # data without unlabelled patients has none)
+            trainer.datamodule = None
+            batches = trainer.predict(self.model, self.datamodule.val_dataloader(), ckpt_path=best)
         finally:
-            self.trainer.loggers = loggers
-        metrics = results[0] if results else {}
-        if not self.trainer.is_global_zero:  # under DDP: once
+            trainer.loggers, trainer.callbacks = loggers, callbacks
+            trainer.datamodule = self.datamodule
+        records = gather_records([record for batch in batches for record in batch])
+        policy = self.config_init["fit"]["threshold_policy"]
+        value, notes = choose_on_validation(policy, records, self.model.threshold_setting)
+        if trainer.is_global_zero:
+            store_threshold(Path(best), value, notes)
+        trainer.strategy.barrier()
+        if not trainer.is_global_zero:  # under DDP: once
             return
+        metrics = results[0] if results else {}
+        chosen = notes["threshold"]
+        how = (
+            f"chosen on the {chosen['n_patients']} validation patients (threshold_policy "
+            f"inner_val; their balanced accuracy {chosen['balanced_accuracy']:.3f} at it, "
+            "optimistic: chosen on them)"
+            if chosen["policy"] == "inner_val"
+            else f"model.threshold kept ({chosen.get('reason', 'threshold_policy fixed')})"
+        )
         print(
             f"best checkpoint: {best}\n"
             f"validation balanced accuracy: {metrics.get(MONITOR, float('nan')):.3f}  "
-            f"AUROC: {metrics.get('val_auroc', float('nan')):.3f}"
+            f"AUROC: {metrics.get('val_auroc', float('nan')):.3f}\n"
+            f"threshold: {value:.3f}, {how}; stored in the checkpoint"
         )
 
 
+@contextmanager
+def without_lightning_noise() -> Iterator[None]:
+    """Silence Lightning's messages that mean nothing for lympho-mil's commands: its tips
+    (cloud logging, model registry), its lines on restoring a checkpoint to score it (the
+    command's own line names the checkpoint), a deprecation inside Lightning itself, and,
+    when a command scores a checkpoint without the callbacks that wrote it (on purpose), the
+    advice to add them."""
+    noise = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips = _DropMessages(
+        "💡 Tip:", "Restoring states from the checkpoint", "Loaded model weights from the"
+    )
+    noise.addFilter(tips)
+    with warnings.catch_warnings():
+        for message in LIGHTNING_NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        try:
+            yield
+        finally:
+            noise.removeFilter(tips)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
 def _log_beside_an_earlier_run(logger: Any) -> None:
-    """validate, test and predict with a config that names a log folder holding a run (the
+    """validate and test with a config that names a log folder holding a run (the
     config.yaml of a ``cv`` fold, say) log into a new version folder: Lightning would
     overwrite that run's config.yaml and delete its metrics.csv."""
     args = getattr(logger, "init_args", None)

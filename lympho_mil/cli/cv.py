@@ -36,7 +36,6 @@ from lympho_mil.evaluation.cv import (
 )
 from lympho_mil.evaluation.cv_plan import flat
 from lympho_mil.evaluation.predictions import PredictionWriter
-from lympho_mil.evaluation.thresholds import ThresholdPolicy
 
 ConfigSource = str | Path | dict[str, Any]
 QUIET_ARGS = (
@@ -149,66 +148,34 @@ def config_names(configs: Sequence[ConfigSource]) -> list[str]:
 
 
 def cross_validate(
-    config: ConfigSource,
-    folds: int = 5,
-    repeats: int = 1,
-    seed: int = 0,
-    out_dir: str | Path | None = None,
-    threshold_policy: ThresholdPolicy = "inner_val",
-    inner_val_fraction: float = 0.2,
-    overrides: Sequence[str] | None = None,
-    predict: bool = False,
-    overwrite: bool = False,
-    n_bootstrap: int = DEFAULT_RESAMPLES,
-    verbose: bool = True,
-    patients: Sequence[str] | None = None,
+    config: ConfigSource, *, overrides: Sequence[str] | None = None, **settings: Any
 ) -> CVResult:
-    """Repeated stratified patient-level k-fold cross-validation of a ``fit`` config.
+    """Repeated stratified patient-level k-fold cross-validation of a ``fit`` config, each
+    fold run as the ``fit`` command (`ConfigRunner`).
 
     Args:
         config: a ``fit`` config file, or the same content as a dict.
         overrides: extra ``fit`` arguments, e.g. ``["--trainer.max_epochs=3"]``.
-        **others: as `run_cross_validation` (folds, repeats, seed, out_dir,
-            threshold_policy, inner_val_fraction, predict, overwrite, n_bootstrap, verbose,
-            patients).
+        **settings: those of `run_cross_validation` (``folds``, ``repeats``, ``seed``,
+            ``out_dir``, ``threshold_policy``, ``inner_val_fraction``, ``predict``,
+            ``overwrite``, ``n_bootstrap``, ``verbose``, ``patients``).
     """
-    return run_cross_validation(
-        ConfigRunner(config, overrides or ()),
-        folds,
-        repeats,
-        seed,
-        out_dir,
-        threshold_policy,
-        inner_val_fraction,
-        predict,
-        overwrite,
-        n_bootstrap,
-        verbose,
-        patients,
-        name=config_names([config])[0],
-    )
+    runner = ConfigRunner(config, overrides or ())
+    return run_cross_validation(runner, **{"name": config_names([config])[0], **settings})
 
 
 def compare_configs(
     configs: Sequence[ConfigSource] | Mapping[str, ConfigSource],
-    folds: int = 5,
-    repeats: int = 1,
-    seed: int = 0,
-    out_dir: str | Path | None = None,
-    threshold_policy: ThresholdPolicy = "inner_val",
-    inner_val_fraction: float = 0.2,
+    *,
     overrides: Sequence[str] | None = None,
-    predict: bool = False,
-    overwrite: bool = False,
-    n_bootstrap: int = DEFAULT_RESAMPLES,
-    verbose: bool = True,
-    patients: Sequence[str] | None = None,
+    **settings: Any,
 ) -> Comparison:
     """Cross-validate several configs on identical splits; compare each with the first.
 
     ``configs`` maps names to configs, or is a list (names from `config_names`). Each
     config's outputs go to ``out_dir/<name>/``, the paired table to
-    ``out_dir/comparison.json`` and ``comparison.md``. Other arguments as `cross_validate`.
+    ``out_dir/comparison.json`` and ``comparison.md``. ``overrides`` go to every config;
+    ``settings`` are those of `run_comparison`.
     """
     named = (
         dict(configs)
@@ -218,20 +185,7 @@ def compare_configs(
     if len(named) < 2:
         raise ValueError("compare_configs needs at least two configs")
     runners = {name: ConfigRunner(config, overrides or ()) for name, config in named.items()}
-    return run_comparison(
-        runners,
-        folds,
-        repeats,
-        seed,
-        out_dir,
-        threshold_policy,
-        inner_val_fraction,
-        predict,
-        overwrite,
-        n_bootstrap,
-        verbose,
-        patients,
-    )
+    return run_comparison(runners, **settings)
 
 
 @dataclass

@@ -267,6 +267,13 @@ class FeatureBagDataModule(ScaledFeatures, BagDataModule):
         self.scaling: FeatureScaling | None = None  # fitted on training bags, or a checkpoint's
         self._store: np.ndarray | None = None
 
+    def input_settings(self) -> dict[str, Any]:
+        return {
+            **super().input_settings(),
+            "instances": type(self).__name__,
+            "standardize": self.standardize,
+        }
+
     def read_source(self) -> FeatureBags:
         """The bags and their instances (override for another kind of source)."""
         return read_mil_file(self.path)

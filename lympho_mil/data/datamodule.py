@@ -201,6 +201,26 @@ class BagDataModule(LightningDataModule, ABC):
         if not splits["train"]:
             raise DataError("explicit ids given but train_ids is empty")
 
+    def input_settings(self) -> dict[str, Any]:
+        """The settings that make what a model reads (kind and shape of the instances,
+        preprocessing, the clinical vector), as plain values: a model trained on other values
+        would read other data. Checkpoints record them; subclasses add theirs."""
+        return {"clinical": list(self.feature_names)}
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        """What a checkpoint records about its data: the class, `input_settings`, and the
+        training and validation patients (none for data that has no training split)."""
+        try:
+            train, val = self.split_ids["train"], self.split_ids["val"]
+        except DataError:
+            train, val = [], []
+        return {
+            "class": type(self).__name__,
+            "settings": self.input_settings(),
+            "train_ids": sorted(train),
+            "val_ids": sorted(val),
+        }
+
     @property
     def tabular_dim(self) -> int:
         """T, the length of the clinical vector."""
@@ -376,6 +396,17 @@ class PatientBagDataModule(BagDataModule):
         self._generator: torch.Generator | None = None  # of augment="gpu", per epoch
         self._generator_key: tuple[int, torch.device] | None = None
         self._paths: list[Path] = []
+
+    def input_settings(self) -> dict[str, Any]:
+        return {
+            **super().input_settings(),
+            "instances": "crops",
+            "image_size": self.crop_spec.image_size,
+            "center_crop": self.crop_spec.center_crop,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "reference_date": self.reference_date,
+        }
 
     def load_bags(self) -> list[Bag]:
         frame, records = read_dlmi(self.root, self.reference_date)

@@ -2,9 +2,10 @@
 
 JPEG decoding dominates CPU time; training reads the decoded pixels from the cache and
 augments from there. The cache file is ``<cache_dir>/crops-<key>.npy`` plus a JSON sidecar;
-``key`` hashes the file list (paths, sizes, mtimes) and the preprocessing (size, crop), so a
-touched or replaced JPEG, or another image size, gives another key and a rebuild. A cache
-whose bytes no longer match the checksum in its sidecar is rebuilt, never used.
+``key`` hashes the contents of the files, in order, and the preprocessing (size, crop), so a
+replaced JPEG, or another image size, gives another key and a rebuild, while the same crops
+in another folder (a copy, a new cohort's folder) reuse the cache. A cache whose bytes no
+longer match the checksum in its sidecar is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lympho_mil.arguments import SettingError
 from lympho_mil.data.errors import DataError
-from lympho_mil.files import atomic_write_text, naming
+from lympho_mil.files import atomic_write_text, file_digest, naming
 from lympho_mil.progress import progress
 
 log = logging.getLogger(__name__)
@@ -87,25 +88,17 @@ def decode_crop(path: Path, spec: CropSpec) -> np.ndarray:
 
 
 def cache_key(paths: Sequence[Path], spec: CropSpec) -> str:
-    """Hash of every file's path, size and mtime plus the crop spec and cache version."""
+    """Hash of every file's content (in order) plus the crop spec and cache version: where
+    the files are, and when they were touched, do not count."""
     digest = hashlib.sha256(json.dumps([CACHE_VERSION, asdict(spec)]).encode())
     for path in paths:
-        stat = path.stat()
-        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{file_digest(path)}\n".encode())
     return digest.hexdigest()[:24]
 
 
 def _stamp(path: Path) -> tuple[str, int, int]:
     stat = path.stat()
     return str(path), stat.st_size, stat.st_mtime_ns
-
-
-def _file_checksum(path: Path) -> str:
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class MemmapRows:
@@ -257,7 +250,7 @@ def intact_sidecar(
     meta = read_sidecar(meta_path, version)
     if meta is None or not data_path.is_file():
         return None
-    if _stamp(data_path) in _VERIFIED or _file_checksum(data_path) == meta["checksum"]:
+    if _stamp(data_path) in _VERIFIED or file_digest(data_path) == meta["checksum"]:
         _VERIFIED.add(_stamp(data_path))
         return meta
     if corrupted:
@@ -313,7 +306,7 @@ def write_cache(
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
-    meta = {**meta, **extra, "shape": list(shape), "checksum": _file_checksum(data_path)}
+    meta = {**meta, **extra, "shape": list(shape), "checksum": file_digest(data_path)}
     atomic_write_text(meta_path, json.dumps(meta), overwrite=True)
     _VERIFIED.add(_stamp(data_path))
     return meta

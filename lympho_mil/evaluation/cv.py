@@ -59,7 +59,11 @@ from lympho_mil.evaluation.report import (
     write_comparison,
     write_cv_outputs,
 )
-from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, ThresholdPolicy, choose_threshold
+from lympho_mil.evaluation.thresholds import (
+    THRESHOLD_POLICIES,
+    ThresholdPolicy,
+    choose_on_validation,
+)
 from lympho_mil.files import check_writable, naming
 from lympho_mil.models.base import BagClassifier
 
@@ -489,6 +493,11 @@ def _labelled_patients(
     bags = sorted(datamodule.bags.values(), key=lambda b: b.bag_id)
     to_predict = set(datamodule.split_ids["predict"]) if predict else set()
     labelled = [b for b in bags if b.label in (0, 1) and b.bag_id not in to_predict]
+    if not labelled:
+        raise DataError(
+            f"the data holds no labelled patient (LABEL 0 or 1) to cross-validate, only "
+            f"{len(bags)} without a label; cross-validation needs the labelled ones"
+        )
     if predict and not to_predict:
         raise DataError(
             "predict (cv --cv.predict): the data has no unlabelled patients to predict; name "
@@ -545,11 +554,8 @@ def _run_fold(
                 "trainer.limit_val_batches and check_val_every_n_epoch)"
             )
         val = _predict(trainer, model, datamodule.val_dataloader(), ckpt_path=best)
-        chosen = choose_threshold(
-            settings.threshold_policy,
-            [r["probability"] for r in val],
-            [r["label"] for r in val],
-            fixed=model.threshold_setting,
+        chosen, model.notes = choose_on_validation(
+            settings.threshold_policy, val, model.threshold_setting
         )
         model.threshold.fill_(chosen)
         threshold = float(model.threshold)  # as the model (float32) applies it

@@ -16,7 +16,8 @@ def ensemble_records(
     """Average the ``predict_step`` records of several models on the same patients.
 
     Probabilities, crop weights and crop probabilities (where present) are averaged over the
-    models; the decision threshold is the median of the models' thresholds.
+    models; the decision threshold is the median of the models' thresholds. A patient is in
+    sample when any model trained or validated on it (unknown when none says so).
 
     Args:
         thresholds: each model's decision threshold.
@@ -44,6 +45,7 @@ def ensemble_records(
             "threshold": threshold,
             "weights": _mean_lists([p["weights"] for p in parts]),
             "instance_probability": _mean_lists([p["instance_probability"] for p in parts]),
+            "in_sample": _any_known([p.get("in_sample") for p in parts]),
         }
         for pid, parts in sorted(by_id.items())
     ]
@@ -55,6 +57,12 @@ def ensemble_records(
         "probability_rule": PROBABILITY_RULE,
     }
     return averaged, summary
+
+
+def _any_known(flags: list[bool | None]) -> bool | None:
+    """True if any flag is, False if all known ones are not, None if none is known."""
+    known = [f for f in flags if f is not None]
+    return any(known) if known else None
 
 
 def _mean_lists(values: list[list[float] | None]) -> list[float] | None:

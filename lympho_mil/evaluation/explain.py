@@ -129,6 +129,13 @@ def _label(record: dict[str, Any]) -> str:
     return {1: "tumoral", 0: "reactive"}.get(record["label"], "unknown")
 
 
+IN_SAMPLE = "in sample: the model trained or validated on this patient"
+
+
+def _in_sample(record: dict[str, Any]) -> str:
+    return "yes" if record.get("in_sample") else "no" if record.get("in_sample") is False else "?"
+
+
 def write_explanations(
     records: Sequence[dict[str, Any]],
     instance_paths: Callable[[str], Sequence[Path]],
@@ -166,6 +173,8 @@ def write_explanations(
         top, bottom = rank_crops(scores, top_k)
         n = record["n_instances"]
         title = f"{pid}: {_verdict(record)}; label {_label(record)}; {n} crops"
+        if record.get("in_sample"):
+            title += f"; {IN_SAMPLE}"
         labels = (f"highest {kind}", f"lowest {kind}")
         if kind == "share of the decision":
             labels = (f"highest {kind} (uniform: {1 / n:.1%})", labels[1])
@@ -195,15 +204,19 @@ def _summary(
         f"{kind} (red) and the {top_k} with the lowest (blue). Patients are sorted by "
         "probability of tumoral lymphocytosis, highest first.",
         "",
-        "| patient | probability | predicted | label | crops | montage |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| patient | probability | predicted | label | in sample | crops | montage |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for record, link in sections:
         predicted = int(record["probability"] >= record["threshold"])
         lines.append(
             f"| {record['id']} | {record['probability']:.3f} | {predicted} | "
-            f"{_label(record)} | {record['n_instances']} | [{link}]({link}) |"
+            f"{_label(record)} | {_in_sample(record)} | {record['n_instances']} | "
+            f"[{link}]({link}) |"
         )
+    if any(record.get("in_sample") for record, _ in sections):
+        lines += ["", f"In sample (yes): {IN_SAMPLE}; its prediction is not an estimate."]
     for record, link in sections:
-        lines += ["", f"## {record['id']}", "", _verdict(record), "", f"![{record['id']}]({link})"]
+        verdict = _verdict(record) + (f" ({IN_SAMPLE})" if record.get("in_sample") else "")
+        lines += ["", f"## {record['id']}", "", verdict, "", f"![{record['id']}]({link})"]
     return "\n".join(lines) + "\n"

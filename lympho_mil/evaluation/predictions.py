@@ -1,7 +1,9 @@
 """Prediction files a clinician (or the challenge) can use, written by a Lightning callback.
 
 ``predictions.csv``         ``Id,Predicted``: the challenge submission format, one row a patient
-``predictions_detail.csv``  id, probability, predicted, threshold, n_instances, label (-1: unknown)
+``predictions_detail.csv``  id, probability, predicted, threshold, n_instances, label (-1: unknown),
+                            in_sample (the model trained or validated on the patient; empty:
+                            its checkpoint does not say)
 ``attention.csv``           id, file, weight (each crop's share of the decision, sums to 1 per
                             patient) and the crop's own probability, each where the model has
                             it (a clinical-only model: the files alone)
@@ -38,6 +40,7 @@ def prediction_tables(records: Sequence[dict[str, Any]]) -> dict[str, pd.DataFra
             "threshold": [r["threshold"] for r in rows],
             "n_instances": [r["n_instances"] for r in rows],
             "label": [r["label"] for r in rows],
+            "in_sample": [r.get("in_sample") for r in rows],
         }
     )
     submission = detail.rename(columns={"id": "Id", "predicted": "Predicted"})[["Id", "Predicted"]]
@@ -137,25 +140,39 @@ class PredictionWriter(BasePredictionWriter):
         batch_indices: Sequence[Any],
     ) -> None:
         records = [r for batch in _flatten_dataloaders(predictions) for r in batch]
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, records)
-            records = [r for part in gathered for r in part]
-        if trainer.is_global_zero:
-            paths = write_predictions(records, self.output_dir, self.overwrite)
-            if self.explain:
-                write_explanations(
-                    records,
-                    _datamodule(trainer).instance_paths,
-                    self.output_dir,
-                    self.explain_top_k,
-                    self.overwrite,
-                    type(pl_module).__name__,
-                )
-            print(
-                f"predictions for {len({r['id'] for r in records})} patients written to "
-                f"{paths['predictions.csv'].parent}"
+        self.write(trainer, pl_module, gather_records(records))
+
+    def write(self, trainer: Trainer, pl_module: LightningModule, records: list[Any]) -> None:
+        """Write the files of these records (every process's; rank 0 writes) and say in one
+        line how many patients went where (a fold ensemble's records come here too)."""
+        if not trainer.is_global_zero:
+            return
+        paths = write_predictions(records, self.output_dir, self.overwrite)
+        if self.explain:
+            write_explanations(
+                records,
+                _datamodule(trainer).instance_paths,
+                self.output_dir,
+                self.explain_top_k,
+                self.overwrite,
+                type(pl_module).__name__,
             )
+        patients = {r["id"]: r for r in records}
+        seen = sum(bool(r.get("in_sample")) for r in patients.values())
+        print(
+            f"{len(patients)} patients -> {paths['predictions.csv']} (and "
+            f"predictions_detail.csv, attention.csv{', explanations.md' if self.explain else ''})"
+            + (f"; {seen} in sample: the model trained or validated on them" if seen else "")
+        )
+
+
+def gather_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every process's ``predict_step`` records (under DDP each predicts its own patients)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return records
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, records)
+    return [r for part in gathered for r in part]
 
 
 def _datamodule(trainer: Trainer) -> Any:

@@ -10,10 +10,10 @@ closest to 0.5, which keeps the choice stable when the validation set is small.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 ThresholdPolicy = Literal["fixed", "inner_val"]
 THRESHOLD_POLICIES: tuple[str, ...] = ("fixed", "inner_val")
@@ -67,3 +67,30 @@ def choose_threshold(
     if policy == "inner_val":
         return best_balanced_accuracy_threshold(prob, label)
     raise ValueError(f"threshold policy must be one of {THRESHOLD_POLICIES}, got {policy!r}")
+
+
+def choose_on_validation(
+    policy: ThresholdPolicy, records: Sequence[dict[str, Any]], fixed: float = DEFAULT_THRESHOLD
+) -> tuple[float, dict[str, Any]]:
+    """The threshold of a model from its ``predict_step`` records of its validation patients
+    (`choose_threshold`), and what its checkpoint records about it: ``threshold`` (value,
+    policy, number of patients, their balanced accuracy at it; ``reason`` when "inner_val"
+    fell back to ``fixed``: patients of one class) and ``validation`` (their balanced
+    accuracy and AUROC at the setting ``fixed``, as training scored them)."""
+    prob = np.array([r["probability"] for r in records], dtype=np.float64)
+    label = np.array([r["label"] for r in records])
+    reason = None
+    if policy == "inner_val" and set(label.tolist()) != {0, 1}:
+        policy, reason = "fixed", "its validation patients are not of both classes"
+    value = choose_threshold(policy, prob.tolist(), label.tolist(), fixed)
+    scores = {"val_balanced_accuracy": float(balanced_accuracy_score(label, prob >= fixed))}
+    if len(set(label.tolist())) == 2:
+        scores["val_auroc"] = float(roc_auc_score(label, prob))
+    chosen = {
+        "value": value,
+        "policy": policy,
+        "n_patients": len(records),
+        "balanced_accuracy": float(balanced_accuracy_score(label, prob >= value)),
+        **({"reason": reason} if reason else {}),
+    }
+    return value, {"threshold": chosen, "validation": scores}

@@ -44,6 +44,7 @@ from lympho_mil.data.image_cache import (
 from lympho_mil.data.scaled import ScaledFeatures
 from lympho_mil.data.transforms import CellTypes, FeatureScaling, FeaturesToTensor
 from lympho_mil.features.cytometry import CytometryEncoder
+from lympho_mil.files import file_digest
 from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
 from lympho_mil.nn.tta import DIHEDRAL_VIEWS
 from lympho_mil.progress import progress
@@ -308,6 +309,21 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
             dihedral,
             feature_dtype,
         )
+
+    def input_settings(self) -> dict[str, Any]:
+        weights = self.encoder_weights
+        return {
+            **super().input_settings(),
+            "instances": "features",
+            "encoder": self.encoder_name,
+            "encoder_kwargs": dict(self.encoder_kwargs),
+            "encoder_weights": None if weights is None else file_digest(Path(weights)),
+            "encoder_seed": None if weights is not None else self.encoder_seed,
+            "dihedral": self.feature_spec.dihedral,
+            "eval_view": self.eval_view,
+            "standardize": self.standardize,
+            "cell_types": self.n_cell_types,
+        }
 
     @cached_property
     def extractor(self) -> nn.Module:

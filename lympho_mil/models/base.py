@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 from abc import ABC, abstractmethod
+from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal, NamedTuple, cast
 
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from lympho_mil.arguments import SettingError, check_positive
 from lympho_mil.data.batch import BagBatch
+from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.models.metrics import PatientMetrics
 from lympho_mil.nn import Standardize, dihedral_views
@@ -131,6 +133,8 @@ class BagClassifier(LightningModule, ABC):
         self.tta_views = tta_views
         self.threshold_setting = float(threshold)  # the buffer may change (cv); this not
         self.threshold_asked = False  # True: the setting wins over any checkpoint's threshold
+        self.seen_patients: frozenset[str] | None = None  # trained or validated on (None: unknown)
+        self.notes: dict[str, Any] = {}  # how these weights were evaluated, for the checkpoint
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         stats = tabular_stats or {"mean": [0.0] * tabular_dim, "scale": [1.0] * tabular_dim}
         self.standardize = Standardize(stats["mean"], stats["scale"])
@@ -245,6 +249,7 @@ class BagClassifier(LightningModule, ABC):
             if out.instance_logits is not None
             else None
         )
+        seen = self.seen_patients
         records = []
         for i, pid in enumerate(batch.bag_id):
             n = len(batch.instance_id[i])
@@ -260,6 +265,7 @@ class BagClassifier(LightningModule, ABC):
                     "instance_probability": (
                         crop_prob[i, :n].tolist() if crop_prob is not None else None
                     ),
+                    "in_sample": None if seen is None else pid in seen,
                 }
             )
         return records
@@ -274,11 +280,34 @@ class BagClassifier(LightningModule, ABC):
             step_seed = (int(seed) * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx
             torch.manual_seed(step_seed % 2**63)  # any seed_everything seed (up to 2**32 - 1)
 
+    def on_fit_start(self) -> None:
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]  # set at run time
+        if isinstance(datamodule, BagDataModule):
+            record = datamodule.checkpoint_record()
+            self.seen_patients = frozenset(record["train_ids"] + record["val_ids"])
+
+    def run_record(self) -> dict[str, Any]:
+        """What a checkpoint records of its run: the data (settings, training and validation
+        patients), the validation scores of the epoch that wrote it and `notes` (how a
+        threshold was chosen, on which patients)."""
+        record: dict[str, Any] = {"saved": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None)
+        if isinstance(datamodule, BagDataModule):
+            record["data"] = datamodule.checkpoint_record()
+        if trainer is not None:
+            metrics = trainer.callback_metrics.items()
+            scores = {k: float(v) for k, v in metrics if k.startswith("val_") and v.numel() == 1}
+            if scores:
+                record["validation"] = scores
+        return {**record, **self.notes}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lympho_mil"] = {
             "format": CHECKPOINT_FORMAT,
             "class": type(self).__name__,
             "threshold_setting": self.threshold_setting,
+            **self.run_record(),
         }
         hparams = checkpoint.get("hyper_parameters", {})
         if hparams.get("encoder_weights") is not None:
@@ -295,19 +324,26 @@ class BagClassifier(LightningModule, ABC):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("lympho_mil")
-        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
-            raise CheckpointFormatError(
-                f"checkpoint format {found!r} is not the one this lympho-mil reads "
-                f"({CHECKPOINT_FORMAT}); was it written by lympho-mil?"
-            )
-        saved = meta.get("threshold_setting")  # None in checkpoints of older versions
+        meta = check_format(checkpoint)
+        data = meta.get("data") or {}
+        if "train_ids" in data:
+            self.seen_patients = frozenset(data["train_ids"] + data.get("val_ids", []))
+        threshold = self.threshold_from(checkpoint)
+        if threshold is not None:
+            checkpoint["state_dict"]["threshold"] = torch.tensor(threshold)
+
+    def threshold_from(self, checkpoint: dict[str, Any]) -> float | None:
+        """The threshold that replaces a checkpoint's own on loading, or None to keep it.
+
+        A threshold other than the checkpoint's own setting asked for (or any, on the command
+        line) wins over the one it carries (e.g. chosen on validation patients by ``fit`` or
+        ``cv``); and training, resumed from it, evaluates at the setting, as it did before.
+        """
+        saved = check_format(checkpoint).get("threshold_setting")  # None: older versions
         if self.threshold_asked or (saved is not None and self.threshold_setting != saved):
-            # a threshold other than the checkpoint's own setting was asked for (or any, on
-            # the command line): it wins over the one the checkpoint carries (e.g. chosen on
-            # validation patients by ``cv``)
-            checkpoint["state_dict"]["threshold"] = torch.tensor(self.threshold_setting)
+            return self.threshold_setting
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        return saved if fitting and saved is not None else None
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -358,6 +394,19 @@ class BagClassifier(LightningModule, ABC):
                     + (base - cosine.eta_min) * (1 + math.cos(math.pi * done / horizon)) / 2
                 )
             cosine._last_lr = [group["lr"] for group in cosine.optimizer.param_groups]
+
+
+def check_format(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The lympho-mil record of a checkpoint (``checkpoint["lympho_mil"]``);
+    `CheckpointFormatError` when it has none or one of another format version."""
+    meta = checkpoint.get("lympho_mil")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointFormatError(
+            f"checkpoint format {found!r} is not the one this lympho-mil reads "
+            f"({CHECKPOINT_FORMAT}); was it written by lympho-mil?"
+        )
+    return meta
 
 
 class ModelCosine(torch.optim.lr_scheduler.CosineAnnealingLR):
