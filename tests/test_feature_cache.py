@@ -25,6 +25,7 @@ from lympho_mil.data.transforms import (
     FeatureScaling,
     FeaturesToTensor,
 )
+from lympho_mil.dihedral import dihedral
 from lympho_mil.features import cache as feature_cache_module
 from lympho_mil.features.cache import (
     CachedFeatureDataModule,
@@ -36,7 +37,6 @@ from lympho_mil.features.cache import (
 )
 from lympho_mil.models import AttentionMIL, MeanPoolMIL
 from lympho_mil.nn import MORPHOLOGY_FEATURES, SmallCNN
-from lympho_mil.nn.tta import dihedral
 
 SIZE = 32
 D = 16
@@ -289,7 +289,9 @@ def test_heads_train_and_predict_on_cached_features(
 def test_in_dim_mismatch_names_both_sizes(synthetic_dlmi: Path, shared_cache: Path) -> None:
     dm = make_dm(synthetic_dlmi, shared_cache)
     model = AttentionMIL(encoder="identity", in_dim=D + 1, tabular_dim=dm.tabular_dim)
-    with pytest.raises(DataError, match=rf"in_dim is {D + 1} .* have {D} dimensions"):
+    with pytest.raises(
+        DataError, match=rf"feature bags of {D + 1} values .* shape \(\d+, \d+, {D}\)"
+    ):
         fit(model, dm)
 
 

@@ -19,10 +19,10 @@ from lympho_mil.data.gpu_augment import (
     DIHEDRAL_MATRICES,
     DeviceAugment,
     random_warps,
-    stack_dihedral_views,
     warp,
 )
 from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor
+from lympho_mil.dihedral import stack_dihedral_views
 from lympho_mil.models import AttentionMIL, InstanceMIL
 
 SIZE = 16

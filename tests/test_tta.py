@@ -18,9 +18,8 @@ from lympho_mil import (
     TabularMLP,
 )
 from lympho_mil.data import BagBatch
-from lympho_mil.data.gpu_augment import stack_dihedral_views
+from lympho_mil.dihedral import dihedral, stack_dihedral_views
 from lympho_mil.nn import dihedral_views
-from lympho_mil.nn.tta import dihedral
 
 TTA_MODELS = [
     lambda **kw: AttentionMIL(**TINY_ENCODER, **kw),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lympho_mil.nn.tta import DIHEDRAL_VIEWS, dihedral
+from lympho_mil.dihedral import DIHEDRAL_VIEWS
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 grey weights, as torchvision's rgb_to_grayscale
 
@@ -42,11 +42,6 @@ DIHEDRAL_MATRICES = (
     ((0, 1), (1, 0)),
     ((0, -1), (-1, 0)),
 )
-
-
-def stack_dihedral_views(x: Tensor) -> Tensor:
-    """``x[M, C, H, W]`` -> its 8 dihedral views ``[M, 8, C, H, W]`` (view 0 first)."""
-    return torch.stack([dihedral(x, v) for v in range(DIHEDRAL_VIEWS)], dim=1)
 
 
 def pixels_to_tensor(crops: np.ndarray, rng: np.random.Generator | None = None) -> Tensor:

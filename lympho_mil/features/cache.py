@@ -32,7 +32,7 @@ from lympho_mil.arguments import SettingError
 from lympho_mil.data.datamodule import PatientBagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
 from lympho_mil.data.errors import DataError
-from lympho_mil.data.gpu_augment import normalize_pixels, stack_dihedral_views
+from lympho_mil.data.gpu_augment import normalize_pixels
 from lympho_mil.data.image_cache import (
     CropSpec,
     ImageCache,
@@ -43,10 +43,10 @@ from lympho_mil.data.image_cache import (
 )
 from lympho_mil.data.scaled import ScaledFeatures
 from lympho_mil.data.transforms import CellTypes, FeatureScaling, FeaturesToTensor
+from lympho_mil.dihedral import DIHEDRAL_VIEWS, stack_dihedral_views
 from lympho_mil.features.cytometry import CytometryEncoder
 from lympho_mil.files import file_digest
 from lympho_mil.nn.encoders import build_instance_encoder, encoder_out_dim
-from lympho_mil.nn.tta import DIHEDRAL_VIEWS
 from lympho_mil.progress import progress
 
 log = logging.getLogger(__name__)
@@ -220,8 +220,8 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
     Crops are decoded into the image cache as for `PatientBagDataModule`, then every
     crop is embedded once by the encoder and the features are cached
     (`lympho_mil.features.cache`). Models read them with ``encoder="identity"`` (or
-    ``"mlp"``) and ``in_dim`` equal to `feature_dim`; a mismatch stops ``setup`` with
-    both sizes named.
+    ``"mlp"``) and ``in_dim`` equal to `feature_dim`; a model refuses features of another
+    size at its first batch, both sizes named.
 
     Args:
         root: the DLMI folder.
@@ -348,20 +348,6 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         """D, the size of a crop's feature vector (the model's ``in_dim``): the encoder's,
         or the number of cell types."""
         return self.n_cell_types or encoder_out_dim(self.extractor)
-
-    def setup(self, stage: str | None = None) -> None:
-        self._check_model_in_dim()
-        super().setup(stage)
-
-    def _check_model_in_dim(self) -> None:
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        hparams = getattr(model, "hparams", {})
-        if "in_dim" in hparams and hparams["in_dim"] != self.feature_dim:
-            raise DataError(
-                f"the model's in_dim is {hparams['in_dim']} but the cached features of encoder "
-                f"{self.encoder_name!r} have {self.feature_dim} dimensions; set the model's "
-                f"in_dim to {self.feature_dim} (with encoder 'identity' or 'mlp')"
-            )
 
     def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
         images, usable = super().build_store(bags)

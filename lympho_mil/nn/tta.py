@@ -1,4 +1,4 @@
-"""The dihedral views of crops, and test-time augmentation over them.
+"""Test-time augmentation over the dihedral views of crops (`lympho_mil.dihedral`).
 
 A blood-cell crop has no up, down, left or right: its 90-degree rotations and mirror images
 are as likely as the crop itself. Averaging a model's outputs over them removes the part of
@@ -9,28 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
 from torch import Tensor
 
 from lympho_mil.arguments import SettingError
-
-DIHEDRAL_VIEWS = 8
-"""Exact views of a square crop: 4 quarter turns, each with and without a mirror image."""
+from lympho_mil.dihedral import DIHEDRAL_VIEWS, dihedral
 
 TTA_VIEWS = (1, 2, 4, 8)
 """Numbers of test-time views: 1 = the crops as they are, 2 = and their left-right mirror
 images, 4 = the four 90-degree rotations, 8 = the four rotations and their mirror images."""
 
 _VIEW_INDICES = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: tuple(range(DIHEDRAL_VIEWS))}
-
-
-def dihedral(x: Tensor, view: int) -> Tensor:
-    """View ``view`` (0-7) of ``x[..., H, W]``: ``view % 4`` quarter turns, then a left-right
-    flip when ``view >= 4``. View 0 is ``x`` itself."""
-    if not 0 <= view < DIHEDRAL_VIEWS:
-        raise ValueError(f"view must be in 0..7, got {view}")
-    x = torch.rot90(x, view % 4, dims=(-2, -1))
-    return x.flip(-1) if view >= 4 else x
 
 
 def check_tta_views(views: int) -> None:
