@@ -29,7 +29,7 @@ import yaml
 from harness import DEFAULT_UNLABELLED, Record, study
 
 from lympho_mil.cli import cross_validate
-from lympho_mil.data import PatientBagDataModule
+from lympho_mil.data import CropSettings, PatientBagDataModule
 from lympho_mil.data.image_cache import default_cache_dir
 from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
 from lympho_mil.features.cytometry import CYTOMETRY_FEATURES
@@ -52,7 +52,8 @@ def with_data(config: dict[str, Any], root: Path, cache_dir: str | None) -> dict
     config = copy.deepcopy(config)
     config["data"]["init_args"]["root"] = str(root)
     if cache_dir is not None:
-        config["data"]["init_args"]["cache_dir"] = cache_dir
+        crops = config["data"]["init_args"].setdefault("crops", {})
+        crops["cache_dir"] = cache_dir
     return config
 
 
@@ -63,7 +64,9 @@ def ssl_weights(roots: list[Path], cache_dir: str | None) -> tuple[Path, float]:
     crops, keys = [], []
     dm = None
     for root in roots:
-        dm = PatientBagDataModule(str(root), image_size=64, center_crop=112, cache_dir=cache_dir)
+        dm = PatientBagDataModule(
+            str(root), crops=CropSettings(image_size=64, center_crop=112, cache_dir=cache_dir)
+        )
         store, _ = dm.build_store(list(dm.bags.values()))
         good = np.setdiff1d(np.arange(len(store)), np.asarray(store.bad, dtype=int))
         crops.append(store[good])
@@ -77,16 +80,18 @@ def ssl_weights(roots: list[Path], cache_dir: str | None) -> tuple[Path, float]:
 def round7_candidates(ssl_path: Path | None) -> dict[str, dict[str, Any]]:
     """The seventh round's candidates (configs without a data root), references first."""
     recipe = load("dlmi.yaml")
-    representations: dict[str, tuple[dict[str, Any], int]] = {
-        "morphology": ({"encoder": "morphology"}, len(MORPHOLOGY_FEATURES)),
-        "cytometry": ({"encoder": "cytometry"}, len(CYTOMETRY_FEATURES)),
+    representations: dict[str, tuple[dict[str, dict[str, Any]], int]] = {
+        "morphology": ({"features": {"encoder": "morphology"}}, len(MORPHOLOGY_FEATURES)),
+        "cytometry": ({"features": {"encoder": "cytometry"}}, len(CYTOMETRY_FEATURES)),
     }
     if ssl_path is not None:
         ssl = {
-            "encoder": "small_cnn",
-            "encoder_weights": str(ssl_path),
-            "encoder_kwargs": SSL_SETTINGS.encoder_kwargs,
-            "image_size": 64,
+            "features": {
+                "encoder": "small_cnn",
+                "weights": str(ssl_path),
+                "kwargs": SSL_SETTINGS.encoder_kwargs,
+            },
+            "crops": {"image_size": 64},
         }
         representations["ssl"] = (ssl, SSL_SETTINGS.out_dim)
     summaries = {"mean": ("mean", 0), "statistics": ("statistics", 0), "types": ("mean", 16)}
@@ -94,13 +99,17 @@ def round7_candidates(ssl_path: Path | None) -> dict[str, dict[str, Any]]:
     for rep, (data_args, dim) in representations.items():
         for summary, (pooling, types) in summaries.items():
             fused = copy.deepcopy(recipe)
-            fused["data"]["init_args"].update(data_args, cell_types=types)
-            fused["model"]["init_args"].update(pooling=pooling, in_dim=types or dim)
+            data = fused["data"]["init_args"]
+            for group, settings in data_args.items():
+                data[group] = {**data.get(group, {}), **settings}
+            data["cell_types"] = types
+            fused["model"]["init_args"]["pooling"] = {"name": pooling}
+            fused["model"]["init_args"]["encoder"]["in_dim"] = types or dim
             image = copy.deepcopy(fused)
             head = {
                 k: v
-                for k, v in fused["model"]["init_args"].items()
-                if k in ("encoder", "in_dim", "lr", "weight_decay", "pos_weight")
+                for k, v in image["model"]["init_args"].items()
+                if k in ("encoder", "optim", "pos_weight")
             }
             pool_class = "StatisticsPoolMIL" if pooling == "statistics" else "MeanPoolMIL"
             image["model"] = {"class_path": pool_class, "init_args": head}

@@ -25,6 +25,7 @@ import lightning as L
 import numpy as np
 from harness import SHARED_DATA, Record, quiet_trainer, run_tasks, study
 
+from lympho_mil.data import LoaderSettings, MNISTBagSettings, SplitSettings
 from lympho_mil.data.bag_sources import FeatureBagDataModule, MNISTBagsDataModule
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.splits import stratified_folds
@@ -34,7 +35,9 @@ from lympho_mil.models import (
     GatedAttentionMIL,
     MaxPoolMIL,
     MeanPoolMIL,
+    OptimSettings,
 )
+from lympho_mil.nn import EncoderSettings
 
 MODELS: dict[str, type[BagClassifier]] = {
     "attention": AttentionMIL,
@@ -70,15 +73,14 @@ def common_arguments(p: argparse.ArgumentParser, seeded: str) -> None:
 
 
 def classic_model(args: argparse.Namespace, model_name: str, in_dim: int) -> BagClassifier:
+    encoder_kwargs = {"hidden": args.hidden, "dropout": args.dropout}
     return MODELS[model_name](
-        encoder="mlp",
-        in_dim=in_dim,
-        embed_dim=args.embed_dim,
-        encoder_kwargs={"hidden": args.hidden, "dropout": args.dropout},
+        encoder=EncoderSettings(
+            "mlp", out_dim=args.embed_dim, in_dim=in_dim, kwargs=encoder_kwargs
+        ),
         attention_hidden=args.attention_hidden,
         dropout=args.head_dropout,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
+        optim=OptimSettings(lr=args.lr, weight_decay=args.weight_decay),
     )
 
 
@@ -87,10 +89,8 @@ def fit_fold(args: argparse.Namespace, data: Path, model_name: str, in_dim: int,
     repeat, k, train, test = task
     bags = FeatureBagDataModule(
         str(data),
-        batch_size=args.batch_size,
-        train_ids=train,
-        val_ids=[],
-        test_ids=test,
+        loader=LoaderSettings(batch_size=args.batch_size),
+        split=SplitSettings(train_ids=train, val_ids=[], test_ids=test),
         predict_ids=test,
     )
     model = partial(classic_model, args, model_name, in_dim)
@@ -189,11 +189,9 @@ def epochs_for(n_bags: int, batch_size: int, steps: int, min_epochs: int) -> int
 
 def mnist_model(args: argparse.Namespace, model_name: str) -> BagClassifier:
     return MODELS[model_name](
-        encoder="lenet",
-        embed_dim=500,
+        encoder=EncoderSettings("lenet", out_dim=500),
         attention_hidden=128,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
+        optim=OptimSettings(lr=args.lr, weight_decay=args.weight_decay),
     )
 
 
@@ -204,11 +202,9 @@ def fit_run(args: argparse.Namespace, model_name: str, task: tuple[int, int]) ->
     n_bags, run = task
     data = MNISTBagsDataModule(
         str(args.data),
-        n_train_bags=n_bags,
-        n_test_bags=args.test_bags,
-        bag_seed=run,
+        bags=MNISTBagSettings(n_train_bags=n_bags, n_test_bags=args.test_bags, seed=run),
         normalize=args.normalize,
-        batch_size=args.batch_size,
+        loader=LoaderSettings(batch_size=args.batch_size),
     )
     epochs = epochs_for(n_bags, args.batch_size, args.steps, args.min_epochs)
     y, prob = fit_predict(partial(mnist_model, args, model_name), data, epochs, seed=run)

@@ -36,15 +36,20 @@ from harness import HERE, Record, quiet_trainer, study
 from torch.utils.data import DataLoader, Dataset
 
 from lympho_mil.data import (
+    Augmentation,
     BagBatch,
     BagSample,
+    CropSettings,
+    LoaderSettings,
     PatientBagDataModule,
+    SplitSettings,
     collate_bags,
 )
 from lympho_mil.data.image_cache import CropSpec, decode_crop
 from lympho_mil.data.transforms import BagAugment, BagToTensor, train_augmentation
 from lympho_mil.features import CachedFeatureDataModule, FeatureCache
-from lympho_mil.models import AttentionMIL, GatedFusionMIL
+from lympho_mil.models import AttentionMIL, GatedFusionMIL, OptimSettings
+from lympho_mil.nn import EncoderSettings, PoolingSettings
 
 IMPORTS = ("torch", "lympho_mil", "lympho_mil.nn", "lympho_mil.models")
 MIB = 2**20
@@ -87,7 +92,7 @@ def import_times(args: argparse.Namespace) -> Iterator[Record]:
 
 # loader-throughput -------------------------------------------------------------------------
 
-LOADER_AUGMENT = {"none": False, "cpu": True, "gpu": "gpu", "albumentations": True}
+LOADER_AUGMENT = {"none": "none", "cpu": "cpu", "gpu": "gpu", "albumentations": "cpu"}
 
 
 class NaiveStore:
@@ -185,12 +190,10 @@ def loader_throughput(args: argparse.Namespace) -> Iterator[Record]:
         for augment in args.augment.split(","):
             dm = PatientBagDataModule(
                 str(args.data),
-                image_size=size,
-                cache_dir=args.cache_dir,
-                augment=LOADER_AUGMENT[augment],
-                batch_size=args.batch_size,
+                crops=CropSettings(image_size=size, cache_dir=args.cache_dir),
+                augment=Augmentation(mode=LOADER_AUGMENT[augment]),
+                loader=LoaderSettings(batch_size=args.batch_size, num_workers=args.workers),
                 max_instances=args.max_instances,
-                num_workers=args.workers,
             )
             start = time.perf_counter()
             dm.setup("fit")  # decodes into the cache once if it is cold
@@ -226,8 +229,6 @@ def loader_throughput(args: argparse.Namespace) -> Iterator[Record]:
 
 
 # fit-epoch ---------------------------------------------------------------------------------
-
-EPOCH_AUGMENT = {"cpu": True, "gpu": "gpu", "none": False}
 
 
 class EpochTimer(L.Callback):
@@ -274,23 +275,20 @@ def fit_epoch(args: argparse.Namespace) -> Iterator[Record]:
     for augment in args.augment.split(","):
         dm = PatientBagDataModule(
             str(args.data),
-            image_size=64,
-            cache_dir=args.cache_dir,
-            augment=EPOCH_AUGMENT[augment],
-            batch_size=8,
+            crops=CropSettings(image_size=64, cache_dir=args.cache_dir),
+            augment=Augmentation(mode=augment),  # type: ignore[arg-type]
+            loader=LoaderSettings(
+                batch_size=8, num_workers=args.workers, persistent_workers=args.workers > 0
+            ),
             max_instances=24,
-            val_fraction=0.25,
-            num_workers=args.workers,
-            persistent_workers=args.workers > 0,
+            split=SplitSettings(val_fraction=0.25),
         )
         dm.setup("fit")  # a cold cache is built here, not inside the timed epochs
         L.seed_everything(0, verbose=False)
         model = GatedFusionMIL(
-            encoder="small_cnn",
-            encoder_kwargs={"width": 16},
-            embed_dim=64,
-            attention_hidden=64,
-            lr=0.003,
+            encoder=EncoderSettings("small_cnn", out_dim=64, kwargs={"width": 16}),
+            pooling=PoolingSettings("attention", hidden=64),
+            optim=OptimSettings(lr=0.003),
             pos_weight=0.55,
             tabular_dim=dm.tabular_dim,
             tabular_stats=dm.tabular_stats,
@@ -325,12 +323,13 @@ def fit_epoch(args: argparse.Namespace) -> Iterator[Record]:
 def cached_data_args(args: argparse.Namespace, cache_dir: str) -> dict[str, Any]:
     return {
         "root": str(args.data),
-        "encoder": args.encoder,
-        "encoder_weights": args.encoder_weights,
-        "image_size": args.image_size,
-        "dihedral": args.dihedral,
-        "cache_dir": cache_dir,
-        "batch_size": 8,
+        "features": {
+            "encoder": args.encoder,
+            "weights": args.encoder_weights,
+            "dihedral": args.dihedral,
+        },
+        "crops": {"image_size": args.image_size, "cache_dir": cache_dir},
+        "loader": {"batch_size": 8},
     }
 
 
@@ -341,11 +340,10 @@ def cached_config(args: argparse.Namespace, cache_dir: str, in_dim: int) -> dict
         "model": {
             "class_path": "AttentionMIL",
             "init_args": {
-                "encoder": "identity",
-                "in_dim": in_dim,
+                "encoder": {"name": "identity", "in_dim": in_dim},
                 "attention_hidden": 64,
                 "dropout": 0.1,
-                "lr": 1e-3,
+                "optim": {"lr": 1e-3},
             },
         },
         "data": {
@@ -384,7 +382,7 @@ def cv_cached(args: argparse.Namespace) -> Iterator[Record]:
         dm = CachedFeatureDataModule(**cached_data_args(args, cache_dir))
         bags = list(dm.bags.values())
         start = time.perf_counter()
-        images, _ = PatientBagDataModule.build_store(dm, bags)  # the decoded-crop cache only
+        images, _ = dm.source.build_store(bags)  # the decoded-crop cache only
         decode_s = time.perf_counter() - start
         yield {
             "record": "image_cache",
@@ -447,7 +445,9 @@ def peak_rss_mib() -> float:
 def largest_bag(args: argparse.Namespace) -> torch.Tensor:
     """float[bag_size, 3, S, S]: the crops of the largest patient, repeated to ``bag_size``."""
     dm = PatientBagDataModule(
-        str(args.data), image_size=args.image_size, cache_dir=args.cache_dir, augment=False
+        str(args.data),
+        crops=CropSettings(image_size=args.image_size, cache_dir=args.cache_dir),
+        augment=Augmentation(mode="none"),
     )
     dm.setup("validate")
     dataset = dm.datasets["val"]
@@ -458,7 +458,7 @@ def largest_bag(args: argparse.Namespace) -> torch.Tensor:
 
 def measure_memory(crops: torch.Tensor, chunk: int, device: torch.device) -> dict[str, float]:
     batch = collate_bags([BagSample(crops, torch.zeros(0), 1.0, "bag", ["x"] * len(crops))])
-    model = AttentionMIL(encoder="resnet18", chunk_size=chunk).eval().to(device)
+    model = AttentionMIL(encoder=EncoderSettings("resnet18"), chunk_size=chunk).eval().to(device)
     batch = batch.to(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -500,13 +500,13 @@ def memory_arguments(p: argparse.ArgumentParser) -> None:
 )
 def eval_memory(args: argparse.Namespace) -> Iterator[Record]:
     """The bag is the largest patient of the DLMI folder, its crops repeated up to
-    ``--bag-size``; ``AttentionMIL(encoder="resnet18", chunk_size=c)`` evaluates it under
-    ``torch.inference_mode``, encoding at most ``c`` crops at once. On CUDA the figure is
-    ``torch.cuda.max_memory_allocated`` above what the model and the bag already hold. On the
-    CPU each chunk size runs in a fresh process and the figure is the growth of its peak
-    resident set during the forward pass: allocator caching makes it an upper bound of what
-    the tensors needed, but the trend with the chunk size is the point. One record per chunk
-    size."""
+    ``--bag-size``; ``AttentionMIL`` with a ``resnet18`` encoder and ``chunk_size=c``
+    evaluates it under ``torch.inference_mode``, encoding at most ``c`` crops at once. On
+    CUDA the figure is ``torch.cuda.max_memory_allocated`` above what the model and the bag
+    already hold. On the CPU each chunk size runs in a fresh process and the figure is the
+    growth of its peak resident set during the forward pass: allocator caching makes it an
+    upper bound of what the tensors needed, but the trend with the chunk size is the point.
+    One record per chunk size."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     crops = largest_bag(args)
     with tempfile.TemporaryDirectory() as scratch:
@@ -647,13 +647,13 @@ def device_side_ms(dm: PatientBagDataModule, raw: BagBatch, repeats: int = 20) -
 
 def gpu_model(args: argparse.Namespace) -> AttentionMIL:
     L.seed_everything(0, verbose=False)
-    return AttentionMIL(
-        encoder="resnet18",
+    encoder = EncoderSettings(
+        "resnet18",
         channels_last=True,
-        compile_encoder=args.compile,
+        compile=args.compile,
         shape_multiple=args.shape_multiple or None,
-        scheduler="none",
     )
+    return AttentionMIL(encoder=encoder, optim=OptimSettings(scheduler="none"))
 
 
 def gpu_arguments(p: argparse.ArgumentParser) -> None:
@@ -702,15 +702,17 @@ def gpu_throughput(args: argparse.Namespace) -> Iterator[Record]:
     device = torch.device("cuda" if args.accelerator == "gpu" else "cpu")
     dm = PatientBagDataModule(
         str(args.data),
-        image_size=args.image_size,
-        cache_dir=args.cache_dir,
-        augment="gpu" if args.augment == "gpu" else True,
-        cache_on_device=args.cache_on_device,
-        batch_size=args.batch_size,
+        crops=CropSettings(image_size=args.image_size, cache_dir=args.cache_dir),
+        augment=Augmentation(
+            mode="gpu" if args.augment == "gpu" else "cpu", cache_on_device=args.cache_on_device
+        ),
+        loader=LoaderSettings(
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=args.workers > 0,
+        ),
         max_instances=args.max_instances,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=args.workers > 0,
     )
     dm.setup("fit")  # warm the decoded-crop cache before timing
     loader = dm.train_dataloader()

@@ -24,8 +24,10 @@ import pandas as pd
 from harness import Record, quiet_trainer, study
 
 from lympho_mil import AttentionMIL, GatedAttentionMIL, PatientBagDataModule
+from lympho_mil.data import CropSettings, LoaderSettings, SplitSettings
 from lympho_mil.data.synthetic import make_synthetic_dlmi
-from lympho_mil.nn import MORPHOLOGY_FEATURES
+from lympho_mil.models import OptimSettings
+from lympho_mil.nn import MORPHOLOGY_FEATURES, EncoderSettings
 
 # fusion-synthetic --------------------------------------------------------------------------
 
@@ -34,16 +36,15 @@ POS_WEIGHT = 0.55  # 35 reactive / 65 tumoral patients
 FEATURES = {
     "class_path": "CachedFeatureDataModule",
     "init_args": {
-        "encoder": "morphology",
-        "image_size": 112,
-        "center_crop": 112,
+        "features": {"encoder": "morphology"},
+        "crops": {"image_size": 112, "center_crop": 112},
         "standardize": True,
         "noise_std": 0.1,
     },
 }
 CLINICAL = {
     "class_path": "PatientBagDataModule",
-    "init_args": {"image_size": 8, "max_instances": 1, "augment": False},
+    "init_args": {"crops": {"image_size": 8}, "max_instances": 1, "augment": {"mode": "none"}},
 }
 
 
@@ -51,7 +52,8 @@ def fusion_config(
     model: str, init_args: dict[str, Any], data: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
     """A ``fit`` config on the study's data folder."""
-    init = {**data["init_args"], "root": str(args.root), "batch_size": 16, "num_workers": 0}
+    loader = {"batch_size": 16, "num_workers": 0}
+    init = {**data["init_args"], "root": str(args.root), "loader": loader}
     return {
         "seed_everything": 0,
         "trainer": {
@@ -68,18 +70,24 @@ def fusion_config(
 
 def fusion_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """The compared models by name: clinical-only first, then image-only and fusion."""
-    common = {"lr": 0.003, "weight_decay": 0.01, "pos_weight": POS_WEIGHT, "dropout": 0.1}
-    image = {
-        **common,
-        "encoder": args.encoder,
-        "in_dim": len(MORPHOLOGY_FEATURES),
-        "attention_hidden": 32,
-    }
+    common = {"optim": {"lr": 0.003, "weight_decay": 0.01}, "pos_weight": POS_WEIGHT}
+    encoder: dict[str, Any] = {"name": args.encoder, "in_dim": len(MORPHOLOGY_FEATURES)}
     if args.encoder == "mlp":
-        image |= {"embed_dim": 32, "encoder_kwargs": {"hidden": 64, "dropout": 0.1}}
-    gated = {**image, "expert_loss_weight": args.expert_loss_weight, "gate_input": args.gate_input}
-    del gated["dropout"]  # the fusion has no MIL head to apply it to (GatedFusionMIL warns)
-    tabular = {**common, "hidden": 16, "embed_dim": 8, "lr": 0.01}
+        encoder |= {"out_dim": 32, "kwargs": {"hidden": 64, "dropout": 0.1}}
+    image = {**common, "encoder": encoder, "attention_hidden": 32, "dropout": 0.1}
+    fused = {**common, "encoder": encoder, "pooling": {"name": "attention", "hidden": 32}}
+    gated = {
+        **fused,
+        "expert_loss_weight": args.expert_loss_weight,
+        "fusion": {"gate_input": args.gate_input},
+    }
+    tabular = {
+        **common,
+        "hidden": 16,
+        "embed_dim": 8,
+        "dropout": 0.1,
+        "optim": {"lr": 0.01, "weight_decay": 0.01},
+    }
     named = {
         "TabularMLP": fusion_config("TabularMLP", tabular, CLINICAL, args),
         "AttentionMIL": fusion_config("AttentionMIL", image, FEATURES, args),
@@ -88,9 +96,9 @@ def fusion_configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     if args.variants:
         other_gate = "embeddings" if args.gate_input == "confidence" else "confidence"
         variants = {
-            f"{FUSION}-{other_gate}-gate": {**gated, "gate_input": other_gate},
+            f"{FUSION}-{other_gate}-gate": {**gated, "fusion": {"gate_input": other_gate}},
             f"{FUSION}-no-expert-loss": {**gated, "expert_loss_weight": 0.0},
-            f"{FUSION}-concat": {**image, "fusion": "concat", "dropout": 0.0},  # it has no head
+            f"{FUSION}-concat": {**fused, "fusion": {"kind": "concat"}},
         }
         named |= {n: fusion_config(FUSION, init, FEATURES, args) for n, init in variants.items()}
     return named
@@ -206,18 +214,16 @@ def train_and_predict(
     L.seed_everything(seed, workers=True, verbose=False)
     data = PatientBagDataModule(
         str(root),
-        image_size=args.size,
-        cache_dir=str(root.parent / "cache"),
-        batch_size=8,
+        crops=CropSettings(image_size=args.size, cache_dir=str(root.parent / "cache")),
+        loader=LoaderSettings(batch_size=8),
         max_instances=args.max_instances,
-        val_fraction=0.2,
+        split=SplitSettings(val_fraction=0.2),
         seed=seed,
     )
     model = ATTENTION_MODELS[args.model](
-        encoder_kwargs={"width": args.width},
-        embed_dim=args.embed_dim,
+        encoder=EncoderSettings(out_dim=args.embed_dim, kwargs={"width": args.width}),
         attention_hidden=args.embed_dim,
-        lr=args.lr,
+        optim=OptimSettings(lr=args.lr),
         pos_weight=0.55,  # the synthetic cohort is ~65 % tumoral
         tabular_dim=data.tabular_dim,
         tabular_stats=data.tabular_stats,

@@ -21,7 +21,14 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from lympho_mil import AttentionMIL
-from lympho_mil.data import FeatureBagDataModule, FeatureBags, bags_from_arrays
+from lympho_mil.data import (
+    FeatureBagDataModule,
+    FeatureBags,
+    LoaderSettings,
+    SplitSettings,
+    bags_from_arrays,
+)
+from lympho_mil.nn import EncoderSettings
 
 
 class ArrayBagDataModule(FeatureBagDataModule):
@@ -64,10 +71,12 @@ def main() -> None:
     L.seed_everything(args.seed, verbose=False)
 
     features, bag_ids, labels = toy_bags(args.bags, args.dim, args.seed)
+    split = SplitSettings(val_fraction=0.2, test_fraction=0.25)
     data = ArrayBagDataModule(
-        features, bag_ids, labels, batch_size=8, val_fraction=0.2, test_fraction=0.25
+        features, bag_ids, labels, loader=LoaderSettings(batch_size=8), split=split
     )
-    model = AttentionMIL(encoder="mlp", in_dim=data.in_dim, embed_dim=32, attention_hidden=16)
+    encoder = EncoderSettings("mlp", out_dim=32, in_dim=data.in_dim)
+    model = AttentionMIL(encoder=encoder, attention_hidden=16)
     quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
     trainer = L.Trainer(
         max_epochs=args.epochs, accelerator="cpu", enable_checkpointing=False, **quiet

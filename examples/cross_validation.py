@@ -30,9 +30,8 @@ def configs(root: Path, cache: Path) -> dict[str, dict]:
         "class_path": "PatientBagDataModule",
         "init_args": {
             "root": str(root),
-            "image_size": 32,
-            "cache_dir": str(cache),
-            "batch_size": 8,
+            "crops": {"image_size": 32, "cache_dir": str(cache)},
+            "loader": {"batch_size": 8},
             "max_instances": 16,
         },
     }
@@ -40,7 +39,7 @@ def configs(root: Path, cache: Path) -> dict[str, dict]:
     return {
         "clinical": {
             "trainer": trainer,
-            "model": {"class_path": "TabularMLP", "init_args": {"lr": 0.01}},
+            "model": {"class_path": "TabularMLP", "init_args": {"optim": {"lr": 0.01}}},
             "data": data,
         },
         "fusion": {
@@ -48,11 +47,9 @@ def configs(root: Path, cache: Path) -> dict[str, dict]:
             "model": {
                 "class_path": "GatedFusionMIL",
                 "init_args": {
-                    "encoder": "small_cnn",
-                    "encoder_kwargs": {"width": 8},
-                    "embed_dim": 32,
-                    "attention_hidden": 32,
-                    "lr": 0.003,
+                    "encoder": {"name": "small_cnn", "kwargs": {"width": 8}, "out_dim": 32},
+                    "pooling": {"name": "attention", "hidden": 32},
+                    "optim": {"lr": 0.003},
                 },
             },
             "data": data,

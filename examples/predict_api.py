@@ -19,6 +19,7 @@ import pandas as pd
 
 import lympho_mil
 from lympho_mil import PatientBagDataModule
+from lympho_mil.data import CropSettings
 from lympho_mil.evaluation import PredictionWriter
 
 
@@ -40,9 +41,9 @@ def main() -> None:
 
     data = PatientBagDataModule(
         str(args.root),
-        image_size=args.size,
-        center_crop=args.center_crop,
-        cache_dir=str(args.out / "cache"),
+        crops=CropSettings(
+            image_size=args.size, center_crop=args.center_crop, cache_dir=str(args.out / "cache")
+        ),
         predict_ids=args.patients,
     )
     writer = PredictionWriter(str(args.out), overwrite=args.overwrite, explain=True)

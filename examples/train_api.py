@@ -27,7 +27,9 @@ from lympho_mil import (
     PatientBagDataModule,
     make_synthetic_dlmi,
 )
+from lympho_mil.data import CropSettings, LoaderSettings, SplitSettings
 from lympho_mil.evaluation import PredictionWriter
+from lympho_mil.nn import EncoderSettings
 
 MODELS = {
     m.__name__: m
@@ -53,20 +55,16 @@ def main() -> None:
         make_synthetic_dlmi(root, n_patients=args.patients, image_size=args.size, max_cells=30)
     data = PatientBagDataModule(
         str(root),
-        image_size=args.size,
-        cache_dir=str(args.out / "cache"),
-        batch_size=4,
+        crops=CropSettings(image_size=args.size, cache_dir=str(args.out / "cache")),
+        loader=LoaderSettings(batch_size=4),
         max_instances=16,
-        val_fraction=0.25,
-        test_fraction=0.2,
+        split=SplitSettings(val_fraction=0.25, test_fraction=0.2),
     )
 
     # 2. Model: the clinical vector's size and its standardisation (fitted on the training
     #    patients only) come from the datamodule and travel inside the checkpoint.
     model = MODELS[args.model](
-        encoder="small_cnn",
-        encoder_kwargs={"width": args.width},
-        embed_dim=32,
+        encoder=EncoderSettings("small_cnn", out_dim=32, kwargs={"width": args.width}),
         tabular_dim=data.tabular_dim,
         tabular_stats=data.tabular_stats,
     )

@@ -1,7 +1,14 @@
 """Checks of constructor arguments, shared by models and datamodules: a bad setting is a
-ValueError naming it at construction, not an error deep inside the first step."""
+ValueError naming it at construction, not an error deep inside the first step; and the
+settings dataclasses that group related arguments, as given or as plain mappings."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class SettingError(ValueError):
@@ -21,3 +28,25 @@ def check_share(name: str, value: float, one_allowed: bool = True) -> None:
     if not (0.0 <= value <= 1.0 if one_allowed else 0.0 <= value < 1.0):
         interval = "[0, 1]" if one_allowed else "[0, 1)"
         raise SettingError(f"{name} must be in {interval}, got {value}")
+
+
+def as_settings(cls: type[T], value: T | Mapping[str, Any]) -> T:
+    """``value`` as the settings dataclass ``cls``: itself, or built from a mapping of its
+    fields (what a checkpoint's hyperparameters and plain Python give); a SettingError names
+    an unknown field."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise SettingError(f"{cls.__name__} settings must be a mapping, got {value!r}")
+    unknown = set(value) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise SettingError(f"unknown {cls.__name__} settings {sorted(unknown)}")
+    return cls(**value)
+
+
+def plain(value: Any) -> Any:
+    """A settings dataclass as a dict of its fields (anything else as it is): what checkpoints
+    and logs keep, so that they load without lympho-mil's classes."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from lympho_mil.data import DataError, PatientBagDataModule, read_dlmi
+from lympho_mil.data import CropSettings, DataError, LoaderSettings, PatientBagDataModule, read_dlmi
 
 TRAIN_CSV = Path("trainset") / "trainset_true.csv"
 TEST_CSV = Path("testset") / "testset_data.csv"
@@ -41,14 +41,17 @@ def set_value(root: Path, pid: str, column: str, value: str) -> None:
     table.to_csv(root / TRAIN_CSV, index=False)
 
 
-def datamodule(root: Path, cache_dir: Path, **kwargs: object) -> PatientBagDataModule:
-    return PatientBagDataModule(str(root), image_size=16, cache_dir=str(cache_dir), **kwargs)
+def datamodule(
+    root: Path, cache_dir: Path, crops: dict | None = None, **kwargs: object
+) -> PatientBagDataModule:
+    crops = {"image_size": 16, "cache_dir": str(cache_dir), **(crops or {})}
+    return PatientBagDataModule(str(root), crops=crops, **kwargs)  # type: ignore[arg-type]
 
 
 def only_patient(root: Path, cache_dir: Path, **kwargs: object) -> PatientBagDataModule:
     """A datamodule that trains on the first training patient and validates on the second."""
     first, second = train_ids(root)[:2]
-    return datamodule(root, cache_dir, train_ids=[first], val_ids=[second], **kwargs)
+    return datamodule(root, cache_dir, split={"train_ids": [first], "val_ids": [second]}, **kwargs)
 
 
 def first_image(root: Path, pid: str) -> Path:
@@ -208,14 +211,14 @@ def test_bad_jpeg_skipped_with_warning_on_request(dlmi_root: Path, cache_dir: Pa
     bad = first_image(dlmi_root, pid)
     n_files = len(list(bad.parent.iterdir()))
     corrupt(bad, "truncated")
-    dm = only_patient(dlmi_root, cache_dir, skip_bad_images=True)
+    dm = only_patient(dlmi_root, cache_dir, crops={"skip_bad_images": True})
     with pytest.warns(UserWarning, match=re.escape(str(bad))):
         dm.setup("fit")
     (sample,) = dm.datasets["train"]
     assert len(sample.instance_id) == n_files - 1 and bad.name not in sample.instance_id
     # the cache remembers the bad file: loading again warns again, and refuses without opt-in
     with pytest.warns(UserWarning, match=re.escape(str(bad))):
-        only_patient(dlmi_root, cache_dir, skip_bad_images=True).setup("fit")
+        only_patient(dlmi_root, cache_dir, crops={"skip_bad_images": True}).setup("fit")
     with raises_data_error(bad, "skip_bad_images"):
         only_patient(dlmi_root, cache_dir).setup("fit")
 
@@ -225,7 +228,7 @@ def test_patient_without_any_readable_image(dlmi_root: Path, cache_dir: Path) ->
     for path in (dlmi_root / "trainset" / pid).iterdir():
         corrupt(path, "garbage")
     with pytest.warns(UserWarning), raises_data_error(pid, "no readable image"):
-        datamodule(dlmi_root, cache_dir, skip_bad_images=True).setup("fit")
+        datamodule(dlmi_root, cache_dir, crops={"skip_bad_images": True}).setup("fit")
 
 
 def test_grayscale_rgba_and_other_sizes_are_converted(dlmi_root: Path, cache_dir: Path) -> None:
@@ -234,7 +237,9 @@ def test_grayscale_rgba_and_other_sizes_are_converted(dlmi_root: Path, cache_dir
     Image.new("L", (32, 32), 90).save(folder / "000000.jpg", quality=100)
     Image.new("RGBA", (32, 32), (200, 40, 10, 128)).save(folder / "000001.png")
     Image.new("RGB", (50, 40), (10, 200, 30)).save(folder / "000002.jpg", quality=100)
-    dm = only_patient(dlmi_root, cache_dir, augment=False, mean=(0, 0, 0), std=(1, 1, 1))
+    dm = only_patient(
+        dlmi_root, cache_dir, augment={"mode": "none"}, crops={"mean": (0, 0, 0), "std": (1, 1, 1)}
+    )
     dm.setup("fit")
     (sample,) = dm.datasets["train"]
     names = sample.instance_id
@@ -263,7 +268,12 @@ def test_data_root_is_never_modified(
     before = tree_digest(synthetic_dlmi)
     monkeypatch.setenv("LYMPHO_MIL_CACHE", str(tmp_path / "default-cache"))
     monkeypatch.chdir(synthetic_dlmi)  # relative paths would land here
-    dm = PatientBagDataModule(str(synthetic_dlmi), image_size=16, batch_size=3, max_instances=5)
+    dm = PatientBagDataModule(
+        str(synthetic_dlmi),
+        crops=CropSettings(image_size=16),
+        loader=LoaderSettings(batch_size=3),
+        max_instances=5,
+    )
     for stage in ("fit", "test", "predict"):
         dm.setup(stage)
     loaders = [dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()]
@@ -293,19 +303,23 @@ def test_too_few_labelled_patients_to_split(dlmi_root: Path, cache_dir: Path) ->
     ("setting", "value"),
     [
         ("max_instances", 0),
-        ("n_folds", 1),
-        ("num_workers", -1),
-        ("affine", 2.0),
-        ("color_jitter", -0.5),
-        ("std", (0.2, 0.0, 0.2)),
-        ("mean", (0.5, 0.5)),
+        ("split.n_folds", 1),
+        ("loader.num_workers", -1),
+        ("loader.batch_size", 0),
+        ("augment.affine", 2.0),
+        ("augment.color_jitter", -0.5),
+        ("augment.mode", "sometimes"),
+        ("crops.std", (0.2, 0.0, 0.2)),
+        ("crops.mean", (0.5, 0.5)),
     ],
 )
 def test_datamodule_settings_that_cannot_work_are_named_at_construction(
     dlmi_root: Path, cache_dir: Path, setting: str, value: object
 ) -> None:
-    with pytest.raises(ValueError, match=setting):
-        datamodule(dlmi_root, cache_dir, **{setting: value})
+    """Grouped settings are checked as given in a config: plain mappings."""
+    group, _, name = setting.rpartition(".")
+    with pytest.raises(ValueError, match=name):
+        datamodule(dlmi_root, cache_dir, **({group: {name: value}} if group else {name: value}))
 
 
 @pytest.mark.parametrize(("setting", "value"), [("val_fraction", 0.0), ("test_fraction", 1.0)])
@@ -313,4 +327,4 @@ def test_split_fractions_out_of_range(
     dlmi_root: Path, cache_dir: Path, setting: str, value: float
 ) -> None:
     with pytest.raises(ValueError, match=setting):
-        datamodule(dlmi_root, cache_dir, **{setting: value})
+        datamodule(dlmi_root, cache_dir, split={setting: value})

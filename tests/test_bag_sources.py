@@ -7,6 +7,7 @@ import gzip
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -19,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from trainers import quiet_trainer
 
 from lympho_mil.cli import main
-from lympho_mil.data import BagBatch, DataError
+from lympho_mil.data import BagBatch, DataError, LoaderSettings, MNISTBagSettings, SplitSettings
 from lympho_mil.data.bag_sources import (
     MNIST_MEAN,
     MNIST_STD,
@@ -34,7 +35,8 @@ from lympho_mil.data.bag_sources import (
     read_mil_mat,
     read_mnist_bags,
 )
-from lympho_mil.models import AttentionMIL
+from lympho_mil.models import AttentionMIL, OptimSettings
+from lympho_mil.nn import EncoderSettings
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -212,7 +214,9 @@ def test_feature_datamodule_yields_bag_batches(tmp_path: Path) -> None:
     x, ids, labels = instance_table()
     path = write_csv(tmp_path / "toy.csv", x * 10 + 5, ids, labels)
     data = FeatureBagDataModule(
-        str(path), batch_size=2, train_ids=["3", "7", "9"], val_ids=["1"], test_ids=["4"]
+        str(path),
+        loader=LoaderSettings(batch_size=2),
+        split=SplitSettings(train_ids=["3", "7", "9"], val_ids=["1"], test_ids=["4"]),
     )
     assert data.in_dim == D and data.tabular_dim == 0
     data.setup("fit")
@@ -234,7 +238,9 @@ def test_standardisation_clips_to_the_training_range(tmp_path: Path) -> None:
     x[np.flatnonzero(BAG_IDS == 7)[0], 0] = 1e-3  # the one non-zero training value
     x[BAG_IDS == 4, 0] = 50.0  # far outside the training range
     path = write_csv(tmp_path / "sparse.csv", x, ids, labels)
-    data = FeatureBagDataModule(str(path), train_ids=["3", "7", "9"], val_ids=[], test_ids=["4"])
+    data = FeatureBagDataModule(
+        str(path), split=SplitSettings(train_ids=["3", "7", "9"], val_ids=[], test_ids=["4"])
+    )
     data.setup("test")
     store = data.datasets["test"].store
     train_rows = np.concatenate([data.bags[i].rows for i in ["3", "7", "9"]])
@@ -244,7 +250,10 @@ def test_standardisation_clips_to_the_training_range(tmp_path: Path) -> None:
 
 def test_mnist_datamodule_splits_and_shapes(mnist_dir: Path) -> None:
     data = MNISTBagsDataModule(
-        str(mnist_dir), n_train_bags=12, n_test_bags=5, train_pool=150, val_bags=2, batch_size=3
+        str(mnist_dir),
+        bags=MNISTBagSettings(n_train_bags=12, n_test_bags=5, train_pool=150),
+        val_bags=2,
+        loader=LoaderSettings(batch_size=3),
     )
     assert {k: len(v) for k, v in data.split_ids.items() if k != "predict"} == {
         "train": 10,
@@ -259,7 +268,10 @@ def test_mnist_datamodule_splits_and_shapes(mnist_dir: Path) -> None:
 
 
 def test_mnist_normalisation_uses_the_fixed_mnist_statistics(mnist_dir: Path) -> None:
-    settings = {"n_train_bags": 4, "n_test_bags": 2, "train_pool": 150, "batch_size": 2}
+    settings: dict[str, Any] = {
+        "bags": MNISTBagSettings(n_train_bags=4, n_test_bags=2, train_pool=150),
+        "loader": LoaderSettings(batch_size=2),
+    }
     raw = MNISTBagsDataModule(str(mnist_dir), normalize=False, **settings)
     normed = MNISTBagsDataModule(str(mnist_dir), **settings)
     for data in (raw, normed):
@@ -302,15 +314,15 @@ def test_tiny_attention_model_learns_separable_bags(tmp_path: Path) -> None:
     ids = [str(b) for b in range(60)]
     data = FeatureBagDataModule(
         str(path),
-        batch_size=8,
-        train_ids=ids[:40],
-        val_ids=[],
-        test_ids=ids[40:],
+        loader=LoaderSettings(batch_size=8),
+        split=SplitSettings(train_ids=ids[:40], val_ids=[], test_ids=ids[40:]),
         predict_ids=ids[40:],
     )
     L.seed_everything(0, verbose=False)
     model = AttentionMIL(
-        encoder="mlp", in_dim=data.in_dim, embed_dim=16, lr=1e-2, attention_hidden=16
+        encoder=EncoderSettings("mlp", out_dim=16, in_dim=data.in_dim),
+        optim=OptimSettings(lr=1e-2),
+        attention_hidden=16,
     )
     trainer = quiet_trainer(
         max_epochs=10,
@@ -366,12 +378,12 @@ def test_cli_fits_feature_and_mnist_bags(
     common = "fit --trainer.max_epochs 1 --trainer.enable_progress_bar false"
     main(
         f"{common} --data FeatureBagDataModule --data.path {csv} --model AttentionMIL "
-        f"--model.encoder mlp --model.in_dim {D}".split()
+        f"--model.encoder.name mlp --model.encoder.in_dim {D}".split()
     )
     main(
-        f"{common} --data MNISTBagsDataModule --data.root {mnist_dir} --data.n_train_bags 8 "
-        "--data.val_bags 4 --data.n_test_bags 4 --data.train_pool 150 --model MeanPoolMIL "
-        "--model.encoder lenet --model.embed_dim 16".split()
+        f"{common} --data MNISTBagsDataModule --data.root {mnist_dir} --data.bags.n_train_bags 8 "
+        "--data.val_bags 4 --data.bags.n_test_bags 4 --data.bags.train_pool 150 "
+        "--model MeanPoolMIL --model.encoder.name lenet --model.encoder.out_dim 16".split()
     )
     assert len(list(tmp_path.glob("runs/lightning_logs/version_*/checkpoints/last.ckpt"))) == 2
 
@@ -381,12 +393,16 @@ def test_feature_standardisation_travels_in_the_checkpoint(tmp_path: Path) -> No
     checkpoint's state is loaded."""
     x, ids, labels = instance_table()
     path = str(write_csv(tmp_path / "toy.csv", x * 10 + 5, ids, labels))
-    trained = FeatureBagDataModule(path, train_ids=["3", "7", "9"], val_ids=["1"], test_ids=["4"])
+    trained = FeatureBagDataModule(
+        path, split=SplitSettings(train_ids=["3", "7", "9"], val_ids=["1"], test_ids=["4"])
+    )
     trained.setup()
     state = trained.state_dict()
     assert set(state) == {"feature_scaling"}
     expected = trained.datasets["test"].store
-    other = FeatureBagDataModule(path, train_ids=["1", "9"], val_ids=["3"], test_ids=["4"])
+    other = FeatureBagDataModule(
+        path, split=SplitSettings(train_ids=["1", "9"], val_ids=["3"], test_ids=["4"])
+    )
     other.setup()
     assert not np.allclose(other.datasets["test"].store, expected)  # its own split's scaling
     other.load_state_dict(state)
@@ -396,7 +412,9 @@ def test_feature_standardisation_travels_in_the_checkpoint(tmp_path: Path) -> No
     other.load_state_dict(state)  # again: the raw instances are never rescaled themselves
     np.testing.assert_array_equal(other._features, raw)
     np.testing.assert_allclose(other.datasets["test"].store, expected, rtol=1e-6)
-    plain = FeatureBagDataModule(path, standardize=False, train_ids=["3"], val_ids=[])
+    plain = FeatureBagDataModule(
+        path, standardize=False, split=SplitSettings(train_ids=["3"], val_ids=[])
+    )
     plain.setup("fit")
     assert plain.state_dict() == {}
     plain.load_state_dict(state)  # a checkpoint's standardisation: not applied without it
@@ -408,12 +426,14 @@ def test_a_standardisation_of_another_feature_size_is_refused(tmp_path: Path) ->
     model would refuse the data by name too), not a broadcasting error of numpy."""
     x, ids, labels = instance_table()
     trained = FeatureBagDataModule(
-        str(write_csv(tmp_path / "a.csv", x, ids, labels)), train_ids=["3", "7"], val_ids=["1"]
+        str(write_csv(tmp_path / "a.csv", x, ids, labels)),
+        split=SplitSettings(train_ids=["3", "7"], val_ids=["1"]),
     )
     trained.setup("fit")
     wider = np.concatenate([x, x[:, :2]], axis=1)
     other = FeatureBagDataModule(
-        str(write_csv(tmp_path / "b.csv", wider, ids, labels)), train_ids=["1"], val_ids=[]
+        str(write_csv(tmp_path / "b.csv", wider, ids, labels)),
+        split=SplitSettings(train_ids=["1"], val_ids=[]),
     )
     other.setup("fit")
     with pytest.raises(DataError, match=rf"instances of {D} values .* hold {D + 2}"):
@@ -425,7 +445,9 @@ def test_data_to_predict_alone_takes_the_checkpoints_standardisation(tmp_path: P
     unscaled until the checkpoint's standardisation arrives."""
     x, ids, labels = instance_table()
     path = str(write_csv(tmp_path / "toy.csv", x, ids, labels))
-    trained = FeatureBagDataModule(path, train_ids=["3", "7", "9"], val_ids=["1"])
+    trained = FeatureBagDataModule(
+        path, split=SplitSettings(train_ids=["3", "7", "9"], val_ids=["1"])
+    )
     trained.setup("fit")
     positive = [str(i) for i in np.unique(ids) if BAG_LABELS[i]]
     rows = np.isin(ids.astype(str), positive)

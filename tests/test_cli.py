@@ -16,6 +16,7 @@ from trainers import quiet_trainer
 
 from lympho_mil import PatientBagDataModule, TabularMLP, __version__
 from lympho_mil.cli import main
+from lympho_mil.data import CropSettings, SplitSettings
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.evaluation.thresholds import best_balanced_accuracy_threshold
 
@@ -42,17 +43,16 @@ def write_config(path: Path, root: Path, cache: Path, model: str = "AttentionMIL
         },
         "model": {
             "class_path": model,
-            "init_args": {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 16},
+            "init_args": {"encoder": {"name": "small_cnn", "kwargs": {"width": 8}, "out_dim": 16}},
         },
         "data": {
             "class_path": "PatientBagDataModule",
             "init_args": {
                 "root": str(root),
-                "image_size": 32,
-                "cache_dir": str(cache),
-                "batch_size": 4,
+                "crops": {"image_size": 32, "cache_dir": str(cache)},
+                "loader": {"batch_size": 4},
                 "max_instances": 8,
-                "test_fraction": 0.25,
+                "split": {"test_fraction": 0.25},
             },
         },
         "checkpoint": {"dirpath": str(path.parent / "ckpt")},
@@ -125,13 +125,14 @@ def new_cohort(root: Path, out: Path) -> Path:
 
 
 def test_checkpoint_carries_standardisation_and_threshold(dlmi_root: Path, tmp_path: Path) -> None:
-    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache")
+    """A model that reads the clinical vector carries its standardisation (in its network)."""
+    config = write_config(tmp_path / "cfg.yaml", dlmi_root, tmp_path / "cache", "GatedFusionMIL")
     main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     state = ckpt["state_dict"]
     stats = ckpt["hyper_parameters"]["tabular_stats"]
-    assert state["standardize.mean"].tolist() == pytest.approx(stats["mean"])
-    assert state["standardize.scale"].tolist() == pytest.approx(stats["scale"])
+    assert state["net.standardize.mean"].tolist() == pytest.approx(stats["mean"])
+    assert state["net.standardize.scale"].tolist() == pytest.approx(stats["scale"])
     assert float(state["threshold"]) == pytest.approx(0.5)
     assert len(stats["mean"]) == 3
 
@@ -217,15 +218,15 @@ def test_data_root_and_model_from_the_command_line(dlmi_root: Path, tmp_path: Pa
             str(dlmi_root),
             "--model",
             "GatedFusionMIL",
-            "--model.fusion",
+            "--model.fusion.kind",
             "concat",
             "--trainer.max_epochs",
             "1",
         ]
     )
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert any(k.startswith("fusion.") for k in ckpt["state_dict"])
-    assert ckpt["hyper_parameters"]["fusion"] == "concat"
+    assert any(k.startswith("net.fusion.") for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["fusion"]["kind"] == "concat"
 
 
 @pytest.mark.parametrize(
@@ -234,9 +235,12 @@ def test_data_root_and_model_from_the_command_line(dlmi_root: Path, tmp_path: Pa
         (["--model", "NoSuchMIL"], "unknown model 'NoSuchMIL'; valid choices: AttentionMIL"),
         (["--data", "NoSuchData"], "unknown data 'NoSuchData'; valid choices:"),
         (["--model.no_such_key", "3"], "no_such_key"),
-        (["--data.batch_size", "0"], "batch_size must be >= 1, got 0"),
-        (["--model.lr", "0"], "lr must be > 0, got 0"),
-        (["--data.cache_on_device", "true"], "cache_on_device=True needs augment='gpu'"),
+        (["--data.loader.batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["--model.optim.lr", "0"], "lr must be > 0, got 0"),
+        (
+            ["--data.augment.cache_on_device", "true"],
+            "cache_on_device=True needs augment mode 'gpu'",
+        ),
         (
             ["--data.root", "/no/such/folder"],
             "/no/such/folder does not exist or is not a folder (a relative",
@@ -442,7 +446,7 @@ def test_weights_that_do_not_fit_the_model_are_a_user_error(
 def test_an_encoder_weights_file_that_does_not_fit_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """E.g. ``--data.encoder_weights`` of a CachedFeatureDataModule, loaded in ``fit`` without
+    """E.g. ``--data.features.weights`` of a CachedFeatureDataModule, loaded in ``fit`` without
     any checkpoint: the error names the file, not a checkpoint."""
     import lympho_mil.cli as cli
     from lympho_mil.nn import build_instance_encoder
@@ -470,7 +474,7 @@ def test_a_models_encoder_weights_that_do_not_fit_are_one_line(
     bad = tmp_path / "bad.pt"
     torch.save({"x": torch.zeros(2)}, bad)
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(config), "--model.init_args.encoder_weights", str(bad)])
+        main(["fit", "--config", str(config), "--model.init_args.encoder.weights", str(bad)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"weights in {bad} do not fit" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -609,8 +613,8 @@ def test_best_is_the_newest_run_of_the_configs_model_and_data(
     explicit = predicted(attention, best, tmp_path / "explicit")
     assert chosen["probability"].tolist() == explicit["probability"].tolist()
     with pytest.raises(SystemExit) as exc:  # no run of this data setting
-        main(["predict", "--config", str(attention), "--ckpt_path", "best", "--data.image_size",
-              "16"])  # fmt: skip
+        main(["predict", "--config", str(attention), "--ckpt_path", "best",
+              "--data.crops.image_size", "16"])  # fmt: skip
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "no run fits the config" in err
     assert "comes from a TabularMLP run" in err and "comes from a AttentionMIL run" in err
@@ -625,7 +629,7 @@ def test_a_checkpoint_that_does_not_fit_the_config_is_one_line_naming_both(
     tabular_best = capsys.readouterr().out.split("best checkpoint: ")[1].split()[0]
     for config, extra, expected in (
         (attention, [], "model TabularMLP vs AttentionMIL"),  # ran the TabularMLP silently
-        (tabular, ["--data.image_size", "16"], "data image_size 32 vs 16"),
+        (tabular, ["--data.crops.image_size", "16"], "data image_size 32 vs 16"),
     ):
         with pytest.raises(SystemExit) as exc:
             main(["predict", "--config", str(config), "--ckpt_path", tabular_best, *extra])
@@ -647,8 +651,9 @@ def test_fit_chooses_the_threshold_on_its_validation_patients_and_marks_in_sampl
     assert train and val and not set(train) & set(val)
     # independently: the validation patients' probabilities, then the rule of cv
     model = TabularMLP.load_from_checkpoint(best, threshold=0.5)
-    dm = PatientBagDataModule(str(dlmi_root), image_size=32, cache_dir=str(tmp_path / "cache"),
-                              train_ids=train, val_ids=val)  # fmt: skip
+    crops = CropSettings(image_size=32, cache_dir=str(tmp_path / "cache"))
+    split = SplitSettings(train_ids=train, val_ids=val)
+    dm = PatientBagDataModule(str(dlmi_root), crops=crops, split=split)
     records = [r for b in quiet_trainer().predict(model, dm.val_dataloader()) for r in b]
     expected = best_balanced_accuracy_threshold(
         [r["probability"] for r in records], [r["label"] for r in records]

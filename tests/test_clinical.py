@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,11 @@ def _set_value(root: Path, pid: str, column: str, value: str) -> None:
 
 
 def test_standardisation_fitted_on_training_patients_only(dlmi_root: Path) -> None:
-    kwargs = {"image_size": 16, "val_fraction": 0.3, "seed": 1}
+    kwargs: dict[str, Any] = {
+        "crops": {"image_size": 16},
+        "split": {"val_fraction": 0.3},
+        "seed": 1,
+    }
     before = PatientBagDataModule(str(dlmi_root), **kwargs)
     stats = before.tabular_stats
     assert all(type(v) is float for v in stats["mean"] + stats["scale"])

@@ -6,21 +6,29 @@ Skipped without CUDA (CI has none); tests/test_gpu_path.py covers the same logic
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from lympho_mil.data import BagSample, PatientBagDataModule, collate_bags
+from lympho_mil.data import (
+    Augmentation,
+    BagSample,
+    CropSettings,
+    LoaderSettings,
+    PatientBagDataModule,
+    collate_bags,
+)
 from lympho_mil.data.gpu_augment import DeviceAugment, normalize_pixels
 from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lympho_mil.models import AttentionMIL
-from lympho_mil.nn import MorphologyEncoder
+from lympho_mil.models import AttentionMIL, OptimSettings
+from lympho_mil.nn import EncoderSettings, MorphologyEncoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-SMALL = {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 16}
+SMALL = EncoderSettings("small_cnn", out_dim=16, kwargs={"width": 8})
 
 
 def pixels(b: int = 3, n: int = 5, size: int = 32) -> torch.Tensor:
@@ -45,17 +53,16 @@ def test_mixed_precision_training_on_the_device_pipeline(
 ) -> None:
     dm = PatientBagDataModule(
         str(synthetic_dlmi),
-        image_size=32,
-        augment="gpu",
-        cache_on_device=cache_on_device,
-        batch_size=4,
+        crops=CropSettings(image_size=32),
+        augment=Augmentation(mode="gpu", cache_on_device=cache_on_device),
+        loader=LoaderSettings(
+            batch_size=4, num_workers=2, pin_memory=True, persistent_workers=True
+        ),
         max_instances=8,
-        num_workers=2,
-        pin_memory=True,
-        persistent_workers=True,
     )
     L.seed_everything(0, verbose=False)
-    model = AttentionMIL(**SMALL, channels_last=True, lr=3e-3)
+    fast = dataclasses.replace(SMALL, channels_last=True)
+    model = AttentionMIL(encoder=fast, optim=OptimSettings(lr=3e-3))
     start = {k: v.clone() for k, v in model.state_dict().items()}
     devices = Devices()
     trainer = L.Trainer(
@@ -73,7 +80,7 @@ def test_mixed_precision_training_on_the_device_pipeline(
     assert devices.seen == {("cuda", torch.float32, "cuda")}  # the model sees normalised floats
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v.cpu(), start[k])]
-    assert any(k.startswith("encoder") for k in moved) and any("pool" in k for k in moved)
+    assert any(k.startswith("net.encoder") for k in moved) and any("pool" in k for k in moved)
     # the checkpoint predicts on the CPU as the trained model does on the GPU
     on_cpu = AttentionMIL.load_from_checkpoint(
         trainer.checkpoint_callback.best_model_path, map_location="cpu"
@@ -110,8 +117,8 @@ def draw_plain(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.slow
 def test_compiled_encoder_on_cuda_matches_and_its_checkpoint_loads_uncompiled() -> None:
     torch.manual_seed(0)
-    plain = AttentionMIL(**SMALL).cuda().eval()
-    compiled = AttentionMIL(**SMALL, compile_encoder=True).cuda().eval()
+    plain = AttentionMIL(encoder=SMALL).cuda().eval()
+    compiled = AttentionMIL(encoder=dataclasses.replace(SMALL, compile=True)).cuda().eval()
     compiled.load_state_dict(plain.state_dict())
     batch = collate_bags(
         [
@@ -121,7 +128,7 @@ def test_compiled_encoder_on_cuda_matches_and_its_checkpoint_loads_uncompiled() 
     ).to("cuda")
     with torch.no_grad():
         torch.testing.assert_close(compiled(batch).logit, plain(batch).logit, rtol=1e-2, atol=1e-3)
-    reloaded = AttentionMIL(**SMALL).cuda().eval()
+    reloaded = AttentionMIL(encoder=SMALL).cuda().eval()
     reloaded.load_state_dict(compiled.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(reloaded(batch).logit, plain(batch).logit)
@@ -132,7 +139,7 @@ def test_chunked_evaluation_bounds_cuda_memory() -> None:
     batch = collate_bags([BagSample(crops, torch.zeros(0), 1.0, "b", ["x"] * 200)]).to("cuda")
 
     def peak_mib(chunk: int) -> float:
-        model = AttentionMIL(encoder="resnet18", chunk_size=chunk).cuda().eval()
+        model = AttentionMIL(encoder=EncoderSettings("resnet18"), chunk_size=chunk).cuda().eval()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()

@@ -19,7 +19,7 @@ from reports import without_timing
 from lympho_mil import compare_configs, cross_validate
 from lympho_mil.cli import main
 from lympho_mil.cli.cv import config_and_overrides
-from lympho_mil.data import PatientBagDataModule
+from lympho_mil.data import Augmentation, CropSettings, LoaderSettings, PatientBagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.evaluation import ModuleRunner, run_cross_validation
@@ -27,7 +27,7 @@ from lympho_mil.evaluation.cv_plan import FOLD_FILE, PLAN_FILE
 from lympho_mil.evaluation.report import COMPARISON_FILES, cv_output_names
 from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.files import OutputExistsError
-from lympho_mil.models import TabularMLP
+from lympho_mil.models import OptimSettings, TabularMLP
 from lympho_mil.models.metrics import METRIC_NAMES
 
 FOLDS, REPEATS = 3, 2
@@ -50,11 +50,10 @@ def data_section(root: Path, cache: Path, max_instances: int) -> dict[str, Any]:
         "class_path": "PatientBagDataModule",
         "init_args": {
             "root": str(root),
-            "image_size": 32,
-            "cache_dir": str(cache),
-            "batch_size": 4,
+            "crops": {"image_size": 32, "cache_dir": str(cache)},
+            "loader": {"batch_size": 4},
             "max_instances": max_instances,
-            "augment": False,
+            "augment": {"mode": "none"},
         },
     }
 
@@ -64,18 +63,18 @@ def configs(workdir: Path, dlmi_root: Path) -> dict[str, Path]:
     cache = workdir / "cache"
     tabular = {
         "trainer": {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1},
-        "model": {"class_path": "TabularMLP", "init_args": {"lr": 0.01}},
+        "model": {"class_path": "TabularMLP", "init_args": {"optim": {"lr": 0.01}}},
         "data": data_section(dlmi_root, cache, max_instances=1),
     }
     small = {
         **tabular,
-        "model": {"class_path": "TabularMLP", "init_args": {"hidden": 4, "lr": 0.05}},
+        "model": {"class_path": "TabularMLP", "init_args": {"hidden": 4, "optim": {"lr": 0.05}}},
     }
     image = {
         "trainer": {"max_epochs": 1, "accelerator": "cpu", "log_every_n_steps": 1},
         "model": {
             "class_path": "MeanPoolMIL",
-            "init_args": {"encoder": "small_cnn", "encoder_kwargs": {"width": 4}, "embed_dim": 8},
+            "init_args": {"encoder": {"name": "small_cnn", "kwargs": {"width": 4}, "out_dim": 8}},
         },
         "data": data_section(dlmi_root, cache, max_instances=4),
     }
@@ -220,7 +219,7 @@ def test_predict_writes_the_fold_ensemble(single: Path, dlmi_root: Path) -> None
     # Independent route: reload every fold's checkpoint and average it by hand.
     report = load_report(single)
     datamodule = PatientBagDataModule(
-        str(dlmi_root), image_size=32, cache_dir=str(single.parent / "cache")
+        str(dlmi_root), crops=CropSettings(image_size=32, cache_dir=str(single.parent / "cache"))
     )
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     probabilities = []
@@ -433,7 +432,7 @@ def test_each_fold_model_is_its_best_checkpoint_not_its_last_epoch(
             "--trainer.deterministic=true",
             "--checkpoint.monitor=step",
             "--checkpoint.mode=min",
-            "--model.init_args.scheduler=none",
+            "--model.init_args.optim.scheduler=none",
         ]
         result = cross_validate(
             configs["tabular"], folds=2, overrides=overrides, n_bootstrap=50, verbose=False
@@ -501,7 +500,10 @@ def test_a_killed_comparison_resumes_to_the_uninterrupted_one(
     [
         (["--trainer.max_epochs=3"], "the config of tabular (trainer.max_epochs: 2 -> 3)"),
         (["--cv.folds=2"], "--cv.folds 3 -> 2"),
-        (["--model.lr=0.02", "--cv.seed=4"], "--cv.seed 3 -> 4; the config of tabular (model"),
+        (
+            ["--model.optim.lr=0.02", "--cv.seed=4"],
+            "--cv.seed 3 -> 4; the config of tabular (model",
+        ),
     ],
 )
 def test_a_killed_cv_run_again_otherwise_is_refused_naming_what_changed(
@@ -556,14 +558,15 @@ def test_a_module_runner_cross_validates_without_configs_as_the_command_does(
         make_data=partial(
             PatientBagDataModule,
             str(dlmi_root),
-            image_size=32,
-            cache_dir=str(workdir / "cache"),
-            batch_size=4,
+            crops=CropSettings(image_size=32, cache_dir=str(workdir / "cache")),
+            loader=LoaderSettings(batch_size=4),
             max_instances=1,
-            augment=False,
+            augment=Augmentation(mode="none"),
         ),
         make_model=lambda dm: TabularMLP(
-            tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats, lr=0.01
+            tabular_dim=dm.tabular_dim,
+            tabular_stats=dm.tabular_stats,
+            optim=OptimSettings(lr=0.01),
         ),
         trainer=trainer,
     )
@@ -631,14 +634,15 @@ def test_a_module_runner_resumes_a_killed_run_and_refuses_other_trainer_settings
         make_data=partial(
             PatientBagDataModule,
             str(dlmi_root),
-            image_size=32,
-            cache_dir=str(workdir / "cache"),
-            batch_size=4,
+            crops=CropSettings(image_size=32, cache_dir=str(workdir / "cache")),
+            loader=LoaderSettings(batch_size=4),
             max_instances=1,
-            augment=False,
+            augment=Augmentation(mode="none"),
         ),
         make_model=lambda dm: TabularMLP(
-            tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats, lr=0.01
+            tabular_dim=dm.tabular_dim,
+            tabular_stats=dm.tabular_stats,
+            optim=OptimSettings(lr=0.01),
         ),
         trainer=trainer,
     )

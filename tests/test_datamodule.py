@@ -15,6 +15,7 @@ from lightning.fabric.utilities import move_data_to_device
 from lympho_mil.data import (
     BagBatch,
     BagSample,
+    CropSettings,
     CropSpec,
     DataError,
     PatientBagDataModule,
@@ -31,8 +32,9 @@ SIZE = 16
 def make_dm(synthetic_dlmi: Path):
     """PatientBagDataModule on the shared synthetic folder (16 px, the session cache)."""
 
-    def make(**kwargs: object) -> PatientBagDataModule:
-        return PatientBagDataModule(str(synthetic_dlmi), image_size=SIZE, **kwargs)
+    def make(crops: dict | None = None, **kwargs: object) -> PatientBagDataModule:
+        crops = {"image_size": SIZE, **(crops or {})}
+        return PatientBagDataModule(str(synthetic_dlmi), crops=crops, **kwargs)  # type: ignore[arg-type]
 
     return make
 
@@ -47,29 +49,38 @@ def labelled(dm: PatientBagDataModule) -> set[str]:
 
 # -- splits -------------------------------------------------------------------------------------
 def test_holdout_is_patient_level_stratified_reproducible(make_dm) -> None:
-    dm = make_dm(val_fraction=0.3, seed=0)
+    dm = make_dm(split={"val_fraction": 0.3}, seed=0)
     train, val = dm.split_ids["train"], dm.split_ids["val"]
     assert not set(train) & set(val) and set(train) | set(val) == labelled(dm)
     assert labels_of(dm, val) == Counter({1: 2, 0: 1})  # 6 tumoral, 3 reactive labelled
     assert dm.split_ids["test"] == []
-    assert make_dm(val_fraction=0.3, seed=0).split_ids == dm.split_ids
-    assert len({tuple(make_dm(val_fraction=0.3, seed=s).split_ids["val"]) for s in range(8)}) > 1
+    assert make_dm(split={"val_fraction": 0.3}, seed=0).split_ids == dm.split_ids
+    assert (
+        len(
+            {tuple(make_dm(split={"val_fraction": 0.3}, seed=s).split_ids["val"]) for s in range(8)}
+        )
+        > 1
+    )
 
 
 def test_kfold_is_patient_level_stratified_reproducible(make_dm) -> None:
-    folds = [make_dm(n_folds=3, fold=k, seed=3).split_ids for k in range(3)]
+    folds = [make_dm(split={"n_folds": 3, "fold": k}, seed=3).split_ids for k in range(3)]
     vals = [set(f["val"]) for f in folds]
     everyone = labelled(make_dm())
     assert set.union(*vals) == everyone and sum(map(len, vals)) == len(everyone)
     for split in folds:
         assert set(split["train"]) == everyone - set(split["val"])
         assert labels_of(make_dm(), split["val"]) == Counter({1: 2, 0: 1})
-    assert make_dm(n_folds=3, fold=1, seed=3).split_ids == folds[1]
-    assert any(make_dm(n_folds=3, fold=1, seed=s).split_ids != folds[1] for s in range(4, 8))
+    assert make_dm(split={"n_folds": 3, "fold": 1}, seed=3).split_ids == folds[1]
+    assert any(
+        make_dm(split={"n_folds": 3, "fold": 1}, seed=s).split_ids != folds[1] for s in range(4, 8)
+    )
 
 
 def test_test_fraction_is_held_out_of_every_fold(make_dm) -> None:
-    folds = [make_dm(test_fraction=0.3, n_folds=2, fold=k).split_ids for k in range(2)]
+    folds = [
+        make_dm(split={"test_fraction": 0.3, "n_folds": 2, "fold": k}).split_ids for k in range(2)
+    ]
     test = set(folds[0]["test"])
     assert len(test) == 3 and all(set(f["test"]) == test for f in folds)
     for split in folds:
@@ -91,7 +102,13 @@ def test_splits_keep_class_ratios_at_scale() -> None:
 def test_explicit_ids_override_the_policy(make_dm) -> None:
     ids = sorted(labelled(make_dm()))
     dm = make_dm(
-        n_folds=3, test_fraction=0.3, train_ids=ids[:5], val_ids=ids[5:7], test_ids=ids[7:]
+        split={
+            "n_folds": 3,
+            "test_fraction": 0.3,
+            "train_ids": ids[:5],
+            "val_ids": ids[5:7],
+            "test_ids": ids[7:],
+        }
     )
     assert dm.split_ids["train"] == ids[:5]
     assert dm.split_ids["val"] == ids[5:7] and dm.split_ids["test"] == ids[7:]
@@ -102,17 +119,17 @@ def test_explicit_ids_override_the_policy(make_dm) -> None:
         ({"train_ids": [ids[0], unlabelled[0]]}, unlabelled[0]),
     ]:
         with pytest.raises(DataError, match=culprit):
-            _ = make_dm(**bad).split_ids
+            _ = make_dm(split=bad).split_ids
 
 
 def test_predict_on_unlabelled_or_given_ids(make_dm, synthetic_dlmi: Path) -> None:
     unlabelled = pd.read_csv(synthetic_dlmi / "testset" / "testset_data.csv")["ID"].tolist()
-    dm = make_dm(batch_size=8)
+    dm = make_dm(loader={"batch_size": 8})
     assert sorted(dm.split_ids["predict"]) == sorted(unlabelled)
     (batch,) = dm.predict_dataloader()
     assert sorted(batch.bag_id) == sorted(unlabelled) and (batch.label == -1).all()
     chosen = sorted(labelled(dm))[:2]
-    (batch,) = make_dm(predict_ids=chosen, batch_size=8).predict_dataloader()
+    (batch,) = make_dm(predict_ids=chosen, loader={"batch_size": 8}).predict_dataloader()
     assert batch.bag_id == chosen
     with pytest.raises(DataError, match="nobody"):
         _ = make_dm(predict_ids=["nobody"]).split_ids
@@ -125,7 +142,9 @@ def test_setup_all_stages_without_unlabelled_patients(dlmi_root: Path, cache_dir
             path.unlink()
         (dlmi_root / "testset" / pid).rmdir()
     test_csv.unlink()
-    dm = PatientBagDataModule(str(dlmi_root), image_size=SIZE, cache_dir=str(cache_dir))
+    dm = PatientBagDataModule(
+        str(dlmi_root), crops=CropSettings(image_size=SIZE, cache_dir=str(cache_dir))
+    )
     dm.setup()
     assert {"train", "val", "test"} <= set(dm.datasets)
     with pytest.raises(DataError, match="predict"):
@@ -142,7 +161,12 @@ def train_instance_ids(dm: PatientBagDataModule, epoch: int = 0) -> dict[str, li
 
 
 def test_max_instances_caps_training_bags_only(make_dm) -> None:
-    dm = make_dm(max_instances=5, batch_size=3, test_fraction=0.25, augment=False)
+    dm = make_dm(
+        max_instances=5,
+        loader={"batch_size": 3},
+        split={"test_fraction": 0.25},
+        augment={"mode": "none"},
+    )
     dm.setup("fit")
     dm.setup("test")
     dm.setup("predict")
@@ -159,12 +183,14 @@ def test_max_instances_caps_training_bags_only(make_dm) -> None:
 
 
 def test_training_subsets_depend_on_seed_and_epoch_only(make_dm) -> None:
-    dm = make_dm(max_instances=4, augment=False)
+    dm = make_dm(max_instances=4, augment={"mode": "none"})
     epoch0, epoch1 = train_instance_ids(dm, 0), train_instance_ids(dm, 1)
     assert epoch0 != epoch1
     seed_everything(123)  # the global RNG plays no part: a resumed run replays epoch 1 exactly
-    assert train_instance_ids(make_dm(max_instances=4, augment=False), 1) == epoch1
-    assert train_instance_ids(make_dm(max_instances=4, augment=False, seed=5), 1) != epoch1
+    assert train_instance_ids(make_dm(max_instances=4, augment={"mode": "none"}), 1) == epoch1
+    assert (
+        train_instance_ids(make_dm(max_instances=4, augment={"mode": "none"}, seed=5), 1) != epoch1
+    )
     for bag_id, names in epoch0.items():
         assert len(names) == 4 and set(names) <= set(dm.bags[bag_id].instance_ids)
 
@@ -172,9 +198,11 @@ def test_training_subsets_depend_on_seed_and_epoch_only(make_dm) -> None:
 def test_a_loader_with_workers_draws_the_epoch_set_after_iter(make_dm) -> None:
     """Lightning creates a resumed run's training iterator before it sets the sampler's epoch;
     the first batch must still come from that epoch (workers prefetch at creation)."""
-    dm = make_dm(max_instances=4, augment=False, num_workers=1)
+    dm = make_dm(max_instances=4, augment={"mode": "none"}, loader={"num_workers": 1})
     expected = train_instance_ids(dm, 1)
-    loader = make_dm(max_instances=4, augment=False, num_workers=1).train_dataloader()
+    loader = make_dm(
+        max_instances=4, augment={"mode": "none"}, loader={"num_workers": 1}
+    ).train_dataloader()
     batches = iter(loader)  # as FitLoop.setup_data does on resuming
     loader.sampler.set_epoch(1)  # then FitLoop.on_advance_start
     first = next(batches)
@@ -182,7 +210,7 @@ def test_a_loader_with_workers_draws_the_epoch_set_after_iter(make_dm) -> None:
 
 
 def test_batches_hold_several_padded_bags(make_dm) -> None:
-    dm = make_dm(batch_size=4, augment=False)
+    dm = make_dm(loader={"batch_size": 4}, augment={"mode": "none"})
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, BagBatch) and len(batch) == 4
     sizes = [len(dm.bags[b].rows) for b in batch.bag_id]
@@ -261,7 +289,9 @@ def test_train_pipeline_steps_are_configurable() -> None:
 
 
 def test_train_augments_eval_is_deterministic(make_dm) -> None:
-    dm = make_dm(affine=0.0, color_jitter=0.0, mean=(0, 0, 0), std=(1, 1, 1))
+    dm = make_dm(
+        augment={"affine": 0.0, "color_jitter": 0.0}, crops={"mean": (0, 0, 0), "std": (1, 1, 1)}
+    )
     dm.setup("fit")
     train, val = dm.datasets["train"], dm.datasets["val"]
     torch.testing.assert_close(val[0].instances, val[0].instances)
@@ -271,7 +301,7 @@ def test_train_augments_eval_is_deterministic(make_dm) -> None:
     for draw in draws[1:]:
         for a, b in zip(draw, draws[0], strict=True):
             torch.testing.assert_close(a.flatten().sort().values, b.flatten().sort().values)
-    plain = make_dm(augment=False)
+    plain = make_dm(augment={"mode": "none"})
     plain.setup("fit")
     torch.testing.assert_close(
         plain.datasets["train"][0].instances, plain.datasets["train"][0].instances
@@ -282,10 +312,10 @@ def test_train_augments_eval_is_deterministic(make_dm) -> None:
     "mean, std", [((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), ((0.5, 0.4, 0.3), (0.2, 0.25, 0.5))]
 )
 def test_normalisation_constants(make_dm, mean, std) -> None:
-    dm = make_dm(mean=mean, std=std, batch_size=1)
+    dm = make_dm(crops={"mean": mean, "std": std}, loader={"batch_size": 1})
     dm.setup("validate")
     item = dm.datasets["val"][0]
-    paths = [dm.root / "trainset" / item.bag_id / name for name in item.instance_id]
+    paths = [dm.source.root / "trainset" / item.bag_id / name for name in item.instance_id]
     pixels = np.stack([decode_crop(p, CropSpec(SIZE)) for p in paths]) / 255.0
     expected = (pixels - np.array(mean)) / np.array(std)
     torch.testing.assert_close(
@@ -294,7 +324,7 @@ def test_normalisation_constants(make_dm, mean, std) -> None:
 
 
 def test_missing_root_is_a_data_error(tmp_path: Path) -> None:
-    dm = PatientBagDataModule(str(tmp_path / "absent"), image_size=SIZE)
+    dm = PatientBagDataModule(str(tmp_path / "absent"), crops=CropSettings(image_size=SIZE))
     with pytest.raises(DataError, match="absent"):
         dm.setup("fit")
     with pytest.raises(DataError, match="absent"):

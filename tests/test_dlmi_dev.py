@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lympho_mil.data import PatientBagDataModule, read_dlmi
+from lympho_mil.data import CropSettings, LoaderSettings, PatientBagDataModule, read_dlmi
 
 pytestmark = pytest.mark.shared_data
 MAX_INSTANCES = 40
@@ -24,7 +24,10 @@ def root(shared_data: Path) -> Path:
 def dev_datamodule(root: Path, tmp_path_factory: pytest.TempPathFactory) -> PatientBagDataModule:
     cache = tmp_path_factory.mktemp("dlmi_dev_cache")
     return PatientBagDataModule(
-        str(root), image_size=32, cache_dir=str(cache), batch_size=4, max_instances=MAX_INSTANCES
+        str(root),
+        crops=CropSettings(image_size=32, cache_dir=str(cache)),
+        loader=LoaderSettings(batch_size=4),
+        max_instances=MAX_INSTANCES,
     )
 
 

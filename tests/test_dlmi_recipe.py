@@ -13,13 +13,13 @@ import torch
 import yaml
 
 from lympho_mil.cli import main
-from lympho_mil.data import CropSpec, read_dlmi
+from lympho_mil.data import CropSettings, CropSpec, SplitSettings, read_dlmi
 from lympho_mil.data.image_cache import decode_crop
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.data.transforms import BagToTensor, FeatureScaling
-from lympho_mil.features import CachedFeatureDataModule
+from lympho_mil.features import CachedFeatureDataModule, FeatureSource
 from lympho_mil.models import MeanPoolMIL
-from lympho_mil.nn import MORPHOLOGY_FEATURES, MorphologyEncoder
+from lympho_mil.nn import MORPHOLOGY_FEATURES, EncoderSettings, MorphologyEncoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 RECIPE_CONFIGS = ("dlmi.yaml", "dlmi_attention.yaml")
@@ -35,11 +35,9 @@ def features_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def morphology_dm(root: Path, cache_dir: Path, **kwargs: object) -> CachedFeatureDataModule:
     return CachedFeatureDataModule(
         str(root),
-        encoder="morphology",
-        image_size=SIZE,
-        cache_dir=str(cache_dir),
-        feature_dtype="float32",
-        val_fraction=0.3,
+        features=FeatureSource(encoder="morphology", dtype="float32"),
+        crops=CropSettings(image_size=SIZE, cache_dir=str(cache_dir)),
+        split=SplitSettings(val_fraction=0.3),
         **kwargs,
     )
 
@@ -87,7 +85,7 @@ def test_standardisation_travels_in_the_checkpoint(
 ) -> None:
     """``predict`` from a checkpoint scales features as in training, whatever its own split."""
     trained = morphology_dm(synthetic_dlmi, features_dir, standardize=True, seed=0)
-    model = MeanPoolMIL(encoder="identity", in_dim=len(MORPHOLOGY_FEATURES))
+    model = MeanPoolMIL(encoder=EncoderSettings("identity", in_dim=len(MORPHOLOGY_FEATURES)))
     quiet = {"logger": False, "enable_progress_bar": False, "default_root_dir": tmp_path}
     trainer = L.Trainer(max_epochs=1, enable_checkpointing=False, **quiet)
     trainer.fit(model, trained)
@@ -107,8 +105,8 @@ def test_standardisation_travels_in_the_checkpoint(
 @pytest.mark.parametrize("name", RECIPE_CONFIGS)
 def test_recipe_configs_match_the_feature_size(name: str) -> None:
     config = yaml.safe_load((CONFIGS / name).read_text())
-    assert config["data"]["init_args"]["encoder"] == "morphology"
-    assert config["model"]["init_args"]["in_dim"] == len(MORPHOLOGY_FEATURES)
+    assert config["data"]["init_args"]["features"]["encoder"] == "morphology"
+    assert config["model"]["init_args"]["encoder"]["in_dim"] == len(MORPHOLOGY_FEATURES)
 
 
 def recipe_args(root: Path, features_dir: Path) -> list[str]:
@@ -117,9 +115,9 @@ def recipe_args(root: Path, features_dir: Path) -> list[str]:
         "--config",
         str(CONFIGS / "dlmi.yaml"),
         f"--data.root={root}",
-        f"--data.cache_dir={features_dir}",
-        f"--data.image_size={SIZE}",
-        "--data.center_crop=null",
+        f"--data.crops.cache_dir={features_dir}",
+        f"--data.crops.image_size={SIZE}",
+        "--data.crops={center_crop: null}",  # a null inside a group: the group as a mapping
     ]
 
 
@@ -168,7 +166,7 @@ def test_recipe_cross_validates_through_the_cli(tmp_path: Path) -> None:
     assert oof["probability"].between(0, 1).all()
     model = torch.load(out / "folds" / "r0_f0" / "model.ckpt", weights_only=False)
     weights = model["state_dict"]
-    assert {"fusion.image_head.weight", "fusion.tabular_head.weight"} <= set(weights)
+    assert {"net.fusion.image_head.weight", "net.fusion.tabular_head.weight"} <= set(weights)
 
 
 @pytest.mark.slow

@@ -42,11 +42,14 @@ def predict_config(tmp_path: Path, root: Path, model: str) -> Path:
         },
         "model": {
             "class_path": model,
-            "init_args": {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 16},
+            "init_args": {"encoder": {"name": "small_cnn", "kwargs": {"width": 8}, "out_dim": 16}},
         },
         "data": {
             "class_path": "PatientBagDataModule",
-            "init_args": {"root": str(root), "image_size": 32, "cache_dir": str(tmp_path / "c")},
+            "init_args": {
+                "root": str(root),
+                "crops": {"image_size": 32, "cache_dir": str(tmp_path / "c")},
+            },
         },
         "prediction": {"explain": True, "explain_top_k": TOP_K},
     }

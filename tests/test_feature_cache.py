@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -36,7 +38,7 @@ from lympho_mil.features.cache import (
     weights_digest,
 )
 from lympho_mil.models import AttentionMIL, MeanPoolMIL
-from lympho_mil.nn import MORPHOLOGY_FEATURES, SmallCNN
+from lympho_mil.nn import MORPHOLOGY_FEATURES, EncoderSettings, SmallCNN
 
 SIZE = 32
 D = 16
@@ -80,15 +82,17 @@ def extractions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return counted
 
 
-def make_dm(root: Path, cache_dir: Path, **kwargs: object) -> CachedFeatureDataModule:
-    settings: dict = {
-        "image_size": SIZE,
-        "cache_dir": str(cache_dir),
-        "encoder_kwargs": {"width": 8, "out_dim": D},
-        "batch_size": 3,
-        "val_fraction": 0.3,
+def make_dm(root: Path, cache_dir: Path, **kwargs: Any) -> CachedFeatureDataModule:
+    """The datamodule of these tests; each group of ``kwargs`` updates its defaults."""
+    groups: dict[str, dict[str, Any]] = {
+        "crops": {"image_size": SIZE, "cache_dir": str(cache_dir)},
+        "features": {"kwargs": {"width": 8, "out_dim": D}},
+        "loader": {"batch_size": 3},
+        "split": {"val_fraction": 0.3},
     }
-    return CachedFeatureDataModule(str(root), **{**settings, **kwargs})
+    for name, settings in groups.items():
+        settings.update(kwargs.pop(name, {}))
+    return CachedFeatureDataModule(str(root), **groups, **kwargs)
 
 
 # -- what is stored -----------------------------------------------------------------------------
@@ -112,7 +116,8 @@ def test_morphology_features_do_not_depend_on_the_loaders_normalisation(
     give the same features (it used ImageNet's whatever the loaders used)."""
     stores = []
     for stats in ({}, {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}):
-        dm = make_dm(synthetic_dlmi, cache_dir, encoder="morphology", encoder_kwargs={}, **stats)
+        features = {"encoder": "morphology", "kwargs": {}}
+        dm = make_dm(synthetic_dlmi, cache_dir, features=features, crops=stats)
         stores.append(dm.build_store(dm.bags.values())[0])
     first, second = (np.asarray(s[np.arange(40)], np.float32)[:, 0] for s in stores)
     diameter = MORPHOLOGY_FEATURES.index("nucleus_diameter")
@@ -196,15 +201,15 @@ def test_two_datamodules_share_one_extraction(
     synthetic_dlmi: Path, cache_dir: Path, extractions: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What each fold of a cross-validation does: a new datamodule, other patients."""
-    first = make_dm(synthetic_dlmi, cache_dir, n_folds=3, fold=0)
+    first = make_dm(synthetic_dlmi, cache_dir, split={"n_folds": 3, "fold": 0})
     first.setup("fit")
     monkeypatch.setattr(image_cache_module, "_VERIFIED", set())  # as a new process would
-    second = make_dm(synthetic_dlmi, cache_dir, n_folds=3, fold=1)
+    second = make_dm(synthetic_dlmi, cache_dir, split={"n_folds": 3, "fold": 1})
     second.setup("fit")
     assert len(extractions) == 1
     assert first.datasets["train"].store.path == second.datasets["train"].store.path
     assert first.split_ids["val"] != second.split_ids["val"]
-    make_dm(synthetic_dlmi, cache_dir, encoder_seed=1).setup("fit")  # other random weights
+    make_dm(synthetic_dlmi, cache_dir, features={"seed": 1}).setup("fit")  # other random weights
     assert len(extractions) == 2
 
 
@@ -214,7 +219,7 @@ def test_encoder_weights_file_is_loaded(
     default = make_dm(synthetic_dlmi, cache_dir)
     trained = small_cnn(seed=7)
     torch.save(trained.state_dict(), tmp_path / "encoder.pt")
-    loaded = make_dm(synthetic_dlmi, cache_dir, encoder_weights=str(tmp_path / "encoder.pt"))
+    loaded = make_dm(synthetic_dlmi, cache_dir, features={"weights": str(tmp_path / "encoder.pt")})
     assert weights_digest(loaded.extractor) == weights_digest(trained)
     assert weights_digest(default.extractor) != weights_digest(trained)
     assert weights_digest(make_dm(synthetic_dlmi, cache_dir).extractor) == weights_digest(
@@ -222,7 +227,7 @@ def test_encoder_weights_file_is_loaded(
     )  # random initial weights repeat under encoder_seed
     with pytest.raises(FileNotFoundError, match=r"nowhere\.pt"):
         _ = make_dm(
-            synthetic_dlmi, cache_dir, encoder_weights=str(tmp_path / "nowhere.pt")
+            synthetic_dlmi, cache_dir, features={"weights": str(tmp_path / "nowhere.pt")}
         ).extractor
 
 
@@ -266,12 +271,10 @@ def test_heads_train_and_predict_on_cached_features(
     synthetic_dlmi: Path, shared_cache: Path, model_cls: type, encoder: str, dihedral: bool
 ) -> None:
     L.seed_everything(0)
-    dm = make_dm(synthetic_dlmi, shared_cache, dihedral=dihedral, max_instances=8)
+    dm = make_dm(synthetic_dlmi, shared_cache, features={"dihedral": dihedral}, max_instances=8)
     assert dm.feature_dim == D
     model = model_cls(
-        encoder=encoder,
-        in_dim=dm.feature_dim,
-        embed_dim=8,
+        encoder=EncoderSettings(encoder, in_dim=dm.feature_dim, out_dim=8),
         tabular_dim=dm.tabular_dim,
         tabular_stats=dm.tabular_stats,
     )
@@ -288,7 +291,8 @@ def test_heads_train_and_predict_on_cached_features(
 
 def test_in_dim_mismatch_names_both_sizes(synthetic_dlmi: Path, shared_cache: Path) -> None:
     dm = make_dm(synthetic_dlmi, shared_cache)
-    model = AttentionMIL(encoder="identity", in_dim=D + 1, tabular_dim=dm.tabular_dim)
+    features = EncoderSettings("identity", in_dim=D + 1)
+    model = AttentionMIL(encoder=features, tabular_dim=dm.tabular_dim)
     with pytest.raises(
         DataError, match=rf"feature bags of {D + 1} values .* shape \(\d+, \d+, {D}\)"
     ):
@@ -306,16 +310,15 @@ def test_cross_validation_extracts_once(
         "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": False},
         "model": {
             "class_path": "AttentionMIL",
-            "init_args": {"encoder": "identity", "in_dim": D, "attention_hidden": 8},
+            "init_args": {"encoder": {"name": "identity", "in_dim": D}, "attention_hidden": 8},
         },
         "data": {
             "class_path": "CachedFeatureDataModule",
             "init_args": {
                 "root": str(root),
-                "image_size": SIZE,
-                "cache_dir": str(cache_dir),
-                "encoder_kwargs": {"width": 8, "out_dim": D},
-                "batch_size": 4,
+                "crops": {"image_size": SIZE, "cache_dir": str(cache_dir)},
+                "features": {"kwargs": {"width": 8, "out_dim": D}},
+                "loader": {"batch_size": 4},
             },
         },
     }
@@ -328,7 +331,7 @@ def test_cross_validation_extracts_once(
 def test_standardisation_fits_the_readable_training_crops_only(
     dlmi_root: Path, cache_dir: Path
 ) -> None:
-    dm = make_dm(dlmi_root, cache_dir, standardize=True, skip_bad_images=True)
+    dm = make_dm(dlmi_root, cache_dir, standardize=True, crops={"skip_bad_images": True})
     for pid in dm.split_ids["train"]:
         first = sorted((dlmi_root / "trainset" / pid).glob("*.jpg"))[0]
         first.write_bytes(b"not a jpeg")
@@ -343,16 +346,18 @@ def test_standardisation_fits_the_readable_training_crops_only(
     np.testing.assert_allclose(dm.scaling.low, expected.low)
 
 
-def test_crops_on_the_device_are_refused_for_features(synthetic_dlmi: Path) -> None:
-    with pytest.raises(ValueError, match="cached features"):
-        CachedFeatureDataModule(str(synthetic_dlmi), augment="gpu", cache_on_device=True)
+def test_crop_augmentation_is_no_setting_of_the_feature_datamodule(synthetic_dlmi: Path) -> None:
+    """It composes the crops and a feature source; it inherits no image setting to refuse."""
+    assert "augment" not in inspect.signature(CachedFeatureDataModule).parameters
+    with pytest.raises(TypeError, match="augment"):
+        CachedFeatureDataModule(str(synthetic_dlmi), augment={"mode": "gpu"})  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("eval_view", ["mean", "identity"])
 def test_training_draws_a_view_evaluation_sees_the_chosen_one(
     synthetic_dlmi: Path, shared_cache: Path, eval_view: str
 ) -> None:
-    dm = make_dm(synthetic_dlmi, shared_cache, dihedral=True, eval_view=eval_view)
+    dm = make_dm(synthetic_dlmi, shared_cache, features={"dihedral": True, "eval_view": eval_view})
     dm.setup("fit")
     val = dm.datasets["val"]
     stored = np.asarray(val.store[val.bags[0].rows], dtype=np.float32)  # [n, 8 views, D]

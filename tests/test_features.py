@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from lympho_mil.arguments import SettingError
+from lympho_mil.data import CropSettings, SplitSettings
 from lympho_mil.data.transforms import CellTypes
-from lympho_mil.features import CachedFeatureDataModule, pretrain
+from lympho_mil.features import CachedFeatureDataModule, FeatureSource, pretrain
 from lympho_mil.features.cytometry import (
     CYTOMETRY_FEATURES,
     IMAGENET_MEAN,
@@ -127,13 +128,11 @@ def test_cached_cytometry_cell_types_are_fitted_and_saved(
     synthetic_dlmi: Path, cache_dir: Path
 ) -> None:
     settings = dict(
-        encoder="cytometry",
-        image_size=32,
-        cache_dir=str(cache_dir),
-        feature_dtype="float32",
+        features=FeatureSource(encoder="cytometry", dtype="float32"),
+        crops=CropSettings(image_size=32, cache_dir=str(cache_dir)),
         standardize=True,
         cell_types=3,
-        val_fraction=0.3,
+        split=SplitSettings(val_fraction=0.3),
     )
     dm = CachedFeatureDataModule(str(synthetic_dlmi), **settings)
     assert dm.feature_dim == 3
@@ -148,7 +147,9 @@ def test_cached_cytometry_cell_types_are_fitted_and_saved(
     assert fresh.cell_types is not None
     np.testing.assert_array_equal(fresh.cell_types.centres, dm.cell_types.centres)  # type: ignore[union-attr]
     with pytest.raises(SettingError, match="cell_types"):
-        CachedFeatureDataModule(str(synthetic_dlmi), encoder="cytometry", cell_types=3)
+        CachedFeatureDataModule(
+            str(synthetic_dlmi), features=FeatureSource(encoder="cytometry"), cell_types=3
+        )
 
 
 def test_simclr_pretraining_learns_and_is_cached(

@@ -13,12 +13,14 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from lympho_mil import GatedFusionMIL, SyntheticDataModule, collate_bags
+from lympho_mil.data import SyntheticSettings
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.data.dataset import Bag, BagDataset
 from lympho_mil.data.synthetic import _patients, make_synthetic_dlmi
 from lympho_mil.data.transforms import BagToTensor
+from lympho_mil.nn import EncoderSettings, FusionSettings
 
-TINY_ENCODER = {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 16}
+TINY_ENCODER = {"encoder": EncoderSettings("small_cnn", out_dim=16, kwargs={"width": 8})}
 STATS = {"mean": [0.0, 0.0, 0.0], "scale": [1.0, 1.0, 1.0]}
 
 
@@ -44,7 +46,7 @@ def fusion(weight: float, gate_bias: float | None = None) -> GatedFusionMIL:
     )
     if gate_bias is not None:
         with torch.no_grad():
-            model.fusion.gate[-1].bias.fill_(gate_bias)
+            model.net.fusion.gate[-1].bias.fill_(gate_bias)
     return model
 
 
@@ -72,7 +74,7 @@ def test_expert_loss_feeds_the_expert_a_saturated_gate_starves() -> None:
         model = fusion(weight, gate_bias=-200.0)  # g = 0: p = sigmoid(s_tab)
         out = model(batch)
         model.loss(out, batch).backward()
-        grads[weight] = model.fusion.image_head.weight.grad.clone()
+        grads[weight] = model.net.fusion.image_head.weight.grad.clone()
     assert grads[0.0].abs().sum() == 0
     model = fusion(0.0, gate_bias=-200.0)
     out = model(batch)
@@ -81,7 +83,7 @@ def test_expert_loss_feeds_the_expert_a_saturated_gate_starves() -> None:
         out.extras["image_logit"], batch.label.float(), pos_weight=torch.tensor(0.5)
     )
     own.backward()
-    expected = 2.0 * model.fusion.image_head.weight.grad
+    expected = 2.0 * model.net.fusion.image_head.weight.grad
     torch.testing.assert_close(grads[2.0], expected)
     assert expected.abs().sum() > 0
 
@@ -90,15 +92,17 @@ def test_expert_loss_weight_is_checked_and_saved() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         fusion(-1.0)
     with pytest.raises(ValueError, match="gated"):
-        GatedFusionMIL(**TINY_ENCODER, fusion="concat", expert_loss_weight=1.0, tabular_dim=3)
+        concat = FusionSettings(kind="concat")
+        GatedFusionMIL(**TINY_ENCODER, fusion=concat, expert_loss_weight=1.0, tabular_dim=3)
     assert fusion(0.5).hparams["expert_loss_weight"] == 0.5
     assert GatedFusionMIL(**TINY_ENCODER, tabular_dim=3).expert_loss_weight == 0.0
 
 
 def test_confidence_gate_is_saved_and_built() -> None:
-    model = GatedFusionMIL(**TINY_ENCODER, gate_input="confidence", tabular_dim=3)
-    assert model.hparams["gate_input"] == "confidence"
-    assert [p.shape for p in model.fusion.gate.parameters()] == [(1, 2), (1,)]
+    confidence = FusionSettings(gate_input="confidence")
+    model = GatedFusionMIL(**TINY_ENCODER, fusion=confidence, tabular_dim=3)
+    assert model.hparams["fusion"]["gate_input"] == "confidence"
+    assert [p.shape for p in model.net.fusion.gate.parameters()] == [(1, 2), (1,)]
     out = model(tiny_batch())
     assert out.extras is not None and out.extras["gate"].shape == (6,)
 
@@ -141,10 +145,14 @@ def test_clinical_overlap_is_checked(tmp_path: Path) -> None:
 
 
 def test_datamodule_names_its_cache_by_overlap_only_when_set() -> None:
-    plain = SyntheticDataModule(n_patients=6, synthetic_size=16, max_cells=16)
-    mixed = SyntheticDataModule(n_patients=6, synthetic_size=16, max_cells=16, clinical_overlap=0.3)
-    assert plain.root.name == "n6-px16-cells16-seed0"
-    assert mixed.root.name == "n6-px16-cells16-seed0-overlap0.3"
-    assert (mixed.root / "clinical_annotation.csv").read_bytes() != (
-        plain.root / "clinical_annotation.csv"
+    plain = SyntheticDataModule(
+        synthetic=SyntheticSettings(n_patients=6, image_size=16, max_cells=16)
+    )
+    mixed = SyntheticDataModule(
+        synthetic=SyntheticSettings(n_patients=6, image_size=16, max_cells=16, clinical_overlap=0.3)
+    )
+    assert plain.source.root.name == "n6-px16-cells16-seed0"
+    assert mixed.source.root.name == "n6-px16-cells16-seed0-overlap0.3"
+    assert (mixed.source.root / "clinical_annotation.csv").read_bytes() != (
+        plain.source.root / "clinical_annotation.csv"
     ).read_bytes()

@@ -13,7 +13,14 @@ import pytest
 import torch
 from trainers import quiet_trainer
 
-from lympho_mil.data import BagBatch, PatientBagDataModule, collate_bags
+from lympho_mil.data import (
+    Augmentation,
+    BagBatch,
+    CropSettings,
+    LoaderSettings,
+    PatientBagDataModule,
+    collate_bags,
+)
 from lympho_mil.data.batch import BagSample
 from lympho_mil.data.gpu_augment import (
     DIHEDRAL_MATRICES,
@@ -24,8 +31,10 @@ from lympho_mil.data.gpu_augment import (
 from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagToTensor
 from lympho_mil.dihedral import stack_dihedral_views
 from lympho_mil.models import AttentionMIL, InstanceMIL
+from lympho_mil.nn import EncoderSettings
 
 SIZE = 16
+SMALL = EncoderSettings("small_cnn", out_dim=8, kwargs={"width": 8})
 
 
 def pixels(b: int = 3, n: int = 5, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -134,7 +143,11 @@ def test_device_colour_jitter_scales_a_share_of_the_crops_each_by_its_own_factor
 @pytest.fixture
 def gpu_dm(synthetic_dlmi: Path) -> PatientBagDataModule:
     return PatientBagDataModule(
-        str(synthetic_dlmi), image_size=SIZE, augment="gpu", batch_size=3, max_instances=4
+        str(synthetic_dlmi),
+        crops=CropSettings(image_size=SIZE),
+        augment=Augmentation(mode="gpu"),
+        loader=LoaderSettings(batch_size=3),
+        max_instances=4,
     )
 
 
@@ -154,7 +167,7 @@ def test_gpu_augment_loader_ships_uint8_for_training_only(gpu_dm: PatientBagData
         torch.testing.assert_close(normalised.instances[i, : len(rows)], expected)
     assert (normalised.instances[~train.mask] == 0).all()
     with pytest.raises(ValueError, match="augment"):
-        PatientBagDataModule(str(gpu_dm.root), augment="cpu")  # type: ignore[arg-type]
+        PatientBagDataModule(str(gpu_dm.source.root), augment={"mode": "cuda"})  # type: ignore[arg-type]
 
 
 class Recorder(L.Callback):
@@ -185,9 +198,7 @@ def fit_recording(
     L.seed_everything(0, verbose=False)
     spy = TrainFlags(dm.device_augment)
     dm.__dict__["device_augment"] = spy
-    model = AttentionMIL(
-        encoder="small_cnn", encoder_kwargs={"width": 8}, embed_dim=8, tabular_dim=dm.tabular_dim
-    )
+    model = AttentionMIL(encoder=SMALL, tabular_dim=dm.tabular_dim)
     recorder = Recorder()
     quiet_trainer(
         max_epochs=epochs,
@@ -202,7 +213,11 @@ def fit_recording(
 def test_trainer_applies_the_hook_repeatably(synthetic_dlmi: Path) -> None:
     def make() -> PatientBagDataModule:
         return PatientBagDataModule(
-            str(synthetic_dlmi), image_size=SIZE, augment="gpu", batch_size=3, max_instances=4
+            str(synthetic_dlmi),
+            crops=CropSettings(image_size=SIZE),
+            augment=Augmentation(mode="gpu"),
+            loader=LoaderSettings(batch_size=3),
+            max_instances=4,
         )
 
     first, flags = fit_recording(make(), epochs=1)
@@ -222,7 +237,11 @@ def test_the_hook_hands_over_crops_in_the_trainers_precision(gpu_dm: PatientBagD
 def test_a_second_fit_draws_as_a_fresh_run(synthetic_dlmi: Path) -> None:
     def make() -> PatientBagDataModule:
         return PatientBagDataModule(
-            str(synthetic_dlmi), image_size=SIZE, augment="gpu", batch_size=3, max_instances=4
+            str(synthetic_dlmi),
+            crops=CropSettings(image_size=SIZE),
+            augment=Augmentation(mode="gpu"),
+            loader=LoaderSettings(batch_size=3),
+            max_instances=4,
         )
 
     dm = make()
@@ -246,10 +265,9 @@ def test_cache_on_device_ships_rows_and_trains_on_the_same_pixels(synthetic_dlmi
     def make(cache_on_device: bool) -> PatientBagDataModule:
         return PatientBagDataModule(
             str(synthetic_dlmi),
-            image_size=SIZE,
-            augment="gpu",
-            cache_on_device=cache_on_device,
-            batch_size=3,
+            crops=CropSettings(image_size=SIZE),
+            augment=Augmentation(mode="gpu", cache_on_device=cache_on_device),
+            loader=LoaderSettings(batch_size=3),
             max_instances=4,
         )
 
@@ -262,7 +280,10 @@ def test_cache_on_device_ships_rows_and_trains_on_the_same_pixels(synthetic_dlmi
     assert all(torch.equal(a, b) for a, b in zip(gathered, shipped, strict=True))
     assert next(iter(dm.val_dataloader())).instances.dtype == torch.float32
     with pytest.raises(ValueError, match="cache_on_device"):
-        PatientBagDataModule(str(synthetic_dlmi), augment=True, cache_on_device=True)
+        PatientBagDataModule(
+            str(synthetic_dlmi),
+            augment={"mode": "cpu", "cache_on_device": True},  # type: ignore[arg-type]
+        )
 
 
 # -- model side: channels-last, torch.compile ---------------------------------------------------
@@ -283,44 +304,41 @@ def image_batch(n_bags: int = 2, size: int = 32) -> object:
 
 @pytest.mark.parametrize("model_cls", [AttentionMIL, InstanceMIL])
 def test_channels_last_keeps_outputs_and_checkpoints(model_cls: type) -> None:
-    settings = {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 8}
     torch.manual_seed(0)
-    plain = model_cls(**settings).eval()
-    fast = model_cls(**settings, channels_last=True).eval()
+    plain = model_cls(encoder=SMALL).eval()
+    fast = model_cls(encoder=dataclasses.replace(SMALL, channels_last=True)).eval()
     fast.load_state_dict(plain.state_dict())  # keys and shapes are the same
-    conv = fast.encoder.features[0].weight
+    conv = fast.net.encoder.features[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     batch = image_batch()
     with torch.no_grad():
         torch.testing.assert_close(fast(batch).logit, plain(batch).logit, rtol=1e-4, atol=1e-5)
     seen: list[bool] = []
-    fast.encoder.features[0].register_forward_pre_hook(
+    fast.net.encoder.features[0].register_forward_pre_hook(
         lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))
     )
     with torch.no_grad():
         fast(batch)
     assert seen and all(seen)
-    features = model_cls(encoder="identity", in_dim=4, channels_last=True)  # 2-D: unaffected
-    assert features.encoder(torch.ones(2, 4)).shape == (2, 4)
+    identity = EncoderSettings("identity", in_dim=4, channels_last=True)  # 2-D: unaffected
+    assert model_cls(encoder=identity).net.encoder(torch.ones(2, 4)).shape == (2, 4)
 
 
 def test_compiled_encoder_keeps_state_dict_keys() -> None:
-    settings = {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 8}
-    plain = AttentionMIL(**settings)
-    compiled = AttentionMIL(**settings, compile_encoder=True)
+    plain = AttentionMIL(encoder=SMALL)
+    compiled = AttentionMIL(encoder=dataclasses.replace(SMALL, compile=True))
     assert list(compiled.state_dict()) == list(plain.state_dict())
     assert not any("_orig_mod" in key for key in compiled.state_dict())
     compiled.load_state_dict(plain.state_dict())
     plain.load_state_dict(compiled.state_dict())
-    assert compiled.hparams["compile_encoder"] and not plain.hparams["compile_encoder"]
+    assert compiled.hparams["encoder"]["compile"] and not plain.hparams["encoder"]["compile"]
 
 
 @pytest.mark.slow
 def test_compiled_encoder_computes_the_same_outputs() -> None:
-    settings = {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 8}
     torch.manual_seed(0)
-    plain = AttentionMIL(**settings).eval()
-    compiled = AttentionMIL(**settings, compile_encoder=True).eval()
+    plain = AttentionMIL(encoder=SMALL).eval()
+    compiled = AttentionMIL(encoder=dataclasses.replace(SMALL, compile=True)).eval()
     compiled.load_state_dict(plain.state_dict())
     batch = image_batch()
     with torch.no_grad():
@@ -330,7 +348,7 @@ def test_compiled_encoder_computes_the_same_outputs() -> None:
 # -- transfer -----------------------------------------------------------------------------------
 def test_batches_are_copied_without_blocking_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     """What a Trainer does with a batch: non-blocking tensor copies to CUDA, plain to the CPU."""
-    model = AttentionMIL(encoder="identity", in_dim=4)
+    model = AttentionMIL(encoder=EncoderSettings("identity", in_dim=4))
     batch = collate_bags([BagSample(torch.ones(2, 4), torch.zeros(0), 1.0, "b", ["0", "1"])])
     calls: list[tuple[str, bool]] = []
 
@@ -346,7 +364,7 @@ def test_batches_are_copied_without_blocking_on_cuda(monkeypatch: pytest.MonkeyP
 
 
 def test_raw_pixels_reaching_a_model_are_a_clear_error() -> None:
-    model = AttentionMIL(encoder="small_cnn", encoder_kwargs={"width": 8}, embed_dim=8)
+    model = AttentionMIL(encoder=SMALL)
     raw = collate_bags(
         [
             BagSample(

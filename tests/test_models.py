@@ -34,11 +34,19 @@ from lympho_mil.data.dataset import Bag, BagDataset
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.transforms import BagToTensor
 from lympho_mil.evaluation import binary_metrics
+from lympho_mil.models import OptimSettings
 from lympho_mil.models.metrics import BinaryBalancedAccuracy
+from lympho_mil.nn import EncoderSettings, FusionSettings, PoolingSettings
 
 SIZE = 16
 IMAGE_MODELS = [AttentionMIL, GatedAttentionMIL, MeanPoolMIL, MaxPoolMIL, InstanceMIL]
-TINY_ENCODER = {"encoder": "small_cnn", "encoder_kwargs": {"width": 8}, "embed_dim": 16}
+FAST = OptimSettings(lr=3e-3)
+TINY_ENCODER = {"encoder": EncoderSettings("small_cnn", out_dim=16, kwargs={"width": 8})}
+
+
+def features_of(in_dim: int, name: str = "identity") -> EncoderSettings:
+    """The encoder of feature bags of ``in_dim`` values per crop."""
+    return EncoderSettings(name, in_dim=in_dim)
 
 
 def separable_bags(n_bags: int = 24, seed: int = 0) -> tuple[list[Bag], np.ndarray]:
@@ -89,13 +97,14 @@ STATS = {"mean": [0.5, 0.0, 0.0], "scale": [0.6, 1.0, 1.0]}
 @pytest.mark.parametrize("model_cls", IMAGE_MODELS, ids=lambda c: c.__name__)
 def test_image_models_fit_a_separable_set(model_cls: type[BagClassifier]) -> None:
     L.seed_everything(0)
-    model = model_cls(**TINY_ENCODER, lr=3e-3, tabular_dim=3, tabular_stats=STATS)
+    model = model_cls(**TINY_ENCODER, optim=FAST, tabular_dim=3, tabular_stats=STATS)
     assert fit_and_score(model, epochs=25) >= 0.9
 
 
 def test_tabular_mlp_fits_a_separable_set() -> None:
     L.seed_everything(0)
-    assert fit_and_score(TabularMLP(lr=1e-2, tabular_dim=3, tabular_stats=STATS), 30) >= 0.9
+    model = TabularMLP(optim=OptimSettings(lr=1e-2), tabular_dim=3, tabular_stats=STATS)
+    assert fit_and_score(model, 30) >= 0.9
 
 
 @pytest.mark.slow
@@ -103,7 +112,11 @@ def test_tabular_mlp_fits_a_separable_set() -> None:
 def test_fusion_fits_a_separable_set(fusion: str) -> None:
     L.seed_everything(0)
     model = GatedFusionMIL(
-        **TINY_ENCODER, fusion=fusion, lr=3e-3, tabular_dim=3, tabular_stats=STATS
+        **TINY_ENCODER,
+        fusion=FusionSettings(kind=fusion),
+        optim=FAST,
+        tabular_dim=3,
+        tabular_stats=STATS,
     )
     assert fit_and_score(model, epochs=25) >= 0.9
 
@@ -135,7 +148,7 @@ def test_gated_fusion_survives_a_saturated_gate(gate_bias: float) -> None:
     torch.manual_seed(0)
     model = GatedFusionMIL(**TINY_ENCODER, tabular_dim=3, tabular_stats=STATS)
     with torch.no_grad():
-        model.fusion.gate[-1].bias.fill_(gate_bias)
+        model.net.fusion.gate[-1].bias.fill_(gate_bias)
     bags, store = separable_bags(8)
     batch = next(iter(loader(bags, store, shuffle=False)))
     out = model(batch)
@@ -145,7 +158,7 @@ def test_gated_fusion_survives_a_saturated_gate(gate_bias: float) -> None:
     loss = model.loss(out, batch)
     loss.backward()
     assert torch.isfinite(loss)
-    chosen = model.fusion.image_head if gate_bias > 0 else model.fusion.tabular_head
+    chosen = model.net.fusion.image_head if gate_bias > 0 else model.net.fusion.tabular_head
     assert torch.isfinite(chosen.weight.grad).all() and chosen.weight.grad.abs().sum() > 0
     for p in model.parameters():
         assert p.grad is None or torch.isfinite(p.grad).all()
@@ -157,7 +170,7 @@ def test_bf16_mixed_precision_trains_on_cpu(model_cls: type[BagClassifier]) -> N
     bags, store = separable_bags(8)
     model = model_cls(**TINY_ENCODER, tabular_dim=3, tabular_stats=STATS)
     dtypes: set[torch.dtype] = set()
-    model.encoder.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    model.net.encoder.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
     before = [p.detach().clone() for p in model.parameters()]
     trainer = quiet_trainer(
         max_epochs=1,
@@ -175,7 +188,7 @@ def test_non_finite_loss_names_step_and_patients() -> None:
     bags, store = separable_bags(4)
     model = AttentionMIL(**TINY_ENCODER, tabular_dim=3, tabular_stats=STATS)
     with torch.no_grad():
-        model.head[-1].bias.fill_(float("nan"))
+        model.net.head[-1].bias.fill_(float("nan"))
     trainer = quiet_trainer(
         max_epochs=1,
     )
@@ -249,7 +262,8 @@ def test_learning_rate_per_epoch(scheduler: str) -> None:
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     bags, store = separable_bags(8)
-    model = TabularMLP(lr=1e-2, scheduler=scheduler, tabular_dim=3, tabular_stats=STATS)
+    optim = OptimSettings(lr=1e-2, scheduler=scheduler)  # type: ignore[arg-type]
+    model = TabularMLP(optim=optim, tabular_dim=3, tabular_stats=STATS)
     quiet_trainer(max_epochs=4, callbacks=[Record()]).fit(model, loader(bags, store, True))
     if scheduler == "none":
         assert lrs == [1e-2] * 4
@@ -267,7 +281,7 @@ def test_a_resumed_run_given_more_epochs_stretches_the_cosine(tmp_path) -> None:
             lrs[trainer.current_epoch] = trainer.optimizers[0].param_groups[0]["lr"]
 
     bags, store = separable_bags(8)
-    model = TabularMLP(lr=1e-2, tabular_dim=3, tabular_stats=STATS)
+    model = TabularMLP(optim=OptimSettings(lr=1e-2), tabular_dim=3, tabular_stats=STATS)
     first = quiet_trainer(max_epochs=2, callbacks=[Record()], default_root_dir=tmp_path)
     first.fit(model, loader(bags, store, True))
     first.save_checkpoint(tmp_path / "two.ckpt")
@@ -292,7 +306,7 @@ def test_a_run_resumed_with_a_step_budget_goes_on_from_its_steps(tmp_path) -> No
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     bags, store = separable_bags(8)
-    model = TabularMLP(lr=1e-2, tabular_dim=3, tabular_stats=STATS)
+    model = TabularMLP(optim=OptimSettings(lr=1e-2), tabular_dim=3, tabular_stats=STATS)
     every_epoch = ModelCheckpoint(dirpath=tmp_path, save_last=True)  # as a killed run leaves
     first = quiet_trainer(max_epochs=2, enable_checkpointing=True, callbacks=[every_epoch])
     first.fit(model, loader(bags, store, True), loader(bags, store, False))  # saved at val end
@@ -347,7 +361,7 @@ def test_cosine_schedule_over_a_step_budget() -> None:
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     bags, store = separable_bags(8)
-    model = TabularMLP(lr=1e-2, tabular_dim=3, tabular_stats=STATS)
+    model = TabularMLP(optim=OptimSettings(lr=1e-2), tabular_dim=3, tabular_stats=STATS)
     quiet_trainer(max_steps=12, callbacks=[Record()]).fit(model, loader(bags, store, True))
     assert len(lrs) == 12 and lrs[0] == pytest.approx(1e-2)
     assert all(b < a for a, b in itertools.pairwise(lrs)) and lrs[-1] > 0
@@ -356,33 +370,40 @@ def test_cosine_schedule_over_a_step_budget() -> None:
 @pytest.mark.parametrize(
     ("model_cls", "setting", "value"),
     [
-        (AttentionMIL, "lr", 0.0),
-        (AttentionMIL, "weight_decay", -0.1),
-        (AttentionMIL, "embed_dim", 0),
+        (AttentionMIL, "optim.lr", 0.0),
+        (AttentionMIL, "optim.weight_decay", -0.1),
+        (AttentionMIL, "encoder.out_dim", 0),
         (AttentionMIL, "attention_hidden", 0),
         (AttentionMIL, "chunk_size", 0),
-        (AttentionMIL, "shape_multiple", 0),
+        (AttentionMIL, "encoder.shape_multiple", 0),
         (AttentionMIL, "dropout", 1.0),
-        (InstanceMIL, "embed_dim", -1),
+        (InstanceMIL, "encoder.out_dim", -1),
         (TabularMLP, "hidden", 0),
         (TabularMLP, "dropout", -0.1),
-        (GatedFusionMIL, "tabular_embed_dim", 0),
-        (GatedFusionMIL, "gate_input", "nope"),  # also with fusion="concat", which has no gate
+        (GatedFusionMIL, "fusion.tabular_embed_dim", 0),
+        (GatedFusionMIL, "fusion.gate_input", "nope"),  # also with concat, which has no gate
+        (GatedFusionMIL, "pooling.hidden", 0),
     ],
 )
 def test_sizes_and_rates_that_cannot_work_are_named_at_construction(
     model_cls: type, setting: str, value: object
 ) -> None:
-    kwargs: dict[str, Any] = {"tabular_dim": 3, setting: value}
+    """Grouped settings are checked as given in a config: plain mappings."""
+    group, _, name = setting.rpartition(".")
+    kwargs: dict[str, Any] = {"tabular_dim": 3}
     if model_cls is GatedFusionMIL:
-        kwargs["fusion"] = "concat"
-    with pytest.raises(ValueError, match=setting):
+        kwargs["fusion"] = {"kind": "concat"}
+    if group:
+        kwargs[group] = {**kwargs.get(group, {}), name: value}
+    else:
+        kwargs[name] = value
+    with pytest.raises(ValueError, match=name):
         model_cls(**kwargs)
 
 
 def test_settings_that_cannot_work_are_refused_at_construction() -> None:
     with pytest.raises(ValueError, match="scheduler"):
-        TabularMLP(tabular_dim=3, scheduler="linear")
+        TabularMLP(tabular_dim=3, optim={"scheduler": "linear"})
     with pytest.raises(ValueError, match="tabular_dim is 3"):
         TabularMLP(tabular_dim=3, tabular_stats={"mean": [0.0] * 4, "scale": [1.0] * 4})
 
@@ -390,12 +411,13 @@ def test_settings_that_cannot_work_are_refused_at_construction() -> None:
 def test_max_pool_crop_weights_share_ties() -> None:
     """Crop 1 holds dimension 0's maximum, crop 2 dimension 1's; dimensions 2-3 are 0 on every
     real crop (a dead ReLU): their credit is shared, never all given to crop 0."""
-    from lympho_mil.models.mil import fallback_weights
+    from lympho_mil.nn import MaxPooling
+    from lympho_mil.nn.nets import fallback_weights
 
     h = torch.tensor([[[0.1, 0.2, 0.0, 0.0], [0.9, 0.1, 0.0, 0.0], [0.3, 0.8, 0.0, 0.0]]])
     h = torch.cat([h, torch.full((1, 1, 4), 5.0)], dim=1)  # a padding row: never credited
     mask = torch.tensor([[True, True, True, False]])
-    weights = fallback_weights(h, mask, "max")
+    weights = fallback_weights(h, mask, MaxPooling())
     third = 2 / 3 / 4  # two dead dimensions, each shared by the 3 real crops
     assert weights[0].tolist() == pytest.approx([third, 0.25 + third, 0.25 + third, 0.0])
     assert weights.sum().item() == pytest.approx(1.0)
@@ -411,12 +433,8 @@ def test_a_checkpoint_reloads_without_the_encoders_initial_weights_file(
 
     weights = tmp_path / "backbone.pt"
     torch.save(timm.create_model("test_resnet", num_classes=0).state_dict(), weights)
-    model = AttentionMIL(
-        encoder="test_resnet",
-        encoder_weights=str(weights),
-        encoder_kwargs=encoder_kwargs,
-        attention_hidden=8,
-    )
+    encoder = EncoderSettings("test_resnet", weights=str(weights), kwargs=encoder_kwargs)
+    model = AttentionMIL(encoder=encoder, attention_hidden=8)
     bags, store = separable_bags(4)
     trainer = quiet_trainer(max_epochs=1, limit_train_batches=1)
     trainer.fit(model, loader(bags, store, shuffle=False))
@@ -428,14 +446,14 @@ def test_a_checkpoint_reloads_without_the_encoders_initial_weights_file(
         torch.testing.assert_close(reloaded.state_dict()[name], tensor)
     saved = torch.load(path, weights_only=True)["lympho_mil"]
     assert saved["initial_encoder_weights"] == str(weights)  # provenance kept
-    assert model.hparams.encoder_weights == str(weights)  # the live model's settings untouched
-    assert model.hparams.encoder_kwargs == encoder_kwargs
+    assert model.hparams.encoder["weights"] == str(weights)  # the live model's settings untouched
+    assert model.hparams.encoder["kwargs"] == encoder_kwargs
 
 
 def test_instance_mil_averages_crop_logits_and_learns_each_crop() -> None:
     """InstanceMIL: the patient logit is the mean crop logit; the loss is each crop's BCE
     against its patient's label, averaged per patient (not the patient-level BCE)."""
-    model = InstanceMIL(encoder="identity", in_dim=4, pos_weight=2.0)
+    model = InstanceMIL(encoder=EncoderSettings("identity", in_dim=4), pos_weight=2.0)
     sizes = (2, 5)
     samples = [
         BagSample(torch.randn(n, 4), torch.zeros(0), float(n % 2), f"b{n}", ["x"] * n)
@@ -446,7 +464,7 @@ def test_instance_mil_averages_crop_logits_and_learns_each_crop() -> None:
     weight = torch.tensor(2.0)
     per_patient = []
     for b, n in enumerate(sizes):
-        crop_logits = model.head(batch.instances[b, :n]).squeeze(-1)
+        crop_logits = model.net.head(batch.instances[b, :n]).squeeze(-1)
         torch.testing.assert_close(out.logit[b], crop_logits.mean())
         target = batch.label[b].expand(n)
         bce = F.binary_cross_entropy_with_logits(crop_logits, target, pos_weight=weight)
@@ -475,8 +493,8 @@ def test_data_the_model_was_not_built_for_is_refused_by_name() -> None:
     features = dataclasses.replace(batch, instances=torch.zeros(len(batch), n, 33))
     fewer = dataclasses.replace(batch, tabular=batch.tabular[:, :2])
     cases = [
-        (AttentionMIL(encoder="identity", in_dim=33), batch, "feature bags of 33 values"),
-        (AttentionMIL(encoder="mlp", in_dim=32), features, rf"shape \(4, {n}, 33\)"),
+        (AttentionMIL(encoder=features_of(33)), batch, "feature bags of 33 values"),
+        (AttentionMIL(encoder=features_of(32, "mlp")), features, rf"shape \(4, {n}, 33\)"),
         (AttentionMIL(**TINY_ENCODER), features, r"image crops \[B, N, C, H, W\]"),
         (InstanceMIL(**TINY_ENCODER), features, "image crops"),
         (TabularMLP(tabular_dim=3), fewer, "2 clinical values per patient; TabularMLP was built"),
@@ -488,18 +506,19 @@ def test_data_the_model_was_not_built_for_is_refused_by_name() -> None:
             with pytest.raises(DataError, match=message):
                 model.infer(data)
     AttentionMIL(**TINY_ENCODER).infer(fewer)  # a model of crops alone ignores the clinical size
-    AttentionMIL(encoder="identity", in_dim=33).infer(features)
+    AttentionMIL(encoder=features_of(33)).infer(features)
 
 
-def test_gated_fusion_warns_that_it_ignores_dropout() -> None:
-    with pytest.warns(UserWarning, match="ignores dropout"):
-        model = GatedFusionMIL(encoder="identity", in_dim=8, tabular_dim=3, dropout=0.9)
-    assert not any(
-        isinstance(m, torch.nn.Dropout) and m.p == 0.9 for m in model.modules()
-    )  # as documented: no module applies it
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        GatedFusionMIL(encoder="identity", in_dim=8, tabular_dim=3)
+def test_gated_fusion_takes_no_dropout_it_would_ignore() -> None:
+    """The fusion replaces the head that ``dropout`` applies to: GatedFusionMIL does not take
+    it (a format-1 checkpoint's is dropped on conversion)."""
+    from lympho_mil.models.checkpoint import _settings_from_format_1
+
+    with pytest.raises(TypeError, match="dropout"):
+        GatedFusionMIL(encoder=features_of(8), tabular_dim=3, dropout=0.9)  # type: ignore[call-arg]
+    converted = _settings_from_format_1({"encoder": "identity", "fusion": "gated", "dropout": 0.9})
+    assert "dropout" not in converted
+    assert converted["fusion"]["kind"] == "gated" and converted["encoder"]["name"] == "identity"
 
 
 def test_mean_pooled_gated_fusion_scores_each_crop_with_its_image_expert() -> None:
@@ -517,8 +536,8 @@ def test_mean_pooled_gated_fusion_scores_each_crop_with_its_image_expert() -> No
         bag_id=["a", "b"],
         instance_id=[[f"{i}.jpg" for i in range(5)], ["0.jpg", "1.jpg"]],
     )
-    kwargs = {"encoder": "identity", "in_dim": 8, "tabular_dim": 3, "expert_loss_weight": 1.0}
-    model = GatedFusionMIL(pooling="mean", **kwargs).eval()
+    kwargs = {"encoder": features_of(8), "tabular_dim": 3, "expert_loss_weight": 1.0}
+    model = GatedFusionMIL(pooling=PoolingSettings("mean"), **kwargs).eval()
     out = model(batch)
     assert out.instance_logits is not None and out.extras is not None
     assert out.instance_logits[1, 2:].eq(0).all()
@@ -526,4 +545,5 @@ def test_mean_pooled_gated_fusion_scores_each_crop_with_its_image_expert() -> No
     torch.testing.assert_close(mean, out.extras["image_logit"])
     (a, b) = model.predict_step(batch, 0)
     assert len(a["instance_probability"]) == 5 and len(b["instance_probability"]) == 2
-    assert GatedFusionMIL(pooling="attention", **kwargs)(batch).instance_logits is None
+    attention = GatedFusionMIL(pooling=PoolingSettings("attention"), **kwargs)
+    assert attention(batch).instance_logits is None

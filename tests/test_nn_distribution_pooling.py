@@ -7,7 +7,13 @@ import torch
 
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.models import GatedFusionMIL
-from lympho_mil.nn import DistributionPooling, build_pooling
+from lympho_mil.nn import (
+    DistributionPooling,
+    EncoderSettings,
+    FusionSettings,
+    PoolingSettings,
+    build_pooling,
+)
 
 
 def test_mean_then_shares_above_each_level_per_feature() -> None:
@@ -39,9 +45,12 @@ def test_factory_and_invalid_settings() -> None:
 @pytest.mark.parametrize("fusion", ["concat", "gated"])
 def test_fusion_model_sizes_its_head_to_the_pooled_embedding(fusion: str) -> None:
     model = GatedFusionMIL(
-        encoder="identity", in_dim=4, pooling="distribution", fusion=fusion, tabular_dim=3
+        encoder=EncoderSettings("identity", in_dim=4),
+        pooling=PoolingSettings("distribution"),
+        fusion=FusionSettings(kind=fusion),  # type: ignore[arg-type]
+        tabular_dim=3,
     )
-    assert model.bag_dim == 12
+    assert model.net.bag_dim == 12
     batch = BagBatch(
         instances=torch.randn(2, 5, 4),
         mask=torch.ones(2, 5, dtype=torch.bool),

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lympho_mil.nn.fusion import ConcatFusion, FusionOutput, GatedFusion, mixture_nll
-from lympho_mil.nn.tabular import Standardize, TabularEncoder
+from lympho_mil.nn import MLPEncoder, bce_with_logits
+from lympho_mil.nn.fusion import ConcatFusion, FusionOutput, GatedFusion
+from lympho_mil.nn.tabular import Standardize
 
 B, DI, DT = 5, 6, 3
 
@@ -17,8 +18,8 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def test_tabular_encoder_shape() -> None:
-    encoder = TabularEncoder(4, hidden=8, out_dim=DT)
+def test_clinical_encoder_shape() -> None:
+    encoder = MLPEncoder(4, hidden=8, out_dim=DT)
     assert encoder.out_dim == DT and encoder(torch.randn(B, 4)).shape == (B, DT)
 
 
@@ -93,7 +94,7 @@ def test_saturated_gate_keeps_loss_finite_and_expert_gradient(
     assert ((out.gate - (1.0 if bias > 0 else 0.0)).abs() < 1e-20).all()  # exact for |bias| 200
     for t in (out.logit, out.prob):
         assert torch.isfinite(t).all()
-    loss = mixture_nll(out, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]), pos_weight=2.0)
+    loss = bce_with_logits(out.logit, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]), pos_weight=2.0)
     assert torch.isfinite(loss)
     loss.backward()
     grad = getattr(fusion, expert).weight.grad
@@ -105,17 +106,17 @@ def test_saturated_gate_keeps_loss_finite_and_expert_gradient(
 def test_extreme_experts_give_finite_loss() -> None:
     fusion = GatedFusion(DI, DT)
     out = fusion(torch.randn(B, DI) * 1e4, torch.randn(B, DT) * 1e4)
-    loss = mixture_nll(out, torch.ones(B))
+    loss = bce_with_logits(out.logit, torch.ones(B))
     assert torch.isfinite(out.logit).all() and torch.isfinite(loss)
 
 
-def test_mixture_nll_equals_bce_on_prob() -> None:
+def test_bce_on_the_mixture_logit_equals_bce_on_prob() -> None:
     out = GatedFusion(DI, DT)(torch.randn(B, DI), torch.randn(B, DT))
     y = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
-    torch.testing.assert_close(mixture_nll(out, y), F.binary_cross_entropy(out.prob, y))
+    torch.testing.assert_close(bce_with_logits(out.logit, y), F.binary_cross_entropy(out.prob, y))
     weights = torch.where(y == 1, 3.0, 1.0)
     torch.testing.assert_close(
-        mixture_nll(out, y, pos_weight=3.0),
+        bce_with_logits(out.logit, y, pos_weight=3.0),
         F.binary_cross_entropy(out.prob, y, weight=weights),
     )
 
@@ -126,7 +127,7 @@ def test_concat_fusion() -> None:
     assert out.logit.shape == (B,) and out.gate is None
     assert out.image_logit is None and out.tabular_logit is None
     torch.testing.assert_close(out.prob, torch.sigmoid(out.logit))
-    assert torch.isfinite(mixture_nll(out, torch.ones(B)))
+    assert torch.isfinite(bce_with_logits(out.logit, torch.ones(B)))
 
 
 def test_fusion_under_bf16_autocast() -> None:

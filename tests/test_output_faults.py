@@ -34,15 +34,14 @@ def write_config(folder: Path, root: Path, cache: Path) -> Path:
         },
         "model": {
             "class_path": "AttentionMIL",
-            "init_args": {"encoder_kwargs": {"width": 8}, "embed_dim": 16},
+            "init_args": {"encoder": {"kwargs": {"width": 8}, "out_dim": 16}},
         },
         "data": {
             "class_path": "PatientBagDataModule",
             "init_args": {
                 "root": str(root),
-                "image_size": 32,
-                "cache_dir": str(cache),
-                "batch_size": 4,
+                "crops": {"image_size": 32, "cache_dir": str(cache)},
+                "loader": {"batch_size": 4},
             },
         },
     }

@@ -64,15 +64,14 @@ def write_config(folder: Path, root: Path, epochs: int = 3, **trainer: object) -
         },
         "model": {
             "class_path": "AttentionMIL",
-            "init_args": {"encoder_kwargs": {"width": 8}, "embed_dim": 16, "dropout": 0.3},
+            "init_args": {"encoder": {"kwargs": {"width": 8}, "out_dim": 16}, "dropout": 0.3},
         },
         "data": {
             "class_path": "PatientBagDataModule",
             "init_args": {
                 "root": str(root),
-                "image_size": 32,
-                "cache_dir": str(folder / "cache"),
-                "batch_size": 3,
+                "crops": {"image_size": 32, "cache_dir": str(folder / "cache")},
+                "loader": {"batch_size": 3},
                 "max_instances": 6,
             },
         },
@@ -144,21 +143,20 @@ def quickstart_config(folder: Path, synthetic: Path, **data: object) -> Path:
         default_root_dir=str(folder),
     )
     config["model"]["init_args"].update(
-        encoder_kwargs={"width": 8}, embed_dim=16, attention_hidden=16
+        encoder={"name": "small_cnn", "kwargs": {"width": 8}, "out_dim": 16},
+        pooling={"name": "attention", "hidden": 16},
     )
-    config["data"]["init_args"].update(
+    init = config["data"]["init_args"]
+    init.update(
         root=str(synthetic),
-        n_patients=24,
-        synthetic_size=32,
-        max_cells=20,
-        image_size=32,
-        batch_size=4,
+        synthetic={"n_patients": 24, "image_size": 32, "max_cells": 20},
+        crops={"image_size": 32, "cache_dir": str(folder / "cache")},
+        loader={**init["loader"], "batch_size": 4},
         max_instances=8,
-        cache_dir=str(folder / "cache"),
         **data,
     )
-    assert config["data"]["init_args"]["num_workers"] == 2  # what the quickstart ships
-    assert config["data"]["init_args"]["persistent_workers"]
+    assert init["loader"]["num_workers"] == 2  # what the quickstart ships
+    assert init["loader"]["persistent_workers"]
     config["checkpoint"] = {"dirpath": str(folder / "ckpt")}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -179,7 +177,7 @@ def last_epoch_metrics(folder: Path) -> pd.Series:
     [
         (signal.SIGKILL, {}),
         (signal.SIGTERM, {}),
-        (signal.SIGKILL, {"augment": "gpu", "cache_on_device": True}),
+        (signal.SIGKILL, {"augment": {"mode": "gpu", "cache_on_device": True}}),
     ],
     ids=["SIGKILL", "SIGTERM", "SIGKILL-device-augmentation"],
 )
@@ -353,9 +351,9 @@ from lympho_mil.evaluation import PredictionWriter
 
 root, cache, out, devices, ckpt = sys.argv[1:6]
 L.seed_everything(0)
-dm = PatientBagDataModule(root, image_size=32, cache_dir=cache, batch_size=2, max_instances=6,
-                          val_fraction=0.5)
-model = AttentionMIL(encoder_kwargs={"width": 8}, embed_dim=16, tabular_dim=dm.tabular_dim,
+dm = PatientBagDataModule(root, crops={"image_size": 32, "cache_dir": cache}, max_instances=6,
+                          loader={"batch_size": 2}, split={"val_fraction": 0.5})
+model = AttentionMIL(encoder={"kwargs": {"width": 8}, "out_dim": 16}, tabular_dim=dm.tabular_dim,
                      tabular_stats=dm.tabular_stats)
 kwargs = dict(accelerator="cpu", devices=int(devices), logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False)

@@ -93,7 +93,7 @@ def test_two_processes_on_one_cache_folder_build_each_cache_once(
         "--config",
         str(REPO / "examples/configs/dlmi.yaml"),
         f"--data.root={root}",
-        f"--data.cache_dir={tmp_path / 'cache'}",
+        f"--data.crops.cache_dir={tmp_path / 'cache'}",
         "--trainer.max_epochs=2",
         "--trainer.enable_progress_bar=false",
     ]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lympho_mil.data import synthetic_datamodule
+from lympho_mil.data import CropSettings, SyntheticSettings, synthetic_datamodule
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.data.synthetic_datamodule import SyntheticDataModule, ensure_synthetic_dlmi
 
@@ -173,7 +173,9 @@ def test_rejects_bad_arguments(tmp_path: Path, bad: dict[str, object]) -> None:
 
 def test_datamodule_with_fewer_cells_than_the_generators_minimum(tmp_path: Path) -> None:
     dm = SyntheticDataModule(
-        root=str(tmp_path / "few"), n_patients=8, synthetic_size=16, max_cells=8, image_size=16
+        root=str(tmp_path / "few"),
+        synthetic=SyntheticSettings(n_patients=8, image_size=16, max_cells=8),
+        crops=CropSettings(image_size=16),
     )
     assert max(len(b.rows) for b in dm.bags.values()) <= 8
 
@@ -196,5 +198,9 @@ def test_a_dataset_another_process_put_in_place_first_is_kept(
 def test_bad_loader_settings_are_refused_before_any_file_is_written(tmp_path: Path) -> None:
     root = tmp_path / "synthetic"
     with pytest.raises(ValueError, match="batch_size"):
-        SyntheticDataModule(str(root), n_patients=16, batch_size=0)
+        SyntheticDataModule(
+            str(root),
+            synthetic=SyntheticSettings(n_patients=16),
+            loader={"batch_size": 0},  # type: ignore[arg-type]  # as a config gives it
+        )
     assert not root.exists()

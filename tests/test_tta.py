@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_models import STATS, TINY_ENCODER, loader, separable_bags
+from test_models import STATS, TINY_ENCODER, features_of, loader, separable_bags
 from trainers import quiet_trainer
 
 from lympho_mil import (
@@ -118,7 +118,7 @@ def test_training_steps_never_use_the_views() -> None:
     torch.manual_seed(0)
     model = AttentionMIL(**TINY_ENCODER, tta_views=8).train()
     calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    model.net.register_forward_pre_hook(lambda module, args: calls.append(1))
     model.infer(one_batch())
     assert len(calls) == 1
     model.eval()
@@ -130,7 +130,7 @@ def test_validation_and_test_steps_use_the_views() -> None:
     torch.manual_seed(0)
     model = AttentionMIL(**TINY_ENCODER, tta_views=4)
     calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    model.net.register_forward_pre_hook(lambda module, args: calls.append(1))
     batches = loader(*separable_bags(n_bags=8), shuffle=False)  # 2 batches of 4 bags
     quiet_trainer().validate(model, batches, verbose=False)
     assert len(calls) == 2 * 4
@@ -173,8 +173,8 @@ def test_models_without_crops_refuse_views() -> None:
     with pytest.raises(ValueError, match="one of"):
         AttentionMIL(**TINY_ENCODER, tta_views=6)
     with pytest.raises(ValueError, match="feature vectors"):
-        AttentionMIL(encoder="mlp", in_dim=5, tta_views=2)
-    model = AttentionMIL(encoder="identity", in_dim=5).eval()
+        AttentionMIL(encoder=features_of(5, "mlp"), tta_views=2)
+    model = AttentionMIL(encoder=features_of(5)).eval()
     model.tta_views = 8  # features reaching a model with views (e.g. a pixel model's batch)
     features = BagBatch(
         instances=torch.zeros(1, 3, 5),

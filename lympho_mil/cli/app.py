@@ -59,6 +59,7 @@ from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, choose_on_valid
 from lympho_mil.features import CachedFeatureDataModule  # noqa: F401 (registers it)
 from lympho_mil.files import check_folder_writable
 from lympho_mil.models import BagClassifier
+from lympho_mil.models.checkpoint import upgrade
 from lympho_mil.version import __version__
 
 MONITOR = "val_balanced_accuracy"
@@ -246,6 +247,22 @@ class LymphoCLI(LightningCLI):
         model = self.config[subcommand].get("model") if subcommand else None
         class_path = getattr(model, "class_path", None)  # before a checkpoint's replaces it
         self.config_model = class_path.rpartition(".")[2] if class_path else None
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's: the model settings of a ``--ckpt_path`` checkpoint replace the
+        config's; those of a checkpoint of an earlier format as converted
+        (`lympho_mil.models.checkpoint.upgrade`)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(upgrade(read_checkpoint(ckpt_path)).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         """The evaluation settings asked on the command line win over the checkpoint's, and

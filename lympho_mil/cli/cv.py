@@ -105,9 +105,9 @@ def fold_args(setup: FoldSetup) -> list[str]:
     }
     args = [
         f"--seed_everything={setup.seed}",
-        f"--data.train_ids={json.dumps(split.train_ids)}",
-        f"--data.val_ids={json.dumps(split.val_ids)}",
-        f"--data.test_ids={json.dumps(split.test_ids)}",
+        f"--data.split.train_ids={json.dumps(split.train_ids)}",
+        f"--data.split.val_ids={json.dumps(split.val_ids)}",
+        f"--data.split.test_ids={json.dumps(split.test_ids)}",
         f"--trainer.default_root_dir={fold_dir}",
         f"--trainer.logger={json.dumps(logger)}",
         f"--checkpoint.dirpath={fold_dir / 'checkpoints'}",

@@ -10,6 +10,7 @@ patient bags. These bags carry no clinical vector (``tabular`` of length 0).
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import math
 from collections.abc import Sequence
@@ -22,11 +23,12 @@ import pandas as pd
 import scipy.io
 import scipy.sparse
 
-from lympho_mil.arguments import SettingError
+from lympho_mil.arguments import SettingError, as_settings
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.scaled import ScaledFeatures
+from lympho_mil.data.settings import SplitSettings
 from lympho_mil.data.transforms import FeatureScaling, FeaturesToTensor
 
 NO_TABULAR = np.zeros(0, dtype=np.float32)
@@ -326,75 +328,87 @@ class FeatureBagDataModule(ScaledFeatures, BagDataModule):
         return FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
 
 
+@dataclass(frozen=True)
+class MNISTBagSettings:
+    """How MNIST-bags are drawn (``bags:`` of `MNISTBagsDataModule`'s config; see
+    `mnist_bags`).
+
+    n_train_bags, n_test_bags: bags drawn for training and for testing.
+    bag_length_mean, bag_length_var: bag lengths are ``round(Normal(mean, var))`` (``var``
+        the variance), at least 1.
+    target_digit: a bag is positive when it holds this digit.
+    train_pool: training bags draw from the first ``train_pool`` images of the file, test
+        bags from the rest.
+    seed: seed of the bag draw.
+    """
+
+    n_train_bags: int = 200
+    n_test_bags: int = 1000
+    bag_length_mean: float = 10.0
+    bag_length_var: float = 2.0
+    target_digit: int = 9
+    train_pool: int = 5000
+    seed: int = 0
+
+
 class MNISTBagsDataModule(FeatureBagDataModule):
     """MNIST-bags (see `mnist_bags`): train on ``train*`` bags, test on ``test*`` bags.
 
     Instances are ``float[n, 1, 28, 28]`` digits, in [0, 1] or, with ``normalize`` (the
     default), shifted and scaled by the usual MNIST pixel mean and standard deviation
     (``MNIST_MEAN``, ``MNIST_STD``: fixed constants, nothing fitted on the bags); models take
-    ``encoder="lenet"``.
+    the ``lenet`` encoder.
     By default there is no validation split (``val_bags`` moves the last training bags there)
     and training runs for a fixed number of epochs; ``predict`` covers the test bags.
 
     Args:
         root: folder of the IDX files.
-        n_train_bags, n_test_bags: bags drawn for training and for testing.
-        bag_length_mean, bag_length_var: bag lengths are ``round(Normal(mean, var))`` (``var``
-            the variance), at least 1.
-        target_digit: a bag is positive when it holds this digit.
-        train_pool: training bags draw from the first ``train_pool`` images of the file,
-            test bags from the rest.
-        bag_seed: seed of the bag draw.
+        bags: how the bags are drawn (`MNISTBagSettings`).
         val_bags: training bags held out for validation. They are drawn from the same
             image pool as the training bags, so some of their digits also sit in training
             bags (as in Ilse et al.'s protocol): validation scores read a little optimistic;
             the test bags share no image with them.
         normalize: ``(pixel - MNIST_MEAN) / MNIST_STD`` on every image.
         standardize, noise_std: as `FeatureBagDataModule`.
-        **kwargs: loader settings of `BagDataModule` (``batch_size``, ``seed``, ...);
-            explicit ids, if given, replace the default ones.
+        split, predict_ids: explicit ids, where given, replace the default ones.
+        **kwargs: loader settings of `BagDataModule` (``loader``, ``seed``, ...).
     """
 
     def __init__(
         self,
         root: str,
-        n_train_bags: int = 200,
-        n_test_bags: int = 1000,
-        bag_length_mean: float = 10.0,
-        bag_length_var: float = 2.0,
-        target_digit: int = 9,
-        train_pool: int = 5000,
-        bag_seed: int = 0,
+        bags: MNISTBagSettings = MNISTBagSettings(),
         val_bags: int = 0,
         normalize: bool = True,
         standardize: bool = False,
         noise_std: float = 0.0,
+        split: SplitSettings = SplitSettings(),
+        predict_ids: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        if not 0 <= val_bags < n_train_bags:
-            raise SettingError(f"val_bags must be in [0, {n_train_bags}), got {val_bags}")
-        train = [f"train{i:04d}" for i in range(n_train_bags)]
-        test = [f"test{i:04d}" for i in range(n_test_bags)]
-        ids = {
-            "train_ids": train[: n_train_bags - val_bags],
-            "val_ids": train[n_train_bags - val_bags :],
-            "test_ids": test,
-            "predict_ids": test,
-        }
-        for key, value in ids.items():
-            if kwargs.get(key) is None:
-                kwargs[key] = value
-        super().__init__(path=root, standardize=standardize, noise_std=noise_std, **kwargs)
+        draw = as_settings(MNISTBagSettings, bags)
+        if not 0 <= val_bags < draw.n_train_bags:
+            raise SettingError(f"val_bags must be in [0, {draw.n_train_bags}), got {val_bags}")
+        train = [f"train{i:04d}" for i in range(draw.n_train_bags)]
+        test = [f"test{i:04d}" for i in range(draw.n_test_bags)]
+        split = as_settings(SplitSettings, split)
+        keep = draw.n_train_bags - val_bags
+        split = dataclasses.replace(
+            split,
+            train_ids=train[:keep] if split.train_ids is None else split.train_ids,
+            val_ids=train[keep:] if split.val_ids is None else split.val_ids,
+            test_ids=test if split.test_ids is None else split.test_ids,
+        )
+        super().__init__(
+            path=root,
+            standardize=standardize,
+            noise_std=noise_std,
+            split=split,
+            predict_ids=test if predict_ids is None else predict_ids,
+            **kwargs,
+        )
         self.normalize = normalize
-        self.mnist_settings: dict[str, Any] = {
-            "n_train_bags": n_train_bags,
-            "n_test_bags": n_test_bags,
-            "bag_length_mean": bag_length_mean,
-            "bag_length_var": bag_length_var,
-            "target_digit": target_digit,
-            "train_pool": train_pool,
-            "seed": bag_seed,
-        }
+        self.mnist_settings = dataclasses.asdict(draw)
 
     def read_source(self) -> FeatureBags:
         source = read_mnist_bags(self.path, **self.mnist_settings)

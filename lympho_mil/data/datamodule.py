@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSamplerWrapper
 from torch.utils.data import DataLoader, Sampler
 
-from lympho_mil.arguments import SettingError, check_positive, check_share
+from lympho_mil.arguments import as_settings, check_positive
 from lympho_mil.data.batch import BagBatch, collate_bags
 from lympho_mil.data.clinical import FEATURE_NAMES, fit_standardization
 from lympho_mil.data.dataset import (
@@ -36,12 +36,13 @@ from lympho_mil.data.dataset import (
     InstanceTransform,
     RowNumbers,
 )
-from lympho_mil.data.dlmi import read_dlmi
+from lympho_mil.data.dlmi_crops import DLMICrops
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.gpu_augment import DeviceAugment, pixels_to_tensor, rows_to_tensor
-from lympho_mil.data.image_cache import CropSpec, ImageCache
+from lympho_mil.data.image_cache import ImageCache
+from lympho_mil.data.settings import Augmentation, CropSettings, LoaderSettings, SplitSettings
 from lympho_mil.data.splits import holdout_split, kfold_split
-from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD, BagAugment, BagToTensor
+from lympho_mil.data.transforms import BagAugment, BagToTensor
 
 log = logging.getLogger(__name__)
 
@@ -53,67 +54,37 @@ class BagDataModule(LightningDataModule, ABC):
     """Base class: split policy, clinical standardisation, datasets and loaders.
 
     Args:
-        batch_size: bags per batch; bags are padded to the largest one and masked.
         max_instances: random subset size of each training bag per step (None: whole bags).
             Validation, test and predict always see whole bags.
-        val_fraction: share of the labelled patients held out for validation (holdout policy);
-            with ``test_fraction``, a share of those left after the test split.
-        test_fraction: share held out first as a test split (0: none).
-        n_folds, fold: k-fold policy instead of holdout: validate on fold ``fold``.
         seed: seed of the splits and of the data randomness (order, subsets, augmentation),
             which depends only on (seed, epoch) so resumed runs replay the same batches. A
             split depends on the seed and the order of the patients in the data (the csv
             rows); ``lympho-mil cv`` sorts them by id first.
-        train_ids, val_ids, test_ids: explicit patient lists (override the policy); used by
-            cross-validation.
+        split: which labelled patients train, validate and test (`SplitSettings`: a holdout
+            or k-fold policy, or explicit id lists).
         predict_ids: patients to predict (default: every unlabelled patient).
-        num_workers, pin_memory, persistent_workers: DataLoader settings.
+        loader: `LoaderSettings` (``batch_size``, ``num_workers``, ``pin_memory``,
+            ``persistent_workers``).
     """
 
     def __init__(
         self,
-        batch_size: int = 4,
         max_instances: int | None = None,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.0,
-        n_folds: int | None = None,
-        fold: int = 0,
         seed: int = 0,
-        train_ids: list[str] | None = None,
-        val_ids: list[str] | None = None,
-        test_ids: list[str] | None = None,
+        split: SplitSettings = SplitSettings(),
         predict_ids: list[str] | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
+        loader: LoaderSettings = LoaderSettings(),
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise SettingError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0.0 < val_fraction < 1.0:
-            raise SettingError(
-                f"val_fraction must be in (0, 1), got {val_fraction}; to train without "
-                "validation, pass explicit train_ids and val_ids=[]"
-            )
-        if not 0.0 <= test_fraction < 1.0:
-            raise SettingError(f"test_fraction must be in [0, 1), got {test_fraction}")
         check_positive(max_instances=max_instances)
-        if n_folds is not None and not (n_folds >= 2 and 0 <= fold < n_folds):
-            raise SettingError(f"need n_folds >= 2 and 0 <= fold < n_folds, got {n_folds}, {fold}")
-        if num_workers < 0:
-            raise SettingError(f"num_workers must be >= 0, got {num_workers}")
-        self.batch_size = batch_size
         self.max_instances = max_instances
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.n_folds = n_folds
-        self.fold = fold
         self.seed = seed
-        self.explicit_ids = {"train": train_ids, "val": val_ids, "test": test_ids}
+        self.split = as_settings(SplitSettings, split)
+        self.explicit_ids = self.split.explicit
         self.predict_ids = predict_ids
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
+        self.loader = as_settings(LoaderSettings, loader)
+        self.batch_size = self.loader.batch_size
+        self.num_workers = self.loader.num_workers
         self.datasets: dict[str, BagDataset] = {}
 
     # -- what a subclass provides ---------------------------------------------------------
@@ -172,18 +143,19 @@ class BagDataModule(LightningDataModule, ABC):
         if len(set(labels)) < 2:
             raise DataError(f"need labelled patients of both classes, got labels {set(labels)}")
         test: list[str] = []
+        policy = self.split
         try:
-            if self.test_fraction > 0:
-                ids, test = holdout_split(ids, labels, self.test_fraction, self.seed)
+            if policy.test_fraction > 0:
+                ids, test = holdout_split(ids, labels, policy.test_fraction, self.seed)
                 labels = [self.bags[i].label for i in ids]
-            if self.n_folds is not None:
-                train, val = kfold_split(ids, labels, self.n_folds, self.fold, self.seed)
+            if policy.n_folds is not None:
+                train, val = kfold_split(ids, labels, policy.n_folds, policy.fold, self.seed)
             else:
-                train, val = holdout_split(ids, labels, self.val_fraction, self.seed)
+                train, val = holdout_split(ids, labels, policy.val_fraction, self.seed)
         except ValueError as exc:
             raise DataError(
-                f"cannot split the labelled patients (test_fraction={self.test_fraction}, "
-                f"val_fraction={self.val_fraction}, n_folds={self.n_folds}): {exc}; give "
+                f"cannot split the labelled patients (test_fraction={policy.test_fraction}, "
+                f"val_fraction={policy.val_fraction}, n_folds={policy.n_folds}): {exc}; give "
                 "train_ids and val_ids, or more patients"
             ) from exc
         return {"train": train, "val": val, "test": test}
@@ -297,14 +269,15 @@ class BagDataModule(LightningDataModule, ABC):
         if split != "train" and torch.distributed.is_available() and dist.is_initialized():
             # each patient evaluated exactly once across ranks (Lightning would pad)
             sampler = UnrepeatedDistributedSamplerWrapper(sampler, shuffle=False)
+        loader = self.loader
         return EpochLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=loader.batch_size,
             sampler=sampler,
             collate_fn=collate_bags,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
+            num_workers=loader.num_workers,
+            pin_memory=loader.pin_memory,
+            persistent_workers=loader.persistent_workers and loader.num_workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -329,29 +302,13 @@ class PatientBagDataModule(BagDataModule):
 
     Args:
         root: the DLMI folder (holding ``trainset/`` and the clinical csv).
-        image_size: side of the crops fed to the model, in pixels.
-        center_crop: optional centre crop in source pixels before resizing (e.g. 112 keeps
-            the lymphocyte and drops most red cells of a 224 px crop).
-        cache_dir: where decoded crops are cached (default ``$LYMPHO_MIL_CACHE`` or
-            ``~/.cache/lympho_mil``; never inside ``root`` unless you point it there).
-        skip_bad_images: skip unreadable images with a warning instead of failing.
+        crops: how each crop is decoded, cached and normalised (`CropSettings`:
+            ``image_size``, ``center_crop``, ``mean``, ``std``, ``cache_dir``,
+            ``skip_bad_images``).
+        augment: train-time augmentation (`Augmentation`: ``mode`` "cpu", "gpu" or "none",
+            ``affine``, ``color_jitter``, ``cache_on_device``).
         reference_date: date at which ages are computed (ISO format).
-        augment: train-time augmentation: flips, 90-degree rotations, affine, colour. True:
-            `BagAugment` on each bag in the loader (OpenCV,
-            random per crop, no hue). "gpu": the loader only slices uint8
-            crops (shipped channels last); the torch pipeline of
-            `lympho_mil.data.gpu_augment` (no hue) augments whole batches after their
-            transfer to the training device
-            (`on_after_batch_transfer`). False: none.
-        affine, color_jitter: probabilities of those augmentation steps.
-        mean, std: per-channel normalisation of pixels in [0, 1].
-        cache_on_device: with ``augment="gpu"``, copy the decoded crops to the training device
-            once (``image_size**2 * 3`` bytes per crop: 1 GB for 6,761 crops at 224 px); the
-            training loader then ships row numbers only and the device gathers the pixels,
-            so no crop crosses the host or the PCIe bus during training. Drawing row numbers
-            takes microseconds: ``num_workers=0`` then beats worker processes (no
-            inter-process latency, none at each epoch start).
-        **kwargs: split and loader settings of `BagDataModule`.
+        **kwargs: split, prediction and loader settings of `BagDataModule`.
     """
 
     feature_names = FEATURE_NAMES
@@ -359,86 +316,38 @@ class PatientBagDataModule(BagDataModule):
     def __init__(
         self,
         root: str,
-        image_size: int = 224,
-        center_crop: int | None = None,
-        cache_dir: str | None = None,
-        skip_bad_images: bool = False,
+        crops: CropSettings = CropSettings(),
+        augment: Augmentation = Augmentation(),
         reference_date: str = "2020-01-01",
-        augment: bool | Literal["gpu"] = True,
-        affine: float = 0.5,
-        color_jitter: float = 0.5,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        cache_on_device: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if augment not in (True, False, "gpu"):
-            raise SettingError(f"augment must be True, False or 'gpu', got {augment!r}")
-        if cache_on_device and augment != "gpu":
-            raise SettingError("cache_on_device=True needs augment='gpu' (the device augments)")
-        check_share("affine", affine)
-        check_share("color_jitter", color_jitter)
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise SettingError(f"mean and std need 3 values, std > 0; got {mean} and {std}")
-        self.root = Path(root).expanduser()
-        self.crop_spec = CropSpec(image_size, center_crop)
-        self.cache_dir = cache_dir
-        self.skip_bad_images = skip_bad_images
-        self.reference_date = reference_date
-        self.augment = augment
-        self.affine = affine
-        self.color_jitter = color_jitter
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.cache_on_device = cache_on_device
+        self.source = DLMICrops(root, as_settings(CropSettings, crops), reference_date)
+        self.augment = as_settings(Augmentation, augment)
+        self.crop_spec = self.source.crops.spec
+        self.mean, self.std = self.source.crops.mean, self.source.crops.std
         self._host_pixels: ImageCache | None = None
         self._device_pixels: torch.Tensor | None = None
         self._generator: torch.Generator | None = None  # of augment="gpu", per epoch
         self._generator_key: tuple[int, torch.device] | None = None
-        self._paths: list[Path] = []
+
+    @property
+    def cache_on_device(self) -> bool:
+        """The decoded crops are copied to the training device (`Augmentation`)."""
+        return self.augment.cache_on_device
 
     def input_settings(self) -> dict[str, Any]:
-        return {
-            **super().input_settings(),
-            "instances": "crops",
-            "image_size": self.crop_spec.image_size,
-            "center_crop": self.crop_spec.center_crop,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "reference_date": self.reference_date,
-        }
+        return {**super().input_settings(), "instances": "crops", **self.source.input_settings()}
 
     def load_bags(self) -> list[Bag]:
-        frame, records = read_dlmi(self.root, self.reference_date)
-        features = frame.loc[:, list(FEATURE_NAMES)].to_numpy(dtype=np.float32)
-        bags, self._paths, start = [], [], 0
-        for record, tabular in zip(records, features, strict=True):
-            n = len(record.files)
-            rows = np.arange(start, start + n, dtype=np.int64)
-            bags.append(Bag(record.patient_id, record.label, rows, record.files, tabular))
-            self._paths.extend(record.paths)
-            start += n
-        return bags
+        return self.source.load_bags()
 
     def instance_paths(self, bag_id: str) -> list[Path]:
         """Files of patient ``bag_id``'s crops, in the order of its ``instance_ids``."""
-        return [self._paths[row] for row in self.bags[bag_id].rows]
+        return [self.source.paths[row] for row in self.bags[bag_id].rows]
 
     def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
-        cache = ImageCache.build_or_load(
-            self._paths, self.crop_spec, self.cache_dir, self.skip_bad_images
-        )
-        if not cache.bad:
-            return cache, list(bags)
-        bad = np.asarray(cache.bad)
-        usable = []
-        for bag in bags:
-            keep = ~np.isin(bag.rows, bad)
-            if not keep.any():
-                raise DataError(f"patient {bag.bag_id}: no readable image left")
-            ids = tuple(i for i, k in zip(bag.instance_ids, keep, strict=True) if k)
-            usable.append(Bag(bag.bag_id, bag.label, bag.rows[keep], ids, bag.tabular))
-        return cache, usable
+        return self.source.build_store(bags)
 
     def split_store(self, split: str, store: InstanceStore) -> InstanceStore:
         if split == "train" and self.cache_on_device:
@@ -449,17 +358,20 @@ class PatientBagDataModule(BagDataModule):
     def instance_transform(self, stage: str) -> InstanceTransform:
         if stage == "train" and self.cache_on_device:
             return rows_to_tensor
-        if stage == "train" and self.augment == "gpu":
+        if stage == "train" and self.augment.mode == "gpu":
             return pixels_to_tensor
         augment = None
-        if stage == "train" and self.augment:
-            augment = BagAugment(affine=self.affine, color_jitter=self.color_jitter)
+        if stage == "train" and self.augment.mode == "cpu":
+            augment = BagAugment(affine=self.augment.affine, color_jitter=self.augment.color_jitter)
         return BagToTensor(augment, self.mean, self.std)
 
     @cached_property
     def device_augment(self) -> DeviceAugment:
-        """The on-device pipeline of ``augment="gpu"`` (the CPU path's probabilities)."""
-        return DeviceAugment(self.mean, self.std, affine=self.affine, color_p=self.color_jitter)
+        """The on-device pipeline of augment mode "gpu" (the CPU path's probabilities)."""
+        augment = self.augment
+        return DeviceAugment(
+            self.mean, self.std, affine=augment.affine, color_p=augment.color_jitter
+        )
 
     def on_after_batch_transfer(self, batch: BagBatch, dataloader_idx: int) -> BagBatch:
         """Raw uint8 crops (``augment="gpu"``) or row numbers (``cache_on_device``) ->

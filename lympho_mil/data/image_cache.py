@@ -166,7 +166,7 @@ class ImageCache(MemmapRows):
             if not skip_bad_images:
                 raise DataError(
                     f"unreadable image(s) {meta['bad_files'][:5]}; pass skip_bad_images=True "
-                    "(--data.skip_bad_images true) to skip them"
+                    "(--data.crops.skip_bad_images true) to skip them"
                 )
             _warn_skipped(meta["bad_files"])
         return cls(data_path, meta["bad"])
@@ -345,8 +345,8 @@ def _decode_into(
             if not skip_bad_images:
                 failed.set()
                 raise DataError(
-                    f"{exc}; pass skip_bad_images=True (--data.skip_bad_images true) to leave "
-                    "it out"
+                    f"{exc}; pass skip_bad_images=True (--data.crops.skip_bad_images true) to "
+                    "leave it out"
                 ) from None
             bad.append(row)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lympho_mil.arguments import as_settings
 from lympho_mil.data.datamodule import PatientBagDataModule
 from lympho_mil.data.image_cache import default_cache_dir
 from lympho_mil.data.synthetic import make_synthetic_dlmi
@@ -55,6 +57,31 @@ def ensure_synthetic_dlmi(
     return root
 
 
+@dataclass(frozen=True)
+class SyntheticSettings:
+    """What `make_synthetic_dlmi` generates (``synthetic:`` of `SyntheticDataModule`'s config).
+
+    n_patients: labelled and unlabelled patients together.
+    image_size: side of the generated crops, in pixels (the models read them at the
+        datamodule's ``crops.image_size``).
+    seed: seed of the generator.
+    max_cells: crops of the largest patient.
+    clinical_overlap: how much the clinical vector of the two classes overlaps (0: as the
+        generator's default cohort).
+    """
+
+    n_patients: int = 120
+    image_size: int = 64
+    seed: int = 0
+    max_cells: int = 60
+    clinical_overlap: float = 0.0
+
+    def folder_name(self) -> str:
+        """The default folder of this dataset under ``<cache>/synthetic/``."""
+        name = f"n{self.n_patients}-px{self.image_size}-cells{self.max_cells}-seed{self.seed}"
+        return f"{name}-overlap{self.clinical_overlap:g}" if self.clinical_overlap else name
+
+
 class SyntheticDataModule(PatientBagDataModule):
     """Synthetic blood-smear patients in the DLMI layout, generated once into a cache folder.
 
@@ -62,27 +89,26 @@ class SyntheticDataModule(PatientBagDataModule):
         root: where the dataset lives (default: ``<cache>/synthetic/n<N>-px<S>-cells<C>-seed<K>``,
             with ``-overlap<Q>`` when ``clinical_overlap`` is not 0); generated there if absent,
             reused otherwise.
-        n_patients, synthetic_size, synthetic_seed, max_cells, clinical_overlap: generator
-            settings (see `lympho_mil.data.synthetic.make_synthetic_dlmi`).
-        **kwargs: everything `PatientBagDataModule` takes (image size, splits, ...).
+        synthetic: the generator's settings (`SyntheticSettings`; see
+            `lympho_mil.data.synthetic.make_synthetic_dlmi`).
+        **kwargs: everything `PatientBagDataModule` takes (crops, splits, loaders, ...).
     """
 
     def __init__(
         self,
         root: str | None = None,
-        n_patients: int = 120,
-        synthetic_size: int = 64,
-        synthetic_seed: int = 0,
-        max_cells: int = 60,
-        clinical_overlap: float = 0.0,
+        synthetic: SyntheticSettings = SyntheticSettings(),
         **kwargs: Any,
     ) -> None:
+        generator = as_settings(SyntheticSettings, synthetic)
         if root is None:
-            name = f"n{n_patients}-px{synthetic_size}-cells{max_cells}-seed{synthetic_seed}"
-            if clinical_overlap:
-                name += f"-overlap{clinical_overlap:g}"
-            root = str(default_cache_dir() / "synthetic" / name)
+            root = str(default_cache_dir() / "synthetic" / generator.folder_name())
         super().__init__(root=root, **kwargs)  # checks the settings before any file is written
         ensure_synthetic_dlmi(
-            root, n_patients, synthetic_size, synthetic_seed, max_cells, clinical_overlap
+            root,
+            generator.n_patients,
+            generator.image_size,
+            generator.seed,
+            generator.max_cells,
+            generator.clinical_overlap,
         )

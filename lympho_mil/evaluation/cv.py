@@ -39,6 +39,7 @@ from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.errors import DataError
+from lympho_mil.data.settings import SplitSettings
 from lympho_mil.data.splits import holdout_split, stratified_folds
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
 from lympho_mil.evaluation.cv_plan import (
@@ -178,8 +179,10 @@ class ModuleRunner:
 
     Args:
         make_data: returns a datamodule; called with no argument for the data as configured,
-            and with ``train_ids``, ``val_ids``, ``test_ids`` (and ``predict_ids``) for a
-            fold, e.g. ``functools.partial(PatientBagDataModule, root, image_size=64)``.
+            and with ``split`` (a `lympho_mil.data.SplitSettings` of the fold's
+            ``train_ids``, ``val_ids`` and ``test_ids``) and, where the fold names them,
+            ``predict_ids``, e.g. ``functools.partial(PatientBagDataModule, root,
+            crops=CropSettings(image_size=64))``.
         make_model: the model for a datamodule, e.g. ``lambda dm: TabularMLP(
             tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats)``.
         trainer: ``Trainer`` arguments (``max_epochs``, ``accelerator``, ...); the runner
@@ -198,11 +201,10 @@ class ModuleRunner:
 
     def build(self, setup: FoldSetup) -> FoldObjects:
         seed_everything(setup.seed, workers=True, verbose=False)
-        split = setup.split
-        ids = {"train_ids": split.train_ids, "val_ids": split.val_ids, "test_ids": split.test_ids}
-        if setup.predict_ids is not None:
-            ids["predict_ids"] = setup.predict_ids
-        datamodule = self.make_data(**ids)
+        fold = setup.split
+        ids = SplitSettings(train_ids=fold.train_ids, val_ids=fold.val_ids, test_ids=fold.test_ids)
+        predict = {} if setup.predict_ids is None else {"predict_ids": setup.predict_ids}
+        datamodule = self.make_data(split=ids, **predict)
         model = self.make_model(datamodule)
         checkpoint = ModelCheckpoint(
             dirpath=setup.directory / "checkpoints", monitor=self.monitor, mode=self.mode

@@ -7,6 +7,7 @@ themselves (SimCLR with lightly)."""
 from lympho_mil.features.cache import (
     CachedFeatureDataModule,
     FeatureCache,
+    FeatureSource,
     FeatureSpec,
     extract_features,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "CachedFeatureDataModule",
     "CytometryEncoder",
     "FeatureCache",
+    "FeatureSource",
     "FeatureSpec",
     "PretrainSettings",
     "cytometry_features",

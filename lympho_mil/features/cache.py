@@ -28,9 +28,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lympho_mil.arguments import SettingError
-from lympho_mil.data.datamodule import PatientBagDataModule
+from lympho_mil.arguments import SettingError, as_settings
+from lympho_mil.data.clinical import FEATURE_NAMES
+from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
+from lympho_mil.data.dlmi_crops import DLMICrops
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.gpu_augment import normalize_pixels
 from lympho_mil.data.image_cache import (
@@ -42,6 +44,7 @@ from lympho_mil.data.image_cache import (
     write_cache,
 )
 from lympho_mil.data.scaled import ScaledFeatures
+from lympho_mil.data.settings import CropSettings
 from lympho_mil.data.transforms import CellTypes, FeatureScaling, FeaturesToTensor
 from lympho_mil.dihedral import DIHEDRAL_VIEWS, stack_dihedral_views
 from lympho_mil.features.cytometry import CytometryEncoder
@@ -214,34 +217,78 @@ class SelectView:
         return self.to_tensor(picked, rng)
 
 
-class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
+@dataclass(frozen=True)
+class FeatureSource:
+    """The frozen encoder that turns every crop into a feature vector, and how it runs
+    (``features:`` of `CachedFeatureDataModule`'s config).
+
+    encoder: the extractor: ``cytometry`` (scikit-image cytomorphometry,
+        `lympho_mil.features.cytometry`) or any `lympho_mil.nn.build_instance_encoder` name
+        (``morphology``, ``small_cnn``, a timm model such as ``resnet18``, ...).
+    weights: local weights file of the extractor (a state dict of the timm backbone, or of
+        the built-in encoder module). Without it the encoder keeps its initial weights drawn
+        under ``seed``: reproducible, but only a plumbing demonstration.
+    kwargs: extra constructor arguments (e.g. ``{"out_dim": 64}``).
+    seed: seed of the initial weights (and of the k-means of the cell types).
+    dihedral: also embed the 8 flip/90-degree rotation views of every crop; training then
+        draws one view per crop per step (the augmentation of a frozen encoder).
+    eval_view: with ``dihedral``, what validation, test and predict see: ``"mean"`` of the 8
+        views or the ``"identity"`` view.
+    dtype: storage type of the cache.
+    extract_batch_size: encoder inputs per forward during extraction.
+    extract_device: where to extract (None: the Trainer's device when the datamodule is
+        attached to one, else the CPU).
+    """
+
+    encoder: str = "small_cnn"
+    weights: str | None = None
+    kwargs: dict[str, Any] | None = None
+    seed: int = 0
+    dihedral: bool = False
+    eval_view: EvalView = "mean"
+    dtype: Literal["float16", "float32"] = "float16"
+    extract_batch_size: int = 256
+    extract_device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.eval_view not in ("mean", "identity"):
+            raise SettingError(f"eval_view must be 'mean' or 'identity', got {self.eval_view!r}")
+
+    def build(self, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+        """The frozen encoder, its initial weights drawn under ``seed``. The morphology and
+        cytometry encoders un-normalise with the loaders' ``mean``/``std`` (unless
+        ``kwargs`` say otherwise)."""
+        kwargs = dict(self.kwargs or {})
+        if self.encoder in ("morphology", "cytometry"):
+            kwargs = {"mean": mean, "std": std, **kwargs}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if self.encoder == "cytometry":
+                module: nn.Module = CytometryEncoder(**kwargs)
+            else:
+                module = build_instance_encoder(self.encoder, weights_path=self.weights, **kwargs)
+        return module.requires_grad_(False).eval()
+
+
+class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
     """DLMI patients as bags of frozen-encoder features ``float[n, D]``, extracted once.
 
-    Crops are decoded into the image cache as for `PatientBagDataModule`, then every
-    crop is embedded once by the encoder and the features are cached
-    (`lympho_mil.features.cache`). Models read them with ``encoder="identity"`` (or
-    ``"mlp"``) and ``in_dim`` equal to `feature_dim`; a model refuses features of another
-    size at its first batch, both sizes named.
+    Crops are decoded into the image cache as for `PatientBagDataModule` (the same
+    `lympho_mil.data.dlmi_crops.DLMICrops`), then every crop is embedded once by the
+    encoder of ``features`` and the features are cached (`lympho_mil.features.cache`).
+    Models read them with the ``identity`` (or ``mlp``) encoder and ``in_dim`` equal to
+    `feature_dim`; a model refuses features of another size at its first batch, both sizes
+    named.
 
     Args:
         root: the DLMI folder.
-        encoder: the extractor: ``cytometry`` (scikit-image cytomorphometry,
-            `lympho_mil.features.cytometry`) or any `build_instance_encoder` name
-            (``morphology``, ``small_cnn``, a timm model such as ``resnet18``, ...).
-        encoder_weights: local weights file of the extractor (a state dict of the timm
-            backbone, or of the built-in encoder module). Without it the encoder keeps its
-            initial weights drawn under ``encoder_seed``: reproducible, but only a plumbing
-            demonstration.
-        encoder_kwargs: extra constructor arguments (e.g. ``{"out_dim": 64}``).
-        encoder_seed: seed of the initial weights.
-        dihedral: also embed the 8 flip/90-degree rotation views of every crop; training
-            then draws one view per crop per step (the augmentation of a frozen encoder).
-        eval_view: with ``dihedral``, what validation, test and predict see: ``"mean"`` of
-            the 8 views or the ``"identity"`` view.
-        feature_dtype: storage type of the cache.
+        crops: how each crop is decoded, cached and normalised before the encoder
+            (`lympho_mil.data.settings.CropSettings`).
+        reference_date: date at which ages are computed (ISO format).
+        features: the encoder and how it runs (`FeatureSource`).
         standardize: clip every feature to the range of the training patients' crops and
             z-score it with their mean and standard deviation (for features on unequal
-            scales, such as ``encoder="morphology"``); fitted per split, like the clinical
+            scales, such as the ``morphology`` encoder's); fitted per split, like the clinical
             standardisation, on the mean over views, and saved in checkpoints.
         cell_types: with K > 0, each crop becomes its cell type: the nearest of K k-means
             centres of the training patients' standardised crop features, one-hot
@@ -249,45 +296,25 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
             then gives each patient's share of every type. Fitted per split, saved in
             checkpoints; `feature_dim` is then K.
         noise_std: Gaussian noise added to training features (after standardisation).
-        extract_batch_size: encoder inputs per forward during extraction.
-        extract_device: where to extract (None: the Trainer's device when the datamodule is
-            attached to one, else the CPU).
-        **kwargs: everything `PatientBagDataModule` takes (``image_size``,
-            ``center_crop``, ``cache_dir``, ``mean``, ``std``, splits, loaders) except
-            ``cache_on_device`` (a ValueError). Its image augmentation settings do not apply
-            to features.
+        **kwargs: split, prediction and loader settings of `BagDataModule`.
     """
+
+    feature_names = FEATURE_NAMES
 
     def __init__(
         self,
         root: str,
-        encoder: str = "small_cnn",
-        encoder_weights: str | None = None,
-        encoder_kwargs: dict[str, Any] | None = None,
-        encoder_seed: int = 0,
-        dihedral: bool = False,
-        eval_view: EvalView = "mean",
-        feature_dtype: Literal["float16", "float32"] = "float16",
+        crops: CropSettings = CropSettings(),
+        reference_date: str = "2020-01-01",
+        features: FeatureSource = FeatureSource(),
         standardize: bool = False,
         cell_types: int = 0,
         noise_std: float = 0.0,
-        extract_batch_size: int = 256,
-        extract_device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if kwargs.get("cache_on_device"):
-            raise SettingError(
-                "cache_on_device copies decoded crops to the GPU for device augmentation; "
-                "CachedFeatureDataModule trains on cached features, which need neither"
-            )
-        super().__init__(root, **kwargs)
-        if eval_view not in ("mean", "identity"):
-            raise SettingError(f"eval_view must be 'mean' or 'identity', got {eval_view!r}")
-        self.encoder_name = encoder
-        self.encoder_weights = encoder_weights
-        self.encoder_kwargs = dict(encoder_kwargs or {})
-        self.encoder_seed = encoder_seed
-        self.eval_view = eval_view
+        super().__init__(**kwargs)
+        self.source = DLMICrops(root, as_settings(CropSettings, crops), reference_date)
+        self.features = as_settings(FeatureSource, features)
         if cell_types < 0 or (cell_types and not standardize):
             raise SettingError(
                 f"cell_types must be 0 or a positive count with standardize: true, got "
@@ -298,50 +325,45 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         self.n_cell_types = cell_types
         self.cell_types: CellTypes | None = None
         self.noise_std = noise_std
-        self.extract_batch_size = extract_batch_size
-        self.extract_device = extract_device
+        source = self.source.crops
         self.feature_spec = FeatureSpec(
-            encoder,
-            self.crop_spec,
-            self.mean,
-            self.std,
-            tuple(sorted(self.encoder_kwargs.items())),
-            dihedral,
-            feature_dtype,
+            self.features.encoder,
+            source.spec,
+            source.mean,
+            source.std,
+            tuple(sorted((self.features.kwargs or {}).items())),
+            self.features.dihedral,
+            self.features.dtype,
         )
 
     def input_settings(self) -> dict[str, Any]:
-        weights = self.encoder_weights
+        features = self.features
+        weights = features.weights
         return {
             **super().input_settings(),
+            **self.source.input_settings(),
             "instances": "features",
-            "encoder": self.encoder_name,
-            "encoder_kwargs": dict(self.encoder_kwargs),
+            "encoder": features.encoder,
+            "encoder_kwargs": dict(features.kwargs or {}),
             "encoder_weights": None if weights is None else file_digest(Path(weights)),
-            "encoder_seed": None if weights is not None else self.encoder_seed,
-            "dihedral": self.feature_spec.dihedral,
-            "eval_view": self.eval_view,
+            "encoder_seed": None if weights is not None else features.seed,
+            "dihedral": features.dihedral,
+            "eval_view": features.eval_view,
             "standardize": self.standardize,
             "cell_types": self.n_cell_types,
         }
 
+    def load_bags(self) -> list[Bag]:
+        return self.source.load_bags()
+
+    def instance_paths(self, bag_id: str) -> list[Path]:
+        """Files of patient ``bag_id``'s crops, in the order of its ``instance_ids``."""
+        return [self.source.paths[row] for row in self.bags[bag_id].rows]
+
     @cached_property
     def extractor(self) -> nn.Module:
-        """The frozen encoder, its initial weights drawn under ``encoder_seed``. The
-        morphology encoder un-normalises with the loaders' ``mean``/``std`` (unless its
-        ``encoder_kwargs`` say otherwise)."""
-        kwargs = dict(self.encoder_kwargs)
-        if self.encoder_name in ("morphology", "cytometry"):
-            kwargs = {"mean": self.mean, "std": self.std, **kwargs}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.encoder_seed)
-            if self.encoder_name == "cytometry":
-                module: nn.Module = CytometryEncoder(**kwargs)
-            else:
-                module = build_instance_encoder(
-                    self.encoder_name, weights_path=self.encoder_weights, **kwargs
-                )
-        return module.requires_grad_(False).eval()
+        """The frozen encoder of ``features`` (`FeatureSource.build`)."""
+        return self.features.build(self.source.crops.mean, self.source.crops.std)
 
     @property
     def feature_dim(self) -> int:
@@ -350,15 +372,14 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         return self.n_cell_types or encoder_out_dim(self.extractor)
 
     def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
-        images, usable = super().build_store(bags)
-        assert isinstance(images, ImageCache)
+        images, usable = self.source.build_store(bags)
         store = FeatureCache.build_or_load(
             images,
             self.extractor,
             self.feature_spec,
-            self.cache_dir,
+            self.source.crops.cache_dir,
             self._device(),
-            self.extract_batch_size,
+            self.features.extract_batch_size,
         )
         self.extractor.cpu()  # give back the accelerator's memory after an extraction
         if self.standardize and self.scaling is None:
@@ -392,7 +413,7 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
             return None
         rows = np.sort(np.concatenate(train))
         features = scaling(store[rows].astype(np.float32).mean(axis=1))
-        return CellTypes.fit(features, self.n_cell_types, seed=self.encoder_seed)
+        return CellTypes.fit(features, self.n_cell_types, seed=self.features.seed)
 
     def scaled_size(self) -> int:
         return encoder_out_dim(self.extractor)
@@ -430,8 +451,8 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
                 dataset.to_tensor.cell_types = types
 
     def _device(self) -> torch.device:
-        if self.extract_device is not None:
-            return torch.device(self.extract_device)
+        if self.features.extract_device is not None:
+            return torch.device(self.features.extract_device)
         if self.trainer is not None:
             return self.trainer.strategy.root_device
         return torch.device("cpu")
@@ -440,4 +461,4 @@ class CachedFeatureDataModule(ScaledFeatures, PatientBagDataModule):
         to_tensor = FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
         if stage == "train":
             return SelectView("random", to_tensor, self.scaling, self.cell_types)
-        return SelectView(self.eval_view, to_tensor, self.scaling, self.cell_types)
+        return SelectView(self.features.eval_view, to_tensor, self.scaling, self.cell_types)

@@ -1,15 +1,14 @@
-"""LightningModules: one base class (loss, metrics, optimiser, threshold, checkpoint format,
-predict records) and small subclasses that build their networks from ``nn``. Reads batches of
+"""LightningModules: one base class holding a pure-torch network of ``nn`` (``self.net``) and
+the training concerns around it (loss, metrics, optimiser and schedule, threshold, checkpoint
+format, predict records), and small subclasses that build their networks. Reads batches of
 ``data``; never imports ``evaluation`` or the command layer."""
 
-from lympho_mil.models.base import (
-    BagClassifier,
-    BagOutput,
-    CheckpointFormatError,
-    NonFiniteLossError,
-)
+from lympho_mil.models.base import BagClassifier, NonFiniteLossError
+from lympho_mil.models.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError
+from lympho_mil.models.fusion import GatedFusionMIL
 from lympho_mil.models.mil import (
     AttentionMIL,
+    EncoderClassifier,
     GatedAttentionMIL,
     InstanceMIL,
     MaxPoolMIL,
@@ -17,13 +16,17 @@ from lympho_mil.models.mil import (
     MILClassifier,
     StatisticsPoolMIL,
 )
-from lympho_mil.models.tabular import GatedFusionMIL, TabularMLP
+from lympho_mil.models.schedule import OptimSettings
+from lympho_mil.models.tabular import TabularMLP
+from lympho_mil.nn import BagOutput
 
 __all__ = [
+    "CHECKPOINT_FORMAT",
     "AttentionMIL",
     "BagClassifier",
     "BagOutput",
     "CheckpointFormatError",
+    "EncoderClassifier",
     "GatedAttentionMIL",
     "GatedFusionMIL",
     "InstanceMIL",
@@ -31,6 +34,7 @@ __all__ = [
     "MaxPoolMIL",
     "MeanPoolMIL",
     "NonFiniteLossError",
+    "OptimSettings",
     "StatisticsPoolMIL",
     "TabularMLP",
 ]

@@ -1,7 +1,8 @@
 """Instance encoders: modules mapping a flat batch of instances ``x[M, ...]`` to ``[M, out_dim]``.
 
-Each encoder exposes ``out_dim``. ``encode_instances`` applies one to the real instances of
-padded bags ``[B, N, ...]``.
+Each encoder exposes ``out_dim``. `ENCODERS` names the built-in ones (any other name is a timm
+model); `EncoderSettings` describes one as models take it and `build_encoder` builds it;
+``encode_instances`` applies one to the real instances of padded bags ``[B, N, ...]``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, SupportsInt, cast
@@ -17,13 +19,9 @@ from typing import Any, SupportsInt, cast
 import torch
 from torch import Tensor, nn
 
-from lympho_mil.arguments import SettingError
+from lympho_mil.arguments import SettingError, check_positive
+from lympho_mil.nn.acceleration import use_channels_last
 from lympho_mil.nn.morphology import MorphologyEncoder
-
-BUILTIN_ENCODERS: tuple[str, ...] = ("small_cnn", "lenet", "mlp", "identity", "morphology")
-"""Encoder names `build_instance_encoder` builds itself; any other name is a timm model."""
-FEATURE_ENCODERS: tuple[str, ...] = ("mlp", "identity")
-"""The encoders of feature vectors ``float[N, in_dim]`` (the others read image crops)."""
 
 
 class EncoderWeightsError(RuntimeError):
@@ -82,7 +80,9 @@ class LeNetEncoder(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """Linear-GELU-Dropout-Linear-GELU on precomputed features ``x[M, in_dim]``."""
+    """Linear-GELU-Dropout-Linear-GELU: ``x[M, in_dim]`` -> ``[M, out_dim]``; the encoder
+    ``mlp`` of precomputed crop features, and the clinical encoder of `TabularNet` and
+    `GatedFusionNet`."""
 
     def __init__(
         self, in_dim: int, hidden: int = 256, out_dim: int = 128, dropout: float = 0.0
@@ -139,7 +139,7 @@ class TimmEncoder(nn.Module):
 
         if not timm.is_model(name):
             raise ValueError(
-                f"unknown instance encoder {name!r}: neither built-in {list(BUILTIN_ENCODERS)} "
+                f"unknown instance encoder {name!r}: neither built-in {list(ENCODERS)} "
                 "nor a timm model name"
             )
         if pretrained and weights_path is None:
@@ -235,6 +235,21 @@ def _timm_conversion(model: nn.Module) -> Any:
     return convert
 
 
+ENCODERS: dict[str, tuple[type[nn.Module], tuple[str, ...]]] = {
+    "small_cnn": (SmallCNN, ("out_dim",)),
+    "lenet": (LeNetEncoder, ("out_dim",)),
+    "mlp": (MLPEncoder, ("in_dim", "out_dim")),
+    "identity": (IdentityEncoder, ("in_dim",)),
+    "morphology": (MorphologyEncoder, ()),
+}
+"""The built-in encoders by name, as `build_instance_encoder` and the models' ``encoder.name``
+take them: each one's class and which of ``in_dim`` and ``out_dim`` it takes. An encoder that
+takes ``in_dim`` reads feature vectors ``float[M, in_dim]``, the others image crops. Any
+other name is a timm model (`TimmEncoder`)."""
+FEATURE_ENCODERS: tuple[str, ...] = tuple(n for n, (_, s) in ENCODERS.items() if "in_dim" in s)
+"""The encoders of feature vectors (the others read image crops)."""
+
+
 def build_instance_encoder(
     name: str,
     *,
@@ -244,23 +259,27 @@ def build_instance_encoder(
     weights_path: str | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """The encoder called ``name``: one of ``BUILTIN_ENCODERS`` or any timm model name.
+    """The encoder called ``name``: a key of `ENCODERS` or any timm model name.
 
-    ``in_dim`` is required by "mlp" and "identity"; ``out_dim`` is ignored by "identity",
-    "morphology" (fixed hand-crafted features, `MorphologyEncoder`) and
-    timm models (whose ``out_dim`` is their feature size); ``kwargs`` go to the encoder's
-    constructor. ``weights_path``: a local weights file, the timm backbone's state dict or the
-    built-in module's (loaded strictly); ``pretrained`` applies to timm models only and needs
-    ``weights_path`` (nothing is downloaded).
+    ``in_dim`` is required by the encoders of feature vectors; ``out_dim`` is ignored by those
+    that do not take it (`ENCODERS`) and by timm models (whose ``out_dim`` is their feature
+    size); ``kwargs`` go to the encoder's constructor. ``weights_path``: a local weights
+    file, the timm backbone's state dict or the built-in module's (loaded strictly);
+    ``pretrained`` applies to timm models only and needs ``weights_path`` (nothing is
+    downloaded).
     """
-    if name not in BUILTIN_ENCODERS:
+    if name not in ENCODERS:
         return TimmEncoder(name, pretrained=pretrained, weights_path=weights_path, **kwargs)
     if pretrained:
         raise ValueError(
             f"pretrained applies to timm models; the built-in {name!r} takes its trained "
             "weights from a local file: weights_path"
         )
-    module = _builtin_encoder(name, in_dim, out_dim, **kwargs)
+    cls, sizes = ENCODERS[name]
+    if "in_dim" in sizes and in_dim is None:
+        raise ValueError(f"instance encoder {name!r} needs in_dim")
+    given = {"in_dim": in_dim, "out_dim": out_dim}
+    module = cls(**{size: given[size] for size in sizes}, **kwargs)
     if weights_path is not None:
         state = read_weights(_existing(weights_path), module.state_dict())
         built = f"the {name!r} encoder built with out_dim={out_dim}, {kwargs or 'defaults'}"
@@ -268,18 +287,67 @@ def build_instance_encoder(
     return module
 
 
-def _builtin_encoder(name: str, in_dim: int | None, out_dim: int, **kwargs: Any) -> nn.Module:
-    if name == "small_cnn":
-        return SmallCNN(out_dim=out_dim, **kwargs)
-    if name == "lenet":
-        return LeNetEncoder(out_dim=out_dim, **kwargs)
-    if name == "morphology":
-        return MorphologyEncoder(**kwargs)
-    if in_dim is None:
-        raise ValueError(f"instance encoder {name!r} needs in_dim")
-    if name == "mlp":
-        return MLPEncoder(in_dim, out_dim=out_dim, **kwargs)
-    return IdentityEncoder(in_dim, **kwargs)
+@dataclass(frozen=True)
+class EncoderSettings:
+    """An instance encoder as models take it (``encoder:`` of a model's config).
+
+    name: a key of `ENCODERS` ("small_cnn": fast on CPU, GroupNorm; "lenet": 28 px digits;
+        "morphology": fixed hand-crafted features of the centred cell; "mlp" or "identity":
+        precomputed features, need ``in_dim``) or any timm model name.
+    out_dim: output size of the encoders that take one (`ENCODERS`; the others keep their
+        own).
+    in_dim: feature size of precomputed feature bags: the datamodule's
+        (``FeatureBagDataModule.in_dim``, ``CachedFeatureDataModule.feature_dim``).
+    kwargs: extra constructor arguments of the encoder.
+    weights: local weights file (a timm backbone's or a built-in encoder's state dict;
+        nothing is downloaded).
+    freeze: keep the encoder fixed (eval mode, no gradients).
+    shape_multiple: top each encoder call up to a multiple of this many crops (repeats,
+        outputs dropped; see `encode_instances`): a few input shapes instead of one per
+        number of crops in a batch, for cuDNN plans and compiled encoders on a GPU.
+    channels_last: keep the encoder's weights and 4-D inputs channels-last (faster convs on
+        CUDA under mixed precision; `lympho_mil.nn.acceleration`).
+    compile: ``torch.compile`` the encoder in place (checkpoints stay loadable with or
+        without it); compilation costs seconds to minutes at the first batches.
+    """
+
+    name: str = "small_cnn"
+    out_dim: int = 128
+    in_dim: int | None = None
+    kwargs: dict[str, Any] | None = None
+    weights: str | None = None
+    freeze: bool = False
+    shape_multiple: int | None = None
+    channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive(out_dim=self.out_dim, in_dim=self.in_dim, shape_multiple=self.shape_multiple)
+
+    @property
+    def reads_features(self) -> bool:
+        """True for an encoder of feature vectors, False for one of image crops."""
+        return self.name in FEATURE_ENCODERS
+
+
+def build_encoder(settings: EncoderSettings) -> nn.Module:
+    """The encoder ``settings`` describe: built (its initial weights drawn from torch's
+    generator, or read from ``settings.weights``), then frozen, channels-last and compiled as
+    they ask."""
+    module = build_instance_encoder(
+        settings.name,
+        in_dim=settings.in_dim,
+        out_dim=settings.out_dim,
+        weights_path=settings.weights,
+        **(settings.kwargs or {}),
+    )
+    if settings.freeze:
+        freeze(module)
+    if settings.channels_last:
+        use_channels_last(module)
+    if settings.compile:
+        module.compile()  # in place: state_dict keys stay unprefixed, checkpoints portable
+    return module
 
 
 def encoder_out_dim(encoder: nn.Module) -> int:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lympho_mil.arguments import SettingError, check_positive
 
 GATE_INPUTS = ("embeddings", "confidence")
 """What the gate of `GatedFusion` may see."""
@@ -38,7 +41,9 @@ class GatedFusion(nn.Module):
     parameters learn fast on few patients and, being fed detached logits, never pull on the
     experts. The logit of ``p`` is computed in log space in float32 (log-sum-exp of
     log-sigmoids), so it stays finite and the chosen expert keeps its gradient even when the
-    gate saturates to exactly 0 or 1. Train with ``mixture_nll``.
+    gate saturates to exactly 0 or 1. Train with `lympho_mil.nn.bce_with_logits` on that
+    logit: the negative log-likelihood of ``p``, finite with useful gradients even when ``p``
+    saturates.
 
     Args:
         image_dim, tabular_dim: sizes of ``z_img`` and ``z_tab``.
@@ -114,14 +119,38 @@ class ConcatFusion(nn.Module):
         return FusionOutput(logit=logit, prob=torch.sigmoid(logit))
 
 
-def mixture_nll(output: FusionOutput, target: Tensor, pos_weight: float | None = None) -> Tensor:
-    """Mean negative log-likelihood of ``target[B]`` (0/1) under ``output.prob``, in float32.
+@dataclass(frozen=True)
+class FusionSettings:
+    """The fusion of `GatedFusionNet` (``fusion:`` of `GatedFusionMIL`'s config).
 
-    Equal to ``binary_cross_entropy(prob, target)`` but computed from the exact logit, so it
-    is finite and has useful gradients even for saturated probabilities. ``pos_weight``
-    multiplies the loss of positive bags.
+    kind: "gated" (`GatedFusion`, a mixture of an image and a clinical expert) or "concat"
+        (`ConcatFusion`, the plain concatenation baseline).
+    gate_input: what the gate sees: "embeddings" (the published model) or "confidence"
+        (`GatedFusion`).
+    gate_hidden: hidden size of the gate network (``gate_input="embeddings"``).
+    tabular_hidden, tabular_embed_dim: sizes of the clinical MLP (`MLPEncoder`).
     """
-    weight = None if pos_weight is None else torch.tensor(pos_weight, device=target.device)
-    return F.binary_cross_entropy_with_logits(
-        output.logit.float(), target.float(), pos_weight=weight
-    )
+
+    kind: Literal["gated", "concat"] = "gated"
+    gate_input: Literal["embeddings", "confidence"] = "embeddings"
+    gate_hidden: int = 32
+    tabular_hidden: int = 32
+    tabular_embed_dim: int = 16
+
+    def __post_init__(self) -> None:
+        check_positive(
+            tabular_hidden=self.tabular_hidden,
+            tabular_embed_dim=self.tabular_embed_dim,
+            gate_hidden=self.gate_hidden,
+        )
+        if self.gate_input not in GATE_INPUTS:  # GatedFusion checks it too, concat has none
+            raise SettingError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
+        if self.kind not in ("gated", "concat"):
+            raise SettingError(f"fusion must be 'gated' or 'concat', got {self.kind!r}")
+
+    def build(self, image_dim: int) -> GatedFusion | ConcatFusion:
+        """The fusion of a pooled image embedding of size ``image_dim`` with the clinical
+        embedding."""
+        if self.kind == "gated":
+            return GatedFusion(image_dim, self.tabular_embed_dim, self.gate_hidden, self.gate_input)
+        return ConcatFusion(image_dim, self.tabular_embed_dim)

@@ -13,10 +13,13 @@ instance; an empty bag gives NaN (mean, attention, distribution) or -inf (max).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lympho_mil.arguments import SettingError, check_positive
 
 
 def _clean(h: Tensor, mask: Tensor, value: float = 0.0) -> Tensor:
@@ -197,3 +200,24 @@ def build_pooling(name: str, dim: int, hidden: int = 128, dropout: float = 0.0) 
         raise ValueError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}")
     cls = POOLINGS[name]
     return cls(dim, hidden=hidden, dropout=dropout) if cls.has_attention else cls()
+
+
+@dataclass(frozen=True)
+class PoolingSettings:
+    """A pooling as models take it (``pooling:`` of `GatedFusionMIL`'s config).
+
+    name: a key of `POOLINGS`.
+    hidden: hidden size of the attention network (attention poolings only).
+    """
+
+    name: str = "attention"
+    hidden: int = 128
+
+    def __post_init__(self) -> None:
+        check_positive(hidden=self.hidden)
+        if self.name not in POOLINGS:
+            raise SettingError(f"unknown pooling {self.name!r}; choose one of {sorted(POOLINGS)}")
+
+    def build(self, dim: int) -> MILPooling:
+        """The pooling for embeddings of size ``dim`` (`build_pooling`)."""
+        return build_pooling(self.name, dim, self.hidden)

@@ -1,4 +1,5 @@
-"""Clinical-vector modules: standardisation and a small MLP encoder."""
+"""The standardisation of the clinical vector, fitted on the training patients and carried in
+the checkpoint (its encoder is an `lympho_mil.nn.MLPEncoder`)."""
 
 from __future__ import annotations
 
@@ -34,24 +35,3 @@ class Standardize(nn.Module):
                 f"input with {x.shape[-1]} (shape {tuple(x.shape)})"
             )
         return (x - self.mean) / self.scale
-
-
-class TabularEncoder(nn.Module):
-    """Linear-GELU-Dropout-Linear-GELU: ``x[B, in_dim]`` -> ``[B, out_dim]``."""
-
-    def __init__(
-        self, in_dim: int, hidden: int = 32, out_dim: int = 16, dropout: float = 0.1
-    ) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, out_dim),
-            nn.GELU(),
-        )
-        self.out_dim = out_dim
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x[B, in_dim]`` -> ``[B, out_dim]``."""
-        return self.net(x)

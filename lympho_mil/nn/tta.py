@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from lympho_mil.arguments import SettingError
 from lympho_mil.dihedral import DIHEDRAL_VIEWS, dihedral
+from lympho_mil.nn.nets import BagOutput
 
 TTA_VIEWS = (1, 2, 4, 8)
 """Numbers of test-time views: 1 = the crops as they are, 2 = and their left-right mirror
@@ -48,3 +50,36 @@ def dihedral_views(instances: Tensor, views: int) -> Iterator[Tensor]:
             f"{width}; use tta_views=2 (mirror images only) or square crops"
         )
     return (dihedral(instances, view).contiguous() for view in _VIEW_INDICES[views])
+
+
+def mean_output(outs: list[BagOutput]) -> BagOutput:
+    """The element-wise mean of the outputs of several views of one batch."""
+
+    def mean(tensors: list[Tensor | None]) -> Tensor:
+        present = [t for t in tensors if t is not None]
+        if len(present) != len(tensors):
+            raise ValueError("the views' outputs differ in which fields they hold")
+        return torch.stack(present).mean(0)
+
+    first = outs[0]
+    return BagOutput(
+        logit=mean([o.logit for o in outs]),
+        weights=None if first.weights is None else mean([o.weights for o in outs]),
+        instance_logits=(
+            None if first.instance_logits is None else mean([o.instance_logits for o in outs])
+        ),
+        extras=(
+            None
+            if first.extras is None
+            else {k: mean([(o.extras or {}).get(k) for o in outs]) for k in first.extras}
+        ),
+    )
+
+
+def tta_forward(
+    net: nn.Module, instances: Tensor, mask: Tensor, tabular: Tensor, views: int
+) -> BagOutput:
+    """``net``'s output (a network of `lympho_mil.nn.nets`) averaged over ``views`` exact
+    views of the crops ``instances[B, N, C, H, W]`` (`dihedral_views`): the patient logit,
+    crop weights, crop logits and extras are each the mean over the views."""
+    return mean_output([net(view, mask, tabular) for view in dihedral_views(instances, views)])
