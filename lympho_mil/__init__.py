@@ -5,6 +5,7 @@ Quick tour::
     from lympho_mil import PatientBagDataModule, AttentionMIL
     dm = PatientBagDataModule("path/to/dlmi", image_size=64, max_instances=32)
     model = AttentionMIL(tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats)
+    model.net  # the pure-PyTorch network it trains: a MILNet
 
 The names below are imported on first use, so ``import lympho_mil.nn`` (pure PyTorch) loads
 neither Lightning nor the data layer.
@@ -28,6 +29,7 @@ _HOMES = {
         "make_synthetic_dlmi",
     ),
     "lympho_mil.cli": ("compare_configs", "cross_validate"),  # with the config-driven runner
+    "lympho_mil.nn": ("GatedFusionNet", "InstanceNet", "MILNet", "TabularNet"),
     "lympho_mil.models": (
         "AttentionMIL",
         "BagClassifier",
@@ -53,14 +55,18 @@ __all__ = [
     "DataError",
     "GatedAttentionMIL",
     "GatedFusionMIL",
+    "GatedFusionNet",
     "InstanceMIL",
+    "InstanceNet",
     "MILClassifier",
+    "MILNet",
     "MaxPoolMIL",
     "MeanPoolMIL",
     "PatientBagDataModule",
     "StatisticsPoolMIL",
     "SyntheticDataModule",
     "TabularMLP",
+    "TabularNet",
     "__version__",
     "collate_bags",
     "compare_configs",
@@ -106,3 +112,4 @@ if TYPE_CHECKING:  # the names as type checkers and IDEs see them
         StatisticsPoolMIL,
         TabularMLP,
     )
+    from lympho_mil.nn import GatedFusionNet, InstanceNet, MILNet, TabularNet
