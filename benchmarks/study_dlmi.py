@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from harness import DEFAULT_UNLABELLED, Record, study
+from harness import DEFAULT_UNLABELLED, Record, read_records, study
 
 from lympho_mil.cli import cross_validate
 from lympho_mil.data import PatientBagDataModule
@@ -61,17 +61,16 @@ def ssl_weights(roots: list[Path], cache_dir: str | None) -> tuple[Path, float]:
     """The SimCLR encoder of the seventh round, pretrained on every crop of ``roots`` (64 px of
     the 112 px centre; cached), and the seconds this call took."""
     start = time.perf_counter()
-    crops, keys = [], []
+    crops = []
     dm = None
     for root in roots:
         dm = PatientBagDataModule(str(root), image_size=64, center_crop=112, cache_dir=cache_dir)
         store, _ = dm.build_store(list(dm.bags.values()))
         good = np.setdiff1d(np.arange(len(store)), np.asarray(store.bad, dtype=int))
         crops.append(store[good])
-        keys.append(store.path.stem)
     assert dm is not None
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    path = pretrained_encoder(crops, keys, SSL_SETTINGS, dm.mean, dm.std, folder)
+    path = pretrained_encoder(crops, SSL_SETTINGS, dm.mean, dm.std, folder)
     return path, time.perf_counter() - start
 
 
@@ -165,7 +164,8 @@ def round7_arguments(p: argparse.ArgumentParser) -> None:
         "--out-seventh",
         type=Path,
         default=Path("runs/benchmarks/dlmi-round7"),
-        help="the seventh round's working folder (its references and rows are reused)",
+        help="the seventh round's working folder (its references are reused; its verdict is "
+        "read from benchmarks/results/dlmi-round7.jsonl)",
     )
 
 
@@ -250,13 +250,9 @@ def round8(args: argparse.Namespace) -> Iterator[Record]:
     wanted = args.candidates or list(candidates)
     rows = _rows(candidates, wanted, args, earlier=seventh_out)
     yield from rows
-    if len(rows) < len(candidates):
-        return
-    seventh = {
-        n: with_data(c, args.data, args.cache_dir) for n, c in round7_candidates(ssl_path).items()
-    }
-    earlier = argparse.Namespace(**{**vars(args), "out": seventh_out})
-    yield round8_verdict(_rows(seventh, list(seventh), earlier), rows)
+    if len(rows) == len(candidates):
+        seventh = [r for r in read_records("dlmi-round7") if r.get("record") == "candidate"]
+        yield round8_verdict(seventh, rows)
 
 
 def round8_verdict(seventh: list[Record], eighth: list[Record]) -> Record:
