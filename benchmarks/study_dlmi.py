@@ -334,7 +334,7 @@ def threshold_rules(args: argparse.Namespace) -> Iterator[Record]:
                 f"{rule}_balanced_accuracy": s["balanced_accuracy"] for rule, s in summaries.items()
             },
             "fixed_minus_inner_val": diff["balanced_accuracy"],
-            "median_inner_threshold": float(chosen["threshold"].median()),
+            "median_inner_threshold": round(float(chosen["threshold"].median()), 3),
         }
 
 
