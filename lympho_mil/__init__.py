@@ -27,7 +27,8 @@ _HOMES = {
         "collate_bags",
         "make_synthetic_dlmi",
     ),
-    "lympho_mil.cli": ("compare_configs", "cross_validate"),  # with the config-driven runner
+    # with the config-driven runners
+    "lympho_mil.cli": ("compare_configs", "cross_validate", "evaluate_checkpoints"),
     "lympho_mil.models": (
         "AttentionMIL",
         "BagClassifier",
@@ -65,6 +66,7 @@ __all__ = [
     "collate_bags",
     "compare_configs",
     "cross_validate",
+    "evaluate_checkpoints",
     "make_synthetic_dlmi",
 ]
 
@@ -83,7 +85,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the names as type checkers and IDEs see them
-    from lympho_mil.cli import compare_configs, cross_validate
+    from lympho_mil.cli import compare_configs, cross_validate, evaluate_checkpoints
     from lympho_mil.data import (
         BagBatch,
         BagDataModule,

@@ -53,7 +53,7 @@ from lympho_mil.cli.checkpoints import (
 from lympho_mil.cli.errors import ConfigError, is_file
 from lympho_mil.cli.parser import LymphoParser, short_message
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
-from lympho_mil.evaluation.ensemble import ensemble_records
+from lympho_mil.evaluation.ensemble import THRESHOLD_RULE, ensemble_records
 from lympho_mil.evaluation.predictions import PredictionWriter, gather_records
 from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, choose_on_validation
 from lympho_mil.features import CachedFeatureDataModule  # noqa: F401 (registers it)
@@ -115,11 +115,36 @@ class Command:
     description: its one line in ``lympho-mil --help``.
     options: a dataclass whose fields become the ``--<name>.<field>`` options.
     run: runs it on the parsed `LymphoCLI` (nothing is instantiated for it).
+    arguments: adds its options outside its own section (``evaluate``'s ``--ckpt_path``).
     """
 
     description: str
     options: type
     run: Callable[[LymphoCLI], None]
+    arguments: Callable[[LightningArgumentParser], None] | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointUse:
+    """What a scoring command used, as its one line says (`LymphoCLI.checkpoint_use`).
+
+    infos: the checkpoint, or each of a fold ensemble.
+    threshold: the decision threshold applied.
+    origin: where a single checkpoint's threshold comes from (an ensemble: `THRESHOLD_RULE`).
+    line: the line printed.
+    """
+
+    infos: list[CheckpointInfo]
+    threshold: float
+    origin: str
+    line: str
+
+    def threshold_source(self) -> str:
+        """Where the threshold comes from, naming the checkpoint(s): what a report says."""
+        if len(self.infos) > 1:
+            folder = self.infos[0].path.parent.parent
+            return f"fold ensemble of {len(self.infos)} checkpoints ({folder}): {THRESHOLD_RULE}"
+        return f"checkpoint {self.infos[0].path}: {self.origin}"
 
 
 COMMANDS: dict[str, Command] = {}
@@ -136,6 +161,7 @@ class LymphoCLI(LightningCLI):
     files."""
 
     argv: list[str]  # the arguments parsed (the command line's, or those given)
+    checkpoint_use: CheckpointUse | None = None  # set once a scoring command checked its own
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -158,9 +184,12 @@ class LymphoCLI(LightningCLI):
                 version=f"lympho-mil {__version__}",
                 help="Print lympho-mil's version and exit.",
             )
-        else:  # one parser for the run alone (cv's folds): a config's command sections pass
+        else:  # one parser for the run alone (cv's folds, a config read for its data): a
+            # config's command sections pass (an evaluate config's ckpt_path too)
             for name, command in COMMANDS.items():
                 self.parser.add_class_arguments(command.options, name)
+                if command.arguments is not None:
+                    command.arguments(self.parser)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """Lightning's four and the registered ones, each with lympho-mil's description."""
@@ -179,7 +208,10 @@ class LymphoCLI(LightningCLI):
         if subcommand in COMMANDS:
             parser = self.init_parser(**kwargs)
             self._add_arguments(parser)
-            parser.add_class_arguments(COMMANDS[subcommand].options, subcommand)
+            command = COMMANDS[subcommand]
+            parser.add_class_arguments(command.options, subcommand)
+            if command.arguments is not None:
+                command.arguments(parser)
             self._subcommand_method_arguments[subcommand] = []
             return parser
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -330,6 +362,7 @@ class LymphoCLI(LightningCLI):
         ensemble = len(infos) > 1
         threshold = float(statistics.median(thresholds))
         line = ensemble_line(infos, threshold) if ensemble else infos[0].line(threshold, origin)
+        self.checkpoint_use = CheckpointUse(infos, threshold, origin, line)
         print(line, flush=True)
 
     def predict(self, **kwargs: Any) -> None:
@@ -497,6 +530,20 @@ def without_lightning_noise() -> Iterator[None]:
             yield
         finally:
             noise.removeFilter(tips)
+
+
+@contextmanager
+def quiet_build() -> Iterator[None]:
+    """Without Lightning's lines on the devices it found (GPU, TPU, HPU): for a config built
+    only to read its data, where they mean nothing (the run that trains or predicts says
+    them)."""
+    noise = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    devices = _DropMessages("GPU available", "TPU available", "HPU available")
+    noise.addFilter(devices)
+    try:
+        yield
+    finally:
+        noise.removeFilter(devices)
 
 
 class _DropMessages(logging.Filter):
