@@ -59,6 +59,7 @@ from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, choose_on_valid
 from lympho_mil.features import CachedFeatureDataModule  # noqa: F401 (registers it)
 from lympho_mil.files import check_folder_writable
 from lympho_mil.models import BagClassifier
+from lympho_mil.progress import LOG_LEVELS, set_log_level
 from lympho_mil.version import __version__
 
 MONITOR = "val_balanced_accuracy"
@@ -229,6 +230,13 @@ class LymphoCLI(LightningCLI):
             "decision threshold on the validation patients: inner_val maximises their "
             "balanced accuracy, fixed keeps model.threshold",
         )
+        parser.add_argument(
+            "--log_level",
+            choices=LOG_LEVELS,
+            default="info",
+            help="info shows progress (decoding crops, extracting features, pretraining, cv "
+            "folds) and lympho-mil's messages; warning or error hide them; debug shows all",
+        )
         parser.link_arguments(
             "data.tabular_dim", "model.init_args.tabular_dim", apply_on="instantiate"
         )
@@ -283,6 +291,7 @@ class LymphoCLI(LightningCLI):
         """The evaluation settings asked on the command line win over the checkpoint's, and
         ``--trainer.default_root_dir`` moves the default logger's ``runs/`` folder."""
         subcommand = self.config.get("subcommand")
+        set_log_level(self.config[subcommand]["log_level"] if subcommand else "info")
         if subcommand in COMMANDS:
             return
         for key, value in self._asked_eval_settings.items():

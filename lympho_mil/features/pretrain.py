@@ -225,7 +225,7 @@ def pretrained_encoder(
     if weights.is_file() and sidecar.is_file():
         return weights
     pixels = np.concatenate([c for _, c in by_digest])
-    log.info("pretraining a crop encoder on %d crops (%s)", len(pixels), settings)
+    log.debug("pretraining a crop encoder on %d crops (%s)", len(pixels), settings)
     start = time.perf_counter()
     encoder, history = pretrain_simclr(pixels, settings, mean, std, device)
     seconds = round(time.perf_counter() - start, 1)
