@@ -26,12 +26,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from harness import DEFAULT_UNLABELLED, Record, study
+from harness import DEFAULT_UNLABELLED, Record, read_records, study
 
 from lympho_mil.cli import cross_validate
 from lympho_mil.data import CropSettings, PatientBagDataModule
 from lympho_mil.data.image_cache import default_cache_dir
 from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
+from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.features.cytometry import CYTOMETRY_FEATURES
 from lympho_mil.features.pretrain import PretrainSettings, pretrained_encoder
 from lympho_mil.nn import MORPHOLOGY_FEATURES
@@ -61,7 +62,7 @@ def ssl_weights(roots: list[Path], cache_dir: str | None) -> tuple[Path, float]:
     """The SimCLR encoder of the seventh round, pretrained on every crop of ``roots`` (64 px of
     the 112 px centre; cached), and the seconds this call took."""
     start = time.perf_counter()
-    crops, keys = [], []
+    crops = []
     dm = None
     for root in roots:
         dm = PatientBagDataModule(
@@ -70,10 +71,9 @@ def ssl_weights(roots: list[Path], cache_dir: str | None) -> tuple[Path, float]:
         store, _ = dm.build_store(list(dm.bags.values()))
         good = np.setdiff1d(np.arange(len(store)), np.asarray(store.bad, dtype=int))
         crops.append(store[good])
-        keys.append(store.path.stem)
     assert dm is not None
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    path = pretrained_encoder(crops, keys, SSL_SETTINGS, dm.mean, dm.std, folder)
+    path = pretrained_encoder(crops, SSL_SETTINGS, dm.mean, dm.std, folder)
     return path, time.perf_counter() - start
 
 
@@ -173,7 +173,8 @@ def round7_arguments(p: argparse.ArgumentParser) -> None:
         "--out-seventh",
         type=Path,
         default=Path("runs/benchmarks/dlmi-round7"),
-        help="the seventh round's working folder (its references and rows are reused)",
+        help="the seventh round's working folder (its references are reused; its verdict is "
+        "read from benchmarks/results/dlmi-round7.jsonl)",
     )
 
 
@@ -258,13 +259,9 @@ def round8(args: argparse.Namespace) -> Iterator[Record]:
     wanted = args.candidates or list(candidates)
     rows = _rows(candidates, wanted, args, earlier=seventh_out)
     yield from rows
-    if len(rows) < len(candidates):
-        return
-    seventh = {
-        n: with_data(c, args.data, args.cache_dir) for n, c in round7_candidates(ssl_path).items()
-    }
-    earlier = argparse.Namespace(**{**vars(args), "out": seventh_out})
-    yield round8_verdict(_rows(seventh, list(seventh), earlier), rows)
+    if len(rows) == len(candidates):
+        seventh = [r for r in read_records("dlmi-round7") if r.get("record") == "candidate"]
+        yield round8_verdict(seventh, rows)
 
 
 def round8_verdict(seventh: list[Record], eighth: list[Record]) -> Record:
@@ -346,5 +343,61 @@ def threshold_rules(args: argparse.Namespace) -> Iterator[Record]:
                 f"{rule}_balanced_accuracy": s["balanced_accuracy"] for rule, s in summaries.items()
             },
             "fixed_minus_inner_val": diff["balanced_accuracy"],
-            "median_inner_threshold": float(chosen["threshold"].median()),
+            "median_inner_threshold": round(float(chosen["threshold"].median()), 3),
         }
+
+
+def _logit(p: pd.Series) -> np.ndarray:
+    q = np.clip(p.to_numpy(dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(q / (1 - q))
+
+
+def logit_sum(first: Path, second: Path) -> pd.DataFrame:
+    """Out-of-fold predictions of the product of two experts cross-validated on identical
+    splits (``first`` and ``second``: their cv output folders): per fold, the probability of
+    the sum of their logits, the threshold chosen by cv's rule on the summed inner-validation
+    logits of that fold."""
+    frames = {}
+    for kind in ("oof_predictions", "inner_val_predictions"):
+        a, b = (pd.read_csv(f / f"{kind}.csv", dtype={"id": str}) for f in (first, second))
+        keys = ["repeat", "fold", "id", "label"]
+        both = a[[*keys, "probability"]].merge(b[[*keys, "probability"]], on=keys)
+        if len(both) != len(a) or len(both) != len(b):
+            raise ValueError(f"{first} and {second} do not hold the same {kind}")
+        total = _logit(both["probability_x"]) + _logit(both["probability_y"])
+        frames[kind] = both[keys].assign(probability=1 / (1 + np.exp(-total)))
+    inner, oof = frames["inner_val_predictions"], frames["oof_predictions"]
+    thresholds = {
+        fold: choose_threshold("inner_val", group["probability"], group["label"])
+        for fold, group in inner.groupby(["repeat", "fold"])
+    }
+    oof["threshold"] = [thresholds[(r, f)] for r, f in zip(oof["repeat"], oof["fold"], strict=True)]
+    oof["predicted"] = (oof["probability"] >= oof["threshold"]).astype(int)
+    return oof
+
+
+@study("dlmi-round9", "the ninth round: logit sum of the clinical model and the image pathway")
+def round9(args: argparse.Namespace) -> Iterator[Record]:
+    seventh = args.out or Path("runs/benchmarks/dlmi-round7")
+    refs = {
+        n: pd.read_csv(seventh / n / "oof_predictions.csv", dtype={"id": str})
+        for n in (REFERENCE, RECIPE)
+    }
+    oof = logit_sum(seventh / REFERENCE, seventh / "images_ssl_types")
+    summary = metric_summary(oof, 2000, 0)
+    row: Record = {"record": "candidate", "candidate": "sum_ssl_types"}
+    row.update({m: summary[m] for m in METRICS})
+    for name, ref in refs.items():
+        diff = paired_difference(ref, oof, 2000, 0)
+        row[f"minus_{name}"] = {m: diff[m] for m in METRICS}
+    yield row
+    recipe = metric_summary(refs[RECIPE], 2000, 0)
+    versus = row[f"minus_{REFERENCE}"]
+    yield {
+        "record": "verdict",
+        "round": 9,
+        "adopted_as_recipe": all(row[m]["mean"] > recipe[m]["mean"] for m in METRICS),
+        "bar_fused_plus_0.05_ci_above_0": versus["balanced_accuracy"]["mean"] >= 0.05
+        and versus["balanced_accuracy"]["ci95_low"] > 0,
+        "bar_fused_auroc_difference_above_0": versus["auroc"]["mean"] > 0,
+    }

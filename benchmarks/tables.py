@@ -11,7 +11,7 @@ A table lives between two markers, each at the start of its line, in a markdown 
 
 ``NAME`` is a file of recorded runs, ``benchmarks/results/NAME.jsonl`` (written by
 ``python benchmarks/run.py STUDY --record [NAME]``; NAME is the study's by default). ``VIEW``
-picks the table: a view of the study (``dlmi-round7``: ``candidates``, the default, or only
+picks the table: a view of the study (the DLMI rounds: ``candidates``, the default, or only
 the ``images`` or ``fused`` candidates beside the references), or a record kind (the
 ``record`` field, e.g. ``cv-cached:cv_cached``): one row per record of that kind, one column
 per field. Without a view, every record of the file, one column per field. ``COLUMNS``
@@ -122,18 +122,21 @@ def candidates(records: list[Record], keep: Callable[[str], bool] = lambda name:
         for ref in refs:
             diff = r.get(ref)
             line += [interval(diff[m], signed=True) if diff else "" for m in METRICS]
-        table.append([*line, f"{r['whole_cv_s']:,.0f} s"])
+        seconds = r.get("whole_cv_s")
+        table.append([*line, f"{seconds:,.0f} s" if seconds is not None else "no training"])
     return [*headers, "whole CV"], table
 
 
-VIEWS: dict[str, dict[str, Callable[[list[Record]], Table]]] = {
-    "dlmi-round7": {
-        "candidates": candidates,
-        "images": lambda rs: candidates(rs, lambda name: name.startswith("images_")),
-        "fused": lambda rs: candidates(rs, lambda name: name.startswith("fused_")),
-    },
+ROUND_VIEWS: dict[str, Callable[[list[Record]], Table]] = {
+    "candidates": candidates,
+    "images": lambda rs: candidates(rs, lambda name: name.startswith("images_")),
+    "fused": lambda rs: candidates(rs, lambda name: name.startswith("fused_")),
 }
-DEFAULT_VIEW = {"dlmi-round7": "candidates"}
+DLMI_ROUNDS = ("dlmi-round7", "dlmi-round8", "dlmi-round9")
+VIEWS: dict[str, dict[str, Callable[[list[Record]], Table]]] = dict.fromkeys(
+    DLMI_ROUNDS, ROUND_VIEWS
+)
+DEFAULT_VIEW = dict.fromkeys(DLMI_ROUNDS, "candidates")
 
 
 def table(spec: str, results: Path) -> str:
@@ -166,17 +169,20 @@ def table(spec: str, results: Path) -> str:
 
 def provenance(name: str, study: str, records: list[Record]) -> str:
     """The line naming the run(s) the table was made from."""
-    runs = []
+    runs: dict[str, list[float]] = {}  # each run, and the load averages its records saw
     for r in records:
         command = r.get("command") or f"python benchmarks/run.py {study} (arguments not recorded)"
+        run = f"`{command}` at commit `{r.get('commit', 'unknown')}`, {r.get('date', '?')}"
         load = r.get("machine", {}).get("load_avg")
-        where = f", load average {load[0]}" if load else ""
-        run = f"`{command}` at commit `{r.get('commit', 'unknown')}`, {r.get('date', '?')}{where}"
-        if run not in runs:
-            runs.append(run)
+        runs.setdefault(run, []).extend(load[:1] if load else [])
+    described = []
+    for run, loads in runs.items():
+        low, high = (min(loads), max(loads)) if loads else (None, None)
+        spread = f"{low}" if low == high else f"{low}-{high}"
+        described.append(run + (f", load average {spread}" if loads else ""))
     return (
         f"Made from `benchmarks/results/{name}.jsonl` by `python benchmarks/tables.py`; run: "
-        + ("; ".join(runs) + ".")
+        + ("; ".join(described) + ".")
     )
 
 

@@ -3,7 +3,8 @@
 Quick tour::
 
     from lympho_mil import PatientBagDataModule, AttentionMIL
-    dm = PatientBagDataModule("path/to/dlmi", image_size=64, max_instances=32)
+    from lympho_mil.data import CropSettings
+    dm = PatientBagDataModule("path/to/dlmi", crops=CropSettings(image_size=64), max_instances=32)
     model = AttentionMIL(tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats)
     model.net  # the pure-PyTorch network it trains: a MILNet
 
@@ -28,7 +29,8 @@ _HOMES = {
         "collate_bags",
         "make_synthetic_dlmi",
     ),
-    "lympho_mil.cli": ("compare_configs", "cross_validate"),  # with the config-driven runner
+    # with the config-driven runners
+    "lympho_mil.cli": ("compare_configs", "cross_validate", "evaluate_checkpoints"),
     "lympho_mil.nn": ("GatedFusionNet", "InstanceNet", "MILNet", "TabularNet"),
     "lympho_mil.models": (
         "AttentionMIL",
@@ -71,6 +73,7 @@ __all__ = [
     "collate_bags",
     "compare_configs",
     "cross_validate",
+    "evaluate_checkpoints",
     "make_synthetic_dlmi",
 ]
 
@@ -89,7 +92,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # the names as type checkers and IDEs see them
-    from lympho_mil.cli import compare_configs, cross_validate
+    from lympho_mil.cli import compare_configs, cross_validate, evaluate_checkpoints
     from lympho_mil.data import (
         BagBatch,
         BagDataModule,

@@ -208,3 +208,143 @@ def test_fusion_study_compares_the_three_models_on_the_same_patients(
         assert 0.0 <= m["balanced_accuracy"]["mean"] <= 1.0
     paired = [line["difference"] for line in lines if line["record"] == "paired"]
     assert paired == ["GatedFusionMIL - TabularMLP", "GatedFusionMIL - AttentionMIL"]
+
+
+# -- the DLMI rounds' candidates ------------------------------------------------------------------
+TINY_DATA = [  # a candidate on the tiny synthetic patients: one training step on the CPU
+    "--trainer.fast_dev_run=true",
+    "--trainer.accelerator=cpu",
+    "--data.loader.num_workers=0",
+    "--data.max_instances=4",
+]
+
+
+@pytest.fixture(scope="module")
+def study_dlmi() -> Iterator[ModuleType]:
+    """``benchmarks/study_dlmi.py``, imported as ``python benchmarks/run.py`` imports it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        yield importlib.import_module("study_dlmi")
+
+
+@pytest.fixture(scope="module")
+def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every candidate of the seventh and eighth rounds (the pretrained encoder's weights: a
+    SmallCNN of the pretraining's shape, untrained), by ``r7:``/``r8:`` name."""
+    import torch
+
+    from lympho_mil.nn import build_instance_encoder
+
+    settings = study_dlmi.SSL_SETTINGS.encoder_kwargs
+    encoder = build_instance_encoder(
+        "small_cnn", out_dim=settings["out_dim"], width=settings["width"]
+    )
+    weights = tmp_path_factory.mktemp("ssl") / "ssl_small_cnn.pt"
+    torch.save(encoder.state_dict(), weights)
+    rounds = {
+        "r7": study_dlmi.round7_candidates(weights),
+        "r8": study_dlmi.round8_candidates(weights),
+    }
+    return {
+        f"{r}:{name}": config
+        for r, candidates in rounds.items()
+        for name, config in candidates.items()
+    }
+
+
+ROUND_CANDIDATES = [  # the names round7_candidates and round8_candidates build
+    f"r7:{name}"
+    for name in ["tabular_mlp"]
+    + [f"{kind}_{rep}_{summary}" for rep in ("morphology", "cytometry", "ssl")
+       for summary in ("mean", "statistics", "types") for kind in ("fused", "images")]
+] + ["r8:tabular_mlp", "r8:fused_morphology_mean"] + [
+    f"r8:{kind}_{rep}_{summary}_l2"
+    for rep in ("morphology", "cytometry", "ssl")
+    for summary in ("mean", "statistics")
+    for kind in ("fused", "images")
+]  # fmt: skip
+
+
+def test_the_rounds_build_every_candidate_they_name(round_candidates: dict) -> None:
+    assert sorted(round_candidates) == sorted(ROUND_CANDIDATES)
+
+
+@pytest.mark.filterwarnings("ignore:`\\w+.configure_optimizers` will be overridden")
+@pytest.mark.parametrize("name", ROUND_CANDIDATES)
+def test_a_round_candidate_parses_and_trains_one_step(
+    name: str,
+    round_candidates: dict,
+    study_dlmi: ModuleType,
+    synthetic_dlmi: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each candidate of the seventh and eighth rounds as the study cross-validates it
+    (`with_data`), dumped to a file: ``lympho-mil fit --config FILE --print_config`` parses it,
+    and it trains one step on the tiny synthetic patients. The eighth round's LightningCLI
+    ``optimizer:`` and ``lr_scheduler:`` sections replace the model's own ``optim`` (AdamW
+    and its cosine over the run): Adam with weight decay 0.2, a cosine of 60 epochs."""
+    import torch
+    import yaml
+
+    from lympho_mil.cli import main
+    from lympho_mil.cli.app import build_cli
+    from lympho_mil.models.schedule import ModelCosine
+
+    cache = tmp_path.parent / "round-candidates-cache"  # features extracted once a kind
+    config = study_dlmi.with_data(round_candidates[name], synthetic_dlmi, str(cache))
+    path = tmp_path / f"{name.replace(':', '_')}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    declared = config["model"]["class_path"]
+    assert printed["model"]["class_path"].endswith(declared)
+    l2 = name.endswith("_l2")
+    if l2:
+        assert printed["optimizer"]["class_path"] == "torch.optim.Adam"
+        assert printed["optimizer"]["init_args"]["weight_decay"] == 0.2
+        assert printed["lr_scheduler"]["init_args"]["T_max"] == 60
+
+    crops = {**config["data"]["init_args"].get("crops", {}), "image_size": 32}
+    crops["center_crop"] = None  # the synthetic crops as they are
+    args = ["--config", str(path), f"--data.crops={json.dumps(crops)}", *TINY_DATA]
+    cli = build_cli(args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 1
+    (optimizer,) = cli.trainer.optimizers
+    (schedule,) = [c.scheduler for c in cli.trainer.lr_scheduler_configs]
+    optim = cli.model.optim
+    if l2:
+        assert type(optimizer) is torch.optim.Adam and not isinstance(schedule, ModelCosine)
+        assert optimizer.param_groups[0]["weight_decay"] == 0.2 and schedule.T_max == 60
+    else:
+        assert type(optimizer) is torch.optim.AdamW and isinstance(schedule, ModelCosine)
+        assert optimizer.param_groups[0]["weight_decay"] == optim.weight_decay
+    expected_lr = 0.01 if name.endswith("tabular_mlp") else 0.003  # its config's, the recipe's
+    assert optimizer.param_groups[0]["initial_lr"] == expected_lr == optim.lr
+
+
+def test_the_rounds_reference_recipe_is_the_shipped_one(
+    round_candidates: dict, study_dlmi: ModuleType, synthetic_dlmi: Path, tmp_path: Path
+) -> None:
+    """The recipe among the candidates (``fused_morphology_mean``) resolves to the settings of
+    ``examples/configs/dlmi.yaml``, and the eighth round's references are the seventh's."""
+    import yaml
+
+    from lympho_mil.cli.app import build_cli
+
+    def resolved(config: dict) -> dict:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(study_dlmi.with_data(config, synthetic_dlmi, None)))
+        cli = build_cli(["--config", str(path)], run=False)
+        dumped = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+        dumped.pop("config", None)
+        return dumped
+
+    recipe = study_dlmi.RECIPE
+    assert resolved(round_candidates[f"r7:{recipe}"]) == resolved(study_dlmi.load("dlmi.yaml"))
+    for reference in (study_dlmi.REFERENCE, recipe):
+        assert round_candidates[f"r8:{reference}"] == round_candidates[f"r7:{reference}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,7 @@ def test_simclr_pretraining_learns_and_is_cached(
         epochs=3, batch_size=32, warmup_epochs=1, width=8, out_dim=16, hidden=32
     )
     path = pretrain.pretrained_encoder(
-        [crops[:40], crops[40:]], ["a", "b"], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path
+        [crops[:40], crops[40:]], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path
     )
     state = torch.load(path, weights_only=True)
     assert any(k.startswith("head.") for k in state)  # a SmallCNN state dict
@@ -175,7 +176,14 @@ def test_simclr_pretraining_learns_and_is_cached(
         raise AssertionError("the cached encoder should have been loaded")
 
     monkeypatch.setattr(pretrain, "pretrain_simclr", no_training)
-    again = pretrain.pretrained_encoder(
-        [crops[:40], crops[40:]], ["b", "a"], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path
+    again = pretrain.pretrained_encoder(  # the same pixels in another order
+        [crops[40:], crops[:40]], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path
     )
     assert again == path
+    other = pretrain.PretrainSettings(**{**asdict(settings), "epochs": 2, "warmup_epochs": 0})
+    with pytest.raises(AssertionError, match="cached encoder"):  # other settings: trained
+        pretrain.pretrained_encoder([crops], other, IMAGENET_MEAN, IMAGENET_STD, tmp_path)
+    changed = crops.copy()
+    changed[0, 0, 0, 0] ^= 1  # one pixel
+    with pytest.raises(AssertionError, match="cached encoder"):
+        pretrain.pretrained_encoder([changed], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path)

@@ -27,3 +27,23 @@ def test_a_note_is_shown_beside_the_count(capsys: pytest.CaptureFixture[str]) ->
         bar.update()
     lines = capsys.readouterr().err.splitlines()
     assert lines[1].endswith("left, loss 4.2)") and "1/2 epochs" in lines[1]
+
+
+def test_log_level_warning_hides_progress_and_info_shows_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from lympho_mil.progress import set_log_level
+
+    try:
+        set_log_level("warning")
+        with progress("decoding crops", 10) as bar:
+            bar.update(10)
+        assert capsys.readouterr().err == ""
+        set_log_level("info")
+        with progress("decoding crops", 10) as bar:
+            bar.update(10)
+        assert "decoding crops: 10/10 crops" in capsys.readouterr().err
+    finally:
+        set_log_level("info")
+    with pytest.raises(ValueError, match="log level"):
+        set_log_level("loud")

@@ -53,13 +53,14 @@ from lympho_mil.cli.checkpoints import (
 from lympho_mil.cli.errors import ConfigError, is_file
 from lympho_mil.cli.parser import LymphoParser, short_message
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
-from lympho_mil.evaluation.ensemble import ensemble_records
+from lympho_mil.evaluation.ensemble import THRESHOLD_RULE, ensemble_records
 from lympho_mil.evaluation.predictions import PredictionWriter, gather_records
 from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, choose_on_validation
 from lympho_mil.features import CachedFeatureDataModule  # noqa: F401 (registers it)
 from lympho_mil.files import check_folder_writable
 from lympho_mil.models import BagClassifier
 from lympho_mil.models.checkpoint import upgrade
+from lympho_mil.progress import LOG_LEVELS, set_log_level
 from lympho_mil.version import __version__
 
 MONITOR = "val_balanced_accuracy"
@@ -116,11 +117,36 @@ class Command:
     description: its one line in ``lympho-mil --help``.
     options: a dataclass whose fields become the ``--<name>.<field>`` options.
     run: runs it on the parsed `LymphoCLI` (nothing is instantiated for it).
+    arguments: adds its options outside its own section (``evaluate``'s ``--ckpt_path``).
     """
 
     description: str
     options: type
     run: Callable[[LymphoCLI], None]
+    arguments: Callable[[LightningArgumentParser], None] | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointUse:
+    """What a scoring command used, as its one line says (`LymphoCLI.checkpoint_use`).
+
+    infos: the checkpoint, or each of a fold ensemble.
+    threshold: the decision threshold applied.
+    origin: where a single checkpoint's threshold comes from (an ensemble: `THRESHOLD_RULE`).
+    line: the line printed.
+    """
+
+    infos: list[CheckpointInfo]
+    threshold: float
+    origin: str
+    line: str
+
+    def threshold_source(self) -> str:
+        """Where the threshold comes from, naming the checkpoint(s): what a report says."""
+        if len(self.infos) > 1:
+            folder = self.infos[0].path.parent.parent
+            return f"fold ensemble of {len(self.infos)} checkpoints ({folder}): {THRESHOLD_RULE}"
+        return f"checkpoint {self.infos[0].path}: {self.origin}"
 
 
 COMMANDS: dict[str, Command] = {}
@@ -137,6 +163,7 @@ class LymphoCLI(LightningCLI):
     files."""
 
     argv: list[str]  # the arguments parsed (the command line's, or those given)
+    checkpoint_use: CheckpointUse | None = None  # set once a scoring command checked its own
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -159,9 +186,12 @@ class LymphoCLI(LightningCLI):
                 version=f"lympho-mil {__version__}",
                 help="Print lympho-mil's version and exit.",
             )
-        else:  # one parser for the run alone (cv's folds): a config's command sections pass
+        else:  # one parser for the run alone (cv's folds, a config read for its data): a
+            # config's command sections pass (an evaluate config's ckpt_path too)
             for name, command in COMMANDS.items():
                 self.parser.add_class_arguments(command.options, name)
+                if command.arguments is not None:
+                    command.arguments(self.parser)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
         """Lightning's four and the registered ones, each with lympho-mil's description."""
@@ -180,7 +210,10 @@ class LymphoCLI(LightningCLI):
         if subcommand in COMMANDS:
             parser = self.init_parser(**kwargs)
             self._add_arguments(parser)
-            parser.add_class_arguments(COMMANDS[subcommand].options, subcommand)
+            command = COMMANDS[subcommand]
+            parser.add_class_arguments(command.options, subcommand)
+            if command.arguments is not None:
+                command.arguments(parser)
             self._subcommand_method_arguments[subcommand] = []
             return parser
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -197,6 +230,13 @@ class LymphoCLI(LightningCLI):
             help="how fit (for its best checkpoint) and cv (for each fold's model) choose the "
             "decision threshold on the validation patients: inner_val maximises their "
             "balanced accuracy, fixed keeps model.threshold",
+        )
+        parser.add_argument(
+            "--log_level",
+            choices=LOG_LEVELS,
+            default="info",
+            help="info shows progress (decoding crops, extracting features, pretraining, cv "
+            "folds) and lympho-mil's messages; warning or error hide them; debug shows all",
         )
         parser.link_arguments(
             "data.tabular_dim", "model.init_args.tabular_dim", apply_on="instantiate"
@@ -268,6 +308,7 @@ class LymphoCLI(LightningCLI):
         """The evaluation settings asked on the command line win over the checkpoint's, and
         ``--trainer.default_root_dir`` moves the default logger's ``runs/`` folder."""
         subcommand = self.config.get("subcommand")
+        set_log_level(self.config[subcommand]["log_level"] if subcommand else "info")
         if subcommand in COMMANDS:
             return
         for key, value in self._asked_eval_settings.items():
@@ -347,6 +388,7 @@ class LymphoCLI(LightningCLI):
         ensemble = len(infos) > 1
         threshold = float(statistics.median(thresholds))
         line = ensemble_line(infos, threshold) if ensemble else infos[0].line(threshold, origin)
+        self.checkpoint_use = CheckpointUse(infos, threshold, origin, line)
         print(line, flush=True)
 
     def predict(self, **kwargs: Any) -> None:
@@ -514,6 +556,20 @@ def without_lightning_noise() -> Iterator[None]:
             yield
         finally:
             noise.removeFilter(tips)
+
+
+@contextmanager
+def quiet_build() -> Iterator[None]:
+    """Without Lightning's lines on the devices it found (GPU, TPU, HPU): for a config built
+    only to read its data, where they mean nothing (the run that trains or predicts says
+    them)."""
+    noise = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    devices = _DropMessages("GPU available", "TPU available", "HPU available")
+    noise.addFilter(devices)
+    try:
+        yield
+    finally:
+        noise.removeFilter(devices)
 
 
 class _DropMessages(logging.Filter):

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from lympho_mil.cli.app import COMMANDS, Command, LymphoCLI, build_cli, register
+from lympho_mil.cli.app import COMMANDS, Command, LymphoCLI, build_cli, quiet_build, register
 from lympho_mil.cli.errors import ConfigError
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
@@ -46,6 +46,10 @@ QUIET_ARGS = (
 """Defaults of a fold run that the user's overrides may still change."""
 DATA_ARGS = ("--trainer.logger=false", "--seed_everything=false")
 """What the config is built with to read its data (nothing is trained or logged)."""
+COMPARE_EXAMPLES = {
+    "cv": " '[B.yaml, C.yaml]'",
+    "evaluate": " '[{config: B.yaml, ckpt_path: B.ckpt}]'",
+}
 
 
 class ConfigRunner:
@@ -71,9 +75,15 @@ class ConfigRunner:
             return build_cli(args, run=False)
 
     def data(self) -> BagDataModule:
-        cli = self._cli(DATA_ARGS)
+        return self.built().datamodule
+
+    def built(self) -> LymphoCLI:
+        """The config built to read its data (its model and datamodule; nothing is trained
+        or logged)."""
+        with quiet_build():
+            cli = self._cli(DATA_ARGS)
         self._resolved = resolved_config(cli)
-        return cli.datamodule
+        return cli
 
     def resolved_config(self) -> dict[str, Any]:
         """The resolved ``fit`` config of the folds (`resolved_config`): what a resumed
@@ -266,10 +276,13 @@ def run_cv(cli: LymphoCLI) -> None:
     print(f"comparison: {Path(options.out) / 'comparison.md'}")
 
 
-def config_and_overrides(args: Sequence[str]) -> tuple[str, list[str]]:
+def config_and_overrides(
+    args: Sequence[str], command: str = "cv", own: Sequence[str] = ("--threshold_policy",)
+) -> tuple[str, list[str]]:
     """The config of cv's folds (the first ``--config``/``-c``) and the other arguments,
     less cv's own options (``--cv.*``, ``--threshold_policy``): the folds' fit overrides.
-    A value follows its option after ``=`` or as the next word."""
+    A value follows its option after ``=`` or as the next word. ``command`` and ``own``
+    name another subcommand's section and further options (``evaluate``: ``--ckpt_path``)."""
     config: str | None = None
     overrides: list[str] = []
     i = 0
@@ -283,14 +296,16 @@ def config_and_overrides(args: Sequence[str]) -> tuple[str, list[str]]:
         if key in ("--config", "-c") and config is None:
             config = value
         elif key == "--config":
+            example = COMPARE_EXAMPLES.get(command, "")
             raise ConfigError(
-                "cv takes one --config; compare configs with --cv.compare '[B.yaml, C.yaml]' "
-                "(use -c to layer a further config on it, as fit does)"
+                f"{command} takes one --config; compare configs with --{command}.compare"
+                f"{example} (use -c to layer a further config on it, as fit does)"
             )
-        elif key not in ("--cv", "--threshold_policy") and not key.startswith("--cv."):
+        elif key not in (f"--{command}", *own) and not key.startswith(f"--{command}."):
             overrides += words
     if config is None:
-        raise ConfigError("cv needs --config: the fit config to cross-validate")
+        what = "the fit config to cross-validate" if command == "cv" else "the model's config"
+        raise ConfigError(f"{command} needs --config: {what}")
     return config, overrides
 
 

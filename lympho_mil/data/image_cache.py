@@ -186,7 +186,7 @@ class ImageCache(MemmapRows):
         shape = (len(paths), spec.image_size, spec.image_size, 3)
 
         def fill(array: np.ndarray) -> dict[str, Any]:
-            log.info("decoding %d crops into %s", len(paths), data_path)
+            log.debug("decoding %d crops into %s", len(paths), data_path)
             bad = _decode_into(array, paths, spec, skip_bad_images, threads)
             return {"bad": bad, "bad_files": [str(paths[i]) for i in bad]}
 

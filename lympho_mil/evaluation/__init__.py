@@ -3,7 +3,9 @@ bootstrap intervals, fold ensembles and reports.
 
 Usable from Python without the command layer, which it never imports: cross-validation
 trains its folds through a `FoldRunner` its caller gives (`ModuleRunner` for Python
-callables; the command line's builds them from ``fit`` configs).
+callables; the command line's builds them from ``fit`` configs), and an external validation
+has its models predict through a `CohortPredictor` (the command line's runs ``predict`` on a
+checkpoint).
 """
 
 from lympho_mil.evaluation.bootstrap import (
@@ -29,11 +31,13 @@ from lympho_mil.evaluation.cv import (
 from lympho_mil.evaluation.ensemble import ensemble_records
 from lympho_mil.evaluation.explain import write_explanations
 from lympho_mil.evaluation.external import ModelPredictions, evaluate_predictions
+from lympho_mil.evaluation.external_cohort import CohortPredictor, cohort_patients, evaluate_cohort
 from lympho_mil.evaluation.predictions import PredictionWriter, write_predictions
 from lympho_mil.evaluation.thresholds import best_balanced_accuracy_threshold, choose_threshold
 
 __all__ = [
     "CVResult",
+    "CohortPredictor",
     "Comparison",
     "FoldObjects",
     "FoldRunner",
@@ -46,8 +50,10 @@ __all__ = [
     "best_balanced_accuracy_threshold",
     "binary_metrics",
     "choose_threshold",
+    "cohort_patients",
     "cv_splits",
     "ensemble_records",
+    "evaluate_cohort",
     "evaluate_predictions",
     "metric_summary",
     "paired_difference",

@@ -424,11 +424,7 @@ def _run(
         results = []
         for name, runner in runners.items():
             fold_root = (dirs[name] or Path(scratch) / name) / "folds"
-            runs = [
-                _kept_fold(name, _fold_dir(fold_root, split), settings)
-                or _run_fold(name, runner, split, settings, fold_root, dirs[name])
-                for split in splits
-            ]
+            runs = _run_folds(name, runner, splits, settings, fold_root, dirs[name])
             results.append(_collect(name, runner, runs, settings, len(ids)))
     for result in results:
         out_dir = dirs[result.name]
@@ -574,21 +570,49 @@ def _run_fold(
     run = FoldRun(split, threshold, val, test, unlabelled, time.perf_counter() - start)
     if out_dir is not None:
         save_fold(fold_dir, run)  # what a resumed run keeps
-    if settings.verbose:
-        _print_fold(name, run, settings)
     return run
+
+
+def _run_folds(
+    name: str,
+    runner: FoldRunner,
+    splits: Sequence[FoldSplit],
+    settings: CVSettings,
+    fold_root: Path,
+    out_dir: Path | None,
+) -> list[FoldRun]:
+    """Every fold of one config, in order: kept from a killed run where it finished, else
+    trained; with ``verbose``, one line a fold with the time so far and an estimate of the
+    rest (from the folds trained in this run)."""
+    runs: list[FoldRun] = []
+    started, trained = time.perf_counter(), 0
+    for split in splits:
+        run = finished_fold(_fold_dir(fold_root, split))
+        kept = run is not None
+        if run is None:
+            run = _run_fold(name, runner, split, settings, fold_root, out_dir)
+            trained += 1
+        runs.append(run)
+        if settings.verbose:
+            elapsed, left = time.perf_counter() - started, len(splits) - len(runs)
+            when = "kept from the earlier run" if kept else f"{_duration(elapsed)} so far"
+            if trained and left:
+                when += f", about {_duration(elapsed / trained * left)} left"
+            _print_fold(name, run, settings, when)
+    return runs
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s`` or ``1 h 2 min``."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def _fold_dir(fold_root: Path, split: FoldSplit) -> Path:
     return fold_root / f"r{split.repeat}_f{split.fold}"
-
-
-def _kept_fold(name: str, fold_dir: Path, settings: CVSettings) -> FoldRun | None:
-    """The fold run an earlier, killed run of this cross-validation finished, or None."""
-    run = finished_fold(fold_dir)
-    if run is not None and settings.verbose:
-        _print_fold(name, run, settings)
-    return run
 
 
 def _predict(trainer: Any, model: Any, loader: Any, ckpt_path: str | None = None) -> list[dict]:
@@ -597,7 +621,7 @@ def _predict(trainer: Any, model: Any, loader: Any, ckpt_path: str | None = None
     return [record for batch in batches for record in batch]
 
 
-def _print_fold(name: str, run: FoldRun, settings: CVSettings) -> None:
+def _print_fold(name: str, run: FoldRun, settings: CVSettings, when: str) -> None:
     labels = [r["label"] for r in run.test]
     probs = [r["probability"] for r in run.test]
     predicted = [int(p >= run.threshold) for p in probs]
@@ -609,7 +633,7 @@ def _print_fold(name: str, run: FoldRun, settings: CVSettings) -> None:
         f"threshold {run.threshold:.3f}; test balanced accuracy "
         f"{balanced_accuracy_score(labels, predicted):.3f}, "
         f"AUROC {roc_auc_score(labels, probs):.3f} "
-        f"({run.seconds:.1f} s)",
+        f"({run.seconds:.1f} s; {when})",
         flush=True,
     )
 

@@ -90,7 +90,7 @@ def evaluate_predictions(
     Returns:
         The content of ``evaluation.json``.
     """
-    _check_settings(models, referral_sensitivities, n_bootstrap)
+    check_settings([m.name for m in models], referral_sensitivities, n_bootstrap)
     out_dir = Path(out_dir)
     check_writable([out_dir / name for name in EVALUATION_FILES], overwrite)  # before the work
     tables = [_checked_table(m) for m in models]
@@ -115,10 +115,9 @@ def evaluate_predictions(
 
 
 # -- checks -----------------------------------------------------------------------------------
-def _check_settings(
-    models: Sequence[ModelPredictions], sensitivities: Sequence[float], n_bootstrap: int
-) -> None:
-    names = [m.name for m in models]
+def check_settings(names: Sequence[str], sensitivities: Sequence[float], n_bootstrap: int) -> None:
+    """`SettingError` for no model, model names that are not unique, ``n_bootstrap < 1`` or
+    a referral sensitivity outside (0, 1]."""
     if not names:
         raise SettingError("evaluation needs the predictions of at least one model")
     if len(set(names)) != len(names) or not all(names):

@@ -162,7 +162,7 @@ class FeatureCache(MemmapRows):
         shape = (len(images), spec.views, encoder_out_dim(encoder))
 
         def fill(array: np.ndarray) -> dict[str, Any]:
-            log.info(
+            log.debug(
                 "extracting %s features of %d crops into %s", spec.encoder, shape[0], data_path
             )
             start = time.perf_counter()

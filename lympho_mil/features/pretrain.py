@@ -10,8 +10,8 @@ a little blur. Batches mix the crops of every patient; the encoder (`SmallCNN`) 
 with GroupNorm.
 
 The weights are cached: ``<cache_dir>/encoder-<key>.pt`` plus a JSON sidecar (settings, loss
-per epoch, seconds), ``key`` hashing the settings, the pixel normalisation and the decoded
-crops' cache keys; a second run with the same crops and settings loads them. Needs the
+per epoch, seconds), ``key`` hashing the settings, the pixel normalisation and the crops'
+pixels; a second run with the same crops and settings loads them. Needs the
 ``ssl`` extra (``pip install lympho-mil[ssl]``: lightly).
 """
 
@@ -195,9 +195,16 @@ def _warmup_cosine(warmup: int, total: int) -> Any:
     return factor
 
 
+def pixels_digest(crops: np.ndarray) -> str:
+    """Hash of the shape and bytes of a uint8 ``[M, S, S, 3]`` array of crops."""
+    array = np.asarray(crops)
+    digest = hashlib.sha256(f"{array.shape}".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()[:24]
+
+
 def pretrained_encoder(
     crops: Sequence[np.ndarray],
-    crop_keys: Sequence[str],
     settings: PretrainSettings,
     mean: Sequence[float],
     std: Sequence[float],
@@ -205,18 +212,20 @@ def pretrained_encoder(
     device: str | torch.device = "cpu",
 ) -> Path:
     """The weights file of a `SmallCNN` pretrained on every crop of ``crops`` (uint8
-    ``[M_i, S, S, 3]`` arrays, e.g. the decoded-crop caches of several folders, whose cache
-    keys are ``crop_keys``; their order does not matter): loaded from ``cache_dir`` when this
-    pretraining ran before, else trained now and cached."""
-    described = [PRETRAIN_VERSION, asdict(settings), list(mean), list(std), sorted(crop_keys)]
+    ``[M_i, S, S, 3]`` arrays, e.g. the decoded crops of several folders; their order does not
+    matter): loaded from ``cache_dir`` when this pretraining ran before on the same pixels with
+    the same settings, else trained now and cached. The key hashes the pixels themselves, so a
+    new way of naming decoded-crop caches never retrains the encoder."""
+    by_digest = sorted((pixels_digest(c), c) for c in map(np.asarray, crops))
+    digests = [d for d, _ in by_digest]
+    described = [PRETRAIN_VERSION, asdict(settings), list(mean), list(std), digests]
     key = hashlib.sha256(json.dumps(described).encode()).hexdigest()[:24]
     weights = cache_dir / f"encoder-{key}.pt"
     sidecar = cache_dir / f"encoder-{key}.json"
     if weights.is_file() and sidecar.is_file():
         return weights
-    in_key_order = sorted(zip(crop_keys, crops, strict=True), key=lambda pair: pair[0])
-    pixels = np.concatenate([np.asarray(c) for _, c in in_key_order])
-    log.info("pretraining a crop encoder on %d crops (%s)", len(pixels), settings)
+    pixels = np.concatenate([c for _, c in by_digest])
+    log.debug("pretraining a crop encoder on %d crops (%s)", len(pixels), settings)
     start = time.perf_counter()
     encoder, history = pretrain_simclr(pixels, settings, mean, std, device)
     seconds = round(time.perf_counter() - start, 1)
@@ -226,7 +235,7 @@ def pretrained_encoder(
         "version": PRETRAIN_VERSION,
         "settings": asdict(settings),
         "crops": len(pixels),
-        "crop_caches": sorted(crop_keys),
+        "pixels": digests,
         "seconds": seconds,
         "loss": history,
     }
