@@ -15,6 +15,7 @@ import pytest
 import yaml
 from lightning import Trainer
 from reports import without_timing
+from sklearn.metrics import brier_score_loss
 
 from lympho_mil import compare_configs, cross_validate
 from lympho_mil.cli import main
@@ -196,8 +197,34 @@ def test_report_has_every_key(single: Path) -> None:
     assert report["config"]["content"]["model"]["class_path"] == "TabularMLP"
     assert "Cross-validation" in (single / "cv_report.md").read_text()
     pytest.importorskip("matplotlib")
-    for name in ("roc.png", "per_fold_balanced_accuracy.png"):
+    for name in ("roc.png", "precision_recall.png", "calibration.png"):
         assert (single / name).read_bytes()[:4] == b"\x89PNG"
+    assert (single / "per_fold_balanced_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_gives_the_calibration_of_the_probabilities(single: Path) -> None:
+    """Brier score and ECE (10 equal-width bins) of each repeat's out-of-fold probabilities,
+    averaged over the repeats, against scikit-learn and a plain loop."""
+    report = load_report(single)
+    oof = pd.read_csv(single / "oof_predictions.csv")
+    briers, eces = [], []
+    for _, repeat in oof.groupby("repeat"):
+        label, prob = repeat["label"].to_numpy(), repeat["probability"].to_numpy()
+        briers.append(brier_score_loss(label, prob))
+        bins = np.minimum((prob * 10).astype(int), 9)
+        gaps = [
+            abs(prob[bins == b].mean() - label[bins == b].mean()) * (bins == b).sum()
+            for b in range(10)
+            if (bins == b).any()
+        ]
+        eces.append(sum(gaps) / len(prob))
+    calibration = report["calibration"]
+    assert calibration["brier"]["mean"] == pytest.approx(np.mean(briers))
+    assert calibration["ece"]["mean"] == pytest.approx(np.mean(eces))
+    for summary in calibration.values():
+        assert 0.0 <= summary["ci95_low"] <= summary["mean"] + 0.2
+        assert summary["ci95_low"] <= summary["ci95_high"] <= 1.0
+    assert "Brier score" in (single / "cv_report.md").read_text()
 
 
 def test_same_seed_gives_the_same_report(single: Path, paired: Path) -> None:

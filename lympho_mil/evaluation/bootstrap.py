@@ -275,6 +275,25 @@ def metric_summary(
     return {name: summarize(per_repeat[name], resampled[name]) for name in METRIC_NAMES}
 
 
+def calibration_summary(
+    oof: pd.DataFrame, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+) -> dict[str, dict[str, float | None]]:
+    """The Brier score and the expected calibration error (`weighted_cohort_metrics`) of
+    out-of-fold probabilities, ``{mean, std, ci95_low, ci95_high}`` each, as `metric_summary`
+    gives its metrics (the same resamples for the same ``seed``)."""
+    arrays = OOFArrays.from_frame(oof)
+    weights = stratified_bootstrap_weights(arrays.label, n_resamples, seed)
+    ones = np.ones((1, len(arrays.label)))
+    summary = {}
+    for name in ("brier", "ece"):
+        per_repeat, resampled = [], []
+        for prob in arrays.prob:  # the threshold plays no part in either
+            per_repeat.append(weighted_cohort_metrics(arrays.label, prob, 0.5, ones)[name][0])
+            resampled.append(weighted_cohort_metrics(arrays.label, prob, 0.5, weights)[name])
+        summary[name] = summarize(np.array(per_repeat), np.mean(resampled, axis=0))
+    return summary
+
+
 def paired_difference(
     reference: pd.DataFrame,
     other: pd.DataFrame,

@@ -13,7 +13,14 @@ import numpy as np
 import pandas as pd
 
 from lympho_mil.evaluation.bootstrap import ECE_BINS
-from lympho_mil.evaluation.report import ROC_BAND_RESAMPLES, figure_png, roc_axes, roc_band
+from lympho_mil.evaluation.report import (
+    ROC_BAND_RESAMPLES,
+    figure_png,
+    reliability_axes,
+    reliability_points,
+    roc_axes,
+    roc_band,
+)
 
 PLOT_CAPTIONS = {
     "roc.png": "ROC curve of each model with its 95% bootstrap band; dot: the operating point "
@@ -100,23 +107,12 @@ def _reliability(
     fig: Any, label: np.ndarray, probs: Mapping[str, np.ndarray], models: dict[str, Any]
 ) -> bytes:
     ax = fig.add_subplot()
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     for i, (name, prob) in enumerate(probs.items()):
-        bins = np.minimum((prob * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-        count = np.bincount(bins, minlength=ECE_BINS)
-        filled = count > 0
-        mean_prob = np.bincount(bins, prob, ECE_BINS)[filled] / count[filled]
-        tumoral = np.bincount(bins, label, ECE_BINS)[filled] / count[filled]
+        mean_prob, tumoral, count = reliability_points(label, prob)
         ece = models[name]["metrics"]["ece"]["estimate"]
         ax.plot(mean_prob, tumoral, "-", color=f"C{i}", label=f"{name}: ECE {ece:.3f}")
-        ax.scatter(mean_prob, tumoral, s=15 + 400 * count[filled] / len(prob), color=f"C{i}")
-    ax.set(
-        xlabel="mean predicted probability of tumoral",
-        ylabel="share of tumoral patients",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
-        title="Reliability diagram",
-    )
+        ax.scatter(mean_prob, tumoral, s=15 + 400 * count / len(prob), color=f"C{i}")
+    reliability_axes(ax, "Reliability diagram")
     ax.legend(loc="upper left", fontsize="small")
     return figure_png(fig)
 

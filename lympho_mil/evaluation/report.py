@@ -15,11 +15,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    balanced_accuracy_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 from lympho_mil.evaluation.bootstrap import (
     CI_LEVEL,
+    ECE_BINS,
     OOFArrays,
+    calibration_summary,
     metric_summary,
     paired_difference,
     stratified_bootstrap_weights,
@@ -37,10 +45,19 @@ REPORT_FILES = (
     "oof_predictions.csv",
     "inner_val_predictions.csv",
 )
-PLOT_FILES = ("roc.png", "per_fold_balanced_accuracy.png")
+PLOT_FILES = (
+    "roc.png",
+    "precision_recall.png",
+    "calibration.png",
+    "per_fold_balanced_accuracy.png",
+)
 COMPARISON_FILES = ("comparison.json", "comparison.md")
 ROC_BAND_RESAMPLES = 500  # enough for a smooth band; the metric CIs use all resamples
 VERSIONED = ("lympho-mil", "torch", "lightning", "scikit-learn", "numpy")
+CALIBRATION_LABELS = {
+    "brier": "Brier score (lower is better)",
+    "ece": f"expected calibration error, {ECE_BINS} bins",
+}
 LABELS = {
     "balanced_accuracy": "balanced accuracy",
     "auroc": "AUROC",
@@ -82,6 +99,7 @@ def cv_report(
         "threshold_policy": settings.threshold_policy,
         "inner_val_fraction": settings.inner_val_fraction,
         **metric_summary(oof, settings.n_bootstrap, settings.seed),
+        "calibration": calibration_summary(oof, settings.n_bootstrap, settings.seed),
         "estimates": {
             "mean_std": "over the repeats' out-of-fold estimates (std: sample std, null if 1)",
             "ci95": f"stratified patient bootstrap, {settings.n_bootstrap} resamples, percentile",
@@ -221,6 +239,9 @@ def cv_markdown(report: dict[str, Any]) -> str:
     for m in METRIC_NAMES:
         s = report[m]
         lines.append(f"| {LABELS[m]} | {s['mean']:.3f} | {_std(s)} | {_interval(s)} |")
+    for m, label in CALIBRATION_LABELS.items():
+        s = report["calibration"][m]
+        lines.append(f"| {label} | {s['mean']:.3f} | {_std(s)} | {_interval(s)} |")
     lines += [
         "",
         "## Folds",
@@ -274,13 +295,16 @@ def comparison_markdown(table: dict[str, Any]) -> str:
 def plot_files(
     report: dict[str, Any], oof: pd.DataFrame, n_bootstrap: int, seed: int
 ) -> dict[str, bytes]:
-    """``roc.png`` and ``per_fold_balanced_accuracy.png`` by name; none without matplotlib."""
+    """`PLOT_FILES` by name (the ROC with its bootstrap band, the precision-recall curve,
+    the reliability diagram, each fold's balanced accuracy); none without matplotlib."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return {}
     return {
         "roc.png": _roc_png(Figure, report, oof, n_bootstrap, seed),
+        "precision_recall.png": _precision_recall_png(Figure, report, oof),
+        "calibration.png": _calibration_png(Figure, report, oof),
         "per_fold_balanced_accuracy.png": _per_fold_png(Figure, report),
     }
 
@@ -343,8 +367,80 @@ def _roc_png(
         where="post",
         label=f"out-of-fold ROC, AUROC {auroc['mean']:.3f} {_interval(auroc)}",
     )
-    roc_axes(ax, f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats")
+    roc_axes(ax, _title(report))
     ax.legend(loc="lower right", fontsize="small")
+    return figure_png(fig)
+
+
+def _pooled(oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities of every repeat's out-of-fold predictions, pooled."""
+    arrays = OOFArrays.from_frame(oof)
+    return np.tile(arrays.label, len(arrays.prob)), arrays.prob.ravel()
+
+
+def _title(report: dict[str, Any]) -> str:
+    return f"{report['name']}: {report['folds']} folds x {report['repeats']} repeats"
+
+
+def _precision_recall_png(figure_class: Any, report: dict[str, Any], oof: pd.DataFrame) -> bytes:
+    label, prob = _pooled(oof)
+    precision, recall, _ = precision_recall_curve(label, prob)
+    fig = figure_class(figsize=(4.5, 4.5))
+    ax = fig.add_subplot()
+    ap = average_precision_score(label, prob)
+    ax.step(recall, precision, where="post", label=f"out-of-fold, average precision {ap:.3f}")
+    ax.axhline(label.mean(), linestyle=":", color="grey", label="share of tumoral patients")
+    ax.set(
+        xlabel="recall (sensitivity)",
+        ylabel="precision (PPV)",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=_title(report),
+    )
+    ax.legend(loc="lower left", fontsize="small")
+    return figure_png(fig)
+
+
+def reliability_points(
+    label: np.ndarray, prob: np.ndarray, n_bins: int = ECE_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per non-empty equal-width bin of ``prob``: the mean probability, the share of
+    tumoral patients and the count (a reliability diagram's points)."""
+    bins = np.minimum((prob * n_bins).astype(np.int64), n_bins - 1)
+    count = np.bincount(bins, minlength=n_bins)
+    filled = count > 0
+    mean_prob = np.bincount(bins, prob, n_bins)[filled] / count[filled]
+    tumoral = np.bincount(bins, label, n_bins)[filled] / count[filled]
+    return mean_prob, tumoral, count[filled]
+
+
+def reliability_axes(ax: Any, title: str) -> None:
+    """The diagonal of perfect calibration, axis labels and limits of a reliability diagram."""
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(
+        xlabel="mean predicted probability of tumoral",
+        ylabel="share of tumoral patients",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=title,
+    )
+
+
+def _calibration_png(figure_class: Any, report: dict[str, Any], oof: pd.DataFrame) -> bytes:
+    label, prob = _pooled(oof)
+    mean_prob, tumoral, count = reliability_points(label, prob)
+    brier, ece = (report["calibration"][m] for m in ("brier", "ece"))
+    fig = figure_class(figsize=(4.5, 4.5))
+    ax = fig.add_subplot()
+    ax.plot(
+        mean_prob,
+        tumoral,
+        "-o",
+        label=f"Brier {brier['mean']:.3f} {_interval(brier)}, ECE {ece['mean']:.3f}",
+    )
+    ax.scatter(mean_prob, tumoral, s=15 + 400 * count / len(prob))
+    reliability_axes(ax, _title(report))
+    ax.legend(loc="upper left", fontsize="small")
     return figure_png(fig)
 
 
