@@ -21,12 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lympho_mil.evaluation.cv_types import CVSettings, FoldRun, FoldRunner, FoldSplit
 from lympho_mil.evaluation.report import COMPARISON_FILES, REPORT_FILES
 from lympho_mil.files import OutputExistsError, atomic_write_text
 
 if TYPE_CHECKING:
     from lympho_mil.data.datamodule import BagDataModule
-    from lympho_mil.evaluation.cv import CVSettings, FoldRun, FoldRunner, FoldSplit
 
 PLAN_FILE = "cv_plan.json"
 FOLD_FILE = "fold_run.json"
@@ -114,8 +114,6 @@ def start_or_resume(root: Path, plan: dict[str, Any], resuming: bool, verbose: b
 def finished_fold(fold_dir: Path) -> FoldRun | None:
     """The fold run recorded in ``fold_dir`` by an earlier run, or None; the leftovers of a
     fold run that did not finish (logs, checkpoints) are removed: it runs again whole."""
-    from lympho_mil.evaluation.cv import FoldRun, FoldSplit  # here: cv calls this module
-
     try:
         record = json.loads((fold_dir / FOLD_FILE).read_text())
     except (OSError, ValueError):

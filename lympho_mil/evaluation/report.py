@@ -37,7 +37,7 @@ from lympho_mil.files import atomic_write_files
 from lympho_mil.models.metrics import METRIC_NAMES
 
 if TYPE_CHECKING:
-    from lympho_mil.evaluation.cv import CVResult, CVSettings, FoldRun
+    from lympho_mil.evaluation.cv_types import CVResult, CVSettings, FoldRun
 
 REPORT_FILES = (
     "cv_report.json",
