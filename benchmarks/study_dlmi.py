@@ -41,6 +41,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 METRICS = ("balanced_accuracy", "auroc")
 REFERENCE, RECIPE = "tabular_mlp", "fused_morphology_mean"
 SSL_SETTINGS = PretrainSettings()  # fixed with the seventh round: 100 epochs, SmallCNN w32
+SSL200_SETTINGS = PretrainSettings(epochs=200)  # the tenth round's: twice as long, else the same
 CELL_TYPES = 16
 
 
@@ -58,9 +59,11 @@ def with_data(config: dict[str, Any], root: Path, cache_dir: str | None) -> dict
     return config
 
 
-def ssl_weights(roots: list[Path], cache_dir: str | None) -> tuple[Path, float]:
-    """The SimCLR encoder of the seventh round, pretrained on every crop of ``roots`` (64 px of
-    the 112 px centre; cached), and the seconds this call took."""
+def ssl_weights(
+    roots: list[Path], cache_dir: str | None, settings: PretrainSettings = SSL_SETTINGS
+) -> tuple[Path, float]:
+    """A SimCLR encoder (the seventh round's ``settings`` by default) pretrained on every crop of
+    ``roots`` (64 px of the 112 px centre; cached), and the seconds this call took."""
     start = time.perf_counter()
     crops = []
     dm = None
@@ -73,12 +76,27 @@ def ssl_weights(roots: list[Path], cache_dir: str | None) -> tuple[Path, float]:
         crops.append(store[good])
     assert dm is not None
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    path = pretrained_encoder(crops, SSL_SETTINGS, dm.mean, dm.std, folder)
+    path = pretrained_encoder(crops, settings, dm.mean, dm.std, folder)
     return path, time.perf_counter() - start
 
 
-def round7_candidates(ssl_path: Path | None) -> dict[str, dict[str, Any]]:
-    """The seventh round's candidates (configs without a data root), references first."""
+def pretraining_record(weights: Path, seconds: float) -> Record:
+    """What a pretraining took (from its cached sidecar) and what this call took."""
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    return {
+        "record": "pretraining",
+        "weights": weights.name,
+        "call_s": round(seconds, 1),
+        **{k: meta[k] for k in ("crops", "seconds", "settings")},
+        "loss_first_last": [meta["loss"][0], meta["loss"][-1]],
+    }
+
+
+def round7_candidates(
+    ssl_path: Path | None, ssl_settings: PretrainSettings = SSL_SETTINGS
+) -> dict[str, dict[str, Any]]:
+    """The seventh round's candidates (configs without a data root), references first;
+    ``ssl_path``: the weights of a `SmallCNN` pretrained with ``ssl_settings``."""
     recipe = load("dlmi.yaml")
     representations: dict[str, tuple[dict[str, dict[str, Any]], int]] = {
         "morphology": ({"features": {"encoder": "morphology"}}, len(MORPHOLOGY_FEATURES)),
@@ -89,11 +107,11 @@ def round7_candidates(ssl_path: Path | None) -> dict[str, dict[str, Any]]:
             "features": {
                 "encoder": "small_cnn",
                 "weights": str(ssl_path),
-                "kwargs": SSL_SETTINGS.encoder_kwargs,
+                "kwargs": ssl_settings.encoder_kwargs,
             },
             "crops": {"image_size": 64},
         }
-        representations["ssl"] = (ssl, SSL_SETTINGS.out_dim)
+        representations["ssl"] = (ssl, ssl_settings.out_dim)
     summaries = {"mean": ("mean", 0), "statistics": ("statistics", 0), "types": ("mean", 16)}
     candidates = {REFERENCE: load("tabular_mlp.yaml")}
     for rep, (data_args, dim) in representations.items():
@@ -184,14 +202,7 @@ def round7(args: argparse.Namespace) -> Iterator[Record]:
     ssl_path = None
     if not args.no_ssl:
         ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
-        meta = json.loads(ssl_path.with_suffix(".json").read_text())
-        yield {
-            "record": "pretraining",
-            "weights": ssl_path.name,
-            "call_s": round(seconds, 1),
-            **{k: meta[k] for k in ("crops", "seconds", "settings")},
-            "loss_first_last": [meta["loss"][0], meta["loss"][-1]],
-        }
+        yield pretraining_record(ssl_path, seconds)
     candidates = {
         n: with_data(c, args.data, args.cache_dir) for n, c in round7_candidates(ssl_path).items()
     }
@@ -278,29 +289,47 @@ def round8_verdict(seventh: list[Record], eighth: list[Record]) -> Record:
     return {**own, "record": "verdict", "round": 8, "replaces": before["image_pathway"]}
 
 
+def image_pathway(rows: list[Record]) -> Record:
+    """The image-only candidate (``images_*``) of highest AUROC; within 0.005 of it, the
+    higher balanced accuracy."""
+    images = [r for r in rows if r["candidate"].startswith("images_")]
+    top_auroc = max(r["auroc"]["mean"] for r in images)
+    close = [r for r in images if r["auroc"]["mean"] >= top_auroc - 0.005]
+    return max(close, key=lambda r: (r["balanced_accuracy"]["mean"], r["auroc"]["mean"]))
+
+
 def round7_verdict(rows: list[Record]) -> Record:
     """The seventh round's rule (docs/results.md), applied to its candidate records: the image
     pathway is the image-only candidate of highest AUROC (within 0.005, higher balanced
     accuracy); its fused twin replaces the recipe if it beats it in both metrics; the bars of
     issue 19, met or not."""
     by_name = {r["candidate"]: r for r in rows}
-    images = [r for r in rows if r["candidate"].startswith("images_")]
-    top_auroc = max(r["auroc"]["mean"] for r in images)
-    close = [r for r in images if r["auroc"]["mean"] >= top_auroc - 0.005]
-    pathway = max(close, key=lambda r: (r["balanced_accuracy"]["mean"], r["auroc"]["mean"]))
+    pathway = image_pathway(rows)
     fused = by_name["fused_" + pathway["candidate"].removeprefix("images_")]
     recipe = by_name[RECIPE]
     adopted = fused["candidate"] != RECIPE and all(
         fused[m]["mean"] > recipe[m]["mean"] for m in METRICS
     )
-    versus = fused[f"minus_{REFERENCE}"]
     return {
         "record": "verdict",
         "image_pathway": pathway["candidate"],
         "fused": fused["candidate"],
         "adopted_as_recipe": adopted,
-        "bar_images_balanced_accuracy_0.80": pathway["balanced_accuracy"]["mean"] >= 0.80,
-        "bar_images_auroc_0.85": pathway["auroc"]["mean"] >= 0.85,
+        **bars(pathway, fused),
+    }
+
+
+def bars(pathway: Record | None, fused: Record) -> Record:
+    """The bars of issue 19, met or not, for an image pathway and a fused candidate."""
+    versus = fused[f"minus_{REFERENCE}"]
+    images = {}
+    if pathway is not None:
+        images = {
+            "bar_images_balanced_accuracy_0.80": pathway["balanced_accuracy"]["mean"] >= 0.80,
+            "bar_images_auroc_0.85": pathway["auroc"]["mean"] >= 0.85,
+        }
+    return {
+        **images,
         "bar_fused_plus_0.05_ci_above_0": versus["balanced_accuracy"]["mean"] >= 0.05
         and versus["balanced_accuracy"]["ci95_low"] > 0,
         "bar_fused_auroc_difference_above_0": versus["auroc"]["mean"] > 0,
@@ -383,21 +412,89 @@ def round9(args: argparse.Namespace) -> Iterator[Record]:
         n: pd.read_csv(seventh / n / "oof_predictions.csv", dtype={"id": str})
         for n in (REFERENCE, RECIPE)
     }
-    oof = logit_sum(seventh / REFERENCE, seventh / "images_ssl_types")
-    summary = metric_summary(oof, 2000, 0)
-    row: Record = {"record": "candidate", "candidate": "sum_ssl_types"}
-    row.update({m: summary[m] for m in METRICS})
-    for name, ref in refs.items():
-        diff = paired_difference(ref, oof, 2000, 0)
-        row[f"minus_{name}"] = {m: diff[m] for m in METRICS}
+    row = sum_row("sum_ssl_types", seventh / REFERENCE, seventh / "images_ssl_types", refs)
     yield row
     recipe = metric_summary(refs[RECIPE], 2000, 0)
-    versus = row[f"minus_{REFERENCE}"]
     yield {
         "record": "verdict",
         "round": 9,
         "adopted_as_recipe": all(row[m]["mean"] > recipe[m]["mean"] for m in METRICS),
-        "bar_fused_plus_0.05_ci_above_0": versus["balanced_accuracy"]["mean"] >= 0.05
-        and versus["balanced_accuracy"]["ci95_low"] > 0,
-        "bar_fused_auroc_difference_above_0": versus["auroc"]["mean"] > 0,
+        **bars(None, row),
+    }
+
+
+def sum_row(name: str, first: Path, second: Path, refs: dict[str, pd.DataFrame]) -> Record:
+    """The record of the product of experts whose cv outputs are ``first`` and ``second``
+    (`logit_sum`): metrics and paired differences to ``refs``; no training."""
+    oof = logit_sum(first, second)
+    summary = metric_summary(oof, 2000, 0)
+    row: Record = {"record": "candidate", "candidate": name}
+    row.update({m: summary[m] for m in METRICS})
+    for ref_name, ref in refs.items():
+        diff = paired_difference(ref, oof, 2000, 0)
+        row[f"minus_{ref_name}"] = {m: diff[m] for m in METRICS}
+    return row
+
+
+@study(
+    "dlmi-round10",
+    "the tenth round: the seventh's image heads on an encoder pretrained twice as long",
+    round7_arguments,
+)
+def round10(args: argparse.Namespace) -> Iterator[Record]:
+    """The tenth round (docs/results.md): the three image-only SSL heads on `SSL200_SETTINGS`'
+    encoder; then the fused twin and the logit sum of the pathway that stands; the verdict."""
+    seventh_out = args.out_seventh
+    args.out = args.out or Path("runs/benchmarks/dlmi-round10")
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, SSL200_SETTINGS)
+    yield pretraining_record(ssl_path, seconds)
+    configs = round7_candidates(ssl_path, SSL200_SETTINGS)
+    candidates = {n: configs[n] for n in (REFERENCE, RECIPE)}
+    candidates |= {n.replace("_ssl_", "_ssl200_"): c for n, c in configs.items() if "_ssl_" in n}
+    candidates = {n: with_data(c, args.data, args.cache_dir) for n, c in candidates.items()}
+    images = [f"images_ssl200_{summary}" for summary in ("mean", "statistics", "types")]
+    rows = _rows(candidates, images, args, earlier=seventh_out)
+    yield from rows
+    seventh = [r for r in read_records("dlmi-round7") if r.get("record") == "candidate"]
+    before = {r["candidate"]: r for r in seventh}["images_ssl_types"]
+    own = image_pathway(rows)
+    if own["auroc"]["mean"] > before["auroc"]["mean"]:
+        pathway, pathway_out = own, args.out / own["candidate"]
+        fused_name = "fused_" + own["candidate"].removeprefix("images_")
+        fused = {r["candidate"]: r for r in _rows(candidates, [fused_name], args)}[fused_name]
+    else:
+        pathway, pathway_out = before, seventh_out / before["candidate"]
+        fused = {r["candidate"]: r for r in seventh}["fused_ssl_types"]
+    yield fused
+    refs = {n: _cv(n, candidates[n], args, seventh_out) for n in (REFERENCE, RECIPE)}
+    summed = sum_row(
+        "sum_" + pathway["candidate"].removeprefix("images_"),
+        refs[REFERENCE][1],
+        pathway_out,
+        {n: oof for n, (oof, _) in refs.items()},
+    )
+    yield summed
+    recipe = {r["candidate"]: r for r in rows}[RECIPE]
+    yield round10_verdict(own, before, pathway, [fused, summed], recipe)
+
+
+def round10_verdict(
+    own: Record, before: Record, pathway: Record, contenders: list[Record], recipe: Record
+) -> Record:
+    """The tenth round's rule (docs/results.md): its pathway ``own`` replaces ``before`` if its
+    AUROC is higher; of the standing ``pathway``'s fused twin and logit sum (``contenders``),
+    those beating ``recipe`` in balanced accuracy and AUROC, the one of higher balanced
+    accuracy becomes the recipe; the bars, met or not."""
+    winners = [r for r in contenders if all(r[m]["mean"] > recipe[m]["mean"] for m in METRICS)]
+    chosen = max(winners, key=lambda r: r["balanced_accuracy"]["mean"]) if winners else None
+    image_bars = {k: v for k, v in bars(pathway, contenders[0]).items() if "images" in k}
+    return {
+        "record": "verdict",
+        "round": 10,
+        "tenth_pathway": own["candidate"],
+        "image_pathway": pathway["candidate"],
+        "replaces": before["candidate"] if pathway is own else None,
+        "adopted_as_recipe": chosen["candidate"] if chosen else None,
+        **image_bars,
+        **{f"bars_{r['candidate']}": bars(None, r) for r in contenders},
     }

@@ -348,3 +348,84 @@ def test_the_rounds_reference_recipe_is_the_shipped_one(
     assert resolved(round_candidates[f"r7:{recipe}"]) == resolved(study_dlmi.load("dlmi.yaml"))
     for reference in (study_dlmi.REFERENCE, recipe):
         assert round_candidates[f"r8:{reference}"] == round_candidates[f"r7:{reference}"]
+
+
+def scored(name: str, balanced_accuracy: float, auroc: float) -> dict:
+    """A candidate record with the fields the rounds' rules read."""
+    return {
+        "record": "candidate",
+        "candidate": name,
+        "balanced_accuracy": {"mean": balanced_accuracy},
+        "auroc": {"mean": auroc},
+        "minus_tabular_mlp": {
+            "balanced_accuracy": {"mean": balanced_accuracy - 0.78, "ci95_low": -0.01},
+            "auroc": {"mean": auroc - 0.90},
+        },
+    }
+
+
+def test_image_pathway_prefers_auroc_then_balanced_accuracy_within_0005(
+    study_dlmi: ModuleType,
+) -> None:
+    rows = [
+        scored("images_a", 0.70, 0.850),
+        scored("images_b", 0.78, 0.846),  # within 0.005 of the top AUROC, better accuracy
+        scored("images_c", 0.90, 0.840),  # further away: its accuracy does not count
+        scored("fused_a", 0.95, 0.990),  # not image-only
+    ]
+    assert study_dlmi.image_pathway(rows)["candidate"] == "images_b"
+    assert study_dlmi.image_pathway(rows[:1] + rows[2:])["candidate"] == "images_a"
+
+
+def test_round10_rule_replaces_the_pathway_and_the_recipe_only_when_beaten(
+    study_dlmi: ModuleType,
+) -> None:
+    before = scored("images_ssl_types", 0.775, 0.850)
+    recipe = scored("fused_morphology_mean", 0.806, 0.909)
+    better = scored("images_ssl200_types", 0.79, 0.86)
+    fused = scored("fused_ssl200_types", 0.83, 0.91)
+    summed = scored("sum_ssl200_types", 0.84, 0.92)
+    verdict = study_dlmi.round10_verdict(better, before, better, [fused, summed], recipe)
+    assert verdict["replaces"] == "images_ssl_types"
+    assert verdict["adopted_as_recipe"] == "sum_ssl200_types"  # both win: higher accuracy
+    assert verdict["bar_images_auroc_0.85"] and not verdict["bar_images_balanced_accuracy_0.80"]
+    assert verdict["bars_sum_ssl200_types"]["bar_fused_auroc_difference_above_0"]
+
+    worse = scored("images_ssl200_mean", 0.80, 0.84)
+    level = scored("sum_ssl_types", 0.806, 0.95)  # a tie in accuracy is no win
+    lower = scored("fused_ssl_types", 0.90, 0.90)
+    verdict = study_dlmi.round10_verdict(worse, before, before, [lower, level], recipe)
+    assert verdict["tenth_pathway"] == "images_ssl200_mean"
+    assert verdict["image_pathway"] == "images_ssl_types" and verdict["replaces"] is None
+    assert verdict["adopted_as_recipe"] is None
+
+
+def test_logit_sum_adds_the_logits_and_thresholds_on_inner_validation(
+    study_dlmi: ModuleType, tmp_path: Path
+) -> None:
+    import numpy as np
+    import pandas as pd
+
+    def write(folder: Path, oof: list[float], inner: list[float]) -> Path:
+        folder.mkdir()
+        keys = {"repeat": 0, "fold": 0}
+        pd.DataFrame({**keys, "id": ["a", "b"], "label": [0, 1], "probability": oof}).to_csv(
+            folder / "oof_predictions.csv", index=False
+        )
+        pd.DataFrame(
+            {**keys, "id": ["c", "d", "e"], "label": [0, 1, 1], "probability": inner}
+        ).to_csv(folder / "inner_val_predictions.csv", index=False)
+        return folder
+
+    first = write(tmp_path / "first", [0.5, 0.8], [0.3, 0.6, 0.9])
+    second = write(tmp_path / "second", [0.2, 0.5], [0.5, 0.5, 0.5])
+    oof = study_dlmi.logit_sum(first, second)
+    np.testing.assert_allclose(oof["probability"], [0.2, 0.8])  # logits 0 + log(1/4), log 4 + 0
+    assert list(oof["predicted"]) == [0, 1]  # the inner threshold lies in (0.3, 0.6]
+    assert 0.3 < oof["threshold"].iloc[0] <= 0.6
+    broken = write(tmp_path / "broken", [0.5, 0.5], [0.3, 0.6, 0.9])
+    pd.read_csv(broken / "oof_predictions.csv").iloc[:1].to_csv(
+        broken / "oof_predictions.csv", index=False
+    )
+    with pytest.raises(ValueError, match="same oof_predictions"):
+        study_dlmi.logit_sum(first, broken)
