@@ -29,12 +29,12 @@ import yaml
 from harness import DEFAULT_UNLABELLED, Record, read_records, study
 
 from lympho_mil.cli import cross_validate
-from lympho_mil.data import CropSettings, PatientBagDataModule
+from lympho_mil.data import CropSettings
 from lympho_mil.data.image_cache import default_cache_dir
 from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
 from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.features.cytometry import CYTOMETRY_FEATURES
-from lympho_mil.features.pretrain import PretrainSettings, pretrained_encoder
+from lympho_mil.features.pretrain import PretrainSettings, folder_crops, pretrained_encoder
 from lympho_mil.nn import MORPHOLOGY_FEATURES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -65,18 +65,9 @@ def ssl_weights(
     """A SimCLR encoder (the seventh round's ``settings`` by default) pretrained on every crop of
     ``roots`` (64 px of the 112 px centre; cached), and the seconds this call took."""
     start = time.perf_counter()
-    crops = []
-    dm = None
-    for root in roots:
-        dm = PatientBagDataModule(
-            str(root), crops=CropSettings(image_size=64, center_crop=112, cache_dir=cache_dir)
-        )
-        store, _ = dm.build_store(list(dm.bags.values()))
-        good = np.setdiff1d(np.arange(len(store)), np.asarray(store.bad, dtype=int))
-        crops.append(store[good])
-    assert dm is not None
+    crops = CropSettings(image_size=64, center_crop=112, cache_dir=cache_dir)
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    path = pretrained_encoder(crops, settings, dm.mean, dm.std, folder)
+    path = pretrained_encoder(folder_crops(roots, crops), settings, crops.mean, crops.std, folder)
     return path, time.perf_counter() - start
 
 

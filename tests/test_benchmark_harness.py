@@ -327,27 +327,46 @@ def test_a_round_candidate_parses_and_trains_one_step(
     assert optimizer.param_groups[0]["initial_lr"] == expected_lr == optim.lr
 
 
+def resolved(config: dict, study_dlmi: ModuleType, root: Path, tmp_path: Path) -> dict:
+    """``config`` on ``root`` as the CLI resolves it (every default filled in)."""
+    import yaml
+
+    from lympho_mil.cli.app import build_cli
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(study_dlmi.with_data(config, root, None)))
+    cli = build_cli(["--config", str(path)], run=False)
+    dumped = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    dumped.pop("config", None)
+    return dumped
+
+
 def test_the_rounds_reference_recipe_is_the_shipped_one(
     round_candidates: dict, study_dlmi: ModuleType, synthetic_dlmi: Path, tmp_path: Path
 ) -> None:
     """The recipe among the candidates (``fused_morphology_mean``) resolves to the settings of
     ``examples/configs/dlmi.yaml``, and the eighth round's references are the seventh's."""
-    import yaml
-
-    from lympho_mil.cli.app import build_cli
-
-    def resolved(config: dict) -> dict:
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(study_dlmi.with_data(config, synthetic_dlmi, None)))
-        cli = build_cli(["--config", str(path)], run=False)
-        dumped = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
-        dumped.pop("config", None)
-        return dumped
-
     recipe = study_dlmi.RECIPE
-    assert resolved(round_candidates[f"r7:{recipe}"]) == resolved(study_dlmi.load("dlmi.yaml"))
+    args = (study_dlmi, synthetic_dlmi, tmp_path)
+    candidate = resolved(round_candidates[f"r7:{recipe}"], *args)
+    assert candidate == resolved(study_dlmi.load("dlmi.yaml"), *args)
     for reference in (study_dlmi.REFERENCE, recipe):
         assert round_candidates[f"r8:{reference}"] == round_candidates[f"r7:{reference}"]
+
+
+def test_the_shipped_image_pathway_is_the_seventh_rounds(
+    round_candidates: dict, study_dlmi: ModuleType, synthetic_dlmi: Path, tmp_path: Path
+) -> None:
+    """``examples/configs/dlmi_images_ssl.yaml`` resolves to the seventh round's image pathway
+    (``images_ssl_types``), but for where it reads the encoder's weights."""
+    import copy
+
+    shipped = study_dlmi.load("dlmi_images_ssl.yaml")
+    candidate = copy.deepcopy(round_candidates["r7:images_ssl_types"])
+    weights = shipped["data"]["init_args"]["features"]["weights"]
+    candidate["data"]["init_args"]["features"]["weights"] = weights
+    args = (study_dlmi, synthetic_dlmi, tmp_path)
+    assert resolved(candidate, *args) == resolved(shipped, *args)
 
 
 def scored(name: str, balanced_accuracy: float, auroc: float) -> dict:

@@ -54,9 +54,19 @@ def test_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_trains_one_step_on_synthetic_patients(config: Path, synthetic_dlmi: Path) -> None:
+def test_config_trains_one_step_on_synthetic_patients(
+    config: Path, synthetic_dlmi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The config as shipped (its model, data class, loss, optimiser and precision) on 32 px
-    crops of a dozen synthetic patients, on the CPU, without loader workers."""
+    crops of a dozen synthetic patients, on the CPU, without loader workers; a config whose
+    features read pretrained weights gets them from ``lympho-mil pretrain`` first (two short
+    epochs)."""
+    monkeypatch.chdir(tmp_path)  # where a config's relative weights path is written
+    data = yaml.safe_load(config.read_text())["data"]["init_args"]
+    if (data.get("features") or {}).get("weights"):
+        pretrain = ["--pretrain.settings={epochs: 2, warmup_epochs: 0, batch_size: 16}"]
+        main(["pretrain", "--config", str(config), f"--data.root={synthetic_dlmi}",
+              ON_TINY_DATA[2], *pretrain])  # fmt: skip
     args = ["--config", str(config), f"--data.root={synthetic_dlmi}", *ON_TINY_DATA]
     cli = build_cli(args, run=False)
     before = [p.detach().clone() for p in cli.model.parameters() if p.requires_grad]

@@ -3,8 +3,9 @@
 ``app`` holds the LightningCLI (its subcommands, parser, links and checkpoint policy) and the
 registry of further subcommands, ``cv`` the cross-validation subcommand and its
 config-driven fold runner, ``evaluate`` the external validation of checkpoints on another
-labelled cohort, ``checkpoints`` how commands read checkpoint files, ``parser``
-and ``errors`` how a bad input becomes one line. Nothing below this package (evaluation,
+labelled cohort, ``pretrain`` the self-supervised pretraining of a config's crop encoder,
+``checkpoints`` how commands read checkpoint files, ``parser`` and ``errors`` how a bad input
+becomes one line. Nothing below this package (evaluation,
 models, data, nn) imports it; `main` is the entry point.
 """
 
@@ -19,12 +20,14 @@ from lympho_mil.cli.app import LymphoCLI, build_cli, check_class_names, without_
 from lympho_mil.cli.cv import ConfigRunner, compare_configs, cross_validate
 from lympho_mil.cli.errors import USER_ERRORS, ConfigError, user_error_behind
 from lympho_mil.cli.evaluate import evaluate_checkpoints
+from lympho_mil.cli.pretrain import PretrainOptions
 from lympho_mil.files import write_error_message
 
 __all__ = [
     "ConfigError",
     "ConfigRunner",
     "LymphoCLI",
+    "PretrainOptions",
     "build_cli",
     "compare_configs",
     "cross_validate",

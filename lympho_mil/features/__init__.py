@@ -12,7 +12,12 @@ from lympho_mil.features.cache import (
     extract_features,
 )
 from lympho_mil.features.cytometry import CYTOMETRY_FEATURES, CytometryEncoder, cytometry_features
-from lympho_mil.features.pretrain import PretrainSettings, pretrain_simclr, pretrained_encoder
+from lympho_mil.features.pretrain import (
+    PretrainSettings,
+    folder_crops,
+    pretrain_simclr,
+    pretrained_encoder,
+)
 
 __all__ = [
     "CYTOMETRY_FEATURES",
@@ -24,6 +29,7 @@ __all__ = [
     "PretrainSettings",
     "cytometry_features",
     "extract_features",
+    "folder_crops",
     "pretrain_simclr",
     "pretrained_encoder",
 ]

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from lympho_mil.arguments import SettingError, check_positive
+from lympho_mil.data.dlmi_crops import DLMICrops
+from lympho_mil.data.settings import CropSettings
 from lympho_mil.files import atomic_write_bytes, atomic_write_text
 from lympho_mil.nn.encoders import SmallCNN
 from lympho_mil.progress import progress
@@ -195,12 +197,40 @@ def _warmup_cosine(warmup: int, total: int) -> Any:
     return factor
 
 
+def folder_crops(roots: Sequence[str | Path], crops: CropSettings) -> list[np.ndarray]:
+    """The crops of every patient (labelled or not) of each DLMI folder in ``roots``, decoded
+    and cached as ``crops`` says (uint8 ``[M_i, S, S, 3]``, one array a folder), the
+    unreadable ones skipped with ``skip_bad_images`` left out: what `pretrained_encoder`
+    takes."""
+    arrays = []
+    for root in roots:
+        source = DLMICrops(str(root), crops, reference_date="2020-01-01")  # ages unused
+        cache, _ = source.build_store(source.load_bags())
+        good = np.setdiff1d(np.arange(len(cache)), np.asarray(cache.bad, dtype=np.int64))
+        arrays.append(cache[good])
+    return arrays
+
+
 def pixels_digest(crops: np.ndarray) -> str:
     """Hash of the shape and bytes of a uint8 ``[M, S, S, 3]`` array of crops."""
     array = np.asarray(crops)
     digest = hashlib.sha256(f"{array.shape}".encode())
     digest.update(array.tobytes())
     return digest.hexdigest()[:24]
+
+
+def encoder_cache_file(
+    digests: Sequence[str],
+    settings: PretrainSettings,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cache_dir: Path,
+) -> Path:
+    """Where `pretrained_encoder` caches the weights of a pretraining with ``settings`` on
+    crops of these sorted `pixels_digest` ``digests`` (the file may not exist yet)."""
+    described = [PRETRAIN_VERSION, asdict(settings), list(mean), list(std), sorted(digests)]
+    key = hashlib.sha256(json.dumps(described).encode()).hexdigest()[:24]
+    return cache_dir / f"encoder-{key}.pt"
 
 
 def pretrained_encoder(
@@ -218,10 +248,8 @@ def pretrained_encoder(
     new way of naming decoded-crop caches never retrains the encoder."""
     by_digest = sorted((pixels_digest(c), c) for c in map(np.asarray, crops))
     digests = [d for d, _ in by_digest]
-    described = [PRETRAIN_VERSION, asdict(settings), list(mean), list(std), digests]
-    key = hashlib.sha256(json.dumps(described).encode()).hexdigest()[:24]
-    weights = cache_dir / f"encoder-{key}.pt"
-    sidecar = cache_dir / f"encoder-{key}.json"
+    weights = encoder_cache_file(digests, settings, mean, std, cache_dir)
+    sidecar = weights.with_suffix(".json")
     if weights.is_file() and sidecar.is_file():
         return weights
     pixels = np.concatenate([c for _, c in by_digest])
