@@ -100,4 +100,8 @@ def test_pretrain_refuses_what_it_cannot_train(
     shape = "--pretrain.settings.width=16"
     line = refused(capsys, "--config", SSL_CONFIG, f"--data.root={synthetic_dlmi}", shape)
     assert "'width': 32" in line and "{'width': 16}" in line
+    if not torch.cuda.is_available():
+        gpu = "--pretrain.device=cuda"
+        line = refused(capsys, "--config", SSL_CONFIG, f"--data.root={synthetic_dlmi}", gpu)
+        assert "no CUDA GPU here" in line
     assert not WEIGHTS.exists()

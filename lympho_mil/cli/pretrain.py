@@ -3,7 +3,7 @@ themselves (labels unused), written where the config reads it.
 
     lympho-mil pretrain --config CFG --data.root DLMI [--pretrain.extra_roots '[DIR, ...]']
                         [--pretrain.settings.epochs 100 ...] [--pretrain.out FILE]
-                        [--pretrain.overwrite true]
+                        [--pretrain.overwrite true] [--pretrain.device cuda]
 
 The config is a fit config of `CachedFeatureDataModule` whose ``features`` are a ``small_cnn``
 (``examples/configs/dlmi_images_ssl.yaml``): every crop of ``--data.root`` and of the extra
@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lympho_mil.cli.app import Command, LymphoCLI, register
 from lympho_mil.cli.errors import ConfigError
@@ -48,12 +50,15 @@ class PretrainOptions:
             ``out_dim``) is the config's ``data.features.kwargs``.
         out: where the weights go (default: the config's ``data.features.weights``).
         overwrite: replace another weights file at ``out``.
+        device: where to train (``cpu``, or ``cuda`` on a GPU machine; the cache key does
+            not depend on it).
     """
 
     extra_roots: list[str] = field(default_factory=list)
     settings: PretrainSettings = field(default_factory=PretrainSettings)
     out: str | None = None
     overwrite: bool = False
+    device: str = "cpu"
 
 
 def _plain(value: Any) -> Any:
@@ -108,6 +113,8 @@ def run_pretrain(cli: LymphoCLI) -> None:
         raise ConfigError(
             "say where the weights go: data.features.weights in the config, or --pretrain.out"
         )
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--pretrain.device {options.device}: no CUDA GPU here (use cpu)")
     settings = encoder_settings(options.settings, features.get("kwargs") or {})
     crops = CropSettings(**_plain(init.get("crops")))
     roots = [init["root"], *options.extra_roots]
@@ -123,7 +130,9 @@ def run_pretrain(cli: LymphoCLI) -> None:
             "replaces them"
         )
     earlier = known.is_file()
-    cached = pretrained_encoder(arrays, settings, crops.mean, crops.std, cache_dir)
+    cached = pretrained_encoder(
+        arrays, settings, crops.mean, crops.std, cache_dir, device=options.device
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(target, cached.read_bytes(), overwrite=True)
     meta = json.loads(cached.with_suffix(".json").read_text())
