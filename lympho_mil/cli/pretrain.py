@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lympho_mil.arguments import plain
 from lympho_mil.cli.app import Command, LymphoCLI, register
 from lympho_mil.cli.errors import ConfigError
 from lympho_mil.data.image_cache import default_cache_dir
@@ -65,8 +66,7 @@ def _plain(value: Any) -> Any:
     """A parsed section (a jsonargparse Namespace, a dataclass or None) as a dict."""
     if value is None:
         return {}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+    value = plain(value)
     return value.as_dict() if hasattr(value, "as_dict") else dict(value)
 
 
