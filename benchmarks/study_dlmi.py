@@ -172,9 +172,13 @@ def _row(name: str, oof: pd.DataFrame, refs: dict[str, pd.DataFrame], out: Path)
 
 def round7_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", nargs="*", default=None, help="run only these candidates")
+    p.add_argument("--no-ssl", action="store_true", help="leave out the pretrained encoder")
+    round10_arguments(p)
+
+
+def round10_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-ssl", action="store_true", help="leave out the pretrained encoder")
     p.add_argument(
         "--unlabelled", type=Path, default=DEFAULT_UNLABELLED, help="more crops to pretrain on"
     )
@@ -430,7 +434,7 @@ def sum_row(name: str, first: Path, second: Path, refs: dict[str, pd.DataFrame])
 @study(
     "dlmi-round10",
     "the tenth round: the seventh's image heads on an encoder pretrained twice as long",
-    round7_arguments,
+    round10_arguments,
 )
 def round10(args: argparse.Namespace) -> Iterator[Record]:
     """The tenth round (docs/results.md): the three image-only SSL heads on `SSL200_SETTINGS`'
