@@ -100,6 +100,9 @@ def test_pretrain_refuses_what_it_cannot_train(
     shape = "--pretrain.settings.width=16"
     line = refused(capsys, "--config", SSL_CONFIG, f"--data.root={synthetic_dlmi}", shape)
     assert "'width': 32" in line and "{'width': 16}" in line
+    nowhere = f"--pretrain.extra_roots=[{work / 'nowhere'}]"
+    line = refused(capsys, "--config", SSL_CONFIG, f"--data.root={synthetic_dlmi}", nowhere)
+    assert f"--pretrain.extra_roots: no folder {work / 'nowhere'}" in line
     if not torch.cuda.is_available():
         gpu = "--pretrain.device=cuda"
         line = refused(capsys, "--config", SSL_CONFIG, f"--data.root={synthetic_dlmi}", gpu)

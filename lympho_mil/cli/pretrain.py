@@ -115,6 +115,9 @@ def run_pretrain(cli: LymphoCLI) -> None:
         )
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--pretrain.device {options.device}: no CUDA GPU here (use cpu)")
+    missing = [root for root in options.extra_roots if not Path(root).expanduser().is_dir()]
+    if missing:
+        raise ConfigError(f"--pretrain.extra_roots: no folder {missing[0]}")
     settings = encoder_settings(options.settings, features.get("kwargs") or {})
     crops = CropSettings(**_plain(init.get("crops")))
     roots = [init["root"], *options.extra_roots]
