@@ -439,19 +439,69 @@ def sum_row(name: str, first: Path, second: Path, refs: dict[str, pd.DataFrame])
 def round10(args: argparse.Namespace) -> Iterator[Record]:
     """The tenth round (docs/results.md): the three image-only SSL heads on `SSL200_SETTINGS`'
     encoder; then the fused twin and the logit sum of the pathway that stands; the verdict."""
-    seventh_out = args.out_seventh
     args.out = args.out or Path("runs/benchmarks/dlmi-round10")
     ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, SSL200_SETTINGS)
     yield pretraining_record(ssl_path, seconds)
     configs = round7_candidates(ssl_path, SSL200_SETTINGS)
     candidates = {n: configs[n] for n in (REFERENCE, RECIPE)}
     candidates |= {n.replace("_ssl_", "_ssl200_"): c for n, c in configs.items() if "_ssl_" in n}
-    candidates = {n: with_data(c, args.data, args.cache_dir) for n, c in candidates.items()}
     images = [f"images_ssl200_{summary}" for summary in ("mean", "statistics", "types")]
+    yield from challenge(10, candidates, images, args)
+
+
+def round11_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+    """The eleventh round's candidates: the references; ``dlmi_attention.yaml`` on the seventh
+    round's SimCLR features with attention and with gated attention (``images_ssl_<pool>``),
+    and their fused twins (the recipe with that pooling, ``fused_ssl_<pool>``)."""
+    seventh = round7_candidates(ssl_path)
+    candidates = {n: seventh[n] for n in (REFERENCE, RECIPE)}
+    for pool, model in (("attention", "AttentionMIL"), ("gated_attention", "GatedAttentionMIL")):
+        image = load("dlmi_attention.yaml")
+        image["model"]["class_path"] = model
+        image["model"]["init_args"]["encoder"]["in_dim"] = SSL_SETTINGS.out_dim
+        image["data"] = copy.deepcopy(seventh["images_ssl_mean"]["data"])
+        fused = copy.deepcopy(seventh["fused_ssl_mean"])
+        hidden = image["model"]["init_args"]["attention_hidden"]
+        fused["model"]["init_args"]["pooling"] = {"name": pool, "hidden": hidden}
+        candidates[f"images_ssl_{pool}"] = image
+        candidates[f"fused_ssl_{pool}"] = fused
+    return candidates
+
+
+@study(
+    "dlmi-round11",
+    "the eleventh round: attention heads on the seventh round's SimCLR features",
+    round10_arguments,
+)
+def round11(args: argparse.Namespace) -> Iterator[Record]:
+    """The eleventh round (docs/results.md): attention and gated-attention MIL on the seventh
+    round's encoder's features; then the fused twin and the logit sum of the pathway that
+    stands; the verdict (the tenth round's rule)."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round11")
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
+    yield pretraining_record(ssl_path, seconds)
+    candidates = round11_candidates(ssl_path)
+    yield from challenge(
+        11, candidates, ["images_ssl_attention", "images_ssl_gated_attention"], args
+    )
+
+
+def challenge(
+    round_no: int,
+    candidates: dict[str, dict[str, Any]],
+    images: list[str],
+    args: argparse.Namespace,
+) -> Iterator[Record]:
+    """A round that challenges the seventh round's image pathway (the tenth and eleventh): the
+    ``images`` candidates cross-validated beside the references; the pathway that stands
+    (`challenge_verdict`), its fused twin (``fused_*``, run if new) and its logit sum with
+    `REFERENCE` (``sum_*``); the verdict."""
+    seventh_out = args.out_seventh
+    candidates = {n: with_data(c, args.data, args.cache_dir) for n, c in candidates.items()}
     rows = _rows(candidates, images, args, earlier=seventh_out)
     yield from rows
-    seventh = [r for r in read_records("dlmi-round7") if r.get("record") == "candidate"]
-    before = {r["candidate"]: r for r in seventh}["images_ssl_types"]
+    seventh = {r["candidate"]: r for r in read_records("dlmi-round7") if r["record"] == "candidate"}
+    before = seventh["images_ssl_types"]
     own = image_pathway(rows)
     if own["auroc"]["mean"] > before["auroc"]["mean"]:
         pathway, pathway_out = own, args.out / own["candidate"]
@@ -459,7 +509,7 @@ def round10(args: argparse.Namespace) -> Iterator[Record]:
         fused = {r["candidate"]: r for r in _rows(candidates, [fused_name], args)}[fused_name]
     else:
         pathway, pathway_out = before, seventh_out / before["candidate"]
-        fused = {r["candidate"]: r for r in seventh}["fused_ssl_types"]
+        fused = seventh["fused_ssl_types"]
     yield fused
     refs = {n: _cv(n, candidates[n], args, seventh_out) for n in (REFERENCE, RECIPE)}
     summed = sum_row(
@@ -470,23 +520,28 @@ def round10(args: argparse.Namespace) -> Iterator[Record]:
     )
     yield summed
     recipe = {r["candidate"]: r for r in rows}[RECIPE]
-    yield round10_verdict(own, before, pathway, [fused, summed], recipe)
+    yield challenge_verdict(round_no, own, before, pathway, [fused, summed], recipe)
 
 
-def round10_verdict(
-    own: Record, before: Record, pathway: Record, contenders: list[Record], recipe: Record
+def challenge_verdict(
+    round_no: int,
+    own: Record,
+    before: Record,
+    pathway: Record,
+    contenders: list[Record],
+    recipe: Record,
 ) -> Record:
-    """The tenth round's rule (docs/results.md): its pathway ``own`` replaces ``before`` if its
-    AUROC is higher; of the standing ``pathway``'s fused twin and logit sum (``contenders``),
-    those beating ``recipe`` in balanced accuracy and AUROC, the one of higher balanced
-    accuracy becomes the recipe; the bars, met or not."""
+    """The rule of the tenth and eleventh rounds (docs/results.md): the round's pathway ``own``
+    replaces ``before`` if its AUROC is higher; of the standing ``pathway``'s fused twin and
+    logit sum (``contenders``), those beating ``recipe`` in balanced accuracy and AUROC, the
+    one of higher balanced accuracy becomes the recipe; the bars, met or not."""
     winners = [r for r in contenders if all(r[m]["mean"] > recipe[m]["mean"] for m in METRICS)]
     chosen = max(winners, key=lambda r: r["balanced_accuracy"]["mean"]) if winners else None
     image_bars = {k: v for k, v in bars(pathway, contenders[0]).items() if "images" in k}
     return {
         "record": "verdict",
-        "round": 10,
-        "tenth_pathway": own["candidate"],
+        "round": round_no,
+        "own_pathway": own["candidate"],
         "image_pathway": pathway["candidate"],
         "replaces": before["candidate"] if pathway is own else None,
         "adopted_as_recipe": chosen["candidate"] if chosen else None,

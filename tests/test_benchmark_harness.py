@@ -229,8 +229,9 @@ def study_dlmi() -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every candidate of the seventh and eighth rounds (the pretrained encoder's weights: a
-    SmallCNN of the pretraining's shape, untrained), by ``r7:``/``r8:`` name."""
+    """Every candidate of the seventh, eighth and eleventh rounds (the pretrained encoder's
+    weights: a SmallCNN of the pretraining's shape, untrained), by ``r7:``/``r8:``/``r11:``
+    name."""
     import torch
 
     from lympho_mil.nn import build_instance_encoder
@@ -244,6 +245,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
     rounds = {
         "r7": study_dlmi.round7_candidates(weights),
         "r8": study_dlmi.round8_candidates(weights),
+        "r11": study_dlmi.round11_candidates(weights),
     }
     return {
         f"{r}:{name}": config
@@ -252,7 +254,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
     }
 
 
-ROUND_CANDIDATES = [  # the names round7_candidates and round8_candidates build
+ROUND_CANDIDATES = [  # the names round7_candidates, round8_ and round11_candidates build
     f"r7:{name}"
     for name in ["tabular_mlp"]
     + [f"{kind}_{rep}_{summary}" for rep in ("morphology", "cytometry", "ssl")
@@ -261,6 +263,9 @@ ROUND_CANDIDATES = [  # the names round7_candidates and round8_candidates build
     f"r8:{kind}_{rep}_{summary}_l2"
     for rep in ("morphology", "cytometry", "ssl")
     for summary in ("mean", "statistics")
+    for kind in ("fused", "images")
+] + ["r11:tabular_mlp", "r11:fused_morphology_mean"] + [
+    f"r11:{kind}_ssl_{pool}" for pool in ("attention", "gated_attention")
     for kind in ("fused", "images")
 ]  # fmt: skip
 
@@ -279,7 +284,7 @@ def test_a_round_candidate_parses_and_trains_one_step(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Each candidate of the seventh and eighth rounds as the study cross-validates it
+    """Each candidate of the seventh, eighth and eleventh rounds as the study cross-validates it
     (`with_data`), dumped to a file: ``lympho-mil fit --config FILE --print_config`` parses it,
     and it trains one step on the tiny synthetic patients. The eighth round's LightningCLI
     ``optimizer:`` and ``lr_scheduler:`` sections replace the model's own ``optim`` (AdamW
@@ -396,7 +401,7 @@ def test_image_pathway_prefers_auroc_then_balanced_accuracy_within_0005(
     assert study_dlmi.image_pathway(rows[:1] + rows[2:])["candidate"] == "images_a"
 
 
-def test_round10_rule_replaces_the_pathway_and_the_recipe_only_when_beaten(
+def test_challenge_rule_replaces_the_pathway_and_the_recipe_only_when_beaten(
     study_dlmi: ModuleType,
 ) -> None:
     before = scored("images_ssl_types", 0.775, 0.850)
@@ -404,7 +409,7 @@ def test_round10_rule_replaces_the_pathway_and_the_recipe_only_when_beaten(
     better = scored("images_ssl200_types", 0.79, 0.86)
     fused = scored("fused_ssl200_types", 0.83, 0.91)
     summed = scored("sum_ssl200_types", 0.84, 0.92)
-    verdict = study_dlmi.round10_verdict(better, before, better, [fused, summed], recipe)
+    verdict = study_dlmi.challenge_verdict(10, better, before, better, [fused, summed], recipe)
     assert verdict["replaces"] == "images_ssl_types"
     assert verdict["adopted_as_recipe"] == "sum_ssl200_types"  # both win: higher accuracy
     assert verdict["bar_images_auroc_0.85"] and not verdict["bar_images_balanced_accuracy_0.80"]
@@ -413,8 +418,8 @@ def test_round10_rule_replaces_the_pathway_and_the_recipe_only_when_beaten(
     worse = scored("images_ssl200_mean", 0.80, 0.84)
     level = scored("sum_ssl_types", 0.806, 0.95)  # a tie in accuracy is no win
     lower = scored("fused_ssl_types", 0.90, 0.90)
-    verdict = study_dlmi.round10_verdict(worse, before, before, [lower, level], recipe)
-    assert verdict["tenth_pathway"] == "images_ssl200_mean"
+    verdict = study_dlmi.challenge_verdict(10, worse, before, before, [lower, level], recipe)
+    assert verdict["own_pathway"] == "images_ssl200_mean" and verdict["round"] == 10
     assert verdict["image_pathway"] == "images_ssl_types" and verdict["replaces"] is None
     assert verdict["adopted_as_recipe"] is None
 
