@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from trainers import quiet_trainer
+from trainers import cli_trainer, quiet_trainer
 
 from lympho_mil import PatientBagDataModule, TabularMLP, __version__
 from lympho_mil.cli import main
@@ -30,17 +30,14 @@ def dlmi_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_config(path: Path, root: Path, cache: Path, model: str = "AttentionMIL") -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 2,
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(path.parent),
-            "logger": {
+        "trainer": cli_trainer(
+            path.parent,
+            max_epochs=2,
+            logger={
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": str(path.parent / "logs")},
             },
-        },
+        ),
         "model": {
             "class_path": model,
             "init_args": {"encoder": {"name": "small_cnn", "kwargs": {"width": 8}, "out_dim": 16}},

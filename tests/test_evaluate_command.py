@@ -31,6 +31,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 from sklearn.model_selection import train_test_split
+from trainers import cli_trainer
 
 from lympho_mil import evaluate_checkpoints
 from lympho_mil.cli import main
@@ -64,14 +65,7 @@ def labels_of(root: Path) -> pd.Series:
 def write_config(path: Path, model: str, init: dict[str, Any], data: dict[str, Any]) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 2,
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": False,
-            "default_root_dir": str(path.parent / path.stem),
-        },
+        "trainer": cli_trainer(path.parent / path.stem, max_epochs=2, logger=False),
         "model": {"class_path": model, "init_args": init},
         "data": {"class_path": data.pop("class_path", "PatientBagDataModule"), "init_args": data},
         "checkpoint": {"dirpath": str(path.parent / f"ckpt_{path.stem}")},

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+from trainers import cli_trainer
 
 from lympho_mil.cli import main
 from lympho_mil.data import FeatureBagDataModule
@@ -33,13 +34,7 @@ TOP_K = 3
 def predict_config(tmp_path: Path, root: Path, model: str) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": False,
-            "default_root_dir": str(tmp_path),  # where the CLI saves config.yaml
-        },
+        "trainer": cli_trainer(tmp_path, logger=False),  # the root: where config.yaml goes
         "model": {
             "class_path": model,
             "init_args": {"encoder": {"name": "small_cnn", "kwargs": {"width": 8}, "out_dim": 16}},

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from fsspec.implementations.local import LocalFileOpener
+from trainers import cli_trainer
 
 from lympho_mil.cli import main
 from lympho_mil.data.synthetic import make_synthetic_dlmi
@@ -25,13 +26,7 @@ def dlmi_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_config(folder: Path, root: Path, cache: Path) -> Path:
     config = {
         "seed_everything": 0,
-        "trainer": {
-            "max_epochs": 2,
-            "accelerator": "cpu",
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(folder / "runs"),
-        },
+        "trainer": cli_trainer(folder / "runs", max_epochs=2),
         "model": {
             "class_path": "AttentionMIL",
             "init_args": {"encoder": {"kwargs": {"width": 8}, "out_dim": 16}},

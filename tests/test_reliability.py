@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from reports import without_timing
+from trainers import cli_trainer
 
 from lympho_mil.cli import main
 from lympho_mil.data.synthetic import make_synthetic_dlmi
@@ -52,16 +53,9 @@ def dlmi_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_config(folder: Path, root: Path, epochs: int = 3, **trainer: object) -> Path:
     config = {
         "seed_everything": 3,
-        "trainer": {
-            "max_epochs": epochs,
-            "accelerator": "cpu",
-            "deterministic": True,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "logger": False,
-            "default_root_dir": str(folder),
-            **trainer,
-        },
+        "trainer": cli_trainer(
+            folder, **{"max_epochs": epochs, "deterministic": True, "logger": False, **trainer}
+        ),
         "model": {
             "class_path": "AttentionMIL",
             "init_args": {"encoder": {"kwargs": {"width": 8}, "out_dim": 16}, "dropout": 0.3},
