@@ -575,13 +575,17 @@ def test_changed_data_is_refused_and_overwrite_starts_afresh(
     assert sorted(p.name for p in (out / "folds").iterdir()) == [f"r0_f{i}" for i in range(FOLDS)]
 
 
-def test_a_module_runner_cross_validates_without_configs_as_the_command_does(
-    configs: dict[str, Path], dlmi_root: Path, workdir: Path
-) -> None:
-    """The evaluation layer trains folds through any runner: Python callables give the same
-    folds, thresholds and probabilities as the config that the command line runs."""
-    trainer = {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1, "deterministic": True}
-    runner = ModuleRunner(
+RUNNER_TRAINER = {
+    "max_epochs": 2,
+    "accelerator": "cpu",
+    "log_every_n_steps": 1,
+    "deterministic": True,
+}
+
+
+def tabular_runner(dlmi_root: Path, workdir: Path) -> ModuleRunner:
+    """A `ModuleRunner` of Python callables: `TabularMLP` on the tiny patients."""
+    return ModuleRunner(
         make_data=partial(
             PatientBagDataModule,
             str(dlmi_root),
@@ -595,15 +599,23 @@ def test_a_module_runner_cross_validates_without_configs_as_the_command_does(
             tabular_stats=dm.tabular_stats,
             optim=OptimSettings(lr=0.01),
         ),
-        trainer=trainer,
+        trainer=dict(RUNNER_TRAINER),
     )
+
+
+def test_a_module_runner_cross_validates_without_configs_as_the_command_does(
+    configs: dict[str, Path], dlmi_root: Path, workdir: Path
+) -> None:
+    """The evaluation layer trains folds through any runner: Python callables give the same
+    folds, thresholds and probabilities as the config that the command line runs."""
+    runner = tabular_runner(dlmi_root, workdir)
     settings: dict[str, Any] = {"folds": 2, "n_bootstrap": 50, "verbose": False}
     python = run_cross_validation(runner, **settings)
     command = cross_validate(
         configs["tabular"], overrides=["--trainer.deterministic=true"], **settings
     )
     pd.testing.assert_frame_equal(python.oof, command.oof)
-    assert python.report["config"] == {"source": "python", "trainer": trainer}
+    assert python.report["config"] == {"source": "python", "trainer": RUNNER_TRAINER}
     with pytest.raises(TypeError, match=r"lympho_mil\.cross_validate"):
         run_cross_validation(configs["tabular"])  # type: ignore[arg-type]
 
@@ -656,23 +668,7 @@ def test_a_module_runner_resumes_a_killed_run_and_refuses_other_trainer_settings
 ) -> None:
     """Resuming is the evaluation layer's, whatever the runner: a runner without a resolved
     config is compared by its record (here its trainer arguments) and its data."""
-    trainer = {"max_epochs": 2, "accelerator": "cpu", "log_every_n_steps": 1, "deterministic": True}
-    runner = ModuleRunner(
-        make_data=partial(
-            PatientBagDataModule,
-            str(dlmi_root),
-            crops=CropSettings(image_size=32, cache_dir=str(workdir / "cache")),
-            loader=LoaderSettings(batch_size=4),
-            max_instances=1,
-            augment=Augmentation(mode="none"),
-        ),
-        make_model=lambda dm: TabularMLP(
-            tabular_dim=dm.tabular_dim,
-            tabular_stats=dm.tabular_stats,
-            optim=OptimSettings(lr=0.01),
-        ),
-        trainer=trainer,
-    )
+    runner = tabular_runner(dlmi_root, workdir)
     out = tmp_path / "cv"
     settings: dict[str, Any] = {"folds": 2, "n_bootstrap": 50, "verbose": False, "out_dir": out}
     uninterrupted = run_cross_validation(runner, **settings)
@@ -685,6 +681,6 @@ def test_a_module_runner_resumes_a_killed_run_and_refuses_other_trainer_settings
     assert without_timing(resumed.report) == without_timing(uninterrupted.report)
 
     (out / "cv_report.json").unlink()
-    runner.trainer = {**trainer, "max_epochs": 3}
+    runner.trainer = {**RUNNER_TRAINER, "max_epochs": 3}
     with pytest.raises(OutputExistsError, match=r"config\.trainer\.max_epochs: 2 -> 3"):
         run_cross_validation(runner, **settings)

@@ -22,14 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    brier_score_loss,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from independent import sklearn_metrics
 from sklearn.model_selection import train_test_split
 from trainers import cli_trainer
 
@@ -132,29 +125,8 @@ def compare(config: Path, ckpt: Path | str, **more: str) -> str:
 
 
 # -- an independent computation -----------------------------------------------------------------
-def ece(label: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
-    total = 0.0
-    for k in range(bins):
-        upper = prob <= 1.0 if k == bins - 1 else prob < (k + 1) / bins
-        inside = (prob >= k / bins) & upper
-        if inside.any():
-            total += inside.mean() * abs(prob[inside].mean() - label[inside].mean())
-    return total
-
-
 def by_sklearn(label: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
-    decided = (prob >= threshold).astype(int)
-    figures = {
-        "balanced_accuracy": balanced_accuracy_score(label, decided),
-        "auroc": roc_auc_score(label, prob),
-        "sensitivity": recall_score(label, decided),
-        "specificity": recall_score(label, decided, pos_label=0),
-        "ppv": precision_score(label, decided, zero_division=0),
-        "npv": precision_score(label, decided, pos_label=0, zero_division=0),
-        "f1": f1_score(label, decided),
-        "brier": brier_score_loss(label, prob),
-        "ece": ece(label, prob),
-    }
+    figures = sklearn_metrics(label, prob, threshold)
     for target in (0.95, 0.98):  # every probability tried as the referral threshold
         tumoral = prob[label == 1]
         t = next(t for t in np.unique(prob)[::-1] if (tumoral >= t).mean() >= target - 1e-12)

@@ -13,14 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    brier_score_loss,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-)
+from independent import sklearn_metrics
 
 from lympho_mil.arguments import SettingError
 from lympho_mil.data.errors import DataError
@@ -63,31 +56,6 @@ def labelled(model: ModelPredictions) -> tuple[np.ndarray, np.ndarray]:
     """label, probability of the labelled patients sorted by id (the bootstrap's order)."""
     table = model.table[model.table["label"] != -1].sort_values("id")
     return table["label"].to_numpy(), table["probability"].to_numpy()
-
-
-def ece(label: np.ndarray, prob: np.ndarray, bins: int = 10) -> float:
-    total = 0.0
-    for k in range(bins):
-        upper = prob <= 1.0 if k == bins - 1 else prob < (k + 1) / bins
-        inside = (prob >= k / bins) & upper
-        if inside.any():
-            total += inside.mean() * abs(prob[inside].mean() - label[inside].mean())
-    return total
-
-
-def sklearn_metrics(label: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
-    decided = (prob >= threshold).astype(int)
-    return {
-        "balanced_accuracy": balanced_accuracy_score(label, decided),
-        "auroc": roc_auc_score(label, prob),
-        "sensitivity": recall_score(label, decided),
-        "specificity": recall_score(label, decided, pos_label=0),
-        "ppv": precision_score(label, decided, zero_division=0),
-        "npv": precision_score(label, decided, pos_label=0, zero_division=0),
-        "f1": f1_score(label, decided),
-        "brier": brier_score_loss(label, prob),
-        "ece": ece(label, prob),
-    }
 
 
 def brute_force_referral(label: np.ndarray, prob: np.ndarray, target: float) -> dict[str, float]:
