@@ -486,13 +486,47 @@ def round11(args: argparse.Namespace) -> Iterator[Record]:
     )
 
 
+def round12_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+    """The twelfth round's candidates: the references; the seventh round's three image-only
+    heads on the same encoder, each crop described by its 8 dihedral views (the mean of their
+    features in validation and test, one random view per step in training:
+    ``features: {dihedral: true, eval_view: mean}``), ``images_ssl_d4_<summary>``, and their
+    fused twins ``fused_ssl_d4_<summary>``."""
+    seventh = round7_candidates(ssl_path)
+    candidates = {n: seventh[n] for n in (REFERENCE, RECIPE)}
+    for name, config in seventh.items():
+        if "_ssl_" in name:
+            d4 = copy.deepcopy(config)
+            features = d4["data"]["init_args"]["features"]
+            features.update(dihedral=True, eval_view="mean")
+            candidates[name.replace("_ssl_", "_ssl_d4_")] = d4
+    return candidates
+
+
+@study(
+    "dlmi-round12",
+    "the twelfth round: the seventh round's image heads on rotation-averaged crop features",
+    round10_arguments,
+)
+def round12(args: argparse.Namespace) -> Iterator[Record]:
+    """The twelfth round (docs/results.md): the three image-only SSL heads with each crop's
+    features averaged over its 8 dihedral views; then the fused twin and the logit sum of the
+    pathway that stands; the verdict (the tenth round's rule)."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round12")
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
+    yield pretraining_record(ssl_path, seconds)
+    candidates = round12_candidates(ssl_path)
+    images = [f"images_ssl_d4_{summary}" for summary in ("mean", "statistics", "types")]
+    yield from challenge(12, candidates, images, args)
+
+
 def challenge(
     round_no: int,
     candidates: dict[str, dict[str, Any]],
     images: list[str],
     args: argparse.Namespace,
 ) -> Iterator[Record]:
-    """A round that challenges the seventh round's image pathway (the tenth and eleventh): the
+    """A round that challenges the seventh round's image pathway (the tenth to twelfth): the
     ``images`` candidates cross-validated beside the references; the pathway that stands
     (`challenge_verdict`), its fused twin (``fused_*``, run if new) and its logit sum with
     `REFERENCE` (``sum_*``); the verdict."""
@@ -531,7 +565,7 @@ def challenge_verdict(
     contenders: list[Record],
     recipe: Record,
 ) -> Record:
-    """The rule of the tenth and eleventh rounds (docs/results.md): the round's pathway ``own``
+    """The rule of the tenth to twelfth rounds (docs/results.md): the round's pathway ``own``
     replaces ``before`` if its AUROC is higher; of the standing ``pathway``'s fused twin and
     logit sum (``contenders``), those beating ``recipe`` in balanced accuracy and AUROC, the
     one of higher balanced accuracy becomes the recipe; the bars, met or not."""

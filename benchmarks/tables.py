@@ -132,7 +132,7 @@ ROUND_VIEWS: dict[str, Callable[[list[Record]], Table]] = {
     "images": lambda rs: candidates(rs, lambda name: name.startswith("images_")),
     "fused": lambda rs: candidates(rs, lambda name: name.startswith("fused_")),
 }
-DLMI_ROUNDS = ("dlmi-round7", "dlmi-round8", "dlmi-round9", "dlmi-round10", "dlmi-round11")
+DLMI_ROUNDS = tuple(f"dlmi-round{n}" for n in range(7, 13))
 VIEWS: dict[str, dict[str, Callable[[list[Record]], Table]]] = dict.fromkeys(
     DLMI_ROUNDS, ROUND_VIEWS
 )

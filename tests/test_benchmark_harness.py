@@ -229,9 +229,9 @@ def study_dlmi() -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every candidate of the seventh, eighth and eleventh rounds (the pretrained encoder's
-    weights: a SmallCNN of the pretraining's shape, untrained), by ``r7:``/``r8:``/``r11:``
-    name."""
+    """Every candidate of the seventh, eighth, eleventh and twelfth rounds (the pretrained
+    encoder's weights: a SmallCNN of the pretraining's shape, untrained), by
+    ``r7:``/``r8:``/``r11:``/``r12:`` name."""
     import torch
 
     from lympho_mil.nn import build_instance_encoder
@@ -246,6 +246,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
         "r7": study_dlmi.round7_candidates(weights),
         "r8": study_dlmi.round8_candidates(weights),
         "r11": study_dlmi.round11_candidates(weights),
+        "r12": study_dlmi.round12_candidates(weights),
     }
     return {
         f"{r}:{name}": config
@@ -254,7 +255,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
     }
 
 
-ROUND_CANDIDATES = [  # the names round7_candidates, round8_ and round11_candidates build
+ROUND_CANDIDATES = [  # the names round7_, round8_, round11_ and round12_candidates build
     f"r7:{name}"
     for name in ["tabular_mlp"]
     + [f"{kind}_{rep}_{summary}" for rep in ("morphology", "cytometry", "ssl")
@@ -266,6 +267,9 @@ ROUND_CANDIDATES = [  # the names round7_candidates, round8_ and round11_candida
     for kind in ("fused", "images")
 ] + ["r11:tabular_mlp", "r11:fused_morphology_mean"] + [
     f"r11:{kind}_ssl_{pool}" for pool in ("attention", "gated_attention")
+    for kind in ("fused", "images")
+] + ["r12:tabular_mlp", "r12:fused_morphology_mean"] + [
+    f"r12:{kind}_ssl_d4_{summary}" for summary in ("mean", "statistics", "types")
     for kind in ("fused", "images")
 ]  # fmt: skip
 
@@ -284,11 +288,12 @@ def test_a_round_candidate_parses_and_trains_one_step(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Each candidate of the seventh, eighth and eleventh rounds as the study cross-validates it
-    (`with_data`), dumped to a file: ``lympho-mil fit --config FILE --print_config`` parses it,
-    and it trains one step on the tiny synthetic patients. The eighth round's LightningCLI
-    ``optimizer:`` and ``lr_scheduler:`` sections replace the model's own ``optim`` (AdamW
-    and its cosine over the run): Adam with weight decay 0.2, a cosine of 60 epochs."""
+    """Each candidate of the seventh, eighth, eleventh and twelfth rounds as the study
+    cross-validates it (`with_data`), dumped to a file: ``lympho-mil fit --config FILE
+    --print_config`` parses it, and it trains one step on the tiny synthetic patients. The
+    eighth round's LightningCLI ``optimizer:`` and ``lr_scheduler:`` sections replace the
+    model's own ``optim`` (AdamW and its cosine over the run): Adam with weight decay 0.2, a
+    cosine of 60 epochs."""
     import torch
     import yaml
 
