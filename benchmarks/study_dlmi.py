@@ -520,16 +520,65 @@ def round12(args: argparse.Namespace) -> Iterator[Record]:
     yield from challenge(12, candidates, images, args)
 
 
+TUNED_EPOCHS, TUNED_LR = 30, 3e-4
+"""The thirteenth round's fine-tuning: epochs (a cosine over them) and AdamW's learning rate,
+a tenth of the heads' on frozen features, so that the pretrained encoder moves gently."""
+
+
+def round13_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+    """The thirteenth round's candidates: the references, and ``images_ssl_tuned_mean``: the
+    seventh round's encoder (``ssl_path``) fine-tuned on the patients' labels under a mean
+    pooling and a linear head (`MeanPoolMIL` on the crops, 64 px of the 112 px centre, the
+    default CPU augmentation: flips, rotations, affine, colour), `TUNED_EPOCHS` at
+    `TUNED_LR`; everything else the frozen ``images_ssl_mean``'s."""
+    seventh = round7_candidates(ssl_path)
+    candidates = {n: seventh[n] for n in (REFERENCE, RECIPE)}
+    tuned = copy.deepcopy(seventh["images_ssl_mean"])
+    tuned["trainer"]["max_epochs"] = TUNED_EPOCHS
+    head = tuned["model"]["init_args"]
+    head["encoder"] = {
+        "name": "small_cnn",
+        "kwargs": {"width": SSL_SETTINGS.width},
+        "out_dim": SSL_SETTINGS.out_dim,
+        "weights": str(ssl_path),
+    }
+    head["optim"] = {**head["optim"], "lr": TUNED_LR}
+    frozen = tuned["data"]["init_args"]
+    tuned["data"] = {
+        "class_path": "PatientBagDataModule",
+        "init_args": {k: frozen[k] for k in ("crops", "max_instances", "loader")},
+    }
+    candidates["images_ssl_tuned_mean"] = tuned
+    return candidates
+
+
+@study(
+    "dlmi-round13",
+    "the thirteenth round: the seventh round's encoder fine-tuned on the patients' labels",
+    round10_arguments,
+)
+def round13(args: argparse.Namespace) -> Iterator[Record]:
+    """The thirteenth round (docs/results.md): the SimCLR encoder fine-tuned under a mean
+    pooling; then the logit sum of the pathway that stands with the clinical model (no fused
+    twin); the verdict (the tenth round's rule)."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round13")
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
+    yield pretraining_record(ssl_path, seconds)
+    candidates = round13_candidates(ssl_path)
+    yield from challenge(13, candidates, ["images_ssl_tuned_mean"], args, fused_twin=False)
+
+
 def challenge(
     round_no: int,
     candidates: dict[str, dict[str, Any]],
     images: list[str],
     args: argparse.Namespace,
+    fused_twin: bool = True,
 ) -> Iterator[Record]:
-    """A round that challenges the seventh round's image pathway (the tenth to twelfth): the
+    """A round that challenges the seventh round's image pathway (the tenth to thirteenth): the
     ``images`` candidates cross-validated beside the references; the pathway that stands
-    (`challenge_verdict`), its fused twin (``fused_*``, run if new) and its logit sum with
-    `REFERENCE` (``sum_*``); the verdict."""
+    (`challenge_verdict`), its fused twin (``fused_*``, run if new; left out without
+    ``fused_twin``) and its logit sum with `REFERENCE` (``sum_*``); the verdict."""
     seventh_out = args.out_seventh
     candidates = {n: with_data(c, args.data, args.cache_dir) for n, c in candidates.items()}
     rows = _rows(candidates, images, args, earlier=seventh_out)
@@ -540,11 +589,13 @@ def challenge(
     if own["auroc"]["mean"] > before["auroc"]["mean"]:
         pathway, pathway_out = own, args.out / own["candidate"]
         fused_name = "fused_" + own["candidate"].removeprefix("images_")
-        fused = {r["candidate"]: r for r in _rows(candidates, [fused_name], args)}[fused_name]
+        if fused_twin:
+            fused = {r["candidate"]: r for r in _rows(candidates, [fused_name], args)}[fused_name]
     else:
         pathway, pathway_out = before, seventh_out / before["candidate"]
         fused = seventh["fused_ssl_types"]
-    yield fused
+    if fused_twin:
+        yield fused
     refs = {n: _cv(n, candidates[n], args, seventh_out) for n in (REFERENCE, RECIPE)}
     summed = sum_row(
         "sum_" + pathway["candidate"].removeprefix("images_"),
@@ -554,7 +605,8 @@ def challenge(
     )
     yield summed
     recipe = {r["candidate"]: r for r in rows}[RECIPE]
-    yield challenge_verdict(round_no, own, before, pathway, [fused, summed], recipe)
+    contenders = [fused, summed] if fused_twin else [summed]
+    yield challenge_verdict(round_no, own, before, pathway, contenders, recipe)
 
 
 def challenge_verdict(
@@ -565,7 +617,7 @@ def challenge_verdict(
     contenders: list[Record],
     recipe: Record,
 ) -> Record:
-    """The rule of the tenth to twelfth rounds (docs/results.md): the round's pathway ``own``
+    """The rule of the tenth to thirteenth rounds (docs/results.md): the round's pathway ``own``
     replaces ``before`` if its AUROC is higher; of the standing ``pathway``'s fused twin and
     logit sum (``contenders``), those beating ``recipe`` in balanced accuracy and AUROC, the
     one of higher balanced accuracy becomes the recipe; the bars, met or not."""

@@ -229,9 +229,9 @@ def study_dlmi() -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every candidate of the seventh, eighth, eleventh and twelfth rounds (the pretrained
-    encoder's weights: a SmallCNN of the pretraining's shape, untrained), by
-    ``r7:``/``r8:``/``r11:``/``r12:`` name."""
+    """Every candidate of the seventh, eighth and eleventh to thirteenth rounds (the pretrained
+    encoder's weights: a SmallCNN of the pretraining's shape, untrained), by ``r7:``, ``r8:``,
+    ... ``r13:`` name."""
     import torch
 
     from lympho_mil.nn import build_instance_encoder
@@ -247,6 +247,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
         "r8": study_dlmi.round8_candidates(weights),
         "r11": study_dlmi.round11_candidates(weights),
         "r12": study_dlmi.round12_candidates(weights),
+        "r13": study_dlmi.round13_candidates(weights),
     }
     return {
         f"{r}:{name}": config
@@ -255,7 +256,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
     }
 
 
-ROUND_CANDIDATES = [  # the names round7_, round8_, round11_ and round12_candidates build
+ROUND_CANDIDATES = [  # the names round7_, round8_, round11_ to round13_candidates build
     f"r7:{name}"
     for name in ["tabular_mlp"]
     + [f"{kind}_{rep}_{summary}" for rep in ("morphology", "cytometry", "ssl")
@@ -271,7 +272,7 @@ ROUND_CANDIDATES = [  # the names round7_, round8_, round11_ and round12_candida
 ] + ["r12:tabular_mlp", "r12:fused_morphology_mean"] + [
     f"r12:{kind}_ssl_d4_{summary}" for summary in ("mean", "statistics", "types")
     for kind in ("fused", "images")
-]  # fmt: skip
+] + ["r13:tabular_mlp", "r13:fused_morphology_mean", "r13:images_ssl_tuned_mean"]  # fmt: skip
 
 
 def test_the_rounds_build_every_candidate_they_name(round_candidates: dict) -> None:
@@ -288,7 +289,7 @@ def test_a_round_candidate_parses_and_trains_one_step(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Each candidate of the seventh, eighth, eleventh and twelfth rounds as the study
+    """Each candidate of the seventh, eighth and eleventh to thirteenth rounds as the study
     cross-validates it (`with_data`), dumped to a file: ``lympho-mil fit --config FILE
     --print_config`` parses it, and it trains one step on the tiny synthetic patients. The
     eighth round's LightningCLI ``optimizer:`` and ``lr_scheduler:`` sections replace the
@@ -322,6 +323,11 @@ def test_a_round_candidate_parses_and_trains_one_step(
     crops["center_crop"] = None  # the synthetic crops as they are
     args = ["--config", str(path), f"--data.crops={json.dumps(crops)}", *TINY_DATA]
     cli = build_cli(args, run=False)
+    if name.endswith("_tuned_mean"):  # starts from the pretrained weights, and trains them
+        saved = torch.load(config["model"]["init_args"]["encoder"]["weights"])
+        encoder = cli.model.net.encoder
+        assert all(torch.equal(encoder.state_dict()[k], v) for k, v in saved.items())
+        assert all(p.requires_grad for p in encoder.parameters())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 1
     (optimizer,) = cli.trainer.optimizers
@@ -333,7 +339,9 @@ def test_a_round_candidate_parses_and_trains_one_step(
     else:
         assert type(optimizer) is torch.optim.AdamW and isinstance(schedule, ModelCosine)
         assert optimizer.param_groups[0]["weight_decay"] == optim.weight_decay
-    expected_lr = 0.01 if name.endswith("tabular_mlp") else 0.003  # its config's, the recipe's
+    expected_lr = 0.003  # the recipe's; tabular_mlp's own, the fine-tuning's gentler one:
+    expected_lr = 0.01 if name.endswith("tabular_mlp") else expected_lr
+    expected_lr = study_dlmi.TUNED_LR if name.endswith("_tuned_mean") else expected_lr
     assert optimizer.param_groups[0]["initial_lr"] == expected_lr == optim.lr
 
 
