@@ -42,6 +42,7 @@ METRICS = ("balanced_accuracy", "auroc")
 REFERENCE, RECIPE = "tabular_mlp", "fused_morphology_mean"
 SSL_SETTINGS = PretrainSettings()  # fixed with the seventh round: 100 epochs, SmallCNN w32
 SSL200_SETTINGS = PretrainSettings(epochs=200)  # the tenth round's: twice as long, else the same
+SSL96_SETTINGS, SSL96_SIZE = PretrainSettings(epochs=50), 96  # the fourteenth round's: 96 px
 CELL_TYPES = 16
 
 
@@ -60,12 +61,16 @@ def with_data(config: dict[str, Any], root: Path, cache_dir: str | None) -> dict
 
 
 def ssl_weights(
-    roots: list[Path], cache_dir: str | None, settings: PretrainSettings = SSL_SETTINGS
+    roots: list[Path],
+    cache_dir: str | None,
+    settings: PretrainSettings = SSL_SETTINGS,
+    image_size: int = 64,
 ) -> tuple[Path, float]:
     """A SimCLR encoder (the seventh round's ``settings`` by default) pretrained on every crop of
-    ``roots`` (64 px of the 112 px centre; cached), and the seconds this call took."""
+    ``roots`` (``image_size`` px of the 112 px centre; cached), and the seconds this call
+    took."""
     start = time.perf_counter()
-    crops = CropSettings(image_size=64, center_crop=112, cache_dir=cache_dir)
+    crops = CropSettings(image_size=image_size, center_crop=112, cache_dir=cache_dir)
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     path = pretrained_encoder(folder_crops(roots, crops), settings, crops.mean, crops.std, folder)
     return path, time.perf_counter() - start
@@ -84,10 +89,11 @@ def pretraining_record(weights: Path, seconds: float) -> Record:
 
 
 def round7_candidates(
-    ssl_path: Path | None, ssl_settings: PretrainSettings = SSL_SETTINGS
+    ssl_path: Path | None, ssl_settings: PretrainSettings = SSL_SETTINGS, ssl_size: int = 64
 ) -> dict[str, dict[str, Any]]:
     """The seventh round's candidates (configs without a data root), references first;
-    ``ssl_path``: the weights of a `SmallCNN` pretrained with ``ssl_settings``."""
+    ``ssl_path``: the weights of a `SmallCNN` pretrained with ``ssl_settings`` on crops of
+    ``ssl_size`` px."""
     recipe = load("dlmi.yaml")
     representations: dict[str, tuple[dict[str, dict[str, Any]], int]] = {
         "morphology": ({"features": {"encoder": "morphology"}}, len(MORPHOLOGY_FEATURES)),
@@ -100,7 +106,7 @@ def round7_candidates(
                 "weights": str(ssl_path),
                 "kwargs": ssl_settings.encoder_kwargs,
             },
-            "crops": {"image_size": 64},
+            "crops": {"image_size": ssl_size},
         }
         representations["ssl"] = (ssl, ssl_settings.out_dim)
     summaries = {"mean": ("mean", 0), "statistics": ("statistics", 0), "types": ("mean", 16)}
@@ -520,6 +526,34 @@ def round12(args: argparse.Namespace) -> Iterator[Record]:
     yield from challenge(12, candidates, images, args)
 
 
+def round14_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+    """The fourteenth round's candidates: the references, and the seventh round's six SSL
+    candidates (``images_``/``fused_ssl96_<summary>``) on an encoder pretrained with
+    `SSL96_SETTINGS` on 96 px crops (``ssl_path``), the crops read at 96 px."""
+    configs = round7_candidates(ssl_path, SSL96_SETTINGS, SSL96_SIZE)
+    candidates = {n: configs[n] for n in (REFERENCE, RECIPE)}
+    return candidates | {
+        n.replace("_ssl_", "_ssl96_"): c for n, c in configs.items() if "_ssl_" in n
+    }
+
+
+@study(
+    "dlmi-round14",
+    "the fourteenth round: the seventh round's image heads on an encoder pretrained at 96 px",
+    round10_arguments,
+)
+def round14(args: argparse.Namespace) -> Iterator[Record]:
+    """The fourteenth round (docs/results.md): `SSL96_SETTINGS`' pretraining on 96 px of the
+    112 px centre; the three image-only SSL heads on its features; then the fused twin and the
+    logit sum of the pathway that stands; the verdict (the tenth round's rule)."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round14")
+    roots = [args.data, args.unlabelled]
+    ssl_path, seconds = ssl_weights(roots, args.cache_dir, SSL96_SETTINGS, SSL96_SIZE)
+    yield pretraining_record(ssl_path, seconds)
+    images = [f"images_ssl96_{summary}" for summary in ("mean", "statistics", "types")]
+    yield from challenge(14, round14_candidates(ssl_path), images, args)
+
+
 TUNED_EPOCHS, TUNED_LR = 30, 3e-4
 """The thirteenth round's fine-tuning: epochs (a cosine over them) and AdamW's learning rate,
 a tenth of the heads' on frozen features, so that the pretrained encoder moves gently."""
@@ -575,7 +609,7 @@ def challenge(
     args: argparse.Namespace,
     fused_twin: bool = True,
 ) -> Iterator[Record]:
-    """A round that challenges the seventh round's image pathway (the tenth to thirteenth): the
+    """A round that challenges the seventh round's image pathway (the tenth to fourteenth): the
     ``images`` candidates cross-validated beside the references; the pathway that stands
     (`challenge_verdict`), its fused twin (``fused_*``, run if new; left out without
     ``fused_twin``) and its logit sum with `REFERENCE` (``sum_*``); the verdict."""
@@ -617,7 +651,7 @@ def challenge_verdict(
     contenders: list[Record],
     recipe: Record,
 ) -> Record:
-    """The rule of the tenth to thirteenth rounds (docs/results.md): the round's pathway ``own``
+    """The rule of the tenth to fourteenth rounds (docs/results.md): the round's pathway ``own``
     replaces ``before`` if its AUROC is higher; of the standing ``pathway``'s fused twin and
     logit sum (``contenders``), those beating ``recipe`` in balanced accuracy and AUROC, the
     one of higher balanced accuracy becomes the recipe; the bars, met or not."""

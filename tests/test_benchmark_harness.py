@@ -229,9 +229,9 @@ def study_dlmi() -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every candidate of the seventh, eighth and eleventh to thirteenth rounds (the pretrained
+    """Every candidate of the seventh, eighth and eleventh to fourteenth rounds (the pretrained
     encoder's weights: a SmallCNN of the pretraining's shape, untrained), by ``r7:``, ``r8:``,
-    ... ``r13:`` name."""
+    ... ``r14:`` name."""
     import torch
 
     from lympho_mil.nn import build_instance_encoder
@@ -248,6 +248,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
         "r11": study_dlmi.round11_candidates(weights),
         "r12": study_dlmi.round12_candidates(weights),
         "r13": study_dlmi.round13_candidates(weights),
+        "r14": study_dlmi.round14_candidates(weights),
     }
     return {
         f"{r}:{name}": config
@@ -256,7 +257,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
     }
 
 
-ROUND_CANDIDATES = [  # the names round7_, round8_, round11_ to round13_candidates build
+ROUND_CANDIDATES = [  # the names round7_, round8_, round11_ to round14_candidates build
     f"r7:{name}"
     for name in ["tabular_mlp"]
     + [f"{kind}_{rep}_{summary}" for rep in ("morphology", "cytometry", "ssl")
@@ -272,11 +273,20 @@ ROUND_CANDIDATES = [  # the names round7_, round8_, round11_ to round13_candidat
 ] + ["r12:tabular_mlp", "r12:fused_morphology_mean"] + [
     f"r12:{kind}_ssl_d4_{summary}" for summary in ("mean", "statistics", "types")
     for kind in ("fused", "images")
-] + ["r13:tabular_mlp", "r13:fused_morphology_mean", "r13:images_ssl_tuned_mean"]  # fmt: skip
+] + ["r13:tabular_mlp", "r13:fused_morphology_mean", "r13:images_ssl_tuned_mean"] + [
+    "r14:tabular_mlp", "r14:fused_morphology_mean"
+] + [
+    f"r14:{kind}_ssl96_{summary}" for summary in ("mean", "statistics", "types")
+    for kind in ("fused", "images")
+]  # fmt: skip
 
 
 def test_the_rounds_build_every_candidate_they_name(round_candidates: dict) -> None:
     assert sorted(round_candidates) == sorted(ROUND_CANDIDATES)
+    for name, config in round_candidates.items():  # the encoder reads crops of its size
+        if "_ssl" in name:
+            size = config["data"]["init_args"]["crops"]["image_size"]
+            assert size == (96 if "_ssl96_" in name else 64), name
 
 
 @pytest.mark.filterwarnings("ignore:`\\w+.configure_optimizers` will be overridden")
@@ -289,7 +299,7 @@ def test_a_round_candidate_parses_and_trains_one_step(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Each candidate of the seventh, eighth and eleventh to thirteenth rounds as the study
+    """Each candidate of the seventh, eighth and eleventh to fourteenth rounds as the study
     cross-validates it (`with_data`), dumped to a file: ``lympho-mil fit --config FILE
     --print_config`` parses it, and it trains one step on the tiny synthetic patients. The
     eighth round's LightningCLI ``optimizer:`` and ``lr_scheduler:`` sections replace the
