@@ -19,7 +19,7 @@ import argparse
 import copy
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -437,6 +437,43 @@ def sum_row(name: str, first: Path, second: Path, refs: dict[str, pd.DataFrame])
     return row
 
 
+def ssl_round(
+    round_no: int,
+    args: argparse.Namespace,
+    candidates_of: Callable[[Path], dict[str, dict[str, Any]]],
+    images: Sequence[str],
+    settings: PretrainSettings = SSL_SETTINGS,
+    size: int = 64,
+    fused_twin: bool = True,
+) -> Iterator[Record]:
+    """A round of the tenth round's kind: the SimCLR encoder pretrained with ``settings`` on
+    ``size`` px crops (cached) and its record; then `challenge` of the ``images`` candidates
+    among ``candidates_of(weights)``."""
+    args.out = args.out or Path(f"runs/benchmarks/dlmi-round{round_no}")
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, settings, size)
+    yield pretraining_record(ssl_path, seconds)
+    yield from challenge(round_no, candidates_of(ssl_path), list(images), args, fused_twin)
+
+
+def image_heads(tag: str) -> list[str]:
+    """The seventh round's three image-only SSL heads, named for the encoder ``tag``."""
+    return [f"images_{tag}_{summary}" for summary in ("mean", "statistics", "types")]
+
+
+def with_encoder_tag(configs: dict[str, dict[str, Any]], tag: str) -> dict[str, dict[str, Any]]:
+    """The references of ``configs`` (the seventh round's candidates) and their SSL candidates
+    renamed for another encoder (``images_ssl_mean`` -> ``images_<tag>_mean``)."""
+    candidates = {n: configs[n] for n in (REFERENCE, RECIPE)}
+    return candidates | {
+        n.replace("_ssl_", f"_{tag}_"): c for n, c in configs.items() if "_ssl_" in n
+    }
+
+
+def round10_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+    """The tenth round's candidates: the seventh round's on `SSL200_SETTINGS`' encoder."""
+    return with_encoder_tag(round7_candidates(ssl_path, SSL200_SETTINGS), "ssl200")
+
+
 @study(
     "dlmi-round10",
     "the tenth round: the seventh's image heads on an encoder pretrained twice as long",
@@ -445,14 +482,7 @@ def sum_row(name: str, first: Path, second: Path, refs: dict[str, pd.DataFrame])
 def round10(args: argparse.Namespace) -> Iterator[Record]:
     """The tenth round (docs/results.md): the three image-only SSL heads on `SSL200_SETTINGS`'
     encoder; then the fused twin and the logit sum of the pathway that stands; the verdict."""
-    args.out = args.out or Path("runs/benchmarks/dlmi-round10")
-    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, SSL200_SETTINGS)
-    yield pretraining_record(ssl_path, seconds)
-    configs = round7_candidates(ssl_path, SSL200_SETTINGS)
-    candidates = {n: configs[n] for n in (REFERENCE, RECIPE)}
-    candidates |= {n.replace("_ssl_", "_ssl200_"): c for n, c in configs.items() if "_ssl_" in n}
-    images = [f"images_ssl200_{summary}" for summary in ("mean", "statistics", "types")]
-    yield from challenge(10, candidates, images, args)
+    yield from ssl_round(10, args, round10_candidates, image_heads("ssl200"), SSL200_SETTINGS)
 
 
 def round11_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
@@ -483,13 +513,8 @@ def round11(args: argparse.Namespace) -> Iterator[Record]:
     """The eleventh round (docs/results.md): attention and gated-attention MIL on the seventh
     round's encoder's features; then the fused twin and the logit sum of the pathway that
     stands; the verdict (the tenth round's rule)."""
-    args.out = args.out or Path("runs/benchmarks/dlmi-round11")
-    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
-    yield pretraining_record(ssl_path, seconds)
-    candidates = round11_candidates(ssl_path)
-    yield from challenge(
-        11, candidates, ["images_ssl_attention", "images_ssl_gated_attention"], args
-    )
+    images = ["images_ssl_attention", "images_ssl_gated_attention"]
+    yield from ssl_round(11, args, round11_candidates, images)
 
 
 def round12_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
@@ -518,40 +543,7 @@ def round12(args: argparse.Namespace) -> Iterator[Record]:
     """The twelfth round (docs/results.md): the three image-only SSL heads with each crop's
     features averaged over its 8 dihedral views; then the fused twin and the logit sum of the
     pathway that stands; the verdict (the tenth round's rule)."""
-    args.out = args.out or Path("runs/benchmarks/dlmi-round12")
-    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
-    yield pretraining_record(ssl_path, seconds)
-    candidates = round12_candidates(ssl_path)
-    images = [f"images_ssl_d4_{summary}" for summary in ("mean", "statistics", "types")]
-    yield from challenge(12, candidates, images, args)
-
-
-def round14_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
-    """The fourteenth round's candidates: the references, and the seventh round's six SSL
-    candidates (``images_``/``fused_ssl96_<summary>``) on an encoder pretrained with
-    `SSL96_SETTINGS` on 96 px crops (``ssl_path``), the crops read at 96 px."""
-    configs = round7_candidates(ssl_path, SSL96_SETTINGS, SSL96_SIZE)
-    candidates = {n: configs[n] for n in (REFERENCE, RECIPE)}
-    return candidates | {
-        n.replace("_ssl_", "_ssl96_"): c for n, c in configs.items() if "_ssl_" in n
-    }
-
-
-@study(
-    "dlmi-round14",
-    "the fourteenth round: the seventh round's image heads on an encoder pretrained at 96 px",
-    round10_arguments,
-)
-def round14(args: argparse.Namespace) -> Iterator[Record]:
-    """The fourteenth round (docs/results.md): `SSL96_SETTINGS`' pretraining on 96 px of the
-    112 px centre; the three image-only SSL heads on its features; then the fused twin and the
-    logit sum of the pathway that stands; the verdict (the tenth round's rule)."""
-    args.out = args.out or Path("runs/benchmarks/dlmi-round14")
-    roots = [args.data, args.unlabelled]
-    ssl_path, seconds = ssl_weights(roots, args.cache_dir, SSL96_SETTINGS, SSL96_SIZE)
-    yield pretraining_record(ssl_path, seconds)
-    images = [f"images_ssl96_{summary}" for summary in ("mean", "statistics", "types")]
-    yield from challenge(14, round14_candidates(ssl_path), images, args)
+    yield from ssl_round(12, args, round12_candidates, image_heads("ssl_d4"))
 
 
 TUNED_EPOCHS, TUNED_LR = 30, 3e-4
@@ -595,11 +587,27 @@ def round13(args: argparse.Namespace) -> Iterator[Record]:
     """The thirteenth round (docs/results.md): the SimCLR encoder fine-tuned under a mean
     pooling; then the logit sum of the pathway that stands with the clinical model (no fused
     twin); the verdict (the tenth round's rule)."""
-    args.out = args.out or Path("runs/benchmarks/dlmi-round13")
-    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
-    yield pretraining_record(ssl_path, seconds)
-    candidates = round13_candidates(ssl_path)
-    yield from challenge(13, candidates, ["images_ssl_tuned_mean"], args, fused_twin=False)
+    images = ["images_ssl_tuned_mean"]
+    yield from ssl_round(13, args, round13_candidates, images, fused_twin=False)
+
+
+def round14_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+    """The fourteenth round's candidates: the seventh round's on an encoder pretrained with
+    `SSL96_SETTINGS` on 96 px crops (``ssl_path``), the crops read at 96 px."""
+    return with_encoder_tag(round7_candidates(ssl_path, SSL96_SETTINGS, SSL96_SIZE), "ssl96")
+
+
+@study(
+    "dlmi-round14",
+    "the fourteenth round: the seventh round's image heads on an encoder pretrained at 96 px",
+    round10_arguments,
+)
+def round14(args: argparse.Namespace) -> Iterator[Record]:
+    """The fourteenth round (docs/results.md): `SSL96_SETTINGS`' pretraining on 96 px of the
+    112 px centre; the three image-only SSL heads on its features; then the fused twin and the
+    logit sum of the pathway that stands; the verdict (the tenth round's rule)."""
+    heads = image_heads("ssl96")
+    yield from ssl_round(14, args, round14_candidates, heads, SSL96_SETTINGS, SSL96_SIZE)
 
 
 def challenge(

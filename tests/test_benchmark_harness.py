@@ -229,7 +229,7 @@ def study_dlmi() -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every candidate of the seventh, eighth and eleventh to fourteenth rounds (the pretrained
+    """Every candidate of the seventh, eighth and tenth to fourteenth rounds (the pretrained
     encoder's weights: a SmallCNN of the pretraining's shape, untrained), by ``r7:``, ``r8:``,
     ... ``r14:`` name."""
     import torch
@@ -244,6 +244,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
     torch.save(encoder.state_dict(), weights)
     rounds = {
         "r7": study_dlmi.round7_candidates(weights),
+        "r10": study_dlmi.round10_candidates(weights),
         "r8": study_dlmi.round8_candidates(weights),
         "r11": study_dlmi.round11_candidates(weights),
         "r12": study_dlmi.round12_candidates(weights),
@@ -257,27 +258,26 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
     }
 
 
-ROUND_CANDIDATES = [  # the names round7_, round8_, round11_ to round14_candidates build
-    f"r7:{name}"
-    for name in ["tabular_mlp"]
-    + [f"{kind}_{rep}_{summary}" for rep in ("morphology", "cytometry", "ssl")
-       for summary in ("mean", "statistics", "types") for kind in ("fused", "images")]
-] + ["r8:tabular_mlp", "r8:fused_morphology_mean"] + [
-    f"r8:{kind}_{rep}_{summary}_l2"
-    for rep in ("morphology", "cytometry", "ssl")
-    for summary in ("mean", "statistics")
-    for kind in ("fused", "images")
-] + ["r11:tabular_mlp", "r11:fused_morphology_mean"] + [
-    f"r11:{kind}_ssl_{pool}" for pool in ("attention", "gated_attention")
-    for kind in ("fused", "images")
-] + ["r12:tabular_mlp", "r12:fused_morphology_mean"] + [
-    f"r12:{kind}_ssl_d4_{summary}" for summary in ("mean", "statistics", "types")
-    for kind in ("fused", "images")
-] + ["r13:tabular_mlp", "r13:fused_morphology_mean", "r13:images_ssl_tuned_mean"] + [
-    "r14:tabular_mlp", "r14:fused_morphology_mean"
-] + [
-    f"r14:{kind}_ssl96_{summary}" for summary in ("mean", "statistics", "types")
-    for kind in ("fused", "images")
+def _twins(tag: str, summaries: tuple[str, ...]) -> list[str]:
+    return [f"{kind}_{tag}_{summary}" for summary in summaries for kind in ("fused", "images")]
+
+
+REFERENCES = ["tabular_mlp", "fused_morphology_mean"]
+HEADS = ("mean", "statistics", "types")
+ROUND_CANDIDATES = [  # the names round7_, round8_ and round10_ to round14_candidates build
+    f"{round_name}:{name}"
+    for round_name, names in {
+        "r7": ["tabular_mlp"] + [n for rep in ("morphology", "cytometry", "ssl")
+                                 for n in _twins(rep, HEADS)],
+        "r8": REFERENCES + [f"{n}_l2" for rep in ("morphology", "cytometry", "ssl")
+                            for n in _twins(rep, ("mean", "statistics"))],
+        "r10": REFERENCES + _twins("ssl200", HEADS),
+        "r11": REFERENCES + _twins("ssl", ("attention", "gated_attention")),
+        "r12": REFERENCES + _twins("ssl_d4", HEADS),
+        "r13": [*REFERENCES, "images_ssl_tuned_mean"],
+        "r14": REFERENCES + _twins("ssl96", HEADS),
+    }.items()
+    for name in names
 ]  # fmt: skip
 
 
@@ -299,7 +299,7 @@ def test_a_round_candidate_parses_and_trains_one_step(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Each candidate of the seventh, eighth and eleventh to fourteenth rounds as the study
+    """Each candidate of the seventh, eighth and tenth to fourteenth rounds as the study
     cross-validates it (`with_data`), dumped to a file: ``lympho-mil fit --config FILE
     --print_config`` parses it, and it trains one step on the tiny synthetic patients. The
     eighth round's LightningCLI ``optimizer:`` and ``lr_scheduler:`` sections replace the
