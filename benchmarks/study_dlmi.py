@@ -523,14 +523,10 @@ def round12_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
     features in validation and test, one random view per step in training:
     ``features: {dihedral: true, eval_view: mean}``), ``images_ssl_d4_<summary>``, and their
     fused twins ``fused_ssl_d4_<summary>``."""
-    seventh = round7_candidates(ssl_path)
-    candidates = {n: seventh[n] for n in (REFERENCE, RECIPE)}
-    for name, config in seventh.items():
-        if "_ssl_" in name:
-            d4 = copy.deepcopy(config)
-            features = d4["data"]["init_args"]["features"]
-            features.update(dihedral=True, eval_view="mean")
-            candidates[name.replace("_ssl_", "_ssl_d4_")] = d4
+    candidates = with_encoder_tag(round7_candidates(ssl_path), "ssl_d4")
+    for name, config in candidates.items():
+        if "_ssl_d4_" in name:  # round7_candidates builds each config anew: no copy needed
+            config["data"]["init_args"]["features"].update(dihedral=True, eval_view="mean")
     return candidates
 
 
@@ -630,14 +626,17 @@ def challenge(
     own = image_pathway(rows)
     if own["auroc"]["mean"] > before["auroc"]["mean"]:
         pathway, pathway_out = own, args.out / own["candidate"]
-        fused_name = "fused_" + own["candidate"].removeprefix("images_")
-        if fused_twin:
-            fused = {r["candidate"]: r for r in _rows(candidates, [fused_name], args)}[fused_name]
     else:
         pathway, pathway_out = before, seventh_out / before["candidate"]
-        fused = seventh["fused_ssl_types"]
+    contenders: list[Record] = []
     if fused_twin:
+        fused_name = "fused_" + pathway["candidate"].removeprefix("images_")
+        if pathway is own:
+            fused = {r["candidate"]: r for r in _rows(candidates, [fused_name], args)}[fused_name]
+        else:
+            fused = seventh[fused_name]
         yield fused
+        contenders.append(fused)
     refs = {n: _cv(n, candidates[n], args, seventh_out) for n in (REFERENCE, RECIPE)}
     summed = sum_row(
         "sum_" + pathway["candidate"].removeprefix("images_"),
@@ -646,8 +645,8 @@ def challenge(
         {n: oof for n, (oof, _) in refs.items()},
     )
     yield summed
+    contenders.append(summed)
     recipe = {r["candidate"]: r for r in rows}[RECIPE]
-    contenders = [fused, summed] if fused_twin else [summed]
     yield challenge_verdict(round_no, own, before, pathway, contenders, recipe)
 
 
