@@ -43,6 +43,7 @@ REFERENCE, RECIPE = "tabular_mlp", "fused_morphology_mean"
 SSL_SETTINGS = PretrainSettings()  # fixed with the seventh round: 100 epochs, SmallCNN w32
 SSL200_SETTINGS = PretrainSettings(epochs=200)  # the tenth round's: twice as long, else the same
 SSL96_SETTINGS, SSL96_SIZE = PretrainSettings(epochs=50), 96  # the fourteenth round's: 96 px
+DINO_SETTINGS = PretrainSettings(method="dino", epochs=50, temperature=0.1)  # the fifteenth's
 CELL_TYPES = 16
 
 
@@ -606,6 +607,24 @@ def round14(args: argparse.Namespace) -> Iterator[Record]:
     yield from ssl_round(14, args, round14_candidates, heads, SSL96_SETTINGS, SSL96_SIZE)
 
 
+def round15_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+    """The fifteenth round's candidates: the seventh round's on an encoder pretrained with
+    DINO instead of SimCLR (`DINO_SETTINGS`; ``ssl_path``)."""
+    return with_encoder_tag(round7_candidates(ssl_path, DINO_SETTINGS), "dino")
+
+
+@study(
+    "dlmi-round15",
+    "the fifteenth round: the seventh round's image heads on an encoder pretrained with DINO",
+    round10_arguments,
+)
+def round15(args: argparse.Namespace) -> Iterator[Record]:
+    """The fifteenth round (docs/results.md): `DINO_SETTINGS`' pretraining (self-distillation,
+    lightly) instead of SimCLR's; the three image-only heads on its features; then the fused
+    twin and the logit sum of the pathway that stands; the verdict (the tenth round's rule)."""
+    yield from ssl_round(15, args, round15_candidates, image_heads("dino"), DINO_SETTINGS)
+
+
 def challenge(
     round_no: int,
     candidates: dict[str, dict[str, Any]],
@@ -613,39 +632,35 @@ def challenge(
     args: argparse.Namespace,
     fused_twin: bool = True,
 ) -> Iterator[Record]:
-    """A round that challenges the seventh round's image pathway (the tenth to fourteenth): the
+    """A round that challenges the seventh round's image pathway (the tenth and later): the
     ``images`` candidates cross-validated beside the references; the pathway that stands
-    (`challenge_verdict`), its fused twin (``fused_*``, run if new; left out without
-    ``fused_twin``) and its logit sum with `REFERENCE` (``sum_*``); the verdict."""
-    seventh_out = args.out_seventh
+    (`challenge_verdict`), its fused twin (``fused_*``; left out without ``fused_twin``) and
+    its logit sum with `REFERENCE` (``sum_*``): run if the round's own pathway stands, else the
+    seventh round's twin and the ninth round's sum as recorded (their cross-validations are
+    those of the seventh round's splits and configs, so running them again gives the records
+    bit for bit); the verdict."""
     candidates = {n: with_data(c, args.data, args.cache_dir) for n, c in candidates.items()}
-    rows = _rows(candidates, images, args, earlier=seventh_out)
+    rows = _rows(candidates, images, args, earlier=args.out_seventh)
     yield from rows
     seventh = {r["candidate"]: r for r in read_records("dlmi-round7") if r["record"] == "candidate"}
     before = seventh["images_ssl_types"]
     own = image_pathway(rows)
-    if own["auroc"]["mean"] > before["auroc"]["mean"]:
-        pathway, pathway_out = own, args.out / own["candidate"]
-    else:
-        pathway, pathway_out = before, seventh_out / before["candidate"]
+    pathway = own if own["auroc"]["mean"] > before["auroc"]["mean"] else before
+    summary = pathway["candidate"].removeprefix("images_")
     contenders: list[Record] = []
-    if fused_twin:
-        fused_name = "fused_" + pathway["candidate"].removeprefix("images_")
-        if pathway is own:
-            fused = {r["candidate"]: r for r in _rows(candidates, [fused_name], args)}[fused_name]
-        else:
-            fused = seventh[fused_name]
-        yield fused
-        contenders.append(fused)
-    refs = {n: _cv(n, candidates[n], args, seventh_out) for n in (REFERENCE, RECIPE)}
-    summed = sum_row(
-        "sum_" + pathway["candidate"].removeprefix("images_"),
-        refs[REFERENCE][1],
-        pathway_out,
-        {n: oof for n, (oof, _) in refs.items()},
-    )
-    yield summed
-    contenders.append(summed)
+    if pathway is before:
+        ninth = {r["candidate"]: r for r in read_records("dlmi-round9")}
+        contenders = [seventh[f"fused_{summary}"]] if fused_twin else []
+        contenders.append(ninth[f"sum_{summary}"])
+    else:
+        if fused_twin:
+            fused = _rows(candidates, [f"fused_{summary}"], args)
+            contenders.append({r["candidate"]: r for r in fused}[f"fused_{summary}"])
+        refs = {n: _cv(n, candidates[n], args, args.out_seventh) for n in (REFERENCE, RECIPE)}
+        oofs = {n: oof for n, (oof, _) in refs.items()}
+        own_out = args.out / own["candidate"]
+        contenders.append(sum_row(f"sum_{summary}", refs[REFERENCE][1], own_out, oofs))
+    yield from contenders
     recipe = {r["candidate"]: r for r in rows}[RECIPE]
     yield challenge_verdict(round_no, own, before, pathway, contenders, recipe)
 

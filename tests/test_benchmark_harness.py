@@ -229,9 +229,9 @@ def study_dlmi() -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every candidate of the seventh, eighth and tenth to fourteenth rounds (the pretrained
+    """Every candidate of the seventh, eighth and tenth to fifteenth rounds (the pretrained
     encoder's weights: a SmallCNN of the pretraining's shape, untrained), by ``r7:``, ``r8:``,
-    ... ``r14:`` name."""
+    ... ``r15:`` name."""
     import torch
 
     from lympho_mil.nn import build_instance_encoder
@@ -250,6 +250,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
         "r12": study_dlmi.round12_candidates(weights),
         "r13": study_dlmi.round13_candidates(weights),
         "r14": study_dlmi.round14_candidates(weights),
+        "r15": study_dlmi.round15_candidates(weights),
     }
     return {
         f"{r}:{name}": config
@@ -264,7 +265,7 @@ def _twins(tag: str, summaries: tuple[str, ...]) -> list[str]:
 
 REFERENCES = ["tabular_mlp", "fused_morphology_mean"]
 HEADS = ("mean", "statistics", "types")
-ROUND_CANDIDATES = [  # the names round7_, round8_ and round10_ to round14_candidates build
+ROUND_CANDIDATES = [  # the names round7_, round8_ and round10_ to round15_candidates build
     f"{round_name}:{name}"
     for round_name, names in {
         "r7": ["tabular_mlp"] + [n for rep in ("morphology", "cytometry", "ssl")
@@ -276,6 +277,7 @@ ROUND_CANDIDATES = [  # the names round7_, round8_ and round10_ to round14_candi
         "r12": REFERENCES + _twins("ssl_d4", HEADS),
         "r13": [*REFERENCES, "images_ssl_tuned_mean"],
         "r14": REFERENCES + _twins("ssl96", HEADS),
+        "r15": REFERENCES + _twins("dino", HEADS),
     }.items()
     for name in names
 ]  # fmt: skip
@@ -299,7 +301,7 @@ def test_a_round_candidate_parses_and_trains_one_step(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Each candidate of the seventh, eighth and tenth to fourteenth rounds as the study
+    """Each candidate of the seventh, eighth and tenth to fifteenth rounds as the study
     cross-validates it (`with_data`), dumped to a file: ``lympho-mil fit --config FILE
     --print_config`` parses it, and it trains one step on the tiny synthetic patients. The
     eighth round's LightningCLI ``optimizer:`` and ``lr_scheduler:`` sections replace the

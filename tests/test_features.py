@@ -187,3 +187,51 @@ def test_simclr_pretraining_learns_and_is_cached(
     changed[0, 0, 0, 0] ^= 1  # one pixel
     with pytest.raises(AssertionError, match="cached encoder"):
         pretrain.pretrained_encoder([changed], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path)
+
+
+def test_simclr_cache_keys_did_not_move_when_dino_came() -> None:
+    """A SimCLR pretraining's key hashes its settings as before ``method`` existed (this
+    file name was computed then), so encoders cached earlier are loaded, not retrained."""
+    key = pretrain.encoder_cache_file(
+        ["b" * 24, "a" * 24], pretrain.PretrainSettings(), (0.5,) * 3, (0.25,) * 3, Path("c")
+    )
+    assert key.name == "encoder-9b32c8403b209292c8bb1da4.pt"
+    keys = {
+        pretrain.encoder_cache_file(["a" * 24], settings, (0.5,) * 3, (0.25,) * 3, Path("c"))
+        for settings in (pretrain.PretrainSettings(), pretrain.PretrainSettings(method="dino"))
+    }
+    assert len(keys) == 2  # DINO's encoder is another one
+    with pytest.raises(SettingError, match="method"):
+        pretrain.PretrainSettings(method="byol")
+
+
+def test_dino_learns_and_keeps_the_teachers_encoder(tmp_path: Path) -> None:
+    """DINO on tiny crops: the loss falls from the first epoch to the last; the cached weights
+    are the teacher's encoder, a moving average of the student that is never trained itself."""
+    pytest.importorskip("lightly")
+    crops = np.stack([cell_crop(8 + i % 8, 12 + i % 8, seed=i)[::4, ::4] for i in range(64)])
+    settings = pretrain.PretrainSettings(
+        method="dino", epochs=6, batch_size=32, warmup_epochs=1, width=8, out_dim=16, hidden=32,
+        temperature=0.1,
+    )  # fmt: skip
+    encoder, losses = pretrain.pretrain_simclr(crops, settings, IMAGENET_MEAN, IMAGENET_STD)
+    assert losses[-1] < losses[0]
+    path = pretrain.pretrained_encoder([crops], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path)
+    saved = torch.load(path, weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in encoder.state_dict().items())
+
+    torch.manual_seed(0)
+    dino = pretrain._DINO(settings)
+    teacher = {k: v.clone() for k, v in dino.teacher_encoder.state_dict().items()}
+    assert not any(p.requires_grad for p in dino.teacher_encoder.parameters())
+    x = torch.randn(8, 3, 16, 16)
+    dino.loss(x, x.flip(-1)).backward()
+    with torch.no_grad():
+        for p in dino.encoder.parameters():
+            p.add_(1.0)  # a step of the student
+    dino.after_step(0.0)  # momentum DINO_TEACHER_MOMENTUM at the start
+    m = pretrain.DINO_TEACHER_MOMENTUM
+    for name, value in dino.teacher_encoder.state_dict().items():
+        student = dino.encoder.state_dict()[name]
+        torch.testing.assert_close(value, m * teacher[name] + (1 - m) * student)
+    assert dino.kept_encoder() is dino.teacher_encoder

@@ -1,6 +1,6 @@
-"""``lympho-mil pretrain``: a config's crop encoder pretrained with SimCLR on the crops of
-one or more DLMI folders, written where the config's features read it; then ``fit`` with
-the same config extracts its features with those weights."""
+"""``lympho-mil pretrain``: a config's crop encoder pretrained with SimCLR (or DINO) on the
+crops of one or more DLMI folders, written where the config's features read it; then ``fit``
+with the same config extracts its features with those weights."""
 
 from __future__ import annotations
 
@@ -89,6 +89,20 @@ def test_pretrain_keeps_other_weights_unless_told(
     assert out.read_bytes() != before
 
 
+def test_pretrain_with_dino_caches_another_encoder(
+    synthetic_dlmi: Path, work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--pretrain.settings.method dino``: its own cached encoder, whose sidecar says DINO."""
+    pretrain(synthetic_dlmi)
+    simclr = WEIGHTS.read_bytes()
+    pretrain(synthetic_dlmi, "--pretrain.settings.method=dino", "--pretrain.overwrite=true")
+    out = capsys.readouterr().out
+    assert "encoder pretrained on" in out  # not the SimCLR encoder from the cache
+    assert WEIGHTS.read_bytes() != simclr
+    cached = Path(out.split("cached as ")[-1].split(")")[0])
+    assert '"method": "dino"' in cached.with_suffix(".json").read_text()
+
+
 def test_pretrain_refuses_what_it_cannot_train(
     synthetic_dlmi: Path, work: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -100,6 +114,9 @@ def test_pretrain_refuses_what_it_cannot_train(
     shape = "--pretrain.settings.width=16"
     line = refused(capsys, "--config", SSL_CONFIG, f"--data.root={synthetic_dlmi}", shape)
     assert "'width': 32" in line and "{'width': 16}" in line
+    method = "--pretrain.settings.method=byol"
+    line = refused(capsys, "--config", SSL_CONFIG, f"--data.root={synthetic_dlmi}", method)
+    assert "method must be one of ('simclr', 'dino')" in line
     nowhere = f"--pretrain.extra_roots=[{work / 'nowhere'}]"
     line = refused(capsys, "--config", SSL_CONFIG, f"--data.root={synthetic_dlmi}", nowhere)
     assert f"--pretrain.extra_roots: no folder {work / 'nowhere'}" in line

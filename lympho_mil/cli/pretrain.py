@@ -1,5 +1,5 @@
-"""``lympho-mil pretrain``: the crop encoder of a config, pretrained with SimCLR on the crops
-themselves (labels unused), written where the config reads it.
+"""``lympho-mil pretrain``: the crop encoder of a config, pretrained with SimCLR (or DINO) on
+the crops themselves (labels unused), written where the config reads it.
 
     lympho-mil pretrain --config CFG --data.root DLMI [--pretrain.extra_roots '[DIR, ...]']
                         [--pretrain.settings.epochs 100 ...] [--pretrain.out FILE]
@@ -47,8 +47,8 @@ class PretrainOptions:
     Args:
         extra_roots: further DLMI folders whose crops are pretrained on too (their labels,
             if any, unused), e.g. the unlabelled patients.
-        settings: the SimCLR pretraining (`PretrainSettings`); the encoder's shape (``width``,
-            ``out_dim``) is the config's ``data.features.kwargs``.
+        settings: the pretraining (`PretrainSettings`: SimCLR, or ``method: dino``); the
+            encoder's shape (``width``, ``out_dim``) is the config's ``data.features.kwargs``.
         out: where the weights go (default: the config's ``data.features.weights``).
         overwrite: replace another weights file at ``out``.
         device: where to train (``cpu``, or ``cuda`` on a GPU machine; the cache key does
@@ -152,7 +152,8 @@ def run_pretrain(cli: LymphoCLI) -> None:
 register(
     "pretrain",
     Command(
-        "pretrain a config's crop encoder with SimCLR on the crops themselves (labels unused), "
+        "pretrain a config's crop encoder with SimCLR or DINO on the crops themselves (labels "
+        "unused), "
         "cached, for its features",
         PretrainOptions,
         run_pretrain,

@@ -2,7 +2,7 @@
 decoded crop once (hand-crafted cytometry with scikit-image, the morphology encoder, timm or
 self-supervised networks), their cache, the datamodule that serves them as bags
 (`CachedFeatureDataModule`), and self-supervised pretraining of a crop encoder on the crops
-themselves (SimCLR with lightly)."""
+themselves (SimCLR or DINO, with lightly)."""
 
 from lympho_mil.features.cache import (
     CachedFeatureDataModule,

@@ -1,9 +1,13 @@
-"""Self-supervised pretraining of a crop encoder on the crops themselves (SimCLR, lightly).
+"""Self-supervised pretraining of a crop encoder on the crops themselves (SimCLR or DINO,
+lightly).
 
 No weights can be downloaded where this library runs, so the crop encoder learns from the
 crops alone, labels unused: two random views of every crop go through the encoder and a
-projection head, and lightly's NT-Xent loss pulls the two views of a crop together and pushes
-the other crops of the batch away. The views keep what a haematologist reads: any rotation
+projection head. With SimCLR, lightly's NT-Xent loss pulls the two views of a crop together
+and pushes the other crops of the batch away; with DINO, a student network learns to give
+each view the output of a teacher (a moving average of the student) on the other view, over
+1,024 learnt prototypes, with lightly's loss, head and momentum update; the teacher's encoder
+is the one kept. The views keep what a haematologist reads: any rotation
 or mirror image, a shift of a few pixels, sizes within 10 % (cell size is a diagnostic sign,
 so no random resized crop), mild colour jitter (the blue of the cytoplasm is another) and
 a little blur. Batches mix the crops of every patient; the encoder (`SmallCNN`) normalises
@@ -17,11 +21,13 @@ pixels; a second run with the same crops and settings loads them. Needs the
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,16 +47,28 @@ from lympho_mil.progress import progress
 log = logging.getLogger(__name__)
 
 PRETRAIN_VERSION = 1  # bump when the method changes: cached encoders are then retrained
+METHODS = ("simclr", "dino")
+DINO_PROTOTYPES = 1024  # DINO's K, scaled down from its 65,536 to some 10,000 crops
+DINO_TEACHER_TEMPERATURE = 0.04  # DINO's published defaults from here down
+DINO_CENTER_MOMENTUM = 0.9
+DINO_TEACHER_MOMENTUM = 0.996  # rises to 1 along a cosine over the training
+DINO_CLIP_GRAD = 3.0
+DINO_HEAD_BATCH_NORM = True
 
 
 @dataclass(frozen=True)
 class PretrainSettings:
-    """SimCLR pretraining of a `SmallCNN` (``width``, ``out_dim``) on decoded crops.
+    """Self-supervised pretraining (``method``: ``simclr`` or ``dino``) of a `SmallCNN`
+    (``width``, ``out_dim``) on decoded crops.
 
     ``epochs`` passes over the crops in batches of ``batch_size`` (two views each), AdamW at
     ``lr`` (linear warm-up over the first ``warmup_epochs``, then cosine) with
-    ``weight_decay``; NT-Xent at ``temperature``; projection head ``out_dim`` -> ``hidden``
-    -> ``projection_dim``; ``seed`` fixes the weights, the order and the views.
+    ``weight_decay``; ``seed`` fixes the weights, the order and the views. SimCLR: NT-Xent at
+    ``temperature``, projection head ``out_dim`` -> ``hidden`` -> ``projection_dim``. DINO:
+    ``temperature`` is the student's (DINO's 0.1), the head ``out_dim`` -> ``hidden`` ->
+    ``hidden`` -> ``projection_dim`` (the bottleneck) -> `DINO_PROTOTYPES`; the teacher's
+    temperature, centring, momentum and gradient clipping are DINO's published defaults
+    (the ``DINO_*`` constants) and its head's last layer is frozen in the first epoch.
     """
 
     epochs: int = 100
@@ -64,8 +82,11 @@ class PretrainSettings:
     hidden: int = 256
     projection_dim: int = 64
     seed: int = 0
+    method: str = "simclr"
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SettingError(f"pretraining method must be one of {METHODS}, got {self.method!r}")
         check_positive(
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -89,17 +110,110 @@ class PretrainSettings:
         """The `SmallCNN` settings that load the pretrained weights."""
         return {"width": self.width, "out_dim": self.out_dim}
 
+    def described(self) -> dict[str, Any]:
+        """The settings as the cache key hashes them: a SimCLR pretraining's without
+        ``method``, as before DINO came, so that its cached encoders stay valid."""
+        fields = asdict(self)
+        if self.method == "simclr":
+            del fields["method"]
+        return fields
 
-def _lightly() -> tuple[type[nn.Module], type[nn.Module]]:
-    """lightly's NT-Xent loss and SimCLR projection head, or a one-line SettingError."""
+
+def _lightly() -> Any:
+    """lightly (its losses, heads and utilities), or a one-line SettingError."""
     try:
-        from lightly.loss import NTXentLoss
-        from lightly.models.modules import SimCLRProjectionHead
+        import lightly.loss
+        import lightly.models.modules
+        import lightly.models.utils
     except ImportError as exc:
         raise SettingError(
             "encoder pretraining needs lightly: pip install 'lympho-mil[ssl]'"
         ) from exc
-    return NTXentLoss, SimCLRProjectionHead
+    return lightly
+
+
+class _SimCLR(nn.Module):
+    """The encoder and its projection head; ``loss(x0, x1)`` is NT-Xent between two views."""
+
+    def __init__(self, settings: PretrainSettings) -> None:
+        super().__init__()
+        lightly = _lightly()
+        self.encoder = SmallCNN(**settings.encoder_kwargs)
+        self.head = lightly.models.modules.SimCLRProjectionHead(
+            settings.out_dim, settings.hidden, settings.projection_dim
+        )
+        self.criterion = lightly.loss.NTXentLoss(temperature=settings.temperature)
+
+    def loss(self, x0: Tensor, x1: Tensor) -> Tensor:
+        return self.criterion(self.head(self.encoder(x0)), self.head(self.encoder(x1)))
+
+    def after_backward(self, epoch: int) -> None:
+        """Nothing between the backward pass and the step (DINO clips and freezes there)."""
+
+    def after_step(self, progress: float) -> None:
+        """Nothing after an optimiser step (DINO moves its teacher there)."""
+
+    def kept_encoder(self) -> SmallCNN:
+        return self.encoder
+
+
+class _DINO(nn.Module):
+    """A student (encoder and DINO head, trained) and its teacher (a moving average of it,
+    not trained); ``loss(x0, x1)``: lightly's DINO loss between the teacher's output on each
+    view and the student's on the other."""
+
+    def __init__(self, settings: PretrainSettings) -> None:
+        super().__init__()
+        lightly = _lightly()
+        head = lightly.models.modules.DINOProjectionHead
+        self.encoder = SmallCNN(**settings.encoder_kwargs)
+        with warnings.catch_warnings():  # lightly's head still uses the old weight_norm
+            warnings.filterwarnings("ignore", "`torch.nn.utils.weight_norm`", FutureWarning)
+            self.head, self.teacher_head = (
+                head(
+                    settings.out_dim,
+                    settings.hidden,
+                    settings.projection_dim,
+                    DINO_PROTOTYPES,
+                    batch_norm=DINO_HEAD_BATCH_NORM,
+                    freeze_last_layer=1,
+                )
+                for _ in range(2)
+            )
+        self.teacher_head.load_state_dict(self.head.state_dict())  # weight norm: no deepcopy
+        self.teacher_encoder = copy.deepcopy(self.encoder)
+        for teacher in (self.teacher_encoder, self.teacher_head):
+            teacher.requires_grad_(False)
+        self.criterion = lightly.loss.DINOLoss(
+            DINO_PROTOTYPES,
+            warmup_teacher_temp=DINO_TEACHER_TEMPERATURE,
+            teacher_temp=DINO_TEACHER_TEMPERATURE,
+            student_temp=settings.temperature,
+            center_momentum=DINO_CENTER_MOMENTUM,
+        )
+        self._update_momentum = lightly.models.utils.update_momentum
+
+    def loss(self, x0: Tensor, x1: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher = [self.teacher_head(self.teacher_encoder(x)) for x in (x0, x1)]
+        student = [self.head(self.encoder(x)) for x in (x0, x1)]
+        return self.criterion(teacher, student)
+
+    def after_backward(self, epoch: int) -> None:
+        """Clip the student's gradients; freeze the head's last layer in the first epoch."""
+        nn.utils.clip_grad_norm_(
+            [*self.encoder.parameters(), *self.head.parameters()], DINO_CLIP_GRAD
+        )
+        self.head.cancel_last_layer_gradients(epoch)
+
+    def after_step(self, progress: float) -> None:
+        """Move the teacher towards the student, ``progress`` (0 to 1) through the training."""
+        momentum = 1 - (1 - DINO_TEACHER_MOMENTUM) * (math.cos(math.pi * progress) + 1) / 2
+        self._update_momentum(self.encoder, self.teacher_encoder, momentum)
+        self._update_momentum(self.head, self.teacher_head, momentum)
+
+    def kept_encoder(self) -> SmallCNN:
+        return self.teacher_encoder
 
 
 def simclr_views(seed: int) -> Any:
@@ -134,12 +248,12 @@ def pretrain_simclr(
     std: Sequence[float],
     device: str | torch.device = "cpu",
 ) -> tuple[SmallCNN, list[float]]:
-    """Pretrain a `SmallCNN` on ``crops`` (uint8 ``[M, S, S, 3]``, any order of patients).
+    """Pretrain a `SmallCNN` on ``crops`` (uint8 ``[M, S, S, 3]``, any order of patients) by
+    ``settings.method`` (SimCLR or DINO; the name is the first method's).
 
     Pixels in [0, 1] are normalised with ``mean``/``std`` as the loaders do. Returns the
-    encoder (on the CPU, eval mode) and the mean loss of each epoch.
+    encoder (DINO: the teacher's; on the CPU, eval mode) and the mean loss of each epoch.
     """
-    loss_cls, head_cls = _lightly()
     steps = len(crops) // settings.batch_size
     if steps == 0:
         raise SettingError(
@@ -148,12 +262,9 @@ def pretrain_simclr(
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        encoder = SmallCNN(**settings.encoder_kwargs)
-        head = head_cls(settings.out_dim, settings.hidden, settings.projection_dim)
-    encoder.to(device).train()
-    head.to(device).train()
-    criterion = loss_cls(temperature=settings.temperature)
-    params = [*encoder.parameters(), *head.parameters()]
+        model = _DINO(settings) if settings.method == "dino" else _SimCLR(settings)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(settings.warmup_epochs * steps, settings.epochs * steps)
@@ -169,23 +280,26 @@ def pretrain_simclr(
         return (x - m) / s
 
     history: list[float] = []
-    with progress("pretraining the crop encoder (SimCLR)", settings.epochs, "epochs") as bar:
-        for _ in range(settings.epochs):
+    title = f"pretraining the crop encoder ({settings.method.upper()})"
+    with progress(title, settings.epochs, "epochs") as bar:
+        for epoch in range(settings.epochs):
             order = order_rng.permutation(len(crops))
             total = 0.0
             for step in range(steps):
                 rows = np.sort(order[step * settings.batch_size : (step + 1) * settings.batch_size])
-                z0, z1 = (head(encoder(view_batch(rows))) for _ in range(2))
-                loss = criterion(z0, z1)
+                x0 = view_batch(rows)
+                loss = model.loss(x0, view_batch(rows))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                model.after_backward(epoch)
                 optimizer.step()
                 schedule.step()
+                model.after_step((epoch * steps + step + 1) / (settings.epochs * steps))
                 total += float(loss.detach())
             history.append(round(total / steps, 4))
             bar.note(f"loss {history[-1]:.3f}")
             bar.update()
-    return encoder.cpu().eval(), history
+    return model.kept_encoder().cpu().eval(), history
 
 
 def _warmup_cosine(warmup: int, total: int) -> Any:
@@ -228,7 +342,7 @@ def encoder_cache_file(
 ) -> Path:
     """Where `pretrained_encoder` caches the weights of a pretraining with ``settings`` on
     crops of these sorted `pixels_digest` ``digests`` (the file may not exist yet)."""
-    described = [PRETRAIN_VERSION, asdict(settings), list(mean), list(std), sorted(digests)]
+    described = [PRETRAIN_VERSION, settings.described(), list(mean), list(std), sorted(digests)]
     key = hashlib.sha256(json.dumps(described).encode()).hexdigest()[:24]
     return cache_dir / f"encoder-{key}.pt"
 
