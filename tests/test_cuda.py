@@ -161,14 +161,18 @@ def test_morphology_features_on_cuda_match_the_cpu() -> None:
     torch.testing.assert_close(encoder.cuda()(x.cuda()).cpu(), on_cpu, rtol=1e-2, atol=1e-2)
 
 
-def test_simclr_pretraining_runs_on_the_gpu_and_returns_a_cpu_encoder() -> None:
+@pytest.mark.parametrize("method", ["simclr", "dino"])
+def test_pretraining_runs_on_the_gpu_and_returns_a_cpu_encoder(method: str) -> None:
     """`lympho-mil pretrain --pretrain.device cuda`'s path: the encoder and the views on the
-    device, the loss finite, the encoder handed back on the CPU in eval mode."""
-    from lympho_mil.features.pretrain import PretrainSettings, pretrain_simclr
+    device (SimCLR, and DINO with its teacher), the loss finite, the encoder handed back on
+    the CPU in eval mode."""
+    from lympho_mil.features.pretrain import PretrainSettings, pretrain_encoder
 
     crops = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8).numpy()
-    settings = PretrainSettings(epochs=2, warmup_epochs=0, batch_size=16, width=8, out_dim=16)
-    encoder, losses = pretrain_simclr(crops, settings, IMAGENET_MEAN, IMAGENET_STD, "cuda")
+    settings = PretrainSettings(
+        epochs=2, warmup_epochs=0, batch_size=16, width=8, out_dim=16, method=method
+    )
+    encoder, losses = pretrain_encoder(crops, settings, IMAGENET_MEAN, IMAGENET_STD, "cuda")
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert not encoder.training
     assert all(p.device.type == "cpu" for p in encoder.parameters())

@@ -170,12 +170,12 @@ def test_simclr_pretraining_learns_and_is_cached(
     assert '"crops": 64' in meta and '"loss": [' in meta
 
     with pytest.raises(SettingError, match="batch_size"):
-        pretrain.pretrain_simclr(crops[:10], settings, IMAGENET_MEAN, IMAGENET_STD)
+        pretrain.pretrain_encoder(crops[:10], settings, IMAGENET_MEAN, IMAGENET_STD)
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("the cached encoder should have been loaded")
 
-    monkeypatch.setattr(pretrain, "pretrain_simclr", no_training)
+    monkeypatch.setattr(pretrain, "pretrain_encoder", no_training)
     again = pretrain.pretrained_encoder(  # the same pixels in another order
         [crops[40:], crops[:40]], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path
     )
@@ -214,7 +214,7 @@ def test_dino_learns_and_keeps_the_teachers_encoder(tmp_path: Path) -> None:
         method="dino", epochs=6, batch_size=32, warmup_epochs=1, width=8, out_dim=16, hidden=32,
         temperature=0.1,
     )  # fmt: skip
-    encoder, losses = pretrain.pretrain_simclr(crops, settings, IMAGENET_MEAN, IMAGENET_STD)
+    encoder, losses = pretrain.pretrain_encoder(crops, settings, IMAGENET_MEAN, IMAGENET_STD)
     assert losses[-1] < losses[0]
     path = pretrain.pretrained_encoder([crops], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path)
     saved = torch.load(path, weights_only=True)

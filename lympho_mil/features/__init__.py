@@ -15,7 +15,7 @@ from lympho_mil.features.cytometry import CYTOMETRY_FEATURES, CytometryEncoder, 
 from lympho_mil.features.pretrain import (
     PretrainSettings,
     folder_crops,
-    pretrain_simclr,
+    pretrain_encoder,
     pretrained_encoder,
 )
 
@@ -30,6 +30,6 @@ __all__ = [
     "cytometry_features",
     "extract_features",
     "folder_crops",
-    "pretrain_simclr",
+    "pretrain_encoder",
     "pretrained_encoder",
 ]

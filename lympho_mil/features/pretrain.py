@@ -49,11 +49,11 @@ log = logging.getLogger(__name__)
 PRETRAIN_VERSION = 1  # bump when the method changes: cached encoders are then retrained
 METHODS = ("simclr", "dino")
 DINO_PROTOTYPES = 1024  # DINO's K, scaled down from its 65,536 to some 10,000 crops
-DINO_TEACHER_TEMPERATURE = 0.04  # DINO's published defaults from here down
+DINO_TEACHER_TEMPERATURE = 0.04  # DINO's published defaults, these four
 DINO_CENTER_MOMENTUM = 0.9
 DINO_TEACHER_MOMENTUM = 0.996  # rises to 1 along a cosine over the training
 DINO_CLIP_GRAD = 3.0
-DINO_HEAD_BATCH_NORM = True
+DINO_HEAD_BATCH_NORM = True  # DINO's option for CNNs; without it, a uniform collapse here
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ class PretrainSettings:
     ``temperature`` is the student's (DINO's 0.1), the head ``out_dim`` -> ``hidden`` ->
     ``hidden`` -> ``projection_dim`` (the bottleneck) -> `DINO_PROTOTYPES`; the teacher's
     temperature, centring, momentum and gradient clipping are DINO's published defaults
-    (the ``DINO_*`` constants) and its head's last layer is frozen in the first epoch.
+    (the ``DINO_*`` constants), its head has BatchNorm in its hidden layers (the batches mix
+    the crops of every patient) and its last layer is frozen in the first epoch.
     """
 
     epochs: int = 100
@@ -241,7 +242,7 @@ def simclr_views(seed: int) -> Any:
     )
 
 
-def pretrain_simclr(
+def pretrain_encoder(
     crops: np.ndarray,
     settings: PretrainSettings,
     mean: Sequence[float],
@@ -249,7 +250,7 @@ def pretrain_simclr(
     device: str | torch.device = "cpu",
 ) -> tuple[SmallCNN, list[float]]:
     """Pretrain a `SmallCNN` on ``crops`` (uint8 ``[M, S, S, 3]``, any order of patients) by
-    ``settings.method`` (SimCLR or DINO; the name is the first method's).
+    ``settings.method`` (SimCLR or DINO).
 
     Pixels in [0, 1] are normalised with ``mean``/``std`` as the loaders do. Returns the
     encoder (DINO: the teacher's; on the CPU, eval mode) and the mean loss of each epoch.
@@ -369,7 +370,7 @@ def pretrained_encoder(
     pixels = np.concatenate([c for _, c in by_digest])
     log.debug("pretraining a crop encoder on %d crops (%s)", len(pixels), settings)
     start = time.perf_counter()
-    encoder, history = pretrain_simclr(pixels, settings, mean, std, device)
+    encoder, history = pretrain_encoder(pixels, settings, mean, std, device)
     seconds = round(time.perf_counter() - start, 1)
     buffer = _state_bytes(encoder)
     atomic_write_bytes(weights, buffer, overwrite=True)
