@@ -649,7 +649,9 @@ def challenge(
     summary = pathway["candidate"].removeprefix("images_")
     contenders: list[Record] = []
     if pathway is before:
-        ninth = {r["candidate"]: r for r in read_records("dlmi-round9")}
+        ninth = {
+            r["candidate"]: r for r in read_records("dlmi-round9") if r["record"] == "candidate"
+        }
         contenders = [seventh[f"fused_{summary}"]] if fused_twin else []
         contenders.append(ninth[f"sum_{summary}"])
     else:

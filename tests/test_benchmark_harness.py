@@ -449,6 +449,38 @@ def test_challenge_rule_replaces_the_pathway_and_the_recipe_only_when_beaten(
     assert verdict["adopted_as_recipe"] is None
 
 
+def test_a_losing_round_is_judged_with_the_standing_pathways_recorded_contenders(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """When a round's own pathway does not beat the seventh round's, `challenge` trains
+    nothing more: the standing pathway's fused twin and logit sum are the seventh and ninth
+    rounds' records, and the verdict is read from them."""
+    import argparse
+
+    rows = [scored("fused_morphology_mean", 0.806, 0.909), scored("images_new_mean", 0.7, 0.8)]
+
+    def no_more_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("nothing should be cross-validated")
+
+    monkeypatch.setattr(study_dlmi, "_rows", lambda *args, **kwargs: rows)
+    monkeypatch.setattr(study_dlmi, "_cv", no_more_training)
+    monkeypatch.setattr(study_dlmi, "sum_row", no_more_training)
+    args = argparse.Namespace(data=tmp_path, cache_dir=None, out=tmp_path, out_seventh=None)
+    records = list(study_dlmi.challenge(15, {}, ["images_new_mean"], args))
+    recorded = {
+        r["candidate"]: r
+        for name in ("dlmi-round7", "dlmi-round9")
+        for r in study_dlmi.read_records(name)
+        if r["record"] == "candidate"
+    }
+    *_, fused, summed, verdict = records
+    assert fused == recorded["fused_ssl_types"] and summed == recorded["sum_ssl_types"]
+    assert verdict["own_pathway"] == "images_new_mean" and verdict["replaces"] is None
+    assert verdict["image_pathway"] == "images_ssl_types"
+    assert verdict["adopted_as_recipe"] is None  # neither beats the recipe in both metrics
+    assert not verdict["bars_sum_ssl_types"]["bar_fused_plus_0.05_ci_above_0"]
+
+
 def test_logit_sum_adds_the_logits_and_thresholds_on_inner_validation(
     study_dlmi: ModuleType, tmp_path: Path
 ) -> None:
