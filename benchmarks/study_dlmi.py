@@ -675,7 +675,7 @@ def challenge_verdict(
     contenders: list[Record],
     recipe: Record,
 ) -> Record:
-    """The rule of the tenth to fourteenth rounds (docs/results.md): the round's pathway ``own``
+    """The rule of the tenth and later rounds (docs/results.md): the round's pathway ``own``
     replaces ``before`` if its AUROC is higher; of the standing ``pathway``'s fused twin and
     logit sum (``contenders``), those beating ``recipe`` in balanced accuracy and AUROC, the
     one of higher balanced accuracy becomes the recipe; the bars, met or not."""
