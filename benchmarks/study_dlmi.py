@@ -67,7 +67,7 @@ def ssl_weights(
     settings: PretrainSettings = SSL_SETTINGS,
     image_size: int = 64,
 ) -> tuple[Path, float]:
-    """A SimCLR encoder (the seventh round's ``settings`` by default) pretrained on every crop of
+    """An encoder pretrained (the seventh round's SimCLR ``settings`` by default) on every crop of
     ``roots`` (``image_size`` px of the 112 px centre; cached), and the seconds this call
     took."""
     start = time.perf_counter()
@@ -447,7 +447,7 @@ def ssl_round(
     size: int = 64,
     fused_twin: bool = True,
 ) -> Iterator[Record]:
-    """A round of the tenth round's kind: the SimCLR encoder pretrained with ``settings`` on
+    """A round of the tenth round's kind: the encoder pretrained with ``settings`` on
     ``size`` px crops (cached) and its record; then `challenge` of the ``images`` candidates
     among ``candidates_of(weights)``."""
     args.out = args.out or Path(f"runs/benchmarks/dlmi-round{round_no}")

@@ -152,9 +152,8 @@ def run_pretrain(cli: LymphoCLI) -> None:
 register(
     "pretrain",
     Command(
-        "pretrain a config's crop encoder with SimCLR or DINO on the crops themselves (labels "
-        "unused), "
-        "cached, for its features",
+        "pretrain a config's crop encoder with SimCLR or DINO on the crops themselves "
+        "(labels unused), cached, for its features",
         PretrainOptions,
         run_pretrain,
     ),

@@ -217,7 +217,7 @@ class _DINO(nn.Module):
         return self.teacher_encoder
 
 
-def simclr_views(seed: int) -> Any:
+def pretraining_views(seed: int) -> Any:
     """The albumentations pipeline that draws one view of a uint8 ``[S, S, 3]`` crop."""
     import cv2
 
@@ -270,7 +270,7 @@ def pretrain_encoder(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(settings.warmup_epochs * steps, settings.epochs * steps)
     )
-    views = simclr_views(settings.seed)
+    views = pretraining_views(settings.seed)
     order_rng = np.random.default_rng(settings.seed)
     m = torch.tensor(list(mean), device=device).view(1, 3, 1, 1)
     s = torch.tensor(list(std), device=device).view(1, 3, 1, 1)
