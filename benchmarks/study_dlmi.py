@@ -625,6 +625,68 @@ def round15(args: argparse.Namespace) -> Iterator[Record]:
     yield from ssl_round(15, args, round15_candidates, image_heads("dino"), DINO_SETTINGS)
 
 
+TEACHER_CONFIDENCE = 0.9
+"""The sixteenth round's co-training: an unlabelled patient trains with the clinical teacher's
+label if the teacher gives that label at least this probability."""
+
+
+def round16_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+    """The sixteenth round's candidates: the references; the seventh round's SSL candidates
+    on the same encoder (``ssl_path``) with co-training (``pseudo_labels``: the unlabelled
+    patients of the data that a clinical teacher labels with `TEACHER_CONFIDENCE` train too),
+    ``images_ssl_pl_<summary>`` and ``fused_ssl_pl_<summary>``; and the controls, the
+    seventh round's image-only heads as they were (``images_ssl_<summary>``)."""
+    candidates = with_encoder_tag(round7_candidates(ssl_path), "ssl_pl")
+    for name, config in candidates.items():
+        if "_ssl_pl_" in name:  # round7_candidates builds each config anew: no copy needed
+            config["data"]["init_args"]["pseudo_labels"] = {"confidence": TEACHER_CONFIDENCE}
+    controls = round7_candidates(ssl_path)
+    return candidates | {n: controls[n] for n in image_heads("ssl")}
+
+
+def challenge_layout(labelled: Path, unlabelled: Path, folder: Path) -> Path:
+    """``folder`` as one DLMI folder of the challenge's layout: ``trainset/`` of ``labelled``
+    and ``testset/`` of ``unlabelled`` (links; their csv files come with them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in (("trainset", labelled), ("testset", unlabelled)):
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to((source / name).resolve(), target_is_directory=True)
+        elif link.resolve() != (source / name).resolve():
+            raise SystemExit(f"{link} points to {link.resolve()}, not to {source / name}")
+    return folder
+
+
+@study(
+    "dlmi-round16",
+    "the sixteenth round: the seventh round's image heads co-trained with a clinical teacher",
+    round10_arguments,
+)
+def round16(args: argparse.Namespace) -> Iterator[Record]:
+    """The sixteenth round (docs/results.md): the seventh round's encoder (the same crops,
+    the same cached weights); its three image-only heads trained on the labelled training
+    patients and the unlabelled patients a clinical teacher labels confidently, every
+    candidate cross-validated on one folder holding both (the labelled patients' splits are
+    the seventh round's); then the fused twin and the logit sum of the pathway that stands;
+    the verdict (the tenth round's rule); then the controls, the seventh round's three heads
+    without co-training on this encoder, and each head's paired difference to its control."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round16")
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
+    yield pretraining_record(ssl_path, seconds)
+    args.data = challenge_layout(args.data, args.unlabelled, args.out / "data")
+    candidates = {
+        n: with_data(c, args.data, args.cache_dir) for n, c in round16_candidates(ssl_path).items()
+    }
+    heads, controls = image_heads("ssl_pl"), image_heads("ssl")
+    yield from challenge(16, candidates, heads, args)
+    yield from (r for r in _rows(candidates, controls, args) if r["candidate"] in controls)
+    for own, control in zip(heads, controls, strict=True):
+        first, second = (_cv(n, candidates[n], args)[0] for n in (control, own))
+        diff = paired_difference(first, second, 2000, 0)
+        effect = {m: diff[m] for m in METRICS}
+        yield {"record": "co_training_effect", "candidate": own, "control": control, **effect}
+
+
 def challenge(
     round_no: int,
     candidates: dict[str, dict[str, Any]],

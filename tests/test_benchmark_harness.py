@@ -229,9 +229,9 @@ def study_dlmi() -> Iterator[ModuleType]:
 
 @pytest.fixture(scope="module")
 def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Every candidate of the seventh, eighth and tenth to fifteenth rounds (the pretrained
+    """Every candidate of the seventh, eighth and tenth to sixteenth rounds (the pretrained
     encoder's weights: a SmallCNN of the pretraining's shape, untrained), by ``r7:``, ``r8:``,
-    ... ``r15:`` name."""
+    ... ``r16:`` name."""
     import torch
 
     from lympho_mil.nn import build_instance_encoder
@@ -251,6 +251,7 @@ def round_candidates(study_dlmi: ModuleType, tmp_path_factory: pytest.TempPathFa
         "r13": study_dlmi.round13_candidates(weights),
         "r14": study_dlmi.round14_candidates(weights),
         "r15": study_dlmi.round15_candidates(weights),
+        "r16": study_dlmi.round16_candidates(weights),
     }
     return {
         f"{r}:{name}": config
@@ -265,7 +266,7 @@ def _twins(tag: str, summaries: tuple[str, ...]) -> list[str]:
 
 REFERENCES = ["tabular_mlp", "fused_morphology_mean"]
 HEADS = ("mean", "statistics", "types")
-ROUND_CANDIDATES = [  # the names round7_, round8_ and round10_ to round15_candidates build
+ROUND_CANDIDATES = [  # the names round7_, round8_ and round10_ to round16_candidates build
     f"{round_name}:{name}"
     for round_name, names in {
         "r7": ["tabular_mlp"] + [n for rep in ("morphology", "cytometry", "ssl")
@@ -278,6 +279,7 @@ ROUND_CANDIDATES = [  # the names round7_, round8_ and round10_ to round15_candi
         "r13": [*REFERENCES, "images_ssl_tuned_mean"],
         "r14": REFERENCES + _twins("ssl96", HEADS),
         "r15": REFERENCES + _twins("dino", HEADS),
+        "r16": REFERENCES + _twins("ssl_pl", HEADS) + [f"images_ssl_{h}" for h in HEADS],
     }.items()
     for name in names
 ]  # fmt: skip
@@ -301,7 +303,7 @@ def test_a_round_candidate_parses_and_trains_one_step(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Each candidate of the seventh, eighth and tenth to fifteenth rounds as the study
+    """Each candidate of the seventh, eighth and tenth to sixteenth rounds as the study
     cross-validates it (`with_data`), dumped to a file: ``lympho-mil fit --config FILE
     --print_config`` parses it, and it trains one step on the tiny synthetic patients. The
     eighth round's LightningCLI ``optimizer:`` and ``lr_scheduler:`` sections replace the
@@ -340,6 +342,8 @@ def test_a_round_candidate_parses_and_trains_one_step(
         encoder = cli.model.net.encoder
         assert all(torch.equal(encoder.state_dict()[k], v) for k, v in saved.items())
         assert all(p.requires_grad for p in encoder.parameters())
+    teacher = cli.datamodule.pseudo_labels  # the sixteenth round's co-training
+    assert (teacher.confidence if teacher else None) == (0.9 if "_ssl_pl_" in name else None)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 1
     (optimizer,) = cli.trainer.optimizers
@@ -397,6 +401,27 @@ def test_the_shipped_image_pathway_is_the_seventh_rounds(
     candidate["data"]["init_args"]["features"]["weights"] = weights
     args = (study_dlmi, synthetic_dlmi, tmp_path)
     assert resolved(candidate, *args) == resolved(shipped, *args)
+
+
+def test_the_sixteenth_round_reads_both_folders_as_one(
+    study_dlmi: ModuleType, synthetic_dlmi: Path, tmp_path: Path
+) -> None:
+    """`challenge_layout` links the labelled folder's ``trainset/`` and the unlabelled
+    folder's ``testset/`` into one DLMI folder; making it again keeps it, another source is
+    refused."""
+    from lympho_mil.data import read_dlmi
+
+    folder = study_dlmi.challenge_layout(synthetic_dlmi, synthetic_dlmi, tmp_path / "both")
+    assert study_dlmi.challenge_layout(synthetic_dlmi, synthetic_dlmi, folder) == folder
+    frame, _ = read_dlmi(folder)
+    original, _ = read_dlmi(synthetic_dlmi)
+    assert frame.drop(columns="source", errors="ignore").equals(
+        original.drop(columns="source", errors="ignore")
+    )
+    other = tmp_path / "other"
+    (other / "testset").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="points to"):
+        study_dlmi.challenge_layout(synthetic_dlmi, other, folder)
 
 
 def scored(name: str, balanced_accuracy: float, auroc: float) -> dict:

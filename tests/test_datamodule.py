@@ -12,6 +12,7 @@ import torch
 from lightning import seed_everything
 from lightning.fabric.utilities import move_data_to_device
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.data import (
     BagBatch,
     BagSample,
@@ -19,9 +20,11 @@ from lympho_mil.data import (
     CropSpec,
     DataError,
     PatientBagDataModule,
+    PseudoLabelSettings,
     collate_bags,
 )
 from lympho_mil.data.image_cache import decode_crop
+from lympho_mil.data.pseudo_labels import UNSURE, clinical_teacher_labels
 from lympho_mil.data.splits import holdout_split, kfold_split
 from lympho_mil.data.transforms import train_augmentation
 
@@ -329,3 +332,47 @@ def test_missing_root_is_a_data_error(tmp_path: Path) -> None:
         dm.setup("fit")
     with pytest.raises(DataError, match="absent"):
         _ = dm.tabular_stats
+
+
+# -- co-training: unlabelled patients with the clinical teacher's label ----------------------
+
+
+def test_the_clinical_teacher_labels_only_the_patients_it_is_sure_of() -> None:
+    rng = np.random.default_rng(0)
+    train = np.concatenate([rng.normal(-2, 1, (30, 2)), rng.normal(2, 1, (30, 2))])
+    labels = np.repeat([0, 1], 30)
+    pool = np.array([[-6.0, -6.0], [6.0, 6.0], [0.0, 0.0]])
+    assert clinical_teacher_labels(train, labels, pool, 0.9).tolist() == [0, 1, UNSURE]
+    assert UNSURE not in clinical_teacher_labels(train, labels, pool[:2], 0.5)
+    assert clinical_teacher_labels(train, labels, pool[:0], 0.9).shape == (0,)
+    for bad in (0.4, 1.0):
+        with pytest.raises(SettingError, match="confidence"):
+            PseudoLabelSettings(confidence=bad)
+
+
+def test_teacher_labelled_patients_train_with_that_label(make_dm) -> None:
+    ids = sorted(labelled(make_dm()))
+    split = {"train_ids": ids[:6], "val_ids": ids[6:8], "test_ids": ids[8:]}
+    plain = make_dm(split=split)
+    dm = make_dm(split=split, pseudo_labels={"confidence": 0.5}, loader={"batch_size": 16})
+    unlabelled = sorted(set(dm.bags) - set(ids))
+    # the teacher is fitted on the training split alone (not on val or test patients)
+    expected = clinical_teacher_labels(
+        np.stack([dm.bags[i].tabular for i in ids[:6]]),
+        np.array([dm.bags[i].label for i in ids[:6]]),
+        np.stack([dm.bags[i].tabular for i in unlabelled]),
+        0.5,
+    )
+    assert dm.teacher_labels == dict(zip(unlabelled, expected.tolist(), strict=True))
+    assert dm.split_ids["train"] == ids[:6] + list(dm.teacher_labels)
+    assert sorted(dm.teacher_labels) == unlabelled  # confidence 0.5: the teacher labels all
+    for stage in ("val", "test", "predict"):
+        assert dm.split_ids[stage] == plain.split_ids[stage]
+    (batch,) = dm.train_dataloader()
+    trained = dict(zip(batch.bag_id, batch.label.tolist(), strict=True))
+    assert trained == {i: float(dm.bags[i].label) for i in ids[:6]} | {
+        i: float(label) for i, label in dm.teacher_labels.items()
+    }
+    assert all(dm.bags[i].label == -1 for i in unlabelled)  # the data itself is unchanged
+    assert dm.checkpoint_record()["teacher_labels"] == dm.teacher_labels
+    assert "teacher_labels" not in plain.checkpoint_record() and plain.teacher_labels == {}

@@ -40,7 +40,14 @@ from lympho_mil.data.dlmi_crops import DLMICrops
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.gpu_augment import DeviceAugment, pixels_to_tensor, rows_to_tensor
 from lympho_mil.data.image_cache import ImageCache
-from lympho_mil.data.settings import Augmentation, CropSettings, LoaderSettings, SplitSettings
+from lympho_mil.data.pseudo_labels import UNSURE, clinical_teacher_labels
+from lympho_mil.data.settings import (
+    Augmentation,
+    CropSettings,
+    LoaderSettings,
+    PseudoLabelSettings,
+    SplitSettings,
+)
 from lympho_mil.data.splits import holdout_split, kfold_split
 from lympho_mil.data.transforms import BagAugment, BagToTensor
 
@@ -63,6 +70,9 @@ class BagDataModule(LightningDataModule, ABC):
         split: which labelled patients train, validate and test (`SplitSettings`: a holdout
             or k-fold policy, or explicit id lists).
         predict_ids: patients to predict (default: every unlabelled patient).
+        pseudo_labels: co-training (`PseudoLabelSettings`): the unlabelled patients a
+            clinical teacher, fitted on the training split, labels confidently train too.
+            None: only labelled patients train.
         loader: `LoaderSettings` (``batch_size``, ``num_workers``, ``pin_memory``,
             ``persistent_workers``).
     """
@@ -73,6 +83,7 @@ class BagDataModule(LightningDataModule, ABC):
         seed: int = 0,
         split: SplitSettings = SplitSettings(),
         predict_ids: list[str] | None = None,
+        pseudo_labels: PseudoLabelSettings | None = None,
         loader: LoaderSettings = LoaderSettings(),
     ) -> None:
         super().__init__()
@@ -82,6 +93,9 @@ class BagDataModule(LightningDataModule, ABC):
         self.split = as_settings(SplitSettings, split)
         self.explicit_ids = self.split.explicit
         self.predict_ids = predict_ids
+        self.pseudo_labels = (
+            None if pseudo_labels is None else as_settings(PseudoLabelSettings, pseudo_labels)
+        )
         self.loader = as_settings(LoaderSettings, loader)
         self.batch_size = self.loader.batch_size
         self.num_workers = self.loader.num_workers
@@ -116,7 +130,14 @@ class BagDataModule(LightningDataModule, ABC):
 
     @cached_property
     def split_ids(self) -> dict[str, list[str]]:
-        """Patient ids per stage: ``train``, ``val``, ``test``, ``predict``."""
+        """Patient ids per stage: ``train`` (then the `teacher_labels` patients, if any),
+        ``val``, ``test``, ``predict``."""
+        splits = self.labelled_split
+        return {**splits, "train": splits["train"] + list(self.teacher_labels)}
+
+    @cached_property
+    def labelled_split(self) -> dict[str, list[str]]:
+        """The labelled patients per stage (``train``, ``val``, ``test``) and ``predict``."""
         labelled = [b for b in self.bags.values() if b.label in (0, 1)]
         ids = [b.bag_id for b in labelled]
         labels = [b.label for b in labelled]
@@ -127,6 +148,32 @@ class BagDataModule(LightningDataModule, ABC):
         else:
             splits = self._policy_split(ids, labels)
         return {**splits, "predict": self.predict_split}
+
+    @cached_property
+    def teacher_labels(self) -> dict[str, int]:
+        """The unlabelled patients that train with the label of the clinical teacher
+        (`PseudoLabelSettings`), by id, in the data's order; empty without ``pseudo_labels``."""
+        train = self.labelled_split["train"]
+        pool = [b for b in self.bags.values() if b.label == -1]
+        if self.pseudo_labels is None or not train or not pool:
+            return {}
+        labels = clinical_teacher_labels(
+            np.stack([self.bags[i].tabular for i in train]),
+            np.array([self.bags[i].label for i in train]),
+            np.stack([b.tabular for b in pool]),
+            self.pseudo_labels.confidence,
+        )
+        chosen = {b.bag_id: int(y) for b, y in zip(pool, labels, strict=True) if y != UNSURE}
+        log.info(
+            "co-training: the clinical teacher labels %d of %d unlabelled patients "
+            "(%d positive, %d negative); they join the %d labelled training patients",
+            len(chosen),
+            len(pool),
+            sum(chosen.values()),
+            len(chosen) - sum(chosen.values()),
+            len(train),
+        )
+        return chosen
 
     @cached_property
     def predict_split(self) -> list[str]:
@@ -186,12 +233,15 @@ class BagDataModule(LightningDataModule, ABC):
             train, val = self.split_ids["train"], self.split_ids["val"]
         except DataError:
             train, val = [], []
-        return {
+        record = {
             "class": type(self).__name__,
             "settings": self.input_settings(),
             "train_ids": sorted(train),
             "val_ids": sorted(val),
         }
+        if self.pseudo_labels is not None:
+            record["teacher_labels"] = dict(sorted(self.teacher_labels.items()))
+        return record
 
     @property
     def tabular_dim(self) -> int:
@@ -232,13 +282,19 @@ class BagDataModule(LightningDataModule, ABC):
             store, usable = self.build_store(list(self.bags.values()))
             by_id = {b.bag_id: b for b in usable}
             for split in wanted:
-                ids = self._ids_for(split)
+                bags = [by_id[i] for i in self._ids_for(split) if i in by_id]
+                if split == "train" and self.teacher_labels:
+                    bags = [self._with_teacher_label(b) for b in bags]
                 self.datasets[split] = BagDataset(
-                    [by_id[i] for i in ids if i in by_id],
+                    bags,
                     self.split_store(split, store),
                     self.instance_transform(split),
                     self.max_instances if split == "train" else None,
                 )
+
+    def _with_teacher_label(self, bag: Bag) -> Bag:
+        label = self.teacher_labels.get(bag.bag_id)
+        return bag if label is None else dataclasses.replace(bag, label=label)
 
     def _ids_for(self, split: str) -> list[str]:
         ids = self.predict_split if split == "predict" else self.split_ids[split]

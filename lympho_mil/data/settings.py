@@ -1,8 +1,10 @@
-"""The grouped settings of the datamodules: which patients go where (`SplitSettings`), how the
+"""The grouped settings of the datamodules: which patients go where (`SplitSettings`), which
+unlabelled patients train with a clinical teacher's label (`PseudoLabelSettings`), how the
 loaders run (`LoaderSettings`), how a crop is decoded, cached and normalised (`CropSettings`)
 and how training crops are augmented (`Augmentation`).
 
-Each is a ``split:``, ``loader:``, ``crops:`` or ``augment:`` mapping in a config
+Each is a ``split:``, ``pseudo_labels:``, ``loader:``, ``crops:`` or ``augment:`` mapping in a
+config
 (``--data.loader.batch_size 8`` on the command line), checked when it is made.
 """
 
@@ -52,6 +54,30 @@ class SplitSettings:
     def explicit(self) -> dict[str, list[str] | None]:
         """The explicit id lists by split (None where not given)."""
         return {"train": self.train_ids, "val": self.val_ids, "test": self.test_ids}
+
+
+@dataclass(frozen=True)
+class PseudoLabelSettings:
+    """Co-training from the clinical vector: the data's unlabelled patients that a clinical
+    teacher labels confidently join the training split with the teacher's label
+    (`lympho_mil.data.pseudo_labels.clinical_teacher_labels`). The teacher, a logistic
+    regression on the standardised clinical vector with balanced class weights, is fitted on
+    the training split's labelled patients only, never on validation or test patients.
+
+    confidence: the teacher's probability of its class a patient needs to be kept, in
+        [0.5, 1): 0.9 keeps patients it gives at least 0.9 of being tumoral or at most 0.1.
+
+    The patients kept count as training patients everywhere: the standardisations (and cell
+    types) fitted on the training split are fitted on them too; no label enters those.
+    """
+
+    confidence: float = 0.9
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.confidence < 1.0:
+            raise SettingError(
+                f"pseudo_labels.confidence must be in [0.5, 1), got {self.confidence}"
+            )
 
 
 @dataclass(frozen=True)
