@@ -29,7 +29,7 @@ import yaml
 from harness import DEFAULT_UNLABELLED, Record, read_records, study
 
 from lympho_mil.cli import cross_validate
-from lympho_mil.data import CropSettings
+from lympho_mil.data import CropSettings, PatientBagDataModule, PseudoLabelSettings
 from lympho_mil.data.image_cache import default_cache_dir
 from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
 from lympho_mil.evaluation.thresholds import choose_threshold
@@ -685,6 +685,29 @@ def round16(args: argparse.Namespace) -> Iterator[Record]:
         diff = paired_difference(first, second, 2000, 0)
         effect = {m: diff[m] for m in METRICS}
         yield {"record": "co_training_effect", "candidate": own, "control": control, **effect}
+    yield teacher_record(args.data, args.out / heads[0])
+
+
+def teacher_record(folder: Path, out: Path) -> Record:
+    """How many unlabelled patients of ``folder`` the clinical teacher labelled (and how many
+    of them tumoral) in each fold of the co-trained cross-validation in ``out``."""
+    report = json.loads((out / "cv_report.json").read_text())
+    counts = []
+    for fold in report["folds"]:
+        split = {k: fold[k] for k in ("train_ids", "val_ids", "test_ids")}
+        teacher = PseudoLabelSettings(TEACHER_CONFIDENCE)
+        labels = PatientBagDataModule(str(folder), split=split, pseudo_labels=teacher)
+        counts.append(list(labels.teacher_labels.values()))
+    labelled = [len(c) for c in counts]
+    return {
+        "record": "teacher",
+        "unlabelled_patients": sum(b.label == -1 for b in labels.bags.values()),
+        "labelled_per_fold": {
+            "median": float(np.median(labelled)),
+            "range": [min(labelled), max(labelled)],
+        },
+        "tumoral_per_fold": {"median": float(np.median([sum(c) for c in counts]))},
+    }
 
 
 def challenge(

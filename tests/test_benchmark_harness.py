@@ -424,6 +424,23 @@ def test_the_sixteenth_round_reads_both_folders_as_one(
         study_dlmi.challenge_layout(synthetic_dlmi, other, folder)
 
 
+def test_the_teacher_record_counts_the_patients_each_fold_adds(
+    study_dlmi: ModuleType, synthetic_dlmi: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lympho_mil.data import read_dlmi
+
+    frame, _ = read_dlmi(synthetic_dlmi)
+    ids = sorted(frame.index[frame["label"] >= 0])
+    folds = [{"train_ids": ids[:6], "val_ids": ids[6:8], "test_ids": ids[8:]}]
+    (tmp_path / "cv_report.json").write_text(json.dumps({"folds": folds * 2}))
+    monkeypatch.setattr(study_dlmi, "TEACHER_CONFIDENCE", 0.5)  # every unlabelled patient
+    record = study_dlmi.teacher_record(synthetic_dlmi, tmp_path)
+    unlabelled = int((frame["label"] == -1).sum())
+    assert record["unlabelled_patients"] == unlabelled > 0
+    assert record["labelled_per_fold"] == {"median": unlabelled, "range": [unlabelled] * 2}
+    assert 0 <= record["tumoral_per_fold"]["median"] <= unlabelled
+
+
 def scored(name: str, balanced_accuracy: float, auroc: float) -> dict:
     """A candidate record with the fields the rounds' rules read."""
     return {
