@@ -68,7 +68,9 @@ class PseudoLabelSettings:
         [0.5, 1): 0.9 keeps patients it gives at least 0.9 of being tumoral or at most 0.1.
 
     The patients kept count as training patients everywhere: the standardisations (and cell
-    types) fitted on the training split are fitted on them too; no label enters those.
+    types) fitted on the training split are fitted on them too; no label enters those. They
+    stay in the ``predict`` split: a model's answer for them is an answer about a patient it
+    trained on.
     """
 
     confidence: float = 0.9
