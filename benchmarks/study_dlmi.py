@@ -693,7 +693,7 @@ def teacher_record(folder: Path, out: Path) -> Record:
     of them tumoral) in each fold of the co-trained cross-validation in ``out``."""
     report = json.loads((out / "cv_report.json").read_text())
     counts = []
-    for fold in report["folds"]:
+    for fold in report["per_fold"]:
         split = {k: fold[k] for k in ("train_ids", "val_ids", "test_ids")}
         teacher = PseudoLabelSettings(TEACHER_CONFIDENCE)
         labels = PatientBagDataModule(str(folder), split=split, pseudo_labels=teacher)

@@ -432,7 +432,7 @@ def test_the_teacher_record_counts_the_patients_each_fold_adds(
     frame, _ = read_dlmi(synthetic_dlmi)
     ids = sorted(frame.index[frame["label"] >= 0])
     folds = [{"train_ids": ids[:6], "val_ids": ids[6:8], "test_ids": ids[8:]}]
-    (tmp_path / "cv_report.json").write_text(json.dumps({"folds": folds * 2}))
+    (tmp_path / "cv_report.json").write_text(json.dumps({"per_fold": folds * 2}))
     monkeypatch.setattr(study_dlmi, "TEACHER_CONFIDENCE", 0.5)  # every unlabelled patient
     record = study_dlmi.teacher_record(synthetic_dlmi, tmp_path)
     unlabelled = int((frame["label"] == -1).sum())
