@@ -29,7 +29,7 @@ import yaml
 from harness import DEFAULT_UNLABELLED, Record, read_records, study
 
 from lympho_mil.cli import cross_validate
-from lympho_mil.data import CropSettings, PatientBagDataModule, PseudoLabelSettings
+from lympho_mil.data import CropSettings, PatientBagDataModule
 from lympho_mil.data.image_cache import default_cache_dir
 from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
 from lympho_mil.evaluation.thresholds import choose_threshold
@@ -632,14 +632,14 @@ label if the teacher gives that label at least this probability."""
 
 def round16_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
     """The sixteenth round's candidates: the references; the seventh round's SSL candidates
-    on the same encoder (``ssl_path``) with co-training (``pseudo_labels``: the unlabelled
-    patients of the data that a clinical teacher labels with `TEACHER_CONFIDENCE` train too),
+    on the same encoder (``ssl_path``) with co-training (``split.teacher_confidence``: the
+    unlabelled patients that a clinical teacher labels with `TEACHER_CONFIDENCE` train too),
     ``images_ssl_pl_<summary>`` and ``fused_ssl_pl_<summary>``; and the controls, the
     seventh round's image-only heads as they were (``images_ssl_<summary>``)."""
     candidates = with_encoder_tag(round7_candidates(ssl_path), "ssl_pl")
     for name, config in candidates.items():
         if "_ssl_pl_" in name:  # round7_candidates builds each config anew: no copy needed
-            config["data"]["init_args"]["pseudo_labels"] = {"confidence": TEACHER_CONFIDENCE}
+            config["data"]["init_args"]["split"] = {"teacher_confidence": TEACHER_CONFIDENCE}
     controls = round7_candidates(ssl_path)
     return candidates | {n: controls[n] for n in image_heads("ssl")}
 
@@ -695,8 +695,8 @@ def teacher_record(folder: Path, out: Path) -> Record:
     counts = []
     for fold in report["per_fold"]:
         split = {k: fold[k] for k in ("train_ids", "val_ids", "test_ids")}
-        teacher = PseudoLabelSettings(TEACHER_CONFIDENCE)
-        labels = PatientBagDataModule(str(folder), split=split, pseudo_labels=teacher)
+        split["teacher_confidence"] = TEACHER_CONFIDENCE
+        labels = PatientBagDataModule(str(folder), split=split)
         counts.append(list(labels.teacher_labels.values()))
     labelled = [len(c) for c in counts]
     return {

@@ -342,8 +342,8 @@ def test_a_round_candidate_parses_and_trains_one_step(
         encoder = cli.model.net.encoder
         assert all(torch.equal(encoder.state_dict()[k], v) for k, v in saved.items())
         assert all(p.requires_grad for p in encoder.parameters())
-    teacher = cli.datamodule.pseudo_labels  # the sixteenth round's co-training
-    assert (teacher.confidence if teacher else None) == (0.9 if "_ssl_pl_" in name else None)
+    teacher = cli.datamodule.split.teacher_confidence  # the sixteenth round's co-training
+    assert teacher == (0.9 if "_ssl_pl_" in name else None)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 1
     (optimizer,) = cli.trainer.optimizers

@@ -684,3 +684,36 @@ def test_a_module_runner_resumes_a_killed_run_and_refuses_other_trainer_settings
     runner.trainer = {**RUNNER_TRAINER, "max_epochs": 3}
     with pytest.raises(OutputExistsError, match=r"config\.trainer\.max_epochs: 2 -> 3"):
         run_cross_validation(runner, **settings)
+
+
+def test_every_fold_keeps_the_datas_teacher_confidence(
+    synthetic_dlmi: Path, tmp_path: Path
+) -> None:
+    """Co-training (``split.teacher_confidence``) survives the fold's explicit id lists, from
+    a config (the ``fit`` overrides of `fold_args`) and from Python (`ModuleRunner`)."""
+    from lympho_mil.cli.app import build_cli
+    from lympho_mil.cli.cv import fold_args
+    from lympho_mil.data import SplitSettings
+    from lympho_mil.evaluation.cv_types import FoldSetup, FoldSplit
+
+    ids = sorted(
+        i for i, b in PatientBagDataModule(str(synthetic_dlmi)).bags.items() if b.label >= 0
+    )
+    setup = FoldSetup(FoldSplit(0, 0, ids[:5], ids[5:7], ids[7:]), 0, tmp_path, None)
+    config = str(Path(__file__).parents[1] / "examples" / "configs" / "tabular_mlp.yaml")
+    args = ["--config", config, f"--data.root={synthetic_dlmi}"]
+    cli = build_cli([*args, "--data.split.teacher_confidence=0.6", *fold_args(setup)], run=False)
+    assert cli.datamodule.split == SplitSettings(
+        train_ids=ids[:5], val_ids=ids[5:7], test_ids=ids[7:], teacher_confidence=0.6
+    )
+    runner = ModuleRunner(
+        make_data=partial(
+            PatientBagDataModule, str(synthetic_dlmi), split=SplitSettings(teacher_confidence=0.7)
+        ),
+        make_model=lambda dm: TabularMLP(
+            tabular_dim=dm.tabular_dim, tabular_stats=dm.tabular_stats
+        ),
+    )
+    datamodule = runner.build(setup).datamodule
+    assert datamodule.split.teacher_confidence == 0.7 and datamodule.split.train_ids == ids[:5]
+    assert set(datamodule.split_ids["train"]) - set(ids[:5]) == set(datamodule.teacher_labels)

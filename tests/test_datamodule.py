@@ -20,7 +20,7 @@ from lympho_mil.data import (
     CropSpec,
     DataError,
     PatientBagDataModule,
-    PseudoLabelSettings,
+    SplitSettings,
     collate_bags,
 )
 from lympho_mil.data.image_cache import decode_crop
@@ -347,14 +347,14 @@ def test_the_clinical_teacher_labels_only_the_patients_it_is_sure_of() -> None:
     assert clinical_teacher_labels(train, labels, pool[:0], 0.9).shape == (0,)
     for bad in (0.4, 1.0):
         with pytest.raises(SettingError, match="confidence"):
-            PseudoLabelSettings(confidence=bad)
+            SplitSettings(teacher_confidence=bad)
 
 
 def test_teacher_labelled_patients_train_with_that_label(make_dm) -> None:
     ids = sorted(labelled(make_dm()))
     split = {"train_ids": ids[:6], "val_ids": ids[6:8], "test_ids": ids[8:]}
     plain = make_dm(split=split)
-    dm = make_dm(split=split, pseudo_labels={"confidence": 0.5}, loader={"batch_size": 16})
+    dm = make_dm(split={**split, "teacher_confidence": 0.5}, loader={"batch_size": 16})
     unlabelled = sorted(set(dm.bags) - set(ids))
     # the teacher is fitted on the training split alone (not on val or test patients)
     expected = clinical_teacher_labels(

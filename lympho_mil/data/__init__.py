@@ -20,13 +20,7 @@ from lympho_mil.data.dlmi import PatientRecord, read_dlmi
 from lympho_mil.data.dlmi_crops import DLMICrops
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.image_cache import CropSpec, ImageCache
-from lympho_mil.data.settings import (
-    Augmentation,
-    CropSettings,
-    LoaderSettings,
-    PseudoLabelSettings,
-    SplitSettings,
-)
+from lympho_mil.data.settings import Augmentation, CropSettings, LoaderSettings, SplitSettings
 from lympho_mil.data.synthetic import make_synthetic_dlmi
 from lympho_mil.data.synthetic_datamodule import SyntheticDataModule, SyntheticSettings
 
@@ -50,7 +44,6 @@ __all__ = [
     "MNISTBagsDataModule",
     "PatientBagDataModule",
     "PatientRecord",
-    "PseudoLabelSettings",
     "SplitSettings",
     "SyntheticDataModule",
     "SyntheticSettings",

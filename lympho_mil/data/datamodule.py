@@ -41,13 +41,7 @@ from lympho_mil.data.errors import DataError
 from lympho_mil.data.gpu_augment import DeviceAugment, pixels_to_tensor, rows_to_tensor
 from lympho_mil.data.image_cache import ImageCache
 from lympho_mil.data.pseudo_labels import UNSURE, clinical_teacher_labels
-from lympho_mil.data.settings import (
-    Augmentation,
-    CropSettings,
-    LoaderSettings,
-    PseudoLabelSettings,
-    SplitSettings,
-)
+from lympho_mil.data.settings import Augmentation, CropSettings, LoaderSettings, SplitSettings
 from lympho_mil.data.splits import holdout_split, kfold_split
 from lympho_mil.data.transforms import BagAugment, BagToTensor
 
@@ -67,12 +61,9 @@ class BagDataModule(LightningDataModule, ABC):
             which depends only on (seed, epoch) so resumed runs replay the same batches. A
             split depends on the seed and the order of the patients in the data (the csv
             rows); ``lympho-mil cv`` sorts them by id first.
-        split: which labelled patients train, validate and test (`SplitSettings`: a holdout
-            or k-fold policy, or explicit id lists).
+        split: which patients train, validate and test (`SplitSettings`: a holdout or
+            k-fold policy, or explicit id lists; co-training with ``teacher_confidence``).
         predict_ids: patients to predict (default: every unlabelled patient).
-        pseudo_labels: co-training (`PseudoLabelSettings`): the unlabelled patients a
-            clinical teacher, fitted on the training split, labels confidently train too.
-            None: only labelled patients train.
         loader: `LoaderSettings` (``batch_size``, ``num_workers``, ``pin_memory``,
             ``persistent_workers``).
     """
@@ -83,7 +74,6 @@ class BagDataModule(LightningDataModule, ABC):
         seed: int = 0,
         split: SplitSettings = SplitSettings(),
         predict_ids: list[str] | None = None,
-        pseudo_labels: PseudoLabelSettings | None = None,
         loader: LoaderSettings = LoaderSettings(),
     ) -> None:
         super().__init__()
@@ -93,9 +83,6 @@ class BagDataModule(LightningDataModule, ABC):
         self.split = as_settings(SplitSettings, split)
         self.explicit_ids = self.split.explicit
         self.predict_ids = predict_ids
-        self.pseudo_labels = (
-            None if pseudo_labels is None else as_settings(PseudoLabelSettings, pseudo_labels)
-        )
         self.loader = as_settings(LoaderSettings, loader)
         self.batch_size = self.loader.batch_size
         self.num_workers = self.loader.num_workers
@@ -152,16 +139,17 @@ class BagDataModule(LightningDataModule, ABC):
     @cached_property
     def teacher_labels(self) -> dict[str, int]:
         """The unlabelled patients that train with the label of the clinical teacher
-        (`PseudoLabelSettings`), by id, in the data's order; empty without ``pseudo_labels``."""
+        (``split.teacher_confidence``), by id, in the data's order; empty without it."""
         train = self.labelled_split["train"]
         pool = [b for b in self.bags.values() if b.label == -1]
-        if self.pseudo_labels is None or not train or not pool:
+        confidence = self.split.teacher_confidence
+        if confidence is None or not train or not pool:
             return {}
         labels = clinical_teacher_labels(
             np.stack([self.bags[i].tabular for i in train]),
             np.array([self.bags[i].label for i in train]),
             np.stack([b.tabular for b in pool]),
-            self.pseudo_labels.confidence,
+            confidence,
         )
         chosen = {b.bag_id: int(y) for b, y in zip(pool, labels, strict=True) if y != UNSURE}
         log.info(
@@ -239,7 +227,7 @@ class BagDataModule(LightningDataModule, ABC):
             "train_ids": sorted(train),
             "val_ids": sorted(val),
         }
-        if self.pseudo_labels is not None:
+        if self.split.teacher_confidence is not None:
             record["teacher_labels"] = dict(sorted(self.teacher_labels.items()))
         return record
 

@@ -1,4 +1,5 @@
-"""The clinical teacher of co-training (`lympho_mil.data.settings.PseudoLabelSettings`).
+"""The clinical teacher of co-training (``teacher_confidence`` of
+`lympho_mil.data.settings.SplitSettings`).
 
 The crops and the clinical vector are two views of a patient. A teacher fitted on the clinical
 view of the labelled training patients labels the unlabelled patients it is sure of; an image

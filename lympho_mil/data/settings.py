@@ -1,10 +1,8 @@
-"""The grouped settings of the datamodules: which patients go where (`SplitSettings`), which
-unlabelled patients train with a clinical teacher's label (`PseudoLabelSettings`), how the
+"""The grouped settings of the datamodules: which patients go where (`SplitSettings`), how the
 loaders run (`LoaderSettings`), how a crop is decoded, cached and normalised (`CropSettings`)
 and how training crops are augmented (`Augmentation`).
 
-Each is a ``split:``, ``pseudo_labels:``, ``loader:``, ``crops:`` or ``augment:`` mapping in a
-config
+Each is a ``split:``, ``loader:``, ``crops:`` or ``augment:`` mapping in a config
 (``--data.loader.batch_size 8`` on the command line), checked when it is made.
 """
 
@@ -20,7 +18,7 @@ from lympho_mil.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclass(frozen=True)
 class SplitSettings:
-    """Which labelled patients train, validate and test.
+    """Which patients train, validate and test.
 
     val_fraction: share of the labelled patients held out for validation (holdout policy);
         with ``test_fraction``, a share of those left after the test split.
@@ -28,6 +26,15 @@ class SplitSettings:
     n_folds, fold: k-fold policy instead of holdout: validate on fold ``fold``.
     train_ids, val_ids, test_ids: explicit patient lists (override the policy); used by
         cross-validation. ``val_ids: []`` trains without validation.
+    teacher_confidence: co-training from the clinical vector (None: off). The unlabelled
+        patients that a clinical teacher gives at least this probability of one class, in
+        [0.5, 1), join the training split with that label
+        (`lympho_mil.data.pseudo_labels.clinical_teacher_labels`: a logistic regression on
+        the standardised clinical vector, balanced class weights, fitted on the training
+        split's labelled patients only, never on validation or test patients). They count as
+        training patients everywhere: the standardisations (and cell types) fitted on the
+        training split are fitted on them too; no label enters those. They stay in the
+        ``predict`` split: a model's answer for them is about a patient it trained on.
     """
 
     val_fraction: float = 0.2
@@ -37,6 +44,7 @@ class SplitSettings:
     train_ids: list[str] | None = None
     val_ids: list[str] | None = None
     test_ids: list[str] | None = None
+    teacher_confidence: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -49,37 +57,14 @@ class SplitSettings:
         n_folds, fold = self.n_folds, self.fold
         if n_folds is not None and not (n_folds >= 2 and 0 <= fold < n_folds):
             raise SettingError(f"need n_folds >= 2 and 0 <= fold < n_folds, got {n_folds}, {fold}")
+        confidence = self.teacher_confidence
+        if confidence is not None and not 0.5 <= confidence < 1.0:
+            raise SettingError(f"teacher_confidence must be in [0.5, 1), got {confidence}")
 
     @property
     def explicit(self) -> dict[str, list[str] | None]:
         """The explicit id lists by split (None where not given)."""
         return {"train": self.train_ids, "val": self.val_ids, "test": self.test_ids}
-
-
-@dataclass(frozen=True)
-class PseudoLabelSettings:
-    """Co-training from the clinical vector: the data's unlabelled patients that a clinical
-    teacher labels confidently join the training split with the teacher's label
-    (`lympho_mil.data.pseudo_labels.clinical_teacher_labels`). The teacher, a logistic
-    regression on the standardised clinical vector with balanced class weights, is fitted on
-    the training split's labelled patients only, never on validation or test patients.
-
-    confidence: the teacher's probability of its class a patient needs to be kept, in
-        [0.5, 1): 0.9 keeps patients it gives at least 0.9 of being tumoral or at most 0.1.
-
-    The patients kept count as training patients everywhere: the standardisations (and cell
-    types) fitted on the training split are fitted on them too; no label enters those. They
-    stay in the ``predict`` split: a model's answer for them is an answer about a patient it
-    trained on.
-    """
-
-    confidence: float = 0.9
-
-    def __post_init__(self) -> None:
-        if not 0.5 <= self.confidence < 1.0:
-            raise SettingError(
-                f"pseudo_labels.confidence must be in [0.5, 1), got {self.confidence}"
-            )
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,13 @@ class ModuleRunner:
     def build(self, setup: FoldSetup) -> FoldObjects:
         seed_everything(setup.seed, workers=True, verbose=False)
         fold = setup.split
-        ids = SplitSettings(train_ids=fold.train_ids, val_ids=fold.val_ids, test_ids=fold.test_ids)
+        teacher = self.make_data().split.teacher_confidence  # kept from the data's own split
+        ids = SplitSettings(
+            train_ids=fold.train_ids,
+            val_ids=fold.val_ids,
+            test_ids=fold.test_ids,
+            teacher_confidence=teacher,
+        )
         predict = {} if setup.predict_ids is None else {"predict_ids": setup.predict_ids}
         datamodule = self.make_data(split=ids, **predict)
         model = self.make_model(datamodule)
