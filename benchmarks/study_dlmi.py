@@ -383,20 +383,25 @@ def _logit(p: pd.Series) -> np.ndarray:
     return np.log(q / (1 - q))
 
 
-def logit_sum(first: Path, second: Path) -> pd.DataFrame:
-    """Out-of-fold predictions of the product of two experts cross-validated on identical
-    splits (``first`` and ``second``: their cv output folders): per fold, the probability of
-    the sum of their logits, the threshold chosen by cv's rule on the summed inner-validation
-    logits of that fold."""
+def logit_sum(*folders: Path, weights: Sequence[float] | None = None) -> pd.DataFrame:
+    """Out-of-fold predictions of the product of experts cross-validated on identical splits
+    (``folders``: their cv output folders): per fold, the probability of the (``weights``-)
+    weighted sum of their logits, the threshold chosen by cv's rule on the weighted sum of
+    the inner-validation logits of that fold."""
+    weights = [1.0] * len(folders) if weights is None else list(weights)
+    if len(weights) != len(folders) or len(folders) < 2:
+        raise ValueError(f"{len(folders)} folders and {len(weights)} weights: need two or more")
+    keys = ["repeat", "fold", "id", "label"]
     frames = {}
     for kind in ("oof_predictions", "inner_val_predictions"):
-        a, b = (pd.read_csv(f / f"{kind}.csv", dtype={"id": str}) for f in (first, second))
-        keys = ["repeat", "fold", "id", "label"]
-        both = a[[*keys, "probability"]].merge(b[[*keys, "probability"]], on=keys)
-        if len(both) != len(a) or len(both) != len(b):
-            raise ValueError(f"{first} and {second} do not hold the same {kind}")
-        total = _logit(both["probability_x"]) + _logit(both["probability_y"])
-        frames[kind] = both[keys].assign(probability=1 / (1 + np.exp(-total)))
+        tables = [pd.read_csv(f / f"{kind}.csv", dtype={"id": str}) for f in folders]
+        total = tables[0][keys].assign(logit=0.0)
+        for folder, table, weight in zip(folders, tables, weights, strict=True):
+            both = total.merge(table[[*keys, "probability"]], on=keys)
+            if len(both) != len(total) or len(both) != len(table):
+                raise ValueError(f"{folders[0]} and {folder} do not hold the same {kind}")
+            total = both[keys].assign(logit=both["logit"] + weight * _logit(both["probability"]))
+        frames[kind] = total[keys].assign(probability=1 / (1 + np.exp(-total["logit"])))
     inner, oof = frames["inner_val_predictions"], frames["oof_predictions"]
     thresholds = {
         fold: choose_threshold("inner_val", group["probability"], group["label"])
@@ -414,7 +419,7 @@ def round9(args: argparse.Namespace) -> Iterator[Record]:
         n: pd.read_csv(seventh / n / "oof_predictions.csv", dtype={"id": str})
         for n in (REFERENCE, RECIPE)
     }
-    row = sum_row("sum_ssl_types", seventh / REFERENCE, seventh / "images_ssl_types", refs)
+    row = sum_row("sum_ssl_types", [seventh / REFERENCE, seventh / "images_ssl_types"], refs)
     yield row
     recipe = metric_summary(refs[RECIPE], 2000, 0)
     yield {
@@ -425,10 +430,15 @@ def round9(args: argparse.Namespace) -> Iterator[Record]:
     }
 
 
-def sum_row(name: str, first: Path, second: Path, refs: dict[str, pd.DataFrame]) -> Record:
-    """The record of the product of experts whose cv outputs are ``first`` and ``second``
-    (`logit_sum`): metrics and paired differences to ``refs``; no training."""
-    oof = logit_sum(first, second)
+def sum_row(
+    name: str,
+    folders: Sequence[Path],
+    refs: dict[str, pd.DataFrame],
+    weights: Sequence[float] | None = None,
+) -> Record:
+    """The record of the product of experts whose cv outputs are ``folders`` (`logit_sum`,
+    ``weights``): metrics and paired differences to ``refs``; no training."""
+    oof = logit_sum(*folders, weights=weights)
     summary = metric_summary(oof, 2000, 0)
     row: Record = {"record": "candidate", "candidate": name}
     row.update({m: summary[m] for m in METRICS})
@@ -710,6 +720,58 @@ def teacher_record(folder: Path, out: Path) -> Record:
     }
 
 
+def round17_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out-sixteenth",
+        type=Path,
+        default=Path("runs/benchmarks/dlmi-round16"),
+        help="the sixteenth round's working folder (the cv outputs of its references and "
+        "controls; its records are read from benchmarks/results/dlmi-round16.jsonl)",
+    )
+
+
+@study(
+    "dlmi-round17",
+    "the seventeenth round: the three image heads' logits averaged (no training)",
+    round17_arguments,
+)
+def round17(args: argparse.Namespace) -> Iterator[Record]:
+    """The seventeenth round (docs/results.md): the sixteenth round's references and controls
+    as recorded; ``images_ssl_ensemble``, the mean of the logits of the seventh round's three
+    image-only heads (the sixteenth round's controls: one encoder, identical splits), with its
+    paired difference to the cell types; the logit sums of `REFERENCE` with the ensemble and
+    with the cell types; the verdict (the tenth round's rule, the cell types on the same
+    encoder as the pathway to beat). Nothing is trained."""
+    runs = args.out_sixteenth
+    recorded = {
+        r["candidate"]: r for r in read_records("dlmi-round16") if r["record"] == "candidate"
+    }
+    control = recorded["images_ssl_types"]
+    yield from (recorded[n] for n in (REFERENCE, RECIPE, control["candidate"]))
+    oofs = {
+        n: pd.read_csv(runs / n / "oof_predictions.csv", dtype={"id": str})
+        for n in (REFERENCE, RECIPE, control["candidate"])
+    }
+    refs = {n: oofs[n] for n in (REFERENCE, RECIPE)}
+    heads = [runs / head for head in image_heads("ssl")]
+    mean = [1 / len(heads)] * len(heads)
+    ensemble = sum_row("images_ssl_ensemble", heads, oofs, mean)
+    yield ensemble
+    sums = {
+        "sum_ssl_ensemble": sum_row(
+            "sum_ssl_ensemble", [runs / REFERENCE, *heads], refs, [1, *mean]
+        ),
+        "sum_ssl_types": sum_row(
+            "sum_ssl_types", [runs / REFERENCE, runs / "images_ssl_types"], refs
+        ),
+    }
+    yield from sums.values()
+    stands = ensemble["auroc"]["mean"] > control["auroc"]["mean"]
+    pathway = ensemble if stands else control
+    contender = sums["sum_ssl_ensemble" if stands else "sum_ssl_types"]
+    yield challenge_verdict(17, ensemble, control, pathway, [contender], recorded[RECIPE])
+
+
 def challenge(
     round_no: int,
     candidates: dict[str, dict[str, Any]],
@@ -746,7 +808,7 @@ def challenge(
         refs = {n: _cv(n, candidates[n], args, args.out_seventh) for n in (REFERENCE, RECIPE)}
         oofs = {n: oof for n, (oof, _) in refs.items()}
         own_out = args.out / own["candidate"]
-        contenders.append(sum_row(f"sum_{summary}", refs[REFERENCE][1], own_out, oofs))
+        contenders.append(sum_row(f"sum_{summary}", [refs[REFERENCE][1], own_out], oofs))
     yield from contenders
     recipe = {r["candidate"]: r for r in rows}[RECIPE]
     yield challenge_verdict(round_no, own, before, pathway, contenders, recipe)

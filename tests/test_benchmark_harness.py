@@ -552,3 +552,87 @@ def test_logit_sum_adds_the_logits_and_thresholds_on_inner_validation(
     )
     with pytest.raises(ValueError, match="same oof_predictions"):
         study_dlmi.logit_sum(first, broken)
+
+
+def test_logit_sum_weighs_each_experts_logits(study_dlmi: ModuleType, tmp_path: Path) -> None:
+    import numpy as np
+
+    folders = []
+    for name, oof in (("a", [0.5, 0.9]), ("b", [0.2, 0.5]), ("c", [0.8, 0.1])):
+        folders.append(write_predictions(tmp_path / name, [0, 1], oof, [0.3, 0.6, 0.9]))
+    oof = study_dlmi.logit_sum(*folders, weights=[1 / 3] * 3)
+    logits = np.log([[1, 9], [1 / 4, 1], [4, 1 / 9]])  # the three experts' logits
+    expected = 1 / (1 + np.exp(-logits.mean(axis=0)))
+    np.testing.assert_allclose(oof["probability"], expected)
+    with pytest.raises(ValueError, match="two or more"):
+        study_dlmi.logit_sum(folders[0], weights=[1.0])
+    with pytest.raises(ValueError, match="3 folders and 2 weights"):
+        study_dlmi.logit_sum(*folders, weights=[0.5, 0.5])
+
+
+def write_predictions(
+    folder: Path, labels: list[int], oof: list[float], inner: list[float], folds: int = 1
+) -> Path:
+    """A cv output folder holding ``oof_predictions.csv`` (patients p0, p1, ... with
+    ``labels``, predicted at 0.5) and ``inner_val_predictions.csv`` (labels 0, 1, 1, ...),
+    ``folds`` times."""
+    import pandas as pd
+
+    folder.mkdir()
+    oofs, inners = [], []
+    for fold in range(folds):
+        keys = {"repeat": 0, "fold": fold}
+        ids = [f"p{i}" for i in range(fold, len(oof) * folds, folds)][: len(oof)]
+        predicted = [int(q >= 0.5) for q in oof]
+        columns = {"label": labels, "probability": oof, "predicted": predicted}
+        oofs.append(pd.DataFrame({**keys, "id": ids, **columns}))
+        inner_labels = [0] + [1] * (len(inner) - 1)
+        ids = [f"q{fold}-{i}" for i in range(len(inner))]
+        inners.append(
+            pd.DataFrame({**keys, "id": ids, "label": inner_labels, "probability": inner})
+        )
+    pd.concat(oofs).to_csv(folder / "oof_predictions.csv", index=False)
+    pd.concat(inners).to_csv(folder / "inner_val_predictions.csv", index=False)
+    return folder
+
+
+@pytest.mark.parametrize("control_auroc", [0.0, 1.01])
+def test_the_seventeenth_round_judges_the_ensemble_against_the_same_encoders_cell_types(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, control_auroc: float
+) -> None:
+    """The ensemble stands only above the recorded cell types' AUROC; the contender judged
+    against the recipe is the standing pathway's logit sum; nothing is cross-validated."""
+    import argparse
+
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    labels = [0, 1] * 10
+    for name in ("tabular_mlp", "fused_morphology_mean", *study_dlmi.image_heads("ssl")):
+        oof = np.clip(np.array(labels) * 0.4 + rng.uniform(0.05, 0.55, 20), 0.01, 0.99)
+        write_predictions(tmp_path / name, labels, list(oof), [0.2, 0.7, 0.8], folds=2)
+    recorded = [
+        scored("tabular_mlp", 0.78, 0.90),
+        scored("fused_morphology_mean", 0.806, 0.909),
+        scored("images_ssl_types", 0.77, control_auroc),
+    ]
+    monkeypatch.setattr(study_dlmi, "read_records", lambda name: recorded)
+    monkeypatch.setattr(study_dlmi, "_cv", pytest.fail)
+    args = argparse.Namespace(out_sixteenth=tmp_path)
+    records = {r.get("candidate", r["record"]): r for r in study_dlmi.round17(args)}
+    assert list(records) == [
+        "tabular_mlp",
+        "fused_morphology_mean",
+        "images_ssl_types",
+        "images_ssl_ensemble",
+        "sum_ssl_ensemble",
+        "sum_ssl_types",
+        "verdict",
+    ]
+    ensemble, verdict = records["images_ssl_ensemble"], records["verdict"]
+    assert {"minus_tabular_mlp", "minus_images_ssl_types"} <= ensemble.keys()
+    assert "minus_images_ssl_types" not in records["sum_ssl_ensemble"]
+    stands = control_auroc == 0.0
+    assert verdict["replaces"] == ("images_ssl_types" if stands else None)
+    contender = "sum_ssl_ensemble" if stands else "sum_ssl_types"
+    assert [k for k in verdict if k.startswith("bars_")] == [f"bars_{contender}"]
