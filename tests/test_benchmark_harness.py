@@ -491,6 +491,23 @@ def test_challenge_rule_replaces_the_pathway_and_the_recipe_only_when_beaten(
     assert verdict["adopted_as_recipe"] is None
 
 
+def test_a_tie_in_the_last_bits_is_no_win(study_dlmi: ModuleType) -> None:
+    """The sixteenth round's logit sum and recipe: the same AUROC (1,591 of 1,750 pairs),
+    summed in other orders."""
+    before = scored("images_ssl_types", 0.775, 0.850)
+    recipe = scored("fused_morphology_mean", 0.8063571428571429, 0.909142857142857)
+    level = scored("sum_ssl_pl_types", 0.809, 0.9091428571428573)
+    assert level["auroc"]["mean"] > recipe["auroc"]["mean"]  # in float, not in fact
+    verdict = study_dlmi.challenge_verdict(16, before, before, before, [level], recipe)
+    assert verdict["adopted_as_recipe"] is None
+    higher = scored("sum_ssl_pl_types", 0.809, 0.9091428571428573 + 1e-6)
+    verdict = study_dlmi.challenge_verdict(16, before, before, before, [higher], recipe)
+    assert verdict["adopted_as_recipe"] == "sum_ssl_pl_types"
+    at_bar = scored("images_ssl_pl_types", 0.80 - 1e-15, 0.85 - 1e-15)  # on the bars
+    bars = study_dlmi.bars(at_bar, level)
+    assert bars["bar_images_balanced_accuracy_0.80"] and bars["bar_images_auroc_0.85"]
+
+
 def test_a_losing_round_is_judged_with_the_standing_pathways_recorded_contenders(
     study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
