@@ -759,7 +759,9 @@ def round17(args: argparse.Namespace) -> Iterator[Record]:
     encoder as the pathway to beat). Nothing is trained."""
     runs = args.out_sixteenth
     recorded = {
-        r["candidate"]: r for r in read_records("dlmi-round16") if r["record"] == "candidate"
+        r["candidate"]: {k: v for k, v in r.items() if k != "study"}  # this study's from here
+        for r in read_records("dlmi-round16")
+        if r["record"] == "candidate"
     }
     control = recorded["images_ssl_types"]
     yield from (recorded[n] for n in (REFERENCE, RECIPE, control["candidate"]))
