@@ -388,15 +388,16 @@ def test_the_rounds_reference_recipe_is_the_shipped_one(
         assert round_candidates[f"r8:{reference}"] == round_candidates[f"r7:{reference}"]
 
 
-def test_the_shipped_image_pathway_is_the_seventh_rounds(
+def test_the_shipped_image_pathway_is_the_sixteenth_rounds(
     round_candidates: dict, study_dlmi: ModuleType, synthetic_dlmi: Path, tmp_path: Path
 ) -> None:
-    """``examples/configs/dlmi_images_ssl.yaml`` resolves to the seventh round's image pathway
-    (``images_ssl_types``), but for where it reads the encoder's weights."""
+    """``examples/configs/dlmi_images_ssl.yaml`` resolves to the sixteenth round's image
+    pathway (``images_ssl_pl_types``: the seventh round's with co-training), but for where it
+    reads the encoder's weights."""
     import copy
 
     shipped = study_dlmi.load("dlmi_images_ssl.yaml")
-    candidate = copy.deepcopy(round_candidates["r7:images_ssl_types"])
+    candidate = copy.deepcopy(round_candidates["r16:images_ssl_pl_types"])
     weights = shipped["data"]["init_args"]["features"]["weights"]
     candidate["data"]["init_args"]["features"]["weights"] = weights
     args = (study_dlmi, synthetic_dlmi, tmp_path)

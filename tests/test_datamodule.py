@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -376,3 +377,17 @@ def test_teacher_labelled_patients_train_with_that_label(make_dm) -> None:
     assert all(dm.bags[i].label == -1 for i in unlabelled)  # the data itself is unchanged
     assert dm.checkpoint_record()["teacher_labels"] == dm.teacher_labels
     assert "teacher_labels" not in plain.checkpoint_record() and plain.teacher_labels == {}
+
+
+def test_co_training_without_unlabelled_patients_says_so(
+    synthetic_dlmi: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "labelled_only"
+    folder.mkdir()
+    (folder / "trainset").symlink_to(synthetic_dlmi / "trainset", target_is_directory=True)
+    split = {"val_fraction": 0.3, "teacher_confidence": 0.9}
+    dm = PatientBagDataModule(str(folder), crops={"image_size": SIZE}, split=split)
+    with caplog.at_level(logging.WARNING, logger="lympho_mil"):
+        assert dm.teacher_labels == {}
+    assert "no unlabelled patients" in caplog.text
+    assert set(dm.split_ids["train"]) | set(dm.split_ids["val"]) == set(dm.bags)

@@ -143,6 +143,8 @@ class BagDataModule(LightningDataModule, ABC):
         train = self.labelled_split["train"]
         pool = [b for b in self.bags.values() if b.label == -1]
         confidence = self.split.teacher_confidence
+        if confidence is not None and not pool:
+            log.warning("co-training: the data holds no unlabelled patients, it trains without")
         if confidence is None or not train or not pool:
             return {}
         labels = clinical_teacher_labels(
