@@ -751,42 +751,75 @@ def round17_arguments(p: argparse.ArgumentParser) -> None:
     round17_arguments,
 )
 def round17(args: argparse.Namespace) -> Iterator[Record]:
-    """The seventeenth round (docs/results.md): the sixteenth round's references and controls
-    as recorded; ``images_ssl_ensemble``, the mean of the logits of the seventh round's three
-    image-only heads (the sixteenth round's controls: one encoder, identical splits), with its
-    paired difference to the cell types; the logit sums of `REFERENCE` with the ensemble and
-    with the cell types; the verdict (the tenth round's rule, the cell types on the same
-    encoder as the pathway to beat). Nothing is trained."""
-    runs = args.out_sixteenth
-    recorded = {
-        r["candidate"]: {k: v for k, v in r.items() if k != "study"}  # this study's from here
+    """The seventeenth round (docs/results.md): `ensemble_round` of the seventh round's three
+    image-only heads (the sixteenth round's controls), judged against the recipe."""
+    recipe = sixteenth_records()[RECIPE]
+    yield from ensemble_round(17, args.out_sixteenth, "ssl", recipe)
+
+
+@study(
+    "dlmi-round18",
+    "the eighteenth round: the three co-trained image heads' logits averaged (no training)",
+    round17_arguments,
+)
+def round18(args: argparse.Namespace) -> Iterator[Record]:
+    """The eighteenth round (docs/results.md): `ensemble_round` of the sixteenth round's three
+    co-trained heads, judged against the recipe the seventeenth round's rule adopted (the sum
+    of `REFERENCE` and the seventeenth round's ensemble, as recorded)."""
+    runs, ssl = args.out_sixteenth, [args.out_sixteenth / h for h in image_heads("ssl")]
+    recipe = {r["candidate"]: r for r in read_records("dlmi-round17")}["sum_ssl_ensemble"]
+    mean = [1 / len(ssl)] * len(ssl)
+    oof = logit_sum(runs / REFERENCE, *ssl, weights=[1, *mean])
+    yield {k: v for k, v in recipe.items() if k != "study"}
+    yield from ensemble_round(18, runs, "ssl_pl", recipe, {recipe["candidate"]: oof})
+
+
+def sixteenth_records() -> dict[str, Record]:
+    """The sixteenth round's candidate records by name (their ``study`` field left out: they
+    are rows of the round that reads them)."""
+    return {
+        r["candidate"]: {k: v for k, v in r.items() if k != "study"}
         for r in read_records("dlmi-round16")
         if r["record"] == "candidate"
     }
-    control = recorded["images_ssl_types"]
+
+
+def ensemble_round(
+    round_no: int,
+    runs: Path,
+    tag: str,
+    recipe: Record,
+    more_refs: dict[str, pd.DataFrame] | None = None,
+) -> Iterator[Record]:
+    """A round of the seventeenth round's kind, nothing trained: the sixteenth round's
+    references and ``images_<tag>_types`` as recorded (cv outputs in ``runs``);
+    ``images_<tag>_ensemble``, the mean of the logits of the three ``images_<tag>_*`` heads,
+    with its paired difference to the cell types; the logit sums of `REFERENCE` with the
+    ensemble and with the cell types (paired differences to the references and
+    ``more_refs``); the verdict (the tenth round's rule: the cell types on the same encoder
+    as the pathway to beat, ``recipe`` as the recipe)."""
+    recorded = sixteenth_records()
+    control = recorded[f"images_{tag}_types"]
     yield from (recorded[n] for n in (REFERENCE, RECIPE, control["candidate"]))
     oofs = {
         n: pd.read_csv(runs / n / "oof_predictions.csv", dtype={"id": str})
         for n in (REFERENCE, RECIPE, control["candidate"])
     }
-    refs = {n: oofs[n] for n in (REFERENCE, RECIPE)}
-    heads = [runs / head for head in image_heads("ssl")]
+    refs = {n: oofs[n] for n in (REFERENCE, RECIPE)} | (more_refs or {})
+    heads = [runs / head for head in image_heads(tag)]
     mean = [1 / len(heads)] * len(heads)
-    ensemble = sum_row("images_ssl_ensemble", heads, oofs, mean)
+    ensemble = sum_row(f"images_{tag}_ensemble", heads, oofs, mean)
     yield ensemble
+    clinical = runs / REFERENCE
     sums = {
-        "sum_ssl_ensemble": sum_row(
-            "sum_ssl_ensemble", [runs / REFERENCE, *heads], refs, [1, *mean]
-        ),
-        "sum_ssl_types": sum_row(
-            "sum_ssl_types", [runs / REFERENCE, runs / "images_ssl_types"], refs
-        ),
+        "ensemble": sum_row(f"sum_{tag}_ensemble", [clinical, *heads], refs, [1, *mean]),
+        "types": sum_row(f"sum_{tag}_types", [clinical, runs / control["candidate"]], refs),
     }
     yield from sums.values()
     stands = above(ensemble["auroc"]["mean"], control["auroc"]["mean"])
     pathway = ensemble if stands else control
-    contender = sums["sum_ssl_ensemble" if stands else "sum_ssl_types"]
-    yield challenge_verdict(17, ensemble, control, pathway, [contender], recorded[RECIPE])
+    contender = sums["ensemble" if stands else "types"]
+    yield challenge_verdict(round_no, ensemble, control, pathway, [contender], recipe)
 
 
 def challenge(

@@ -654,3 +654,40 @@ def test_the_seventeenth_round_judges_the_ensemble_against_the_same_encoders_cel
     assert verdict["replaces"] == ("images_ssl_types" if stands else None)
     contender = "sum_ssl_ensemble" if stands else "sum_ssl_types"
     assert [k for k in verdict if k.startswith("bars_")] == [f"bars_{contender}"]
+
+
+@pytest.mark.parametrize("recipe_auroc", [0.0, 1.01])
+def test_the_eighteenth_round_judges_its_sum_against_the_seventeenth_rounds_recipe(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, recipe_auroc: float
+) -> None:
+    """The co-trained heads' ensemble against the co-trained cell types; its sum against the
+    recipe the seventeenth round adopted (``sum_ssl_ensemble``, as recorded), with the paired
+    differences to that recipe's out-of-fold predictions (remade from the controls)."""
+    import argparse
+
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    labels = [0, 1] * 10
+    heads = [*study_dlmi.image_heads("ssl"), *study_dlmi.image_heads("ssl_pl")]
+    for name in ("tabular_mlp", "fused_morphology_mean", *heads):
+        oof = np.clip(np.array(labels) * 0.4 + rng.uniform(0.05, 0.55, 20), 0.01, 0.99)
+        write_predictions(tmp_path / name, labels, list(oof), [0.2, 0.7, 0.8], folds=2)
+    records = {
+        "dlmi-round16": [
+            scored("tabular_mlp", 0.78, 0.90),
+            scored("fused_morphology_mean", 0.806, 0.909),
+            scored("images_ssl_pl_types", 0.75, 0.0),  # the ensemble stands
+        ],
+        "dlmi-round17": [scored("sum_ssl_ensemble", 0.0, recipe_auroc)],
+    }
+    monkeypatch.setattr(study_dlmi, "read_records", records.__getitem__)
+    monkeypatch.setattr(study_dlmi, "_cv", pytest.fail)
+    args = argparse.Namespace(out_sixteenth=tmp_path)
+    rows = {r.get("candidate", r["record"]): r for r in study_dlmi.round18(args)}
+    assert list(rows)[:1] == ["sum_ssl_ensemble"] and "sum_ssl_pl_ensemble" in rows
+    assert "minus_sum_ssl_ensemble" in rows["sum_ssl_pl_ensemble"]
+    verdict = rows["verdict"]
+    assert verdict["round"] == 18 and verdict["replaces"] == "images_ssl_pl_types"
+    beaten = recipe_auroc == 0.0
+    assert verdict["adopted_as_recipe"] == ("sum_ssl_pl_ensemble" if beaten else None)
