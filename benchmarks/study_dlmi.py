@@ -767,7 +767,9 @@ def round18(args: argparse.Namespace) -> Iterator[Record]:
     co-trained heads, judged against the recipe the seventeenth round's rule adopted (the sum
     of `REFERENCE` and the seventeenth round's ensemble, as recorded)."""
     runs, ssl = args.out_sixteenth, [args.out_sixteenth / h for h in image_heads("ssl")]
-    recipe = {r["candidate"]: r for r in read_records("dlmi-round17")}["sum_ssl_ensemble"]
+    (recipe,) = (
+        r for r in read_records("dlmi-round17") if r.get("candidate") == "sum_ssl_ensemble"
+    )
     mean = [1 / len(ssl)] * len(ssl)
     oof = logit_sum(runs / REFERENCE, *ssl, weights=[1, *mean])
     yield {k: v for k, v in recipe.items() if k != "study"}

@@ -679,7 +679,7 @@ def test_the_eighteenth_round_judges_its_sum_against_the_seventeenth_rounds_reci
             scored("fused_morphology_mean", 0.806, 0.909),
             scored("images_ssl_pl_types", 0.75, 0.0),  # the ensemble stands
         ],
-        "dlmi-round17": [scored("sum_ssl_ensemble", 0.0, recipe_auroc)],
+        "dlmi-round17": [scored("sum_ssl_ensemble", 0.0, recipe_auroc), {"record": "verdict"}],
     }
     monkeypatch.setattr(study_dlmi, "read_records", records.__getitem__)
     monkeypatch.setattr(study_dlmi, "_cv", pytest.fail)
