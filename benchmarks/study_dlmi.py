@@ -44,6 +44,7 @@ SSL_SETTINGS = PretrainSettings()  # fixed with the seventh round: 100 epochs, S
 SSL200_SETTINGS = PretrainSettings(epochs=200)  # the tenth round's: twice as long, else the same
 SSL96_SETTINGS, SSL96_SIZE = PretrainSettings(epochs=50), 96  # the fourteenth round's: 96 px
 DINO_SETTINGS = PretrainSettings(method="dino", epochs=50, temperature=0.1)  # the fifteenth's
+SEED1_SETTINGS = PretrainSettings(seed=1)  # the nineteenth round's: the seventh's, another seed
 CELL_TYPES = 16
 
 
@@ -753,8 +754,9 @@ def round17_arguments(p: argparse.ArgumentParser) -> None:
 def round17(args: argparse.Namespace) -> Iterator[Record]:
     """The seventeenth round (docs/results.md): `ensemble_round` of the seventh round's three
     image-only heads (the sixteenth round's controls), judged against the recipe."""
-    recipe = sixteenth_records()[RECIPE]
-    yield from ensemble_round(17, args.out_sixteenth, "ssl", recipe)
+    recorded = sixteenth_records()
+    folders = folders_of(args.out_sixteenth)
+    yield from ensemble_round(17, folders, recorded, "ssl", recorded[RECIPE])
 
 
 @study(
@@ -766,14 +768,15 @@ def round18(args: argparse.Namespace) -> Iterator[Record]:
     """The eighteenth round (docs/results.md): `ensemble_round` of the sixteenth round's three
     co-trained heads, judged against the recipe the seventeenth round's rule adopted (the sum
     of `REFERENCE` and the seventeenth round's ensemble, as recorded)."""
-    runs, ssl = args.out_sixteenth, [args.out_sixteenth / h for h in image_heads("ssl")]
+    recorded = sixteenth_records()
+    folders = folders_of(args.out_sixteenth)
     (recipe,) = (
         r for r in read_records("dlmi-round17") if r.get("candidate") == "sum_ssl_ensemble"
     )
-    mean = [1 / len(ssl)] * len(ssl)
-    oof = logit_sum(runs / REFERENCE, *ssl, weights=[1, *mean])
+    ssl = [folders[h] for h in image_heads("ssl")]
+    oof = logit_sum(folders[REFERENCE], *ssl, weights=[1, *[1 / len(ssl)] * len(ssl)])
     yield {k: v for k, v in recipe.items() if k != "study"}
-    yield from ensemble_round(18, runs, "ssl_pl", recipe, {recipe["candidate"]: oof})
+    yield from ensemble_round(18, folders, recorded, "ssl_pl", recipe, {recipe["candidate"]: oof})
 
 
 def sixteenth_records() -> dict[str, Record]:
@@ -786,42 +789,107 @@ def sixteenth_records() -> dict[str, Record]:
     }
 
 
+def folders_of(runs: Path) -> dict[str, Path]:
+    """The cv output folders in ``runs`` of the references and of the sixteenth round's six
+    image-only heads (co-trained or not)."""
+    names = [REFERENCE, RECIPE, *image_heads("ssl"), *image_heads("ssl_pl")]
+    return {name: runs / name for name in names}
+
+
 def ensemble_round(
     round_no: int,
-    runs: Path,
+    folders: dict[str, Path],
+    recorded: dict[str, Record],
     tag: str,
     recipe: Record,
     more_refs: dict[str, pd.DataFrame] | None = None,
 ) -> Iterator[Record]:
-    """A round of the seventeenth round's kind, nothing trained: the sixteenth round's
-    references and ``images_<tag>_types`` as recorded (cv outputs in ``runs``);
+    """A round of the seventeenth round's kind, nothing trained: the references and
+    ``images_<tag>_types`` as ``recorded`` (their cv outputs and the heads' in ``folders``);
     ``images_<tag>_ensemble``, the mean of the logits of the three ``images_<tag>_*`` heads,
     with its paired difference to the cell types; the logit sums of `REFERENCE` with the
     ensemble and with the cell types (paired differences to the references and
     ``more_refs``); the verdict (the tenth round's rule: the cell types on the same encoder
     as the pathway to beat, ``recipe`` as the recipe)."""
-    recorded = sixteenth_records()
     control = recorded[f"images_{tag}_types"]
     yield from (recorded[n] for n in (REFERENCE, RECIPE, control["candidate"]))
     oofs = {
-        n: pd.read_csv(runs / n / "oof_predictions.csv", dtype={"id": str})
+        n: pd.read_csv(folders[n] / "oof_predictions.csv", dtype={"id": str})
         for n in (REFERENCE, RECIPE, control["candidate"])
     }
     refs = {n: oofs[n] for n in (REFERENCE, RECIPE)} | (more_refs or {})
-    heads = [runs / head for head in image_heads(tag)]
+    heads = [folders[head] for head in image_heads(tag)]
     mean = [1 / len(heads)] * len(heads)
     ensemble = sum_row(f"images_{tag}_ensemble", heads, oofs, mean)
     yield ensemble
-    clinical = runs / REFERENCE
+    clinical = folders[REFERENCE]
     sums = {
         "ensemble": sum_row(f"sum_{tag}_ensemble", [clinical, *heads], refs, [1, *mean]),
-        "types": sum_row(f"sum_{tag}_types", [clinical, runs / control["candidate"]], refs),
+        "types": sum_row(f"sum_{tag}_types", [clinical, folders[control["candidate"]]], refs),
     }
     yield from sums.values()
     stands = above(ensemble["auroc"]["mean"], control["auroc"]["mean"])
     pathway = ensemble if stands else control
     contender = sums["ensemble" if stands else "types"]
     yield challenge_verdict(round_no, ensemble, control, pathway, [contender], recipe)
+
+
+def round19_arguments(p: argparse.ArgumentParser) -> None:
+    round10_arguments(p)
+    round17_arguments(p)
+
+
+@study(
+    "dlmi-round19",
+    "the nineteenth round: the sixteenth to eighteenth rounds' heads on an encoder pretrained "
+    "with another seed",
+    round19_arguments,
+)
+def round19(args: argparse.Namespace) -> Iterator[Record]:
+    """The nineteenth round (docs/results.md): an encoder pretrained as the seventh round's
+    but for its seed (`SEED1_SETTINGS`); on it, the sixteenth round's six image-only heads
+    (three co-trained, three not) on the sixteenth round's folder and splits (its references
+    found there, not run again), co-training's effect on each head; both ensembles of three
+    heads and the logit sums of `REFERENCE` with them and with the cell types; the verdict: is
+    the eighteenth round's ``sum_ssl_pl_ensemble`` confirmed (balanced accuracy above
+    `REFERENCE` with the interval above 0, AUROC above it), and does it meet the fused bar."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round19")
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, SEED1_SETTINGS)
+    yield pretraining_record(ssl_path, seconds)
+    args.data = challenge_layout(args.data, args.unlabelled, args.out_sixteenth / "data")
+    candidates = {
+        n: with_data(c, args.data, args.cache_dir) for n, c in round16_candidates(ssl_path).items()
+    }
+    plain, cotrained = image_heads("ssl"), image_heads("ssl_pl")
+    yield from _rows(candidates, [*plain, *cotrained], args, earlier=args.out_sixteenth)
+    runs = {
+        n: _cv(n, candidates[n], args, args.out_sixteenth)  # every one found, none run again
+        for n in (REFERENCE, RECIPE, *plain, *cotrained)
+    }
+    for own, control in zip(cotrained, plain, strict=True):
+        diff = paired_difference(runs[control][0], runs[own][0], 2000, 0)
+        effect = {m: diff[m] for m in METRICS}
+        yield {"record": "co_training_effect", "candidate": own, "control": control, **effect}
+    refs = {n: runs[n][0] for n in (REFERENCE, RECIPE)}
+    clinical, sums = runs[REFERENCE][1], {}
+    for tag, heads in (("ssl", plain), ("ssl_pl", cotrained)):
+        folders = [runs[h][1] for h in heads]
+        mean = [1 / len(heads)] * len(heads)
+        types = {heads[-1]: runs[heads[-1]][0]}  # the cell types, the last head
+        yield sum_row(f"images_{tag}_ensemble", folders, refs | types, mean)
+        yield sum_row(f"sum_{tag}_types", [clinical, folders[-1]], refs)
+        sums[tag] = sum_row(f"sum_{tag}_ensemble", [clinical, *folders], refs, [1, *mean])
+        yield sums[tag]
+    target = sums["ssl_pl"]
+    versus = target[f"minus_{REFERENCE}"]
+    yield {
+        "record": "verdict",
+        "round": 19,
+        "candidate": target["candidate"],
+        "confirmed": above(versus["balanced_accuracy"]["ci95_low"], 0)
+        and above(versus["auroc"]["mean"], 0),
+        **bars(None, target),
+    }
 
 
 def challenge(

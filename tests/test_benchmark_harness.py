@@ -691,3 +691,62 @@ def test_the_eighteenth_round_judges_its_sum_against_the_seventeenth_rounds_reci
     assert verdict["round"] == 18 and verdict["replaces"] == "images_ssl_pl_types"
     beaten = recipe_auroc == 0.0
     assert verdict["adopted_as_recipe"] == ("sum_ssl_pl_ensemble" if beaten else None)
+
+
+def test_the_nineteenth_round_replicates_on_another_encoder_without_training_the_references(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The six heads on the new encoder (`_rows`), the references found in the sixteenth
+    round's folder; co-training's effect per head; both ensembles and sums; the verdict on the
+    co-trained ensemble's sum read from its own row."""
+    import argparse
+
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(2)
+    labels = [0, 1] * 10
+    plain, cotrained = study_dlmi.image_heads("ssl"), study_dlmi.image_heads("ssl_pl")
+    for name in ("tabular_mlp", "fused_morphology_mean", *plain, *cotrained):
+        oof = np.clip(np.array(labels) * 0.4 + rng.uniform(0.05, 0.55, 20), 0.01, 0.99)
+        write_predictions(tmp_path / name, labels, list(oof), [0.2, 0.7, 0.8], folds=2)
+    weights = tmp_path / "encoder.pt"
+    monkeypatch.setattr(study_dlmi, "ssl_weights", lambda *args: (weights, 1.0))
+    monkeypatch.setattr(study_dlmi, "pretraining_record", lambda *a: {"record": "pretraining"})
+    monkeypatch.setattr(study_dlmi, "challenge_layout", lambda *args: tmp_path / "data")
+    wanted: list[list[str]] = []
+    monkeypatch.setattr(study_dlmi, "_rows", lambda c, names, *a, **k: wanted.append(names) or [])
+
+    def found(name: str, config: dict, args: argparse.Namespace, earlier: Path) -> tuple:
+        assert earlier == tmp_path
+        return pd.read_csv(tmp_path / name / "oof_predictions.csv", dtype={"id": str}), (
+            tmp_path / name
+        )
+
+    monkeypatch.setattr(study_dlmi, "_cv", found)
+    args = argparse.Namespace(
+        data=tmp_path,
+        unlabelled=tmp_path,
+        cache_dir=None,
+        out=tmp_path / "r19",
+        out_sixteenth=tmp_path,
+    )
+    records = list(study_dlmi.round19(args))
+    assert wanted == [[*plain, *cotrained]]
+    effects = [r["candidate"] for r in records if r["record"] == "co_training_effect"]
+    assert effects == cotrained
+    rows = {r["candidate"]: r for r in records if r["record"] == "candidate"}
+    assert list(rows) == [
+        "images_ssl_ensemble",
+        "sum_ssl_types",
+        "sum_ssl_ensemble",
+        "images_ssl_pl_ensemble",
+        "sum_ssl_pl_types",
+        "sum_ssl_pl_ensemble",
+    ]
+    assert "minus_images_ssl_pl_types" in rows["images_ssl_pl_ensemble"]
+    verdict = records[-1]
+    versus = rows["sum_ssl_pl_ensemble"]["minus_tabular_mlp"]
+    expected = versus["balanced_accuracy"]["ci95_low"] > 0 and versus["auroc"]["mean"] > 0
+    assert verdict["round"] == 19 and verdict["confirmed"] == expected
+    assert verdict["candidate"] == "sum_ssl_pl_ensemble"
