@@ -817,21 +817,38 @@ def ensemble_round(
         n: pd.read_csv(folders[n] / "oof_predictions.csv", dtype={"id": str})
         for n in (REFERENCE, RECIPE, control["candidate"])
     }
-    refs = {n: oofs[n] for n in (REFERENCE, RECIPE)} | (more_refs or {})
-    heads = [folders[head] for head in image_heads(tag)]
-    mean = [1 / len(heads)] * len(heads)
-    ensemble = sum_row(f"images_{tag}_ensemble", heads, oofs, mean)
+    refs = {n: oofs[n] for n in (REFERENCE, RECIPE)}
+    rows = ensemble_rows(tag, folders, refs, oofs[control["candidate"]], more_refs)
+    ensemble = rows["ensemble"]
     yield ensemble
-    clinical = folders[REFERENCE]
-    sums = {
-        "ensemble": sum_row(f"sum_{tag}_ensemble", [clinical, *heads], refs, [1, *mean]),
-        "types": sum_row(f"sum_{tag}_types", [clinical, folders[control["candidate"]]], refs),
-    }
-    yield from sums.values()
+    yield from (rows[k] for k in ("sum_ensemble", "sum_types"))
     stands = above(ensemble["auroc"]["mean"], control["auroc"]["mean"])
     pathway = ensemble if stands else control
-    contender = sums["ensemble" if stands else "types"]
+    contender = rows["sum_ensemble" if stands else "sum_types"]
     yield challenge_verdict(round_no, ensemble, control, pathway, [contender], recipe)
+
+
+def ensemble_rows(
+    tag: str,
+    folders: dict[str, Path],
+    refs: dict[str, pd.DataFrame],
+    types_oof: pd.DataFrame,
+    more_refs: dict[str, pd.DataFrame] | None = None,
+) -> dict[str, Record]:
+    """The records made from the three ``images_<tag>_*`` heads' cv outputs (``folders``,
+    with `REFERENCE`'s), nothing trained: ``ensemble``, the mean of their logits (paired
+    differences to ``refs`` and to the cell types, ``types_oof``); ``sum_ensemble`` and
+    ``sum_types``, `REFERENCE`'s logit plus the ensemble's or the cell types' (paired
+    differences to ``refs`` and ``more_refs``)."""
+    heads = [folders[head] for head in image_heads(tag)]
+    mean = [1 / len(heads)] * len(heads)
+    types = f"images_{tag}_types"
+    clinical, sum_refs = folders[REFERENCE], refs | (more_refs or {})
+    return {
+        "ensemble": sum_row(f"images_{tag}_ensemble", heads, refs | {types: types_oof}, mean),
+        "sum_ensemble": sum_row(f"sum_{tag}_ensemble", [clinical, *heads], sum_refs, [1, *mean]),
+        "sum_types": sum_row(f"sum_{tag}_types", [clinical, folders[types]], sum_refs),
+    }
 
 
 def round19_arguments(p: argparse.ArgumentParser) -> None:
@@ -871,16 +888,11 @@ def round19(args: argparse.Namespace) -> Iterator[Record]:
         effect = {m: diff[m] for m in METRICS}
         yield {"record": "co_training_effect", "candidate": own, "control": control, **effect}
     refs = {n: runs[n][0] for n in (REFERENCE, RECIPE)}
-    clinical, sums = runs[REFERENCE][1], {}
-    for tag, heads in (("ssl", plain), ("ssl_pl", cotrained)):
-        folders = [runs[h][1] for h in heads]
-        mean = [1 / len(heads)] * len(heads)
-        types = {heads[-1]: runs[heads[-1]][0]}  # the cell types, the last head
-        yield sum_row(f"images_{tag}_ensemble", folders, refs | types, mean)
-        yield sum_row(f"sum_{tag}_types", [clinical, folders[-1]], refs)
-        sums[tag] = sum_row(f"sum_{tag}_ensemble", [clinical, *folders], refs, [1, *mean])
-        yield sums[tag]
-    target = sums["ssl_pl"]
+    folders = {n: folder for n, (_, folder) in runs.items()}
+    for tag in ("ssl", "ssl_pl"):
+        rows = ensemble_rows(tag, folders, refs, runs[f"images_{tag}_types"][0])
+        yield from (rows[k] for k in ("ensemble", "sum_types", "sum_ensemble"))
+    target = rows["sum_ensemble"]  # the co-trained heads' (the loop's last)
     versus = target[f"minus_{REFERENCE}"]
     yield {
         "record": "verdict",
