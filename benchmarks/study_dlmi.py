@@ -904,6 +904,89 @@ def round19(args: argparse.Namespace) -> Iterator[Record]:
     }
 
 
+LOGIT_SUM = "logit_sum_ssl"
+"""The twentieth round's candidate: ``dlmi_logit_sum.yaml`` (`LogitSumMIL`) on the seventh
+round's encoder; ``logit_sum_ssl_pl`` is the same with co-training."""
+
+
+def round20_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+    """The twentieth round's candidates: the references (`round16_candidates`', found in the
+    sixteenth round's folder) and ``dlmi_logit_sum.yaml`` with the weights ``ssl_path``, as
+    shipped (`LOGIT_SUM`) and co-trained (``split.teacher_confidence``: `TEACHER_CONFIDENCE`)."""
+    references = round16_candidates(ssl_path)
+    plain = load("dlmi_logit_sum.yaml")
+    plain["data"]["init_args"]["features"]["weights"] = str(ssl_path)
+    cotrained = copy.deepcopy(plain)
+    cotrained["data"]["init_args"]["split"] = {"teacher_confidence": TEACHER_CONFIDENCE}
+    return {n: references[n] for n in (REFERENCE, RECIPE)} | {
+        LOGIT_SUM: plain,
+        f"{LOGIT_SUM}_pl": cotrained,
+    }
+
+
+@study(
+    "dlmi-round20",
+    "the twentieth round: the logit sum of the seventeenth to nineteenth rounds as one model "
+    "(LogitSumMIL)",
+    round19_arguments,
+)
+def round20(args: argparse.Namespace) -> Iterator[Record]:
+    """The twentieth round (docs/results.md): `LogitSumMIL` (the clinical expert and the three
+    image heads trained as one model, their logits added) on the seventh round's encoder,
+    without and with co-training, cross-validated on the sixteenth round's folder and splits
+    beside its references (found there, not run again); paired differences to the references
+    and to the separately trained sums of the seventeenth and eighteenth rounds (remade from
+    the sixteenth round's runs); the verdict (`round20_verdict`)."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round20")
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
+    yield pretraining_record(ssl_path, seconds)
+    args.data = challenge_layout(args.data, args.unlabelled, args.out_sixteenth / "data")
+    candidates = {
+        n: with_data(c, args.data, args.cache_dir) for n, c in round20_candidates(ssl_path).items()
+    }
+    runs = {n: _cv(n, config, args, args.out_sixteenth) for n, config in candidates.items()}
+    refs = {n: runs[n][0] for n in (REFERENCE, RECIPE)}
+    separate = folders_of(args.out_sixteenth)
+    for tag in ("ssl", "ssl_pl"):
+        heads = [separate[h] for h in image_heads(tag)]
+        weights = [1.0, *[1 / len(heads)] * len(heads)]
+        refs[f"sum_{tag}_ensemble"] = logit_sum(separate[REFERENCE], *heads, weights=weights)
+    rows = {n: _row(n, oof, refs, out) for n, (oof, out) in runs.items()}
+    yield from rows.values()
+    yield round20_verdict(rows)
+
+
+def round20_verdict(rows: dict[str, Record]) -> Record:
+    """The twentieth round's rule (docs/results.md): a `LogitSumMIL` candidate qualifies if
+    its balanced-accuracy gain over `REFERENCE` has a 95 % interval above 0, its AUROC
+    difference is above 0, and it beats `RECIPE` in both metrics; of two that qualify, the
+    one without co-training ships unless the co-trained one beats it in both metrics."""
+    recipe = rows[RECIPE]
+
+    def qualifies(row: Record) -> bool:
+        versus = row[f"minus_{REFERENCE}"]
+        return (
+            above(versus["balanced_accuracy"]["ci95_low"], 0)
+            and above(versus["auroc"]["mean"], 0)
+            and beats(row, recipe)
+        )
+
+    plain, cotrained = rows[LOGIT_SUM], rows[f"{LOGIT_SUM}_pl"]
+    qualified = {r["candidate"]: qualifies(r) for r in (plain, cotrained)}
+    shipped: Record | None = None
+    if qualified[LOGIT_SUM] and qualified[f"{LOGIT_SUM}_pl"]:
+        shipped = cotrained if beats(cotrained, plain) else plain
+    elif any(qualified.values()):
+        shipped = plain if qualified[LOGIT_SUM] else cotrained
+    return {
+        "record": "verdict",
+        "round": 20,
+        "qualifies": qualified,
+        "shipped": None if shipped is None else shipped["candidate"],
+        **{f"bars_{r['candidate']}": bars(None, r) for r in (plain, cotrained)},
+    }
+
+
 def challenge(
     round_no: int,
     candidates: dict[str, dict[str, Any]],

@@ -31,7 +31,7 @@ _HOMES = {
     ),
     # with the config-driven runners
     "lympho_mil.cli": ("compare_configs", "cross_validate", "evaluate_checkpoints"),
-    "lympho_mil.nn": ("GatedFusionNet", "InstanceNet", "MILNet", "TabularNet"),
+    "lympho_mil.nn": ("GatedFusionNet", "InstanceNet", "LogitSumNet", "MILNet", "TabularNet"),
     "lympho_mil.models": (
         "AttentionMIL",
         "BagClassifier",
@@ -39,6 +39,7 @@ _HOMES = {
         "GatedAttentionMIL",
         "GatedFusionMIL",
         "InstanceMIL",
+        "LogitSumMIL",
         "MILClassifier",
         "MaxPoolMIL",
         "MeanPoolMIL",
@@ -60,6 +61,8 @@ __all__ = [
     "GatedFusionNet",
     "InstanceMIL",
     "InstanceNet",
+    "LogitSumMIL",
+    "LogitSumNet",
     "MILClassifier",
     "MILNet",
     "MaxPoolMIL",
@@ -109,10 +112,11 @@ if TYPE_CHECKING:  # the names as type checkers and IDEs see them
         GatedAttentionMIL,
         GatedFusionMIL,
         InstanceMIL,
+        LogitSumMIL,
         MaxPoolMIL,
         MeanPoolMIL,
         MILClassifier,
         StatisticsPoolMIL,
         TabularMLP,
     )
-    from lympho_mil.nn import GatedFusionNet, InstanceNet, MILNet, TabularNet
+    from lympho_mil.nn import GatedFusionNet, InstanceNet, LogitSumNet, MILNet, TabularNet

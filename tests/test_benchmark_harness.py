@@ -750,3 +750,85 @@ def test_the_nineteenth_round_replicates_on_another_encoder_without_training_the
     expected = versus["balanced_accuracy"]["ci95_low"] > 0 and versus["auroc"]["mean"] > 0
     assert verdict["round"] == 19 and verdict["confirmed"] == expected
     assert verdict["candidate"] == "sum_ssl_pl_ensemble"
+
+
+def qualified(name: str, balanced_accuracy: float, auroc: float, ci95_low: float) -> dict:
+    """`scored`, with the interval's lower end of the gain over ``tabular_mlp``."""
+    row = scored(name, balanced_accuracy, auroc)
+    row["minus_tabular_mlp"]["balanced_accuracy"]["ci95_low"] = ci95_low
+    return row
+
+
+@pytest.mark.parametrize(
+    ("plain", "cotrained", "shipped"),
+    [
+        ((0.83, 0.92, 0.01), (0.84, 0.93, 0.01), "logit_sum_ssl_pl"),  # beats it in both
+        ((0.83, 0.92, 0.01), (0.84, 0.92, 0.01), "logit_sum_ssl"),  # a tie is no win
+        ((0.83, 0.92, 0.0), (0.82, 0.91, 0.01), "logit_sum_ssl_pl"),  # the only one qualified
+        ((0.83, 0.905, 0.01), (0.80, 0.95, 0.01), None),  # neither beats the recipe in both
+    ],
+)
+def test_the_twentieth_round_ships_the_simpler_model_unless_the_other_beats_it(
+    study_dlmi: ModuleType,
+    plain: tuple[float, float, float],
+    cotrained: tuple[float, float, float],
+    shipped: str | None,
+) -> None:
+    rows = {
+        "fused_morphology_mean": scored("fused_morphology_mean", 0.806, 0.909),
+        "logit_sum_ssl": qualified("logit_sum_ssl", *plain),
+        "logit_sum_ssl_pl": qualified("logit_sum_ssl_pl", *cotrained),
+    }
+    verdict = study_dlmi.round20_verdict(rows)
+    assert verdict["round"] == 20 and verdict["shipped"] == shipped
+    assert set(verdict) >= {"bars_logit_sum_ssl", "bars_logit_sum_ssl_pl"}
+
+
+def test_the_twentieth_round_runs_the_one_model_beside_the_references_it_finds(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The references and both LogitSumMIL candidates go through `_cv` with the sixteenth
+    round's folder to search; each row holds its paired differences to the separately trained
+    sums remade from that folder's heads."""
+    import argparse
+
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    labels = [0, 1] * 10
+    heads = [*study_dlmi.image_heads("ssl"), *study_dlmi.image_heads("ssl_pl")]
+    names = ["tabular_mlp", "fused_morphology_mean", "logit_sum_ssl", "logit_sum_ssl_pl"]
+    for name in [*names, *heads]:
+        oof = np.clip(np.array(labels) * 0.4 + rng.uniform(0.05, 0.55, 20), 0.01, 0.99)
+        folder = write_predictions(tmp_path / name, labels, list(oof), [0.2, 0.7, 0.8], folds=2)
+        (folder / "cv_report.json").write_text(
+            json.dumps({"wall_time_s": 1.0, "folds": 2, "repeats": 1, "n_patients": 40})
+        )
+    weights = tmp_path / "encoder.pt"
+    monkeypatch.setattr(study_dlmi, "ssl_weights", lambda *args: (weights, 1.0))
+    monkeypatch.setattr(study_dlmi, "pretraining_record", lambda *a: {"record": "pretraining"})
+    monkeypatch.setattr(study_dlmi, "challenge_layout", lambda *args: tmp_path / "data")
+    configs: dict[str, dict] = {}
+
+    def found(name: str, config: dict, args: argparse.Namespace, earlier: Path) -> tuple:
+        assert earlier == tmp_path
+        configs[name] = config
+        oof = pd.read_csv(tmp_path / name / "oof_predictions.csv", dtype={"id": str})
+        return oof, tmp_path / name
+
+    monkeypatch.setattr(study_dlmi, "_cv", found)
+    args = argparse.Namespace(
+        data=tmp_path, unlabelled=tmp_path, cache_dir=None, out=None, out_sixteenth=tmp_path
+    )
+    records = list(study_dlmi.round20(args))
+    assert list(configs) == names
+    data = {n: configs[n]["data"]["init_args"] for n in names[2:]}
+    assert data["logit_sum_ssl"]["features"]["weights"] == str(weights)
+    assert "split" not in data["logit_sum_ssl"]
+    assert data["logit_sum_ssl_pl"]["split"] == {"teacher_confidence": 0.9}
+    assert configs["logit_sum_ssl"]["model"]["class_path"] == "LogitSumMIL"
+    rows = {r["candidate"]: r for r in records if r["record"] == "candidate"}
+    assert list(rows) == names
+    assert {"minus_sum_ssl_ensemble", "minus_sum_ssl_pl_ensemble"} <= rows["logit_sum_ssl"].keys()
+    assert records[-1]["record"] == "verdict" and records[-1]["round"] == 20

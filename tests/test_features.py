@@ -12,7 +12,12 @@ import torch
 from lympho_mil.arguments import SettingError
 from lympho_mil.data import CropSettings, SplitSettings
 from lympho_mil.data.transforms import CellTypes
-from lympho_mil.features import CachedFeatureDataModule, FeatureSource, pretrain
+from lympho_mil.features import (
+    CachedFeatureDataModule,
+    CellTypeSettings,
+    FeatureSource,
+    pretrain,
+)
 from lympho_mil.features.cytometry import (
     CYTOMETRY_FEATURES,
     IMAGENET_MEAN,
@@ -151,6 +156,33 @@ def test_cached_cytometry_cell_types_are_fitted_and_saved(
         CachedFeatureDataModule(
             str(synthetic_dlmi), features=FeatureSource(encoder="cytometry"), cell_types=3
         )
+
+
+def test_cell_types_can_follow_the_features_they_were_drawn_from(
+    synthetic_dlmi: Path, cache_dir: Path
+) -> None:
+    """``keep_features``: each crop is its standardised features, then its one-hot type."""
+    common = dict(
+        features=FeatureSource(encoder="cytometry", dtype="float32"),
+        crops=CropSettings(image_size=32, cache_dir=str(cache_dir)),
+        standardize=True,
+        split=SplitSettings(val_fraction=0.3),
+    )
+    both = CachedFeatureDataModule(
+        str(synthetic_dlmi), cell_types={"count": 3, "keep_features": True}, **common
+    )
+    alone = CachedFeatureDataModule(str(synthetic_dlmi), **common)
+    d = len(CYTOMETRY_FEATURES)
+    assert both.feature_dim == d + 3 and alone.feature_dim == d
+    both.setup("fit")
+    alone.setup("fit")
+    joined = both.datasets["val"][(0, 0)].instances
+    torch.testing.assert_close(joined[:, :d], alone.datasets["val"][(0, 0)].instances)
+    torch.testing.assert_close(joined[:, d:].sum(dim=1), torch.ones(len(joined)))
+    assert both.input_settings()["cell_types"] == {"count": 3, "keep_features": True}
+    assert alone.input_settings()["cell_types"] == 0  # what earlier checkpoints recorded
+    with pytest.raises(SettingError, match="keep_features needs a positive"):
+        CellTypeSettings(keep_features=True)
 
 
 def test_simclr_pretraining_learns_and_is_cached(

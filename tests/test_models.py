@@ -24,6 +24,7 @@ from lympho_mil import (
     GatedAttentionMIL,
     GatedFusionMIL,
     InstanceMIL,
+    LogitSumMIL,
     MaxPoolMIL,
     MeanPoolMIL,
     TabularMLP,
@@ -383,6 +384,12 @@ def test_cosine_schedule_over_a_step_budget() -> None:
         (GatedFusionMIL, "fusion.tabular_embed_dim", 0),
         (GatedFusionMIL, "fusion.gate_input", "nope"),  # also with concat, which has no gate
         (GatedFusionMIL, "pooling.hidden", 0),
+        (LogitSumMIL, "clinical_hidden", 0),
+        (LogitSumMIL, "in_dim", 0),
+        (LogitSumMIL, "image_experts", ["mean", "attention"]),
+        (LogitSumMIL, "image_experts", ["mean", "mean"]),
+        (LogitSumMIL, "image_experts", []),
+        (LogitSumMIL, "cell_types", 5),  # without the 'types' expert
     ],
 )
 def test_sizes_and_rates_that_cannot_work_are_named_at_construction(
@@ -391,6 +398,8 @@ def test_sizes_and_rates_that_cannot_work_are_named_at_construction(
     """Grouped settings are checked as given in a config: plain mappings."""
     group, _, name = setting.rpartition(".")
     kwargs: dict[str, Any] = {"tabular_dim": 3}
+    if model_cls is LogitSumMIL:
+        kwargs.update(in_dim=8, image_experts=["mean"])
     if model_cls is GatedFusionMIL:
         kwargs["fusion"] = {"kind": "concat"}
     if group:
@@ -499,6 +508,7 @@ def test_data_the_model_was_not_built_for_is_refused_by_name() -> None:
         (InstanceMIL(**TINY_ENCODER), features, "image crops"),
         (TabularMLP(tabular_dim=3), fewer, "2 clinical values per patient; TabularMLP was built"),
         (GatedFusionMIL(**TINY_ENCODER, tabular_dim=3), fewer, "2 clinical values"),
+        (LogitSumMIL(in_dim=32, tabular_dim=3, image_experts=["mean"]), features, "32 values"),
     ]
     for model, data, message in cases:
         for mode in (model.train, model.eval):
@@ -547,3 +557,31 @@ def test_mean_pooled_gated_fusion_scores_each_crop_with_its_image_expert() -> No
     assert len(a["instance_probability"]) == 5 and len(b["instance_probability"]) == 2
     attention = GatedFusionMIL(pooling=PoolingSettings("attention"), **kwargs)
     assert attention(batch).instance_logits is None
+
+
+def test_logit_sum_trains_every_expert_on_the_label_by_itself() -> None:
+    """The loss is the sum of the experts' own BCEs: each expert's gradient is that of its
+    own loss, as if it were trained alone; the summed logit is what is scored."""
+    torch.manual_seed(0)
+    model = LogitSumMIL(in_dim=6, cell_types=2, tabular_dim=3, tabular_stats=STATS, pos_weight=0.5)
+    features = torch.cat([torch.randn(4, 5, 4), F.one_hot(torch.randint(0, 2, (4, 5)), 2)], -1)
+    batch = next(iter(loader(*separable_bags(4), shuffle=False)))
+    batch = dataclasses.replace(
+        batch, instances=features.float(), mask=torch.ones(4, 5, dtype=torch.bool)
+    )
+    out = model.infer(batch)
+    assert out.extras is not None
+    model.loss(out, batch).backward(retain_graph=True)
+    experts = {"tabular": model.net.clinical, **model.net.images}
+    for name, expert in experts.items():
+        own = F.binary_cross_entropy_with_logits(
+            out.extras[f"{name}_logit"], batch.label, pos_weight=torch.tensor(0.5)
+        )
+        wanted = torch.autograd.grad(own, list(expert.parameters()), retain_graph=True)
+        for parameter, grad in zip(expert.parameters(), wanted, strict=True):
+            torch.testing.assert_close(parameter.grad, grad)
+    image = out.extras["mean_logit"] + out.extras["statistics_logit"] + out.extras["types_logit"]
+    torch.testing.assert_close(out.logit, out.extras["tabular_logit"] + image / 3)
+    model.eval()
+    record, summed = model.predict_step(batch, 0)[0], model.infer(batch).logit[0]
+    assert record["probability"] == pytest.approx(torch.sigmoid(summed).item())

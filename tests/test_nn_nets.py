@@ -14,6 +14,7 @@ from lympho_mil.models import (
     AttentionMIL,
     GatedFusionMIL,
     InstanceMIL,
+    LogitSumMIL,
     StatisticsPoolMIL,
     TabularMLP,
 )
@@ -21,9 +22,11 @@ from lympho_mil.nn import (
     AttentionPooling,
     BagOutput,
     EncoderSettings,
+    FeatureColumns,
     GatedFusion,
     GatedFusionNet,
     InstanceNet,
+    LogitSumNet,
     MeanPooling,
     MILNet,
     MLPEncoder,
@@ -39,8 +42,9 @@ PLAIN_TORCH_LOOP = """
 import sys
 import torch
 from lympho_mil.nn import (
-    AttentionPooling, ConcatFusion, GatedFusion, GatedFusionNet, InstanceNet, MeanPooling,
-    MILNet, MLPEncoder, SmallCNN, Standardize, TabularNet, bce_with_logits, crop_bce,
+    AttentionPooling, ConcatFusion, GatedFusion, GatedFusionNet, InstanceNet, LogitSumNet,
+    MeanPooling, MILNet, MLPEncoder, SmallCNN, Standardize, TabularNet, bce_with_logits,
+    crop_bce,
 )
 torch.manual_seed(0)
 B, N, T = 3, 5, 3
@@ -59,6 +63,10 @@ nets = {
     "ConcatFusionNet": GatedFusionNet(
         SmallCNN(width=8, out_dim=16), AttentionPooling(16), standardize, MLPEncoder(T, 8, 4),
         ConcatFusion(16, 4),
+    ),
+    "LogitSumNet": LogitSumNet(
+        TabularNet(standardize, MLPEncoder(T, 8, 4)),
+        {"cells": MILNet(SmallCNN(width=8, out_dim=16), MeanPooling())},
     ),
 }
 for name, net in nets.items():
@@ -90,12 +98,13 @@ def test_the_networks_train_in_a_plain_torch_loop_without_lightning() -> None:
         "TabularNet BagOutput []",
         "GatedFusionNet BagOutput ['gate', 'image_logit', 'tabular_logit']",
         "ConcatFusionNet BagOutput []",
+        "LogitSumNet BagOutput ['cells_logit', 'image_logit', 'tabular_logit']",
     ]
 
 
 def test_lympho_mil_nn_exports_a_network_per_model_family() -> None:
     nets = sorted(name for name in lnn.__all__ if name.endswith("Net"))
-    assert nets == ["GatedFusionNet", "InstanceNet", "MILNet", "TabularNet"]
+    assert nets == ["GatedFusionNet", "InstanceNet", "LogitSumNet", "MILNet", "TabularNet"]
 
 
 @pytest.mark.parametrize(
@@ -109,6 +118,7 @@ def test_lympho_mil_nn_exports_a_network_per_model_family() -> None:
             GatedFusionMIL(encoder=EncoderSettings("identity", in_dim=4), tabular_dim=T),
             GatedFusionNet,
         ),
+        (LogitSumMIL(in_dim=4, cell_types=2, tabular_dim=T), LogitSumNet),
     ],
     ids=lambda x: type(x).__name__,
 )
@@ -155,3 +165,34 @@ def test_gated_fusion_net_reads_the_raw_clinical_vector_through_its_standardisat
     z_img = net.encode(x, mask).mean(1)
     torch.testing.assert_close(net(x, mask, raw).logit, net.fusion(z_img, z_tab).logit)
     assert torch.isfinite(bce_with_logits(net(x, mask, raw).logit, torch.ones(2)))
+
+
+def test_logit_sum_adds_the_clinical_logit_to_the_mean_of_the_image_experts() -> None:
+    """Each expert is the network it was given, run alone on its own columns; the patient
+    logit is the clinical logit plus the mean image logit, padding never counted."""
+    torch.manual_seed(0)
+    clinical = TabularNet(Standardize([1.0] * T, [2.0] * T), MLPEncoder(T, 8, 4))
+    images = {
+        "features": MILNet(FeatureColumns(0, 3), MeanPooling()),
+        "types": MILNet(FeatureColumns(3, 5), MeanPooling()),
+    }
+    net = LogitSumNet(clinical, images).eval()
+    x, tabular = torch.randn(2, 4, 5), torch.randn(2, T)
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    x[1, 2:] = float("nan")  # padding
+    out = net(x, mask, tabular)
+    alone = {name: expert(x, mask).logit for name, expert in images.items()}
+    clean = x[1:, :2]
+    torch.testing.assert_close(
+        alone["types"][1], images["types"].head(clean[0, :, 3:].mean(0, keepdim=True))[0, 0]
+    )
+    expected = clinical(x, mask, tabular).logit + (alone["features"] + alone["types"]) / 2
+    torch.testing.assert_close(out.logit, expected)
+    assert out.extras is not None
+    torch.testing.assert_close(out.extras["types_logit"], alone["types"])
+    assert torch.isfinite(out.logit).all()
+    assert out.weights is not None and out.weights[1].tolist() == [0.5, 0.5, 0.0, 0.0]
+    with pytest.raises(ValueError, match="at least one image expert"):
+        LogitSumNet(clinical, {})
+    with pytest.raises(ValueError, match="start < stop"):
+        FeatureColumns(3, 3)

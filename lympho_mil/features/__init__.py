@@ -6,6 +6,7 @@ themselves (SimCLR or DINO, with lightly)."""
 
 from lympho_mil.features.cache import (
     CachedFeatureDataModule,
+    CellTypeSettings,
     FeatureCache,
     FeatureSource,
     FeatureSpec,
@@ -22,6 +23,7 @@ from lympho_mil.features.pretrain import (
 __all__ = [
     "CYTOMETRY_FEATURES",
     "CachedFeatureDataModule",
+    "CellTypeSettings",
     "CytometryEncoder",
     "FeatureCache",
     "FeatureSource",

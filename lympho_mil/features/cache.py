@@ -186,7 +186,8 @@ class FeatureCache(MemmapRows):
 class SelectView:
     """Cached ``[n, V, D]`` features -> float32 ``[n, D]``: one random view per crop
     (``"random"``, training), the mean over views, or view 0 (the crop as it is); then the
-    optional ``scaling`` and ``cell_types`` (``[n, K]`` one-hot)."""
+    optional ``scaling`` and ``cell_types`` (``[n, K]`` one-hot; with ``keep_features``,
+    ``[n, D + K]``: the features followed by the one-hot type)."""
 
     def __init__(
         self,
@@ -194,6 +195,7 @@ class SelectView:
         to_tensor: FeaturesToTensor,
         scaling: FeatureScaling | None = None,
         cell_types: CellTypes | None = None,
+        keep_features: bool = False,
     ) -> None:
         if mode not in ("random", "mean", "identity"):
             raise SettingError(f"mode must be 'random', 'mean' or 'identity', got {mode!r}")
@@ -201,6 +203,7 @@ class SelectView:
         self.to_tensor = to_tensor
         self.scaling = scaling
         self.cell_types = cell_types
+        self.keep_features = keep_features
 
     def __call__(self, features: np.ndarray, rng: np.random.Generator) -> Tensor:
         if self.mode == "random":
@@ -213,7 +216,9 @@ class SelectView:
         if self.scaling is not None:
             picked = self.scaling(picked.astype(np.float32))
         if self.cell_types is not None:
-            picked = self.cell_types(picked.astype(np.float32))
+            picked = picked.astype(np.float32)
+            types = self.cell_types(picked)
+            picked = np.concatenate([picked, types], axis=1) if self.keep_features else types
         return self.to_tensor(picked, rng)
 
 
@@ -270,6 +275,40 @@ class FeatureSource:
         return module.requires_grad_(False).eval()
 
 
+@dataclass(frozen=True)
+class CellTypeSettings:
+    """Each crop's cell type (``cell_types:`` of `CachedFeatureDataModule`; a bare count
+    ``K`` stands for ``{count: K}``).
+
+    count: K, the number of cell types: the nearest of K k-means centres of the training
+        patients' standardised crop features, one-hot (`lympho_mil.data.transforms.CellTypes`;
+        0: no cell types).
+    keep_features: each crop is its standardised features followed by its one-hot type
+        (``D + K`` values: what `lympho_mil.models.LogitSumMIL`'s experts read) instead of
+        its type alone (``K``).
+    """
+
+    count: int = 0
+    keep_features: bool = False
+
+    def __post_init__(self) -> None:
+        if self.count < 0:
+            raise SettingError(f"cell_types must be 0 or a positive count, got {self.count}")
+        if self.keep_features and not self.count:
+            raise SettingError("cell_types.keep_features needs a positive cell_types.count")
+
+    @classmethod
+    def of(cls, value: int | CellTypeSettings | dict[str, Any]) -> CellTypeSettings:
+        """``value`` as settings: a bare count, a mapping of the fields, or the settings."""
+        if isinstance(value, int):
+            return cls(count=value)
+        return as_settings(cls, value)
+
+    def record(self) -> int | dict[str, Any]:
+        """What a checkpoint records: the bare count unless ``keep_features``."""
+        return asdict(self) if self.keep_features else self.count
+
+
 class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
     """DLMI patients as bags of frozen-encoder features ``float[n, D]``, extracted once.
 
@@ -290,11 +329,12 @@ class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
             z-score it with their mean and standard deviation (for features on unequal
             scales, such as the ``morphology`` encoder's); fitted per split, like the clinical
             standardisation, on the mean over views, and saved in checkpoints.
-        cell_types: with K > 0, each crop becomes its cell type: the nearest of K k-means
-            centres of the training patients' standardised crop features, one-hot
-            (`lympho_mil.data.transforms.CellTypes`; needs ``standardize``); mean pooling
-            then gives each patient's share of every type. Fitted per split, saved in
-            checkpoints; `feature_dim` is then K.
+        cell_types: K, or `CellTypeSettings`: with K > 0, each crop becomes its cell type:
+            the nearest of K k-means centres of the training patients' standardised crop
+            features, one-hot (`lympho_mil.data.transforms.CellTypes`; needs
+            ``standardize``); mean pooling then gives each patient's share of every type.
+            Fitted per split, saved in checkpoints; `feature_dim` is then K (``D + K`` with
+            ``keep_features``).
         noise_std: Gaussian noise added to training features (after standardisation).
         **kwargs: split, prediction and loader settings of `BagDataModule`.
     """
@@ -308,21 +348,22 @@ class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
         reference_date: str = "2020-01-01",
         features: FeatureSource = FeatureSource(),
         standardize: bool = False,
-        cell_types: int = 0,
+        cell_types: int | CellTypeSettings = 0,
         noise_std: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.source = DLMICrops(root, as_settings(CropSettings, crops), reference_date)
         self.features = as_settings(FeatureSource, features)
-        if cell_types < 0 or (cell_types and not standardize):
+        self.cell_type_settings = CellTypeSettings.of(cell_types)
+        if self.cell_type_settings.count and not standardize:
             raise SettingError(
-                f"cell_types must be 0 or a positive count with standardize: true, got "
-                f"{cell_types} (standardize: {standardize})"
+                f"cell_types needs standardize: true (cell_types: "
+                f"{self.cell_type_settings.count}, standardize: {standardize})"
             )
         self.standardize = standardize
         self.scaling: FeatureScaling | None = None
-        self.n_cell_types = cell_types
+        self.n_cell_types = self.cell_type_settings.count
         self.cell_types: CellTypes | None = None
         self.noise_std = noise_std
         source = self.source.crops
@@ -350,7 +391,7 @@ class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
             "dihedral": features.dihedral,
             "eval_view": features.eval_view,
             "standardize": self.standardize,
-            "cell_types": self.n_cell_types,
+            "cell_types": self.cell_type_settings.record(),
         }
 
     def load_bags(self) -> list[Bag]:
@@ -368,7 +409,9 @@ class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
     @property
     def feature_dim(self) -> int:
         """D, the size of a crop's feature vector (the model's ``in_dim``): the encoder's,
-        or the number of cell types."""
+        the number of cell types, or their sum (``cell_types.keep_features``)."""
+        if self.cell_type_settings.keep_features:
+            return encoder_out_dim(self.extractor) + self.n_cell_types
         return self.n_cell_types or encoder_out_dim(self.extractor)
 
     def build_store(self, bags: Sequence[Bag]) -> tuple[InstanceStore, list[Bag]]:
@@ -459,6 +502,8 @@ class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
 
     def instance_transform(self, stage: str) -> InstanceTransform:
         to_tensor = FeaturesToTensor(self.noise_std if stage == "train" else 0.0)
-        if stage == "train":
-            return SelectView("random", to_tensor, self.scaling, self.cell_types)
-        return SelectView(self.features.eval_view, to_tensor, self.scaling, self.cell_types)
+        keep = self.cell_type_settings.keep_features
+        view: Literal["random", "mean", "identity"] = (
+            "random" if stage == "train" else self.features.eval_view
+        )
+        return SelectView(view, to_tensor, self.scaling, self.cell_types, keep)

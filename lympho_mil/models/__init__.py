@@ -5,7 +5,7 @@ format, predict records), and small subclasses that build their networks. Reads 
 
 from lympho_mil.models.base import BagClassifier, NonFiniteLossError
 from lympho_mil.models.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError
-from lympho_mil.models.fusion import GatedFusionMIL
+from lympho_mil.models.fusion import GatedFusionMIL, LogitSumMIL
 from lympho_mil.models.mil import (
     AttentionMIL,
     EncoderClassifier,
@@ -30,6 +30,7 @@ __all__ = [
     "GatedAttentionMIL",
     "GatedFusionMIL",
     "InstanceMIL",
+    "LogitSumMIL",
     "MILClassifier",
     "MaxPoolMIL",
     "MeanPoolMIL",

@@ -1,21 +1,30 @@
-"""The multimodal model: an image bag and the clinical vector, fused."""
+"""The multimodal models: an image bag and the clinical vector, fused by a gate
+(`GatedFusionMIL`) or by adding experts' logits (`LogitSumMIL`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from lympho_mil.arguments import SettingError, as_settings
+from lympho_mil.arguments import SettingError, as_settings, check_positive
 from lympho_mil.data.batch import BagBatch
-from lympho_mil.models.base import BagOutput
+from lympho_mil.data.errors import DataError
+from lympho_mil.models.base import BagClassifier, BagOutput
 from lympho_mil.models.mil import EncoderClassifier
 from lympho_mil.nn import (
     EncoderSettings,
+    FeatureColumns,
     FusionSettings,
     GatedFusionNet,
+    LogitSumNet,
+    MeanPooling,
+    MILNet,
     MLPEncoder,
     PoolingSettings,
+    StatisticsPooling,
+    TabularNet,
     bce_with_logits,
 )
 from lympho_mil.nn.encoders import encoder_out_dim
@@ -100,3 +109,102 @@ class GatedFusionMIL(EncoderClassifier):
             expert = bce_with_logits(out.extras[name], batch.label, self.pos_weight)
             loss = loss + self.expert_loss_weight * expert
         return loss
+
+
+IMAGE_EXPERTS = ("mean", "statistics", "types")
+"""The image experts of `LogitSumMIL`: a linear model of the mean of the crops' features, of
+their statistics (mean, standard deviation and 10/50/90 % quantiles), or of the patient's
+share of each cell type (the mean of the crops' one-hot types)."""
+
+
+class LogitSumMIL(BagClassifier):
+    """Clinical expert plus image experts, their logits added (`lympho_mil.nn.LogitSumNet`):
+    ``logit = s_tab + mean_k s_img_k``, each expert trained on the label by itself (the loss
+    is the sum of the experts' BCEs; the summed logit is what is scored and thresholded).
+
+    Reads cached crop features ``float[B, N, in_dim]`` whose last ``cell_types`` columns are
+    each crop's one-hot cell type (`lympho_mil.features.CachedFeatureDataModule` with
+    ``cell_types: {count: K, keep_features: true}``); ``mean`` and ``statistics`` read the
+    first ``in_dim - cell_types`` columns, ``types`` the last ``cell_types``. The clinical
+    expert is `TabularMLP`'s network.
+
+    Args:
+        in_dim: values per crop (the datamodule's ``feature_dim``).
+        image_experts: names of the image experts, among `IMAGE_EXPERTS`.
+        cell_types: K, the one-hot cell-type columns at the end of each crop's vector (0:
+            none; the ``types`` expert needs K > 0).
+        clinical_hidden, clinical_embed_dim: sizes of the clinical MLP (dropout 0.1).
+        **kwargs: settings of `BagClassifier` (``tabular_dim`` must be > 0).
+    """
+
+    reads_tabular = True
+
+    def __init__(
+        self,
+        in_dim: int,
+        image_experts: Sequence[str] = IMAGE_EXPERTS,
+        cell_types: int = 0,
+        clinical_hidden: int = 16,
+        clinical_embed_dim: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        check_positive(
+            in_dim=in_dim, clinical_hidden=clinical_hidden, clinical_embed_dim=clinical_embed_dim
+        )
+        experts = list(image_experts)
+        unknown = sorted(set(experts) - set(IMAGE_EXPERTS))
+        if not experts or unknown or len(set(experts)) != len(experts):
+            raise SettingError(
+                f"image_experts must be distinct names among {IMAGE_EXPERTS}, got {experts}"
+            )
+        features = in_dim - cell_types
+        if cell_types < 0 or features < 0 or ("types" in experts) != (cell_types > 0):
+            raise SettingError(
+                f"cell_types must be in [0, in_dim] and positive exactly when the 'types' expert "
+                f"is used, got {cell_types} (in_dim {in_dim}, image_experts {experts})"
+            )
+        if features == 0 and set(experts) - {"types"}:
+            raise SettingError(
+                f"the 'mean' and 'statistics' experts need feature columns besides the "
+                f"{cell_types} cell types (in_dim {in_dim})"
+            )
+        self.in_dim, self.image_experts, self.n_cell_types = in_dim, experts, cell_types
+        self.clinical_hidden, self.clinical_embed_dim = clinical_hidden, clinical_embed_dim
+        super().__init__(**kwargs)
+
+    def build_net(self) -> LogitSumNet:
+        if self.tabular_dim < 1:
+            raise SettingError("LogitSumMIL needs a clinical vector (tabular_dim >= 1)")
+        clinical = TabularNet(
+            self.standardize(),
+            MLPEncoder(
+                self.tabular_dim, self.clinical_hidden, self.clinical_embed_dim, CLINICAL_DROPOUT
+            ),
+        )
+        features = self.in_dim - self.n_cell_types
+        images: dict[str, nn.Module] = {}
+        for name in self.image_experts:
+            if name == "types":
+                images[name] = MILNet(FeatureColumns(features, self.in_dim), MeanPooling())
+            else:
+                pooling = MeanPooling() if name == "mean" else StatisticsPooling()
+                images[name] = MILNet(FeatureColumns(0, features), pooling)
+        return LogitSumNet(clinical, images)
+
+    def check_instances(self, batch: BagBatch) -> None:
+        shape = tuple(batch.instances.shape)
+        if len(shape) != 3 or shape[-1] != self.in_dim:
+            raise DataError(
+                f"LogitSumMIL reads feature bags of {self.in_dim} values per crop but the data "
+                f"gives instances of shape {shape}: use the data settings it was trained with, "
+                "or set in_dim to the data's feature size"
+            )
+
+    def loss(self, out: BagOutput, batch: BagBatch) -> Tensor:
+        """The sum of every expert's own BCE (clinical and each image expert)."""
+        assert out.extras is not None
+        names = ["tabular", *self.image_experts]
+        losses = [
+            bce_with_logits(out.extras[f"{n}_logit"], batch.label, self.pos_weight) for n in names
+        ]
+        return sum(losses[1:], losses[0])

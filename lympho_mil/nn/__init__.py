@@ -1,13 +1,14 @@
 """Pure-PyTorch building blocks and whole networks: instance encoders, MIL pooling, clinical
 standardisation, fusion, losses, test-time views, and each model family as one network
-(`MILNet`, `InstanceNet`, `TabularNet`, `GatedFusionNet`) returning a `BagOutput`. The lowest
-layer: it imports no Lightning and nothing of lympho-mil's other layers, so every block and
-network works in a plain PyTorch loop."""
+(`MILNet`, `InstanceNet`, `TabularNet`, `GatedFusionNet`, `LogitSumNet`) returning a
+`BagOutput`. The lowest layer: it imports no Lightning and nothing of lympho-mil's other
+layers, so every block and network works in a plain PyTorch loop."""
 
 from lympho_mil.nn.encoders import (
     ENCODERS,
     EncoderSettings,
     EncoderWeightsError,
+    FeatureColumns,
     IdentityEncoder,
     LeNetEncoder,
     MLPEncoder,
@@ -21,7 +22,14 @@ from lympho_mil.nn.encoders import (
 from lympho_mil.nn.fusion import ConcatFusion, FusionOutput, FusionSettings, GatedFusion
 from lympho_mil.nn.loss import bce_with_logits, crop_bce
 from lympho_mil.nn.morphology import MORPHOLOGY_FEATURES, MorphologyEncoder
-from lympho_mil.nn.nets import BagOutput, GatedFusionNet, InstanceNet, MILNet, TabularNet
+from lympho_mil.nn.nets import (
+    BagOutput,
+    GatedFusionNet,
+    InstanceNet,
+    LogitSumNet,
+    MILNet,
+    TabularNet,
+)
 from lympho_mil.nn.pooling import (
     POOLINGS,
     AttentionPooling,
@@ -48,6 +56,7 @@ __all__ = [
     "DistributionPooling",
     "EncoderSettings",
     "EncoderWeightsError",
+    "FeatureColumns",
     "FusionOutput",
     "FusionSettings",
     "GatedAttentionPooling",
@@ -56,6 +65,7 @@ __all__ = [
     "IdentityEncoder",
     "InstanceNet",
     "LeNetEncoder",
+    "LogitSumNet",
     "MILNet",
     "MILPooling",
     "MLPEncoder",

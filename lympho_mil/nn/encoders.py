@@ -114,6 +114,22 @@ class IdentityEncoder(nn.Module):
         return x
 
 
+class FeatureColumns(nn.Module):
+    """Columns ``start:stop`` of precomputed features: ``x[M, D]`` -> ``x[M, stop - start]``
+    (an expert that reads one part of each crop's vector, e.g. its one-hot cell type)."""
+
+    def __init__(self, start: int, stop: int) -> None:
+        super().__init__()
+        if not 0 <= start < stop:
+            raise ValueError(f"need 0 <= start < stop, got columns {start}:{stop}")
+        self.start, self.stop = start, stop
+        self.out_dim = stop - start
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x[M, D]`` (D >= stop) -> ``x[:, start:stop]``."""
+        return x[:, self.start : self.stop]
+
+
 class TimmEncoder(nn.Module):
     """Any timm model without its classifier: ``x[M, in_chans, H, W]`` -> ``[M, num_features]``.
 

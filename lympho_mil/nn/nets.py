@@ -1,5 +1,6 @@
 """Whole networks, one per model family, in plain PyTorch: composed from an encoder, a pooling
-and a fusion, each forward taking the batch contract's tensors and returning one `BagOutput`.
+and a fusion (or from other networks), each forward taking the batch contract's tensors and
+returning one `BagOutput`.
 
 Shapes: ``instances`` float[B, N, C, H, W] (crops) or float[B, N, D] (features), ``mask``
 bool[B, N] (True where an instance is real), ``tabular`` float[B, T] (the raw clinical vector;
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from lympho_mil.nn.encoders import MLPEncoder, encode_instances, encoder_out_dim
@@ -213,3 +215,41 @@ class GatedFusionNet(PooledBags):
         return BagOutput(
             logit=fused.logit, weights=weights, instance_logits=crop_logits, extras=extras
         )
+
+
+class LogitSumNet(nn.Module):
+    """Product of experts: a clinical expert and image experts, each a whole network of its
+    own, the patient logit the clinical expert's plus the mean of the image experts'.
+
+    With calibrated experts whose inputs are independent given the label, adding their
+    log-odds is the Bayes combination (a product of experts); averaging the image experts
+    first counts the crops once, however many summaries of them are read. Each expert is
+    trained on the label by itself (`lympho_mil.models.LogitSumMIL`).
+
+    ``forward(instances[B, N, D], mask[B, N], tabular[B, T])`` -> `BagOutput` with
+    ``logit[B]``, ``weights[B, N]`` (the image experts' mean) and ``extras``:
+    ``tabular_logit``, ``image_logit`` (the image experts' mean) and ``<name>_logit`` for
+    every image expert (float[B] each).
+
+    Args:
+        clinical: the clinical expert (a `TabularNet`).
+        images: the image experts by name (networks of the crops, such as `MILNet` on
+            `lympho_mil.nn.encoders.FeatureColumns` of cached features); at least one.
+    """
+
+    def __init__(self, clinical: nn.Module, images: dict[str, nn.Module]) -> None:
+        super().__init__()
+        if not images:
+            raise ValueError("LogitSumNet needs at least one image expert")
+        self.clinical = clinical
+        self.images = nn.ModuleDict(images)
+
+    def forward(self, instances: Tensor, mask: Tensor, tabular: Tensor) -> BagOutput:
+        tabular_logit = self.clinical(instances, mask, tabular).logit.float()
+        outputs = {name: net(instances, mask) for name, net in self.images.items()}
+        image_logit = torch.stack([out.logit.float() for out in outputs.values()]).mean(dim=0)
+        crop_weights = [out.weights for out in outputs.values() if out.weights is not None]
+        weights = torch.stack(crop_weights).float().mean(dim=0) if crop_weights else None
+        extras = {f"{name}_logit": out.logit.float() for name, out in outputs.items()}
+        extras.update(tabular_logit=tabular_logit, image_logit=image_logit)
+        return BagOutput(logit=tabular_logit + image_logit, weights=weights, extras=extras)
