@@ -225,7 +225,7 @@ def test_encoder_weights_file_is_loaded(
     assert weights_digest(make_dm(synthetic_dlmi, cache_dir).extractor) == weights_digest(
         default.extractor
     )  # random initial weights repeat under encoder_seed
-    with pytest.raises(FileNotFoundError, match=r"nowhere\.pt"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pt\. .*lympho-mil pretrain --config"):
         _ = make_dm(
             synthetic_dlmi, cache_dir, features={"weights": str(tmp_path / "nowhere.pt")}
         ).extractor

@@ -263,6 +263,12 @@ class FeatureSource:
         """The frozen encoder, its initial weights drawn under ``seed``. The morphology and
         cytometry encoders un-normalise with the loaders' ``mean``/``std`` (unless
         ``kwargs`` say otherwise)."""
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise FileNotFoundError(
+                f"features.weights: no file {self.weights}. Nothing is downloaded: make it once "
+                "with `lympho-mil pretrain --config CONFIG --data.root PATH` (self-supervised, "
+                "on the crops themselves), or point features.weights at a local weights file"
+            )
         kwargs = dict(self.kwargs or {})
         if self.encoder in ("morphology", "cytometry"):
             kwargs = {"mean": mean, "std": std, **kwargs}
