@@ -909,13 +909,18 @@ LOGIT_SUM = "logit_sum_ssl"
 round's encoder; ``logit_sum_ssl_pl`` is the same with co-training."""
 
 
-def round20_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+def round20_candidates(ssl_path: Path, expert_selection: bool = False) -> dict[str, dict[str, Any]]:
     """The twentieth round's candidates: the references (`round16_candidates`', found in the
-    sixteenth round's folder) and ``dlmi_logit_sum.yaml`` with the weights ``ssl_path``, as
-    shipped (`LOGIT_SUM`) and co-trained (``split.teacher_confidence``: `TEACHER_CONFIDENCE`)."""
+    sixteenth round's folder) and ``dlmi_logit_sum.yaml`` with the weights ``ssl_path``
+    (`LOGIT_SUM`) and co-trained (``split.teacher_confidence``: `TEACHER_CONFIDENCE`); without
+    ``expert_selection``, as the twentieth round ran it: one checkpoint epoch for the whole
+    model, chosen by the validation loss."""
     references = round16_candidates(ssl_path)
     plain = load("dlmi_logit_sum.yaml")
     plain["data"]["init_args"]["features"]["weights"] = str(ssl_path)
+    if not expert_selection:
+        del plain["model"]["init_args"]["expert_selection"]
+        plain["checkpoint"] = references[RECIPE]["checkpoint"]  # val_loss
     cotrained = copy.deepcopy(plain)
     cotrained["data"]["init_args"]["split"] = {"teacher_confidence": TEACHER_CONFIDENCE}
     return {n: references[n] for n in (REFERENCE, RECIPE)} | {
@@ -931,18 +936,62 @@ def round20_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
     round19_arguments,
 )
 def round20(args: argparse.Namespace) -> Iterator[Record]:
-    """The twentieth round (docs/results.md): `LogitSumMIL` (the clinical expert and the three
-    image heads trained as one model, their logits added) on the seventh round's encoder,
-    without and with co-training, cross-validated on the sixteenth round's folder and splits
-    beside its references (found there, not run again); paired differences to the references
-    and to the separately trained sums of the seventeenth and eighteenth rounds (remade from
-    the sixteenth round's runs); the verdict (`round20_verdict`)."""
+    """The twentieth round (docs/results.md): `logit_sum_round` of `LogitSumMIL` without
+    expert selection."""
     args.out = args.out or Path("runs/benchmarks/dlmi-round20")
+    yield from logit_sum_round(20, args, round20_candidates)
+
+
+def round21_arguments(p: argparse.ArgumentParser) -> None:
+    round19_arguments(p)
+    p.add_argument(
+        "--out-twentieth",
+        type=Path,
+        default=Path("runs/benchmarks/dlmi-round20"),
+        help="the twentieth round's working folder (its candidates' cv outputs)",
+    )
+
+
+@study(
+    "dlmi-round21",
+    "the twenty-first round: LogitSumMIL with each expert kept at its own best epoch",
+    round21_arguments,
+)
+def round21(args: argparse.Namespace) -> Iterator[Record]:
+    """The twenty-first round (docs/results.md): `logit_sum_round` of `LogitSumMIL` with
+    ``expert_selection``; then each candidate's paired difference to its twentieth-round
+    twin (one checkpoint epoch for the whole model), read from ``args.out_twentieth``."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round21")
+    records = list(
+        logit_sum_round(21, args, lambda path: round20_candidates(path, expert_selection=True))
+    )
+    yield from records
+    for name in (LOGIT_SUM, f"{LOGIT_SUM}_pl"):
+        own, twin = (
+            pd.read_csv(folder / name / "oof_predictions.csv", dtype={"id": str})
+            for folder in (args.out, args.out_twentieth)
+        )
+        diff = paired_difference(twin, own, 2000, 0)
+        effect = {m: diff[m] for m in METRICS}
+        yield {"record": "selection_effect", "candidate": name, "control": f"{name} (20)", **effect}
+
+
+def logit_sum_round(
+    round_no: int,
+    args: argparse.Namespace,
+    candidates_of: Callable[[Path], dict[str, dict[str, Any]]],
+) -> Iterator[Record]:
+    """A round of the twentieth round's kind: the ``candidates_of(weights)`` (the references
+    and the two `LogitSumMIL` candidates) on the seventh round's encoder, cross-validated on
+    the sixteenth round's folder and splits (the references found there, not run again);
+    paired differences to the references and to the separately trained sums of the
+    seventeenth and eighteenth rounds (remade from the sixteenth round's runs); the verdict
+    (`logit_sum_verdict`)."""
     ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
     yield pretraining_record(ssl_path, seconds)
     args.data = challenge_layout(args.data, args.unlabelled, args.out_sixteenth / "data")
     candidates = {
-        n: with_data(c, args.data, args.cache_dir) for n, c in round20_candidates(ssl_path).items()
+        n: with_data(c, args.data, args.cache_dir) for n, c in candidates_of(ssl_path).items()
     }
     runs = {n: _cv(n, config, args, args.out_sixteenth) for n, config in candidates.items()}
     refs = {n: runs[n][0] for n in (REFERENCE, RECIPE)}
@@ -953,14 +1002,15 @@ def round20(args: argparse.Namespace) -> Iterator[Record]:
         refs[f"sum_{tag}_ensemble"] = logit_sum(separate[REFERENCE], *heads, weights=weights)
     rows = {n: _row(n, oof, refs, out) for n, (oof, out) in runs.items()}
     yield from rows.values()
-    yield round20_verdict(rows)
+    yield logit_sum_verdict(round_no, rows)
 
 
-def round20_verdict(rows: dict[str, Record]) -> Record:
-    """The twentieth round's rule (docs/results.md): a `LogitSumMIL` candidate qualifies if
-    its balanced-accuracy gain over `REFERENCE` has a 95 % interval above 0, its AUROC
-    difference is above 0, and it beats `RECIPE` in both metrics; of two that qualify, the
-    one without co-training ships unless the co-trained one beats it in both metrics."""
+def logit_sum_verdict(round_no: int, rows: dict[str, Record]) -> Record:
+    """The rule of the twentieth and twenty-first rounds (docs/results.md): a `LogitSumMIL`
+    candidate qualifies if its balanced-accuracy gain over `REFERENCE` has a 95 % interval
+    above 0, its AUROC difference is above 0, and it beats `RECIPE` in both metrics; of two
+    that qualify, the one without co-training ships unless the co-trained one beats it in
+    both metrics."""
     recipe = rows[RECIPE]
 
     def qualifies(row: Record) -> bool:
@@ -980,7 +1030,7 @@ def round20_verdict(rows: dict[str, Record]) -> Record:
         shipped = plain if qualified[LOGIT_SUM] else cotrained
     return {
         "record": "verdict",
-        "round": 20,
+        "round": round_no,
         "qualifies": qualified,
         "shipped": None if shipped is None else shipped["candidate"],
         **{f"bars_{r['candidate']}": bars(None, r) for r in (plain, cotrained)},

@@ -779,17 +779,20 @@ def test_the_twentieth_round_ships_the_simpler_model_unless_the_other_beats_it(
         "logit_sum_ssl": qualified("logit_sum_ssl", *plain),
         "logit_sum_ssl_pl": qualified("logit_sum_ssl_pl", *cotrained),
     }
-    verdict = study_dlmi.round20_verdict(rows)
+    verdict = study_dlmi.logit_sum_verdict(20, rows)
     assert verdict["round"] == 20 and verdict["shipped"] == shipped
     assert set(verdict) >= {"bars_logit_sum_ssl", "bars_logit_sum_ssl_pl"}
 
 
-def test_the_twentieth_round_runs_the_one_model_beside_the_references_it_finds(
-    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize("round_no", [20, 21])
+def test_the_logit_sum_rounds_run_the_one_model_beside_the_references_they_find(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, round_no: int
 ) -> None:
-    """The references and both LogitSumMIL candidates go through `_cv` with the sixteenth
-    round's folder to search; each row holds its paired differences to the separately trained
-    sums remade from that folder's heads."""
+    """The references and both LogitSumMIL candidates (with expert selection in the
+    twenty-first round) go through `_cv` with the sixteenth round's folder to search; each row
+    holds its paired differences to the separately trained sums remade from that folder's
+    heads; the twenty-first round adds each candidate's difference to its twentieth-round
+    twin."""
     import argparse
 
     import numpy as np
@@ -819,16 +822,30 @@ def test_the_twentieth_round_runs_the_one_model_beside_the_references_it_finds(
 
     monkeypatch.setattr(study_dlmi, "_cv", found)
     args = argparse.Namespace(
-        data=tmp_path, unlabelled=tmp_path, cache_dir=None, out=None, out_sixteenth=tmp_path
+        data=tmp_path,
+        unlabelled=tmp_path,
+        cache_dir=None,
+        out=None if round_no == 20 else tmp_path,
+        out_sixteenth=tmp_path,
+        out_twentieth=tmp_path,
     )
-    records = list(study_dlmi.round20(args))
+    records = list(getattr(study_dlmi, f"round{round_no}")(args))
     assert list(configs) == names
     data = {n: configs[n]["data"]["init_args"] for n in names[2:]}
     assert data["logit_sum_ssl"]["features"]["weights"] == str(weights)
     assert "split" not in data["logit_sum_ssl"]
     assert data["logit_sum_ssl_pl"]["split"] == {"teacher_confidence": 0.9}
-    assert configs["logit_sum_ssl"]["model"]["class_path"] == "LogitSumMIL"
+    for name in names[2:]:
+        model, monitor = configs[name]["model"], configs[name]["checkpoint"]["monitor"]
+        assert model["class_path"] == "LogitSumMIL"
+        selecting = model["init_args"].get("expert_selection", False)
+        assert (selecting, monitor) == (
+            (False, "val_loss") if round_no == 20 else (True, "val_selected_loss")
+        )
     rows = {r["candidate"]: r for r in records if r["record"] == "candidate"}
     assert list(rows) == names
     assert {"minus_sum_ssl_ensemble", "minus_sum_ssl_pl_ensemble"} <= rows["logit_sum_ssl"].keys()
-    assert records[-1]["record"] == "verdict" and records[-1]["round"] == 20
+    verdicts = [r for r in records if r["record"] == "verdict"]
+    assert len(verdicts) == 1 and verdicts[0]["round"] == round_no
+    effects = [r["candidate"] for r in records if r["record"] == "selection_effect"]
+    assert effects == ([] if round_no == 20 else names[2:])

@@ -585,3 +585,70 @@ def test_logit_sum_trains_every_expert_on_the_label_by_itself() -> None:
     model.eval()
     record, summed = model.predict_step(batch, 0)[0], model.infer(batch).logit[0]
     assert record["probability"] == pytest.approx(torch.sigmoid(summed).item())
+
+
+def feature_bags(n_bags: int, seed: int) -> list[BagSample]:
+    """Patients of 6 crops of 6 features (4 values, then a one-hot of 2 cell types) whose
+    clinical vector and features both lean with the label."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for b in range(n_bags):
+        label = b % 2
+        values = rng.normal(0.6 * label, 1.0, (6, 4))
+        types = np.eye(2)[(rng.random(6) < 0.3 + 0.4 * label).astype(int)]
+        features = torch.tensor(np.concatenate([values, types], axis=1), dtype=torch.float32)
+        clinical = torch.tensor([label + rng.normal(0, 1.0), rng.normal(), 0.0])
+        ids = [f"{i}.png" for i in range(6)]
+        samples.append(BagSample(features, clinical.float(), float(label), f"P{b}", ids))
+    return samples
+
+
+class WeightsPerEpoch(L.Callback):
+    """The network's parameters at every validation of fit (before the model's own hook)."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, torch.Tensor]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.epochs.append({n: p.detach().clone() for n, p in module.net.named_parameters()})
+
+
+def test_logit_sum_keeps_each_expert_at_its_own_best_validation_epoch() -> None:
+    """Each expert's kept weights are those of the epoch of its lowest validation loss (its
+    own BCE on the validation patients), and every prediction after fit uses them."""
+    L.seed_everything(0)
+    settings: dict[str, Any] = dict(in_dim=6, cell_types=2, tabular_dim=3, tabular_stats=STATS)
+    model = LogitSumMIL(**settings, optim=OptimSettings(lr=0.05), expert_selection=True)
+    train = DataLoader(feature_bags(24, 0), batch_size=8, shuffle=True, collate_fn=collate_bags)
+    val = DataLoader(feature_bags(12, 1), batch_size=5, collate_fn=collate_bags)
+    seen = WeightsPerEpoch()
+    quiet_trainer(max_epochs=12, callbacks=[seen]).fit(model, train, val)
+    batch = collate_bags(feature_bags(12, 1))
+    model.eval()
+    inputs = (batch.instances, batch.mask, batch.tabular)
+    bests = []
+    for i, name in enumerate(["tabular", "mean", "statistics", "types"]):
+        losses = torch.stack(
+            [
+                F.binary_cross_entropy_with_logits(
+                    torch.func.functional_call(model.net, weights, inputs).extras[f"{name}_logit"],
+                    batch.label,
+                )
+                for weights in seen.epochs
+            ]
+        )
+        best = int(losses.argmin())
+        bests.append(best)
+        assert model.selected_loss[i].item() == pytest.approx(losses[best].item(), rel=1e-5)
+        prefix = "clinical." if name == "tabular" else f"images.{name}."
+        kept = model.selected.weights()
+        for key, value in seen.epochs[best].items():
+            if key.startswith(prefix):
+                torch.testing.assert_close(kept[key], value)
+    assert len(seen.epochs) == 12 and len(set(bests)) > 1  # the experts stop apart
+    expected = torch.func.functional_call(model.net, model.selected.weights(), inputs)
+    torch.testing.assert_close(model.infer(batch).logit, expected.logit)
+    again = LogitSumMIL(**settings, expert_selection=True)
+    again.load_state_dict(model.state_dict())  # a checkpoint carries the kept experts
+    torch.testing.assert_close(again.eval().infer(batch).logit, expected.logit)

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lympho_mil.arguments import SettingError, as_settings, check_positive
 from lympho_mil.data.batch import BagBatch
@@ -28,6 +32,8 @@ from lympho_mil.nn import (
     bce_with_logits,
 )
 from lympho_mil.nn.encoders import encoder_out_dim
+
+log = logging.getLogger(__name__)
 
 CLINICAL_DROPOUT = 0.1
 """Dropout after the first layer of the fusion's clinical MLP."""
@@ -116,6 +122,36 @@ IMAGE_EXPERTS = ("mean", "statistics", "types")
 their statistics (mean, standard deviation and 10/50/90 % quantiles), or of the patient's
 share of each cell type (the mean of the crops' one-hot types)."""
 
+SELECTED_LOSS = "val_selected_loss"
+"""What `LogitSumMIL` logs with ``expert_selection``: the validation loss of the experts it
+keeps (the sum of each one's lowest validation BCE so far); its checkpoints monitor it."""
+
+
+class ExpertSnapshot(nn.Module):
+    """A copy of a network's parameters held as buffers: saved in checkpoints and moved with
+    the model, never trained. `weights` feeds ``torch.func.functional_call``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.names = [name for name, _ in net.named_parameters()]
+        for name, parameter in net.named_parameters():
+            self.register_buffer(self._key(name), parameter.detach().clone())
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")
+
+    @torch.no_grad()
+    def copy_from(self, net: nn.Module, prefix: str) -> None:
+        """Take ``net``'s current parameters whose names start with ``prefix``."""
+        for name, parameter in net.named_parameters():
+            if name.startswith(prefix):
+                getattr(self, self._key(name)).copy_(parameter)
+
+    def weights(self) -> dict[str, Tensor]:
+        """The held parameters by the network's names."""
+        return {name: getattr(self, self._key(name)) for name in self.names}
+
 
 class LogitSumMIL(BagClassifier):
     """Clinical expert plus image experts, their logits added (`lympho_mil.nn.LogitSumNet`):
@@ -128,16 +164,27 @@ class LogitSumMIL(BagClassifier):
     first ``in_dim - cell_types`` columns, ``types`` the last ``cell_types``. The clinical
     expert is `TabularMLP`'s network.
 
+    With ``expert_selection``, each expert is kept at the epoch of its own lowest validation
+    loss, as if it had been trained and checkpointed alone: the experts overfit at different
+    speeds. The kept weights (`ExpertSnapshot`, in the checkpoint) make every prediction
+    outside fit's validation, which judges the weights in training; the logged
+    `SELECTED_LOSS` is the kept experts' validation loss, the one to checkpoint on (the
+    ``val_*`` metrics are those of the weights in training).
+
     Args:
         in_dim: values per crop (the datamodule's ``feature_dim``).
         image_experts: names of the image experts, among `IMAGE_EXPERTS`.
         cell_types: K, the one-hot cell-type columns at the end of each crop's vector (0:
             none; the ``types`` expert needs K > 0).
         clinical_hidden, clinical_embed_dim: sizes of the clinical MLP (dropout 0.1).
+        expert_selection: keep each expert at its own best validation epoch (False, the
+            twentieth round's form in docs/results.md: the whole model at the checkpoint's
+            epoch).
         **kwargs: settings of `BagClassifier` (``tabular_dim`` must be > 0).
     """
 
     reads_tabular = True
+    selected_loss: Tensor  # a buffer: each expert's lowest validation loss so far
 
     def __init__(
         self,
@@ -146,6 +193,7 @@ class LogitSumMIL(BagClassifier):
         cell_types: int = 0,
         clinical_hidden: int = 16,
         clinical_embed_dim: int = 8,
+        expert_selection: bool = False,
         **kwargs: Any,
     ) -> None:
         check_positive(
@@ -170,7 +218,13 @@ class LogitSumMIL(BagClassifier):
             )
         self.in_dim, self.image_experts, self.n_cell_types = in_dim, experts, cell_types
         self.clinical_hidden, self.clinical_embed_dim = clinical_hidden, clinical_embed_dim
+        self.expert_selection = expert_selection
         super().__init__(**kwargs)
+        self.experts = ["tabular", *experts]
+        self.selected = ExpertSnapshot(self.net) if expert_selection else None
+        if expert_selection:
+            self.register_buffer("selected_loss", torch.full((len(self.experts),), float("inf")))
+        self._judged: tuple[Tensor, int] | None = None  # this validation's loss sums, patients
 
     def build_net(self) -> LogitSumNet:
         if self.tabular_dim < 1:
@@ -200,11 +254,64 @@ class LogitSumMIL(BagClassifier):
                 "or set in_dim to the data's feature size"
             )
 
+    def _judging(self) -> bool:
+        """In fit's validation, where the weights in training are judged expert by expert."""
+        trainer = self._trainer
+        return trainer is not None and trainer.validating and trainer.state.fn == "fit"
+
+    def forward(self, batch: BagBatch) -> BagOutput:
+        """The network's output; with ``expert_selection``, outside training and fit's
+        validation, that of the kept experts."""
+        if self.selected is not None and not self.training and not self._judging():
+            inputs = (batch.instances, batch.mask, batch.tabular)
+            return functional_call(self.net, self.selected.weights(), inputs)  # type: ignore[no-any-return]
+        return super().forward(batch)
+
     def loss(self, out: BagOutput, batch: BagBatch) -> Tensor:
         """The sum of every expert's own BCE (clinical and each image expert)."""
         assert out.extras is not None
-        names = ["tabular", *self.image_experts]
-        losses = [
-            bce_with_logits(out.extras[f"{n}_logit"], batch.label, self.pos_weight) for n in names
-        ]
-        return sum(losses[1:], losses[0])
+        losses = torch.stack(
+            [
+                bce_with_logits(out.extras[f"{n}_logit"], batch.label, self.pos_weight)
+                for n in self.experts
+            ]
+        )
+        if self.expert_selection and self._judging():
+            sums, count = self._judged or (torch.zeros_like(losses), 0)
+            self._judged = (sums + losses.detach() * len(batch), count + len(batch))
+        return losses.sum()
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        callback = self.trainer.checkpoint_callback
+        if (
+            self.expert_selection
+            and isinstance(callback, ModelCheckpoint)
+            and callback.monitor != SELECTED_LOSS
+        ):
+            log.warning(
+                "LogitSumMIL keeps each expert at its own best validation epoch: checkpoint on "
+                f"{SELECTED_LOSS} (checkpoint.monitor), not {callback.monitor}, or the best "
+                "checkpoint may miss later choices"
+            )
+
+    def on_validation_epoch_end(self) -> None:
+        """Keep every expert whose validation loss is its lowest so far; log the kept
+        experts' loss (`SELECTED_LOSS`)."""
+        super().on_validation_epoch_end()
+        if self._judged is not None and self.selected is not None:
+            sums, count = self._judged
+            strategy = self.trainer.strategy
+            sums = strategy.reduce(sums, reduce_op="sum")
+            count = int(
+                strategy.reduce(torch.tensor(float(count), device=sums.device), reduce_op="sum")
+            )
+            for i, name in enumerate(self.experts):
+                mean = sums[i] / count
+                if mean < self.selected_loss[i]:
+                    self.selected_loss[i] = mean
+                    prefix = "clinical." if name == "tabular" else f"images.{name}."
+                    self.selected.copy_from(self.net, prefix)
+            self._judged = None
+        if self.expert_selection and torch.isfinite(self.selected_loss).all():
+            self.log(SELECTED_LOSS, self.selected_loss.sum(), prog_bar=True)
