@@ -980,14 +980,16 @@ def logit_sum_round(
     round_no: int,
     args: argparse.Namespace,
     candidates_of: Callable[[Path], dict[str, dict[str, Any]]],
+    settings: PretrainSettings = SSL_SETTINGS,
+    heads_folder: Path | None = None,
 ) -> Iterator[Record]:
     """A round of the twentieth round's kind: the ``candidates_of(weights)`` (the references
-    and the two `LogitSumMIL` candidates) on the seventh round's encoder, cross-validated on
-    the sixteenth round's folder and splits (the references found there, not run again);
-    paired differences to the references and to the separately trained sums of the
-    seventeenth and eighteenth rounds (remade from the sixteenth round's runs); the verdict
-    (`logit_sum_verdict`)."""
-    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir)
+    and the two `LogitSumMIL` candidates) on the encoder pretrained with ``settings`` (the
+    seventh round's), cross-validated on the sixteenth round's folder and splits (the
+    references found there, not run again); paired differences to the references and to the
+    separately trained sums of the same encoder's heads (their runs in ``heads_folder``, by
+    default the sixteenth round's); the verdict (`logit_sum_verdict`)."""
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, settings)
     yield pretraining_record(ssl_path, seconds)
     args.data = challenge_layout(args.data, args.unlabelled, args.out_sixteenth / "data")
     candidates = {
@@ -995,7 +997,8 @@ def logit_sum_round(
     }
     runs = {n: _cv(n, config, args, args.out_sixteenth) for n, config in candidates.items()}
     refs = {n: runs[n][0] for n in (REFERENCE, RECIPE)}
-    separate = folders_of(args.out_sixteenth)
+    separate = folders_of(heads_folder or args.out_sixteenth)
+    separate[REFERENCE] = args.out_sixteenth / REFERENCE
     for tag in ("ssl", "ssl_pl"):
         heads = [separate[h] for h in image_heads(tag)]
         weights = [1.0, *[1 / len(heads)] * len(heads)]
@@ -1003,6 +1006,36 @@ def logit_sum_round(
     rows = {n: _row(n, oof, refs, out) for n, (oof, out) in runs.items()}
     yield from rows.values()
     yield logit_sum_verdict(round_no, rows)
+
+
+def round22_arguments(p: argparse.ArgumentParser) -> None:
+    round19_arguments(p)
+    p.add_argument(
+        "--out-nineteenth",
+        type=Path,
+        default=Path("runs/benchmarks/dlmi-round19"),
+        help="the nineteenth round's working folder (the seed-1 encoder's six heads)",
+    )
+
+
+@study(
+    "dlmi-round22",
+    "the twenty-second round: the twenty-first round's LogitSumMIL on the seed-1 encoder",
+    round22_arguments,
+)
+def round22(args: argparse.Namespace) -> Iterator[Record]:
+    """The twenty-second round (docs/results.md), a replication: `logit_sum_round` of the
+    twenty-first round's candidates on the nineteenth round's encoder (`SEED1_SETTINGS`),
+    compared with the separately trained sums of that encoder's heads (``args.out_nineteenth``);
+    the verdict says whether each would qualify there; nothing ships from it."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round22")
+    yield from logit_sum_round(
+        22,
+        args,
+        lambda path: round20_candidates(path, expert_selection=True),
+        SEED1_SETTINGS,
+        args.out_nineteenth,
+    )
 
 
 def logit_sum_verdict(round_no: int, rows: dict[str, Record]) -> Record:

@@ -784,15 +784,15 @@ def test_the_twentieth_round_ships_the_simpler_model_unless_the_other_beats_it(
     assert set(verdict) >= {"bars_logit_sum_ssl", "bars_logit_sum_ssl_pl"}
 
 
-@pytest.mark.parametrize("round_no", [20, 21])
+@pytest.mark.parametrize("round_no", [20, 21, 22])
 def test_the_logit_sum_rounds_run_the_one_model_beside_the_references_they_find(
     study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, round_no: int
 ) -> None:
-    """The references and both LogitSumMIL candidates (with expert selection in the
-    twenty-first round) go through `_cv` with the sixteenth round's folder to search; each row
+    """The references and both LogitSumMIL candidates (with expert selection from the
+    twenty-first round on) go through `_cv` with the sixteenth round's folder to search; each row
     holds its paired differences to the separately trained sums remade from that folder's
     heads; the twenty-first round adds each candidate's difference to its twentieth-round
-    twin."""
+    twin; the twenty-second asks for the seed-1 encoder and compares with its heads' sums."""
     import argparse
 
     import numpy as np
@@ -809,7 +809,10 @@ def test_the_logit_sum_rounds_run_the_one_model_beside_the_references_they_find(
             json.dumps({"wall_time_s": 1.0, "folds": 2, "repeats": 1, "n_patients": 40})
         )
     weights = tmp_path / "encoder.pt"
-    monkeypatch.setattr(study_dlmi, "ssl_weights", lambda *args: (weights, 1.0))
+    encoders: list[object] = []
+    monkeypatch.setattr(
+        study_dlmi, "ssl_weights", lambda *args: encoders.append(args[-1]) or (weights, 1.0)
+    )
     monkeypatch.setattr(study_dlmi, "pretraining_record", lambda *a: {"record": "pretraining"})
     monkeypatch.setattr(study_dlmi, "challenge_layout", lambda *args: tmp_path / "data")
     configs: dict[str, dict] = {}
@@ -828,8 +831,11 @@ def test_the_logit_sum_rounds_run_the_one_model_beside_the_references_they_find(
         out=None if round_no == 20 else tmp_path,
         out_sixteenth=tmp_path,
         out_twentieth=tmp_path,
+        out_nineteenth=tmp_path,
     )
     records = list(getattr(study_dlmi, f"round{round_no}")(args))
+    seed = study_dlmi.SEED1_SETTINGS if round_no == 22 else study_dlmi.SSL_SETTINGS
+    assert encoders == [seed]
     assert list(configs) == names
     data = {n: configs[n]["data"]["init_args"] for n in names[2:]}
     assert data["logit_sum_ssl"]["features"]["weights"] == str(weights)
@@ -848,4 +854,4 @@ def test_the_logit_sum_rounds_run_the_one_model_beside_the_references_they_find(
     verdicts = [r for r in records if r["record"] == "verdict"]
     assert len(verdicts) == 1 and verdicts[0]["round"] == round_no
     effects = [r["candidate"] for r in records if r["record"] == "selection_effect"]
-    assert effects == ([] if round_no == 20 else names[2:])
+    assert effects == (names[2:] if round_no == 21 else [])
