@@ -30,6 +30,19 @@ def check_share(name: str, value: float, one_allowed: bool = True) -> None:
         raise SettingError(f"{name} must be in {interval}, got {value}")
 
 
+def check_not_none_text(group: str, **settings: str | None) -> None:
+    """SettingError for a setting of ``group`` (its option, e.g. ``data.features``) that holds
+    the text ``"None"``: on the command line, ``--data.features.weights null`` reaches a
+    group's text field as ``"None"`` (jsonargparse), so say how to give a null there instead
+    of looking for a file named "None"."""
+    for name, value in settings.items():
+        if value == "None":
+            raise SettingError(
+                f"{group}.{name} is the text 'None': to give null inside a group, write the group "
+                f"as a mapping: --{group} '{{{name}: null}}'"
+            )
+
+
 def as_settings(cls: type[T], value: T | Mapping[str, Any]) -> T:
     """``value`` as the settings dataclass ``cls``: itself, or built from a mapping of its
     fields (what a checkpoint's hyperparameters and plain Python give); a SettingError names

@@ -246,6 +246,7 @@ def test_data_root_and_model_from_the_command_line(dlmi_root: Path, tmp_path: Pa
         (["--trainer.max_epoch", "5"], "did you mean --trainer.max_epochs?"),  # no abbreviation
         (["--model.init_args.pos_wieght", "2"], "did you mean model.pos_weight?"),
         (["--model.pos_weight", "x"], "invalid value x for model.pos_weight"),
+        (["--model.encoder.weights", "null"], "as a mapping: --model.encoder '{weights: null}'"),
     ],
 )
 def test_bad_configuration_is_a_short_message(

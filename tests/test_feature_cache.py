@@ -12,6 +12,7 @@ import pytest
 import torch
 from trainers import quiet_trainer
 
+from lympho_mil.arguments import SettingError
 from lympho_mil.data import (
     CropSpec,
     DataError,
@@ -32,6 +33,7 @@ from lympho_mil.features import cache as feature_cache_module
 from lympho_mil.features.cache import (
     CachedFeatureDataModule,
     FeatureCache,
+    FeatureSource,
     FeatureSpec,
     SelectView,
     feature_cache_key,
@@ -225,6 +227,8 @@ def test_encoder_weights_file_is_loaded(
     assert weights_digest(make_dm(synthetic_dlmi, cache_dir).extractor) == weights_digest(
         default.extractor
     )  # random initial weights repeat under encoder_seed
+    with pytest.raises(SettingError, match=r"--data.features '\{weights: null\}'"):
+        FeatureSource(weights="None")  # what jsonargparse makes of --data.features.weights null
     with pytest.raises(FileNotFoundError, match=r"nowhere\.pt\. .*lympho-mil pretrain --config"):
         _ = make_dm(
             synthetic_dlmi, cache_dir, features={"weights": str(tmp_path / "nowhere.pt")}

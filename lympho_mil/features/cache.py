@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lympho_mil.arguments import SettingError, as_settings
+from lympho_mil.arguments import SettingError, as_settings, check_not_none_text
 from lympho_mil.data.clinical import FEATURE_NAMES
 from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.dataset import Bag, InstanceStore, InstanceTransform
@@ -256,6 +256,9 @@ class FeatureSource:
     extract_device: str | None = None
 
     def __post_init__(self) -> None:
+        check_not_none_text(
+            "data.features", weights=self.weights, extract_device=self.extract_device
+        )
         if self.eval_view not in ("mean", "identity"):
             raise SettingError(f"eval_view must be 'mean' or 'identity', got {self.eval_view!r}")
 

@@ -19,7 +19,7 @@ from typing import Any, SupportsInt, cast
 import torch
 from torch import Tensor, nn
 
-from lympho_mil.arguments import SettingError, check_positive
+from lympho_mil.arguments import SettingError, check_not_none_text, check_positive
 from lympho_mil.nn.acceleration import use_channels_last
 from lympho_mil.nn.morphology import MorphologyEncoder
 
@@ -339,6 +339,7 @@ class EncoderSettings:
 
     def __post_init__(self) -> None:
         check_positive(out_dim=self.out_dim, in_dim=self.in_dim, shape_multiple=self.shape_multiple)
+        check_not_none_text("model.encoder", weights=self.weights)
 
     @property
     def reads_features(self) -> bool:
