@@ -652,3 +652,36 @@ def test_logit_sum_keeps_each_expert_at_its_own_best_validation_epoch() -> None:
     again = LogitSumMIL(**settings, expert_selection=True)
     again.load_state_dict(model.state_dict())  # a checkpoint carries the kept experts
     torch.testing.assert_close(again.eval().infer(batch).logit, expected.logit)
+
+
+def test_logit_sum_without_validation_keeps_its_experts_as_trained() -> None:
+    """No validation ever judged them: the experts are kept as trained, with a warning,
+    never the untrained starting weights."""
+    L.seed_everything(0)
+    model = LogitSumMIL(
+        in_dim=6, cell_types=2, tabular_dim=3, tabular_stats=STATS, expert_selection=True
+    )
+    train = DataLoader(feature_bags(16, 0), batch_size=8, collate_fn=collate_bags)
+    with pytest.warns(UserWarning, match="no validation judged the experts"):
+        quiet_trainer(max_epochs=2).fit(model, train)
+    batch = collate_bags(feature_bags(4, 1))
+    model.eval()
+    expected = model.net(batch.instances, batch.mask, batch.tabular).logit
+    torch.testing.assert_close(model.infer(batch).logit, expected)
+
+
+def test_logit_sum_refuses_data_whose_cell_types_it_would_misread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lympho_mil.data import SyntheticDataModule
+
+    model = LogitSumMIL(in_dim=144, cell_types=8, tabular_dim=3)
+    data = SyntheticDataModule()
+    model._trainer = types.SimpleNamespace(datamodule=data)  # type: ignore[assignment]
+    model.setup("fit")  # no cached features: nothing to compare
+    for recorded, columns in (({"count": 16, "keep_features": True}, 16), (0, 0), (16, 144)):
+        monkeypatch.setattr(data, "input_settings", lambda r=recorded: {"cell_types": r})
+        with pytest.raises(DataError, match=f"end with {columns} cell-type columns"):
+            model.setup("fit")
+    with pytest.raises(ValueError, match="tta_views must be 1"):
+        LogitSumMIL(in_dim=8, image_experts=["mean"], tta_views=2)

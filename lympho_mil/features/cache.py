@@ -294,7 +294,8 @@ class CellTypeSettings:
         0: no cell types).
     keep_features: each crop is its standardised features followed by its one-hot type
         (``D + K`` values: what `lympho_mil.models.LogitSumMIL`'s experts read) instead of
-        its type alone (``K``).
+        its type alone (``K``). ``noise_std`` reaches all of them in training, as it does the
+        one-hot types alone.
     """
 
     count: int = 0
@@ -309,6 +310,8 @@ class CellTypeSettings:
     @classmethod
     def of(cls, value: int | CellTypeSettings | dict[str, Any]) -> CellTypeSettings:
         """``value`` as settings: a bare count, a mapping of the fields, or the settings."""
+        if isinstance(value, bool):
+            raise SettingError(f"cell_types must be a count or a mapping, got {value}")
         if isinstance(value, int):
             return cls(count=value)
         return as_settings(cls, value)

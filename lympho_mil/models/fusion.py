@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from lympho_mil.arguments import SettingError, as_settings, check_positive
 from lympho_mil.data.batch import BagBatch
+from lympho_mil.data.datamodule import BagDataModule
 from lympho_mil.data.errors import DataError
 from lympho_mil.models.base import BagClassifier, BagOutput
 from lympho_mil.models.mil import EncoderClassifier
@@ -32,8 +33,6 @@ from lympho_mil.nn import (
     bce_with_logits,
 )
 from lympho_mil.nn.encoders import encoder_out_dim
-
-log = logging.getLogger(__name__)
 
 CLINICAL_DROPOUT = 0.1
 """Dropout after the first layer of the fusion's clinical MLP."""
@@ -219,6 +218,11 @@ class LogitSumMIL(BagClassifier):
         self.in_dim, self.image_experts, self.n_cell_types = in_dim, experts, cell_types
         self.clinical_hidden, self.clinical_embed_dim = clinical_hidden, clinical_embed_dim
         self.expert_selection = expert_selection
+        if kwargs.get("tta_views", 1) != 1:
+            raise SettingError(
+                "LogitSumMIL reads feature vectors, which have no orientation: test-time "
+                f"augmentation needs image crops (tta_views must be 1, got {kwargs['tta_views']})"
+            )
         super().__init__(**kwargs)
         self.experts = ["tabular", *experts]
         self.selected = ExpertSnapshot(self.net) if expert_selection else None
@@ -276,42 +280,86 @@ class LogitSumMIL(BagClassifier):
                 for n in self.experts
             ]
         )
-        if self.expert_selection and self._judging():
+        if self.selected is not None and self._judging():
             sums, count = self._judged or (torch.zeros_like(losses), 0)
             self._judged = (sums + losses.detach() * len(batch), count + len(batch))
         return losses.sum()
 
+    def setup(self, stage: str) -> None:
+        """Refuse data whose cell-type columns are not the ones this model reads."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if not isinstance(datamodule, BagDataModule):
+            return
+        recorded = datamodule.input_settings().get("cell_types")
+        if recorded is None:  # not a datamodule of cached features
+            return
+        # {count, keep_features}: the last `count` columns; a bare count K > 0: types alone
+        columns = recorded["count"] if isinstance(recorded, dict) else self.in_dim * bool(recorded)
+        if columns != self.n_cell_types:
+            raise DataError(
+                f"the data's crops end with {columns} cell-type columns but LogitSumMIL was built "
+                f"with cell_types {self.n_cell_types}: set model.cell_types to the data's "
+                "cell_types.count (with keep_features: true)"
+            )
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         callback = self.trainer.checkpoint_callback
-        if (
-            self.expert_selection
-            and isinstance(callback, ModelCheckpoint)
-            and callback.monitor != SELECTED_LOSS
-        ):
-            log.warning(
-                "LogitSumMIL keeps each expert at its own best validation epoch: checkpoint on "
-                f"{SELECTED_LOSS} (checkpoint.monitor), not {callback.monitor}, or the best "
-                "checkpoint may miss later choices"
-            )
+        monitored = isinstance(callback, ModelCheckpoint) and callback.monitor is not None
+        if self.selected is not None and monitored:
+            assert isinstance(callback, ModelCheckpoint)
+            if callback.monitor != SELECTED_LOSS or callback.mode != "min":
+                rank_zero_warn(
+                    "LogitSumMIL keeps each expert at its own best validation epoch: checkpoint "
+                    f"on {SELECTED_LOSS} with mode min (checkpoint.monitor, checkpoint.mode), not "
+                    f"{callback.monitor} ({callback.mode}), or the best checkpoint may miss "
+                    "later choices"
+                )
+
+    def on_validation_epoch_start(self) -> None:
+        self._judged = None
 
     def on_validation_epoch_end(self) -> None:
         """Keep every expert whose validation loss is its lowest so far; log the kept
         experts' loss (`SELECTED_LOSS`)."""
         super().on_validation_epoch_end()
-        if self._judged is not None and self.selected is not None:
-            sums, count = self._judged
+        if self.selected is None:
+            return
+        if self._judging():  # every process reduces, even one without a batch
+            sums, count = self._judged or (torch.zeros_like(self.selected_loss), 0)
             strategy = self.trainer.strategy
             sums = strategy.reduce(sums, reduce_op="sum")
-            count = int(
-                strategy.reduce(torch.tensor(float(count), device=sums.device), reduce_op="sum")
-            )
-            for i, name in enumerate(self.experts):
-                mean = sums[i] / count
-                if mean < self.selected_loss[i]:
-                    self.selected_loss[i] = mean
-                    prefix = "clinical." if name == "tabular" else f"images.{name}."
-                    self.selected.copy_from(self.net, prefix)
+            count_t = torch.tensor(float(count), device=sums.device)
+            total = strategy.reduce(count_t, reduce_op="sum")
+            if total > 0:
+                self._keep_best(sums / total)
             self._judged = None
-        if self.expert_selection and torch.isfinite(self.selected_loss).all():
+        if torch.isfinite(self.selected_loss).all():
             self.log(SELECTED_LOSS, self.selected_loss.sum(), prog_bar=True)
+
+    def _keep_best(self, losses: Tensor) -> None:
+        """Keep each expert whose validation loss (``losses[E]``) is its lowest so far."""
+        assert self.selected is not None
+        for i, name in enumerate(self.experts):
+            if losses[i] < self.selected_loss[i]:
+                self.selected_loss[i] = losses[i]
+                self.selected.copy_from(self.net, self._prefix(name))
+
+    @staticmethod
+    def _prefix(expert: str) -> str:
+        return "clinical." if expert == "tabular" else f"images.{expert}."
+
+    def on_fit_end(self) -> None:
+        """An expert never judged (no validation ran) is kept as trained, with a warning."""
+        if self.selected is None:
+            return
+        unjudged = [
+            n for i, n in enumerate(self.experts) if not torch.isfinite(self.selected_loss[i])
+        ]
+        for name in unjudged:
+            self.selected.copy_from(self.net, self._prefix(name))
+        if unjudged:
+            rank_zero_warn(
+                f"LogitSumMIL: no validation judged the experts {unjudged}; they are kept as "
+                "trained (give validation patients to keep each at its best epoch)"
+            )
