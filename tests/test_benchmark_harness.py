@@ -853,5 +853,7 @@ def test_the_logit_sum_rounds_run_the_one_model_beside_the_references_they_find(
     assert {"minus_sum_ssl_ensemble", "minus_sum_ssl_pl_ensemble"} <= rows["logit_sum_ssl"].keys()
     verdicts = [r for r in records if r["record"] == "verdict"]
     assert len(verdicts) == 1 and verdicts[0]["round"] == round_no
+    if round_no == 22:  # a replication: nothing ships from it
+        assert verdicts[0]["shipped"] is None and "would_ship" in verdicts[0]
     effects = [r["candidate"] for r in records if r["record"] == "selection_effect"]
     assert effects == (names[2:] if round_no == 21 else [])
