@@ -5,7 +5,8 @@ format, predict records), and small subclasses that build their networks. Reads 
 
 from lympho_mil.models.base import BagClassifier, NonFiniteLossError
 from lympho_mil.models.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError
-from lympho_mil.models.fusion import GatedFusionMIL, LogitSumMIL
+from lympho_mil.models.fusion import GatedFusionMIL
+from lympho_mil.models.logit_sum import LogitSumMIL
 from lympho_mil.models.mil import (
     AttentionMIL,
     EncoderClassifier,
