@@ -919,7 +919,7 @@ def round20_candidates(ssl_path: Path, expert_selection: bool = False) -> dict[s
     plain = load("dlmi_logit_sum.yaml")
     plain["data"]["init_args"]["features"]["weights"] = str(ssl_path)
     if not expert_selection:
-        del plain["model"]["init_args"]["expert_selection"]
+        plain["model"]["init_args"]["expert_selection"] = False
         plain["checkpoint"] = references[RECIPE]["checkpoint"]  # val_loss
     cotrained = copy.deepcopy(plain)
     cotrained["data"]["init_args"]["split"] = {"teacher_confidence": TEACHER_CONFIDENCE}

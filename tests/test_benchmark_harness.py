@@ -844,7 +844,7 @@ def test_the_logit_sum_rounds_run_the_one_model_beside_the_references_they_find(
     for name in names[2:]:
         model, monitor = configs[name]["model"], configs[name]["checkpoint"]["monitor"]
         assert model["class_path"] == "LogitSumMIL"
-        selecting = model["init_args"].get("expert_selection", False)
+        selecting = model["init_args"]["expert_selection"]
         assert (selecting, monitor) == (
             (False, "val_loss") if round_no == 20 else (True, "val_selected_loss")
         )
