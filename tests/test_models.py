@@ -623,7 +623,8 @@ def test_logit_sum_keeps_each_expert_at_its_own_best_validation_epoch() -> None:
     train = DataLoader(feature_bags(24, 0), batch_size=8, shuffle=True, collate_fn=collate_bags)
     val = DataLoader(feature_bags(12, 1), batch_size=5, collate_fn=collate_bags)
     seen = WeightsPerEpoch()
-    quiet_trainer(max_epochs=12, callbacks=[seen]).fit(model, train, val)
+    trainer = quiet_trainer(max_epochs=12, callbacks=[seen])
+    trainer.fit(model, train, val)
     batch = collate_bags(feature_bags(12, 1))
     model.eval()
     inputs = (batch.instances, batch.mask, batch.tabular)
@@ -649,6 +650,14 @@ def test_logit_sum_keeps_each_expert_at_its_own_best_validation_epoch() -> None:
     assert len(seen.epochs) == 12 and len(set(bests)) > 1  # the experts stop apart
     expected = torch.func.functional_call(model.net, model.selected.weights(), inputs)
     torch.testing.assert_close(model.infer(batch).logit, expected.logit)
+    logged = trainer.callback_metrics  # the last validation: val_* of the kept experts
+    assert logged["val_loss"].item() == pytest.approx(model.selected_loss.sum().item(), rel=1e-5)
+    prob = torch.sigmoid(expected.logit).detach().numpy()
+    label = batch.label.long().numpy()
+    scores = binary_metrics(label, prob, (prob >= float(model.threshold)).astype(int))
+    assert logged["val_balanced_accuracy"].item() == pytest.approx(scores["balanced_accuracy"])
+    assert logged["val_auroc"].item() == pytest.approx(scores["auroc"])
+    assert "val_live_loss" in logged and "val_live_balanced_accuracy" in logged
     again = LogitSumMIL(**settings, expert_selection=True)
     again.load_state_dict(model.state_dict())  # a checkpoint carries the kept experts
     torch.testing.assert_close(again.eval().infer(batch).logit, expected.logit)

@@ -201,7 +201,8 @@ class BagClassifier(LightningModule, ABC):
     def _metrics(self, split: str) -> PatientMetrics:
         return cast(PatientMetrics, self.metrics[f"{split}_metrics"])
 
-    def _log_metrics(self, split: str) -> None:
+    def _log_metrics(self, split: str, name: str | None = None) -> None:
+        """Log and reset the metrics of ``split``, as ``<name or split>_<metric>``."""
         metrics = self._metrics(split)
         seen = bool(metrics.auroc.update_count)
         if self._trainer is not None:  # every process decides alike (compute synchronises)
@@ -210,8 +211,8 @@ class BagClassifier(LightningModule, ABC):
             return  # max_steps
         values = metrics.compute()
         self.log_dict(
-            {f"{split}_{k}": v for k, v in values.items()},
-            prog_bar=split != "train",
+            {f"{name or split}_{k}": v for k, v in values.items()},
+            prog_bar=split != "train" and name is None,
             sync_dist=False,  # torchmetrics already synchronised the states exactly
         )
         self._metrics(split).reset()

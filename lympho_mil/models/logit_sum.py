@@ -34,9 +34,9 @@ IMAGE_EXPERTS = ("mean", "statistics", "types")
 their statistics (mean, standard deviation and 10/50/90 % quantiles), or of the patient's
 share of each cell type (the mean of the crops' one-hot types)."""
 
-SELECTED_LOSS = "val_selected_loss"
-"""What `LogitSumMIL` logs with ``expert_selection``: the validation loss of the experts it
-keeps (the sum of each one's lowest validation BCE so far); its checkpoints monitor it."""
+LIVE = "val_live"
+"""The prefix of the validation metrics of `LogitSumMIL`'s weights in training (with
+``expert_selection``; its ``val_*`` metrics are those of the experts it keeps)."""
 
 
 class ExpertSnapshot(nn.Module):
@@ -79,9 +79,10 @@ class LogitSumMIL(BagClassifier):
     With ``expert_selection``, each expert is kept at the epoch of its own lowest validation
     loss, as if it had been trained and checkpointed alone: the experts overfit at different
     speeds. The kept weights (`ExpertSnapshot`, in the checkpoint) make every prediction
-    outside fit's validation, which judges the weights in training; the logged
-    `SELECTED_LOSS` is the kept experts' validation loss, the one to checkpoint on (the
-    ``val_*`` metrics are those of the weights in training).
+    outside fit's validation, which judges the weights in training. The ``val_*`` metrics
+    describe the kept experts, the model as it predicts (``val_loss``, the sum of each
+    expert's lowest validation BCE, only falls: checkpoint on it, ``mode: min``); the weights
+    in training are logged as `LIVE` ``_*``.
 
     Args:
         in_dim: values per crop (the datamodule's ``feature_dim``).
@@ -141,7 +142,7 @@ class LogitSumMIL(BagClassifier):
         self.selected = ExpertSnapshot(self.net) if expert_selection else None
         if expert_selection:
             self.register_buffer("selected_loss", torch.full((len(self.experts),), float("inf")))
-        self._judged: tuple[Tensor, int] | None = None  # this validation's loss sums, patients
+        self._judged: list[tuple[Tensor, Tensor, Tensor]] = []  # this validation's logits
 
     def build_net(self) -> LogitSumNet:
         if self.tabular_dim < 1:
@@ -176,27 +177,96 @@ class LogitSumMIL(BagClassifier):
         trainer = self._trainer
         return trainer is not None and trainer.validating and trainer.state.fn == "fit"
 
+    def _kept_output(self, batch: BagBatch) -> BagOutput:
+        inputs = (batch.instances, batch.mask, batch.tabular)
+        assert self.selected is not None
+        return functional_call(self.net, self.selected.weights(), inputs)  # type: ignore[no-any-return]
+
     def forward(self, batch: BagBatch) -> BagOutput:
         """The network's output; with ``expert_selection``, outside training and fit's
         validation, that of the kept experts."""
         if self.selected is not None and not self.training and not self._judging():
-            inputs = (batch.instances, batch.mask, batch.tabular)
-            return functional_call(self.net, self.selected.weights(), inputs)  # type: ignore[no-any-return]
+            return self._kept_output(batch)
         return super().forward(batch)
+
+    def expert_logits(self, out: BagOutput) -> Tensor:
+        """``float[B, E]``: each expert's logit (clinical first), from a network output."""
+        assert out.extras is not None
+        return torch.stack([out.extras[f"{n}_logit"] for n in self.experts], dim=1)
 
     def loss(self, out: BagOutput, batch: BagBatch) -> Tensor:
         """The sum of every expert's own BCE (clinical and each image expert)."""
-        assert out.extras is not None
-        losses = torch.stack(
+        logits = self.expert_logits(out)
+        return sum(
+            (bce_with_logits(column, batch.label, self.pos_weight) for column in logits.T),
+            torch.zeros((), device=logits.device),
+        )
+
+    def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
+        """The weights in training, scored (`LIVE`); in fit, each expert's logits of these
+        weights and of the kept ones, for the choice at the epoch's end."""
+        if self.selected is not None and self._judging():
+            self.check_batch(batch)
+            with torch.no_grad():
+                live = self.expert_logits(self.net(batch.instances, batch.mask, batch.tabular))
+                kept = self.expert_logits(self._kept_output(batch))
+            self._judged.append((live.float(), kept.float(), batch.label))
+        super().validation_step(batch, batch_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self._judged = []
+
+    def on_validation_epoch_end(self) -> None:
+        """In fit: keep every expert whose validation loss is its lowest so far, and log the
+        kept experts' metrics as ``val_*`` (the weights in training as `LIVE` ``_*``)."""
+        if self.selected is None or not self._judging():
+            super().on_validation_epoch_end()
+            return
+        self._log_metrics("val", name=LIVE)
+        device = self.selected_loss.device
+        if self._judged:
+            parts = zip(*self._judged, strict=True)
+            live, kept, labels = (torch.cat(part).to(device) for part in parts)
+        else:  # this process saw no batch; it still joins the reduction
+            live = kept = torch.zeros(0, len(self.experts), device=device)
+            labels = torch.zeros(0, device=device)
+        self._judged = []
+        losses = self._reduced_losses(live, labels)
+        if losses is None:
+            return
+        improved = losses < self.selected_loss
+        for i in improved.nonzero().flatten().tolist():
+            self.selected_loss[i] = losses[i]
+            self.selected.copy_from(self.net, self._prefix(self.experts[i]))
+        chosen = torch.where(improved, live, kept)  # [P, E]: the kept experts' logits
+        logit = chosen[:, 0] + chosen[:, 1:].mean(dim=1)
+        prob = torch.sigmoid(logit)
+        if len(labels):
+            predicted = (prob >= self.threshold).long()
+            self._metrics("val").update(prob, predicted, labels, self.selected_loss.sum())
+        self._log_metrics("val")
+
+    def _reduced_losses(self, live: Tensor, labels: Tensor) -> Tensor | None:
+        """Each expert's validation BCE over every process's patients (``float[E]``), or None
+        without any; every process reduces, even one without a batch."""
+        sums = torch.stack(
             [
-                bce_with_logits(out.extras[f"{n}_logit"], batch.label, self.pos_weight)
-                for n in self.experts
+                bce_with_logits(column, labels, self.pos_weight) * len(labels)
+                if len(labels)
+                else torch.zeros((), device=live.device)
+                for column in live.T
             ]
         )
-        if self.selected is not None and self._judging():
-            sums, count = self._judged or (torch.zeros_like(losses), 0)
-            self._judged = (sums + losses.detach() * len(batch), count + len(batch))
-        return losses.sum()
+        strategy = self.trainer.strategy
+        sums = strategy.reduce(sums, reduce_op="sum")
+        count = strategy.reduce(
+            torch.tensor(float(len(labels)), device=sums.device), reduce_op="sum"
+        )
+        return sums / count if count > 0 else None
+
+    @staticmethod
+    def _prefix(expert: str) -> str:
+        return "clinical." if expert == "tabular" else f"images.{expert}."
 
     def setup(self, stage: str) -> None:
         """Refuse data whose cell-type columns are not the ones this model reads."""
@@ -221,46 +291,13 @@ class LogitSumMIL(BagClassifier):
         monitored = isinstance(callback, ModelCheckpoint) and callback.monitor is not None
         if self.selected is not None and monitored:
             assert isinstance(callback, ModelCheckpoint)
-            if callback.monitor != SELECTED_LOSS or callback.mode != "min":
+            if callback.monitor != "val_loss" or callback.mode != "min":
                 rank_zero_warn(
                     "LogitSumMIL keeps each expert at its own best validation epoch: checkpoint "
-                    f"on {SELECTED_LOSS} with mode min (checkpoint.monitor, checkpoint.mode), not "
+                    "on val_loss with mode min (checkpoint.monitor, checkpoint.mode), not "
                     f"{callback.monitor} ({callback.mode}), or the best checkpoint may miss "
                     "later choices"
                 )
-
-    def on_validation_epoch_start(self) -> None:
-        self._judged = None
-
-    def on_validation_epoch_end(self) -> None:
-        """Keep every expert whose validation loss is its lowest so far; log the kept
-        experts' loss (`SELECTED_LOSS`)."""
-        super().on_validation_epoch_end()
-        if self.selected is None:
-            return
-        if self._judging():  # every process reduces, even one without a batch
-            sums, count = self._judged or (torch.zeros_like(self.selected_loss), 0)
-            strategy = self.trainer.strategy
-            sums = strategy.reduce(sums, reduce_op="sum")
-            count_t = torch.tensor(float(count), device=sums.device)
-            total = strategy.reduce(count_t, reduce_op="sum")
-            if total > 0:
-                self._keep_best(sums / total)
-            self._judged = None
-        if torch.isfinite(self.selected_loss).all():
-            self.log(SELECTED_LOSS, self.selected_loss.sum(), prog_bar=True)
-
-    def _keep_best(self, losses: Tensor) -> None:
-        """Keep each expert whose validation loss (``losses[E]``) is its lowest so far."""
-        assert self.selected is not None
-        for i, name in enumerate(self.experts):
-            if losses[i] < self.selected_loss[i]:
-                self.selected_loss[i] = losses[i]
-                self.selected.copy_from(self.net, self._prefix(name))
-
-    @staticmethod
-    def _prefix(expert: str) -> str:
-        return "clinical." if expert == "tabular" else f"images.{expert}."
 
     def on_fit_end(self) -> None:
         """An expert never judged (no validation ran) is kept as trained, with a warning."""
