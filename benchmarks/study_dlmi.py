@@ -1041,6 +1041,36 @@ def round22(args: argparse.Namespace) -> Iterator[Record]:
         yield record
 
 
+@study(
+    "dlmi-round23",
+    "the twenty-third round: the image heads of two encoders averaged (no training)",
+    round22_arguments,
+)
+def round23(args: argparse.Namespace) -> Iterator[Record]:
+    """The twenty-third round (docs/results.md), nothing trained: for the heads without and
+    with co-training, the mean of the logits of the three image-only heads of both encoders
+    (seed 0: the sixteenth round's runs; seed 1: the nineteenth's), with its paired
+    differences to the references and to the shipped image pathway (``images_ssl_pl_types``),
+    and its logit sum with `REFERENCE`; the verdict: issue 19's bars, met or not (nothing
+    ships: no model reads two encoders)."""
+    seed0, seed1 = folders_of(args.out_sixteenth), folders_of(args.out_nineteenth)
+    pathway = "images_ssl_pl_types"
+    oofs = {
+        n: pd.read_csv(seed0[n] / "oof_predictions.csv", dtype={"id": str})
+        for n in (REFERENCE, RECIPE, pathway)
+    }
+    refs = {n: oofs[n] for n in (REFERENCE, RECIPE)}
+    verdict: Record = {"record": "verdict", "round": 23, "shipped": None}
+    for tag, name in (("ssl", "2enc"), ("ssl_pl", "2enc_pl")):
+        heads = [folders[h] for folders in (seed0, seed1) for h in image_heads(tag)]
+        mean = [1 / len(heads)] * len(heads)
+        images = sum_row(f"images_{name}_ensemble", heads, refs | {pathway: oofs[pathway]}, mean)
+        fused = sum_row(f"sum_{name}_ensemble", [seed0[REFERENCE], *heads], refs, [1, *mean])
+        yield from (images, fused)
+        verdict[f"bars_{name}"] = bars(images, fused)
+    yield verdict
+
+
 def logit_sum_verdict(round_no: int, rows: dict[str, Record]) -> Record:
     """The rule of the twentieth and twenty-first rounds (docs/results.md): a `LogitSumMIL`
     candidate qualifies if its balanced-accuracy gain over `REFERENCE` has a 95 % interval

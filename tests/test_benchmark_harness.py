@@ -855,3 +855,39 @@ def test_the_logit_sum_rounds_run_the_one_model_beside_the_references_they_find(
         assert verdicts[0]["shipped"] is None and "would_ship" in verdicts[0]
     effects = [r["candidate"] for r in records if r["record"] == "selection_effect"]
     assert effects == (names[2:] if round_no == 21 else [])
+
+
+def test_the_twenty_third_round_averages_two_encoders_heads_without_training(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Six heads (three per encoder folder) averaged, with and without co-training; their sums
+    with the clinical model; the bars; nothing cross-validated, nothing shipped."""
+    import argparse
+
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    labels = [0, 1] * 10
+    heads = [*study_dlmi.image_heads("ssl"), *study_dlmi.image_heads("ssl_pl")]
+    for folder, names in (
+        ("seed0", ["tabular_mlp", "fused_morphology_mean", *heads]),
+        ("seed1", heads),
+    ):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            oof = np.clip(np.array(labels) * 0.4 + rng.uniform(0.05, 0.55, 20), 0.01, 0.99)
+            write_predictions(tmp_path / folder / name, labels, list(oof), [0.2, 0.7, 0.8], folds=2)
+    monkeypatch.setattr(study_dlmi, "_cv", pytest.fail)
+    args = argparse.Namespace(out_sixteenth=tmp_path / "seed0", out_nineteenth=tmp_path / "seed1")
+    records = list(study_dlmi.round23(args))
+    rows = {r["candidate"]: r for r in records if r["record"] == "candidate"}
+    assert list(rows) == [
+        "images_2enc_ensemble",
+        "sum_2enc_ensemble",
+        "images_2enc_pl_ensemble",
+        "sum_2enc_pl_ensemble",
+    ]
+    assert "minus_images_ssl_pl_types" in rows["images_2enc_ensemble"]
+    verdict = records[-1]
+    assert verdict["shipped"] is None and set(verdict) >= {"bars_2enc", "bars_2enc_pl"}
+    assert "bar_images_balanced_accuracy_0.80" in verdict["bars_2enc"]
