@@ -405,3 +405,64 @@ def test_ddp_on_two_cpu_processes_matches_one_process(dlmi_root: Path, tmp_path:
     assert merged["probability_ddp"].to_numpy() == pytest.approx(
         merged["probability_single"].to_numpy(), abs=1e-5
     )
+
+
+LOGIT_SUM_DDP_SCRIPT = """
+import sys
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from lympho_mil import LogitSumMIL, collate_bags
+from lympho_mil.data import BagSample
+
+def bags(n, seed):
+    rng = np.random.default_rng(seed)
+    out = []
+    for b in range(n):
+        label = b % 2
+        values = rng.normal(0.6 * label, 1.0, (6, 4))
+        types = np.eye(2)[(rng.random(6) < 0.3 + 0.4 * label).astype(int)]
+        x = torch.tensor(np.concatenate([values, types], axis=1), dtype=torch.float32)
+        clinical = torch.tensor([label + rng.normal(), rng.normal(), 0.0], dtype=torch.float32)
+        out.append(BagSample(x, clinical, float(label), f"P{b}", [str(i) for i in range(6)]))
+    return out
+
+L.seed_everything(0)
+model = LogitSumMIL(in_dim=6, cell_types=2, tabular_dim=3, optim={"lr": 0.05})
+train = DataLoader(bags(24, 0), batch_size=4, shuffle=True, collate_fn=collate_bags)
+val = DataLoader(bags(12, 1), batch_size=3, collate_fn=collate_bags)
+trainer = L.Trainer(max_epochs=6, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+trainer.fit(model, train, val)
+model.eval()
+every = collate_bags(bags(12, 1))  # each process: the kept experts on all 12 patients
+with torch.no_grad():
+    alone = model.loss(model.infer(every), every)
+torch.save({"selected_loss": model.selected_loss, "alone": alone},
+           f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_logit_sum_keeps_the_same_experts_on_every_ddp_process(tmp_path: Path) -> None:
+    """Under DDP (2 CPU processes, 6 validation patients each) every process keeps the same
+    experts, judged on all 12 validation patients: the loss they agreed on is that of the
+    kept experts on the 12 patients at once."""
+    script = tmp_path / "logit_sum_ddp.py"
+    script.write_text(textwrap.dedent(LOGIT_SUM_DDP_SCRIPT))
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    kept = ranks[0]["selected_loss"]
+    assert torch.isfinite(kept).all()
+    torch.testing.assert_close(ranks[1]["selected_loss"], kept)
+    for rank in ranks:
+        assert rank["alone"].item() == pytest.approx(kept.sum().item(), rel=1e-5)
