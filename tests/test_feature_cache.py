@@ -229,10 +229,12 @@ def test_encoder_weights_file_is_loaded(
     )  # random initial weights repeat under encoder_seed
     with pytest.raises(SettingError, match=r"--data.features '\{weights: null\}'"):
         FeatureSource(weights="None")  # what jsonargparse makes of --data.features.weights null
-    with pytest.raises(FileNotFoundError, match=r"nowhere\.pt\. .*lympho-mil pretrain --config"):
-        _ = make_dm(
-            synthetic_dlmi, cache_dir, features={"weights": str(tmp_path / "nowhere.pt")}
-        ).extractor
+    missing = make_dm(synthetic_dlmi, cache_dir, features={"weights": str(tmp_path / "nowhere.pt")})
+    for use in (lambda: missing.extractor, missing.input_settings):  # the first that reads it
+        with pytest.raises(
+            FileNotFoundError, match=r"nowhere\.pt\. .*lympho-mil pretrain --config"
+        ):
+            use()
 
 
 # -- views --------------------------------------------------------------------------------------

@@ -262,16 +262,24 @@ class FeatureSource:
         if self.eval_view not in ("mean", "identity"):
             raise SettingError(f"eval_view must be 'mean' or 'identity', got {self.eval_view!r}")
 
-    def build(self, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
-        """The frozen encoder, its initial weights drawn under ``seed``. The morphology and
-        cytometry encoders un-normalise with the loaders' ``mean``/``std`` (unless
-        ``kwargs`` say otherwise)."""
-        if self.weights is not None and not Path(self.weights).is_file():
+    def weights_file(self) -> Path | None:
+        """The ``weights`` file, or None without one; FileNotFoundError saying how to make
+        it when it is missing."""
+        if self.weights is None:
+            return None
+        if not Path(self.weights).is_file():
             raise FileNotFoundError(
                 f"features.weights: no file {self.weights}. Nothing is downloaded: make it once "
                 "with `lympho-mil pretrain --config CONFIG --data.root PATH` (self-supervised, "
                 "on the crops themselves), or point features.weights at a local weights file"
             )
+        return Path(self.weights)
+
+    def build(self, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+        """The frozen encoder, its initial weights drawn under ``seed``. The morphology and
+        cytometry encoders un-normalise with the loaders' ``mean``/``std`` (unless
+        ``kwargs`` say otherwise)."""
+        self.weights_file()
         kwargs = dict(self.kwargs or {})
         if self.encoder in ("morphology", "cytometry"):
             kwargs = {"mean": mean, "std": std, **kwargs}
@@ -391,14 +399,14 @@ class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
 
     def input_settings(self) -> dict[str, Any]:
         features = self.features
-        weights = features.weights
+        weights = features.weights_file()
         return {
             **super().input_settings(),
             **self.source.input_settings(),
             "instances": "features",
             "encoder": features.encoder,
             "encoder_kwargs": dict(features.kwargs or {}),
-            "encoder_weights": None if weights is None else file_digest(Path(weights)),
+            "encoder_weights": None if weights is None else file_digest(weights),
             "encoder_seed": None if weights is not None else features.seed,
             "dihedral": features.dihedral,
             "eval_view": features.eval_view,
