@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -113,15 +114,19 @@ class ModuleRunner:
     def data(self) -> BagDataModule:
         return self.make_data()
 
+    @cached_property
+    def teacher_confidence(self) -> float | None:
+        """The co-training setting of the data as configured, kept in every fold's split."""
+        return self.make_data().split.teacher_confidence
+
     def build(self, setup: FoldSetup) -> FoldObjects:
         seed_everything(setup.seed, workers=True, verbose=False)
         fold = setup.split
-        teacher = self.make_data().split.teacher_confidence  # kept from the data's own split
         ids = SplitSettings(
             train_ids=fold.train_ids,
             val_ids=fold.val_ids,
             test_ids=fold.test_ids,
-            teacher_confidence=teacher,
+            teacher_confidence=self.teacher_confidence,
         )
         predict = {} if setup.predict_ids is None else {"predict_ids": setup.predict_ids}
         datamodule = self.make_data(split=ids, **predict)
