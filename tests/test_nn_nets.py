@@ -194,5 +194,7 @@ def test_logit_sum_adds_the_clinical_logit_to_the_mean_of_the_image_experts() ->
     assert out.weights is not None and out.weights[1].tolist() == [0.5, 0.5, 0.0, 0.0]
     with pytest.raises(ValueError, match="at least one image expert"):
         LogitSumNet(clinical, {})
+    with pytest.raises(ValueError, match="may not be named 'tabular'"):
+        LogitSumNet(clinical, {"tabular": images["types"]})
     with pytest.raises(ValueError, match="start < stop"):
         FeatureColumns(3, 3)

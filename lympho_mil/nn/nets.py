@@ -241,6 +241,8 @@ class LogitSumNet(nn.Module):
         super().__init__()
         if not images:
             raise ValueError("LogitSumNet needs at least one image expert")
+        if {"tabular", "image"} & set(images):
+            raise ValueError("image experts may not be named 'tabular' or 'image' (their logits')")
         self.clinical = clinical
         self.images = nn.ModuleDict(images)
 
