@@ -399,7 +399,7 @@ def test_sizes_and_rates_that_cannot_work_are_named_at_construction(
     group, _, name = setting.rpartition(".")
     kwargs: dict[str, Any] = {"tabular_dim": 3}
     if model_cls is LogitSumMIL:
-        kwargs.update(in_dim=8, image_experts=["mean"])
+        kwargs.update(in_dim=8, image_experts=["mean"], cell_types=0)
     if model_cls is GatedFusionMIL:
         kwargs["fusion"] = {"kind": "concat"}
     if group:
@@ -508,7 +508,11 @@ def test_data_the_model_was_not_built_for_is_refused_by_name() -> None:
         (InstanceMIL(**TINY_ENCODER), features, "image crops"),
         (TabularMLP(tabular_dim=3), fewer, "2 clinical values per patient; TabularMLP was built"),
         (GatedFusionMIL(**TINY_ENCODER, tabular_dim=3), fewer, "2 clinical values"),
-        (LogitSumMIL(in_dim=32, tabular_dim=3, image_experts=["mean"]), features, "32 values"),
+        (
+            LogitSumMIL(in_dim=32, tabular_dim=3, image_experts=["mean"], cell_types=0),
+            features,
+            "32 values",
+        ),
     ]
     for model, data, message in cases:
         for mode in (model.train, model.eval):
@@ -693,4 +697,4 @@ def test_logit_sum_refuses_data_whose_cell_types_it_would_misread(
         with pytest.raises(DataError, match=f"end with {columns} cell-type columns"):
             model.setup("fit")
     with pytest.raises(ValueError, match="tta_views must be 1"):
-        LogitSumMIL(in_dim=8, image_experts=["mean"], tta_views=2)
+        LogitSumMIL(in_dim=8, image_experts=["mean"], cell_types=0, tta_views=2)

@@ -87,8 +87,8 @@ class LogitSumMIL(BagClassifier):
     Args:
         in_dim: values per crop (the datamodule's ``feature_dim``).
         image_experts: names of the image experts, among `IMAGE_EXPERTS`.
-        cell_types: K, the one-hot cell-type columns at the end of each crop's vector (0:
-            none; the ``types`` expert needs K > 0).
+        cell_types: K, the one-hot cell-type columns at the end of each crop's vector (the
+            data's ``cell_types.count``; 0 without the ``types`` expert, which needs K > 0).
         clinical_hidden, clinical_embed_dim: sizes of the clinical MLP (dropout 0.1).
         expert_selection: keep each expert at its own best validation epoch (False: the whole
             model at the checkpoint's epoch, the twentieth round's form in docs/results.md,
@@ -103,7 +103,7 @@ class LogitSumMIL(BagClassifier):
         self,
         in_dim: int,
         image_experts: Sequence[str] = IMAGE_EXPERTS,
-        cell_types: int = 0,
+        cell_types: int = 16,
         clinical_hidden: int = 16,
         clinical_embed_dim: int = 8,
         expert_selection: bool = True,
