@@ -279,7 +279,7 @@ class FeatureSource:
         """The frozen encoder, its initial weights drawn under ``seed``. The morphology and
         cytometry encoders un-normalise with the loaders' ``mean``/``std`` (unless
         ``kwargs`` say otherwise)."""
-        self.weights_file()
+        weights = self.weights_file()
         kwargs = dict(self.kwargs or {})
         if self.encoder in ("morphology", "cytometry"):
             kwargs = {"mean": mean, "std": std, **kwargs}
@@ -288,7 +288,8 @@ class FeatureSource:
             if self.encoder == "cytometry":
                 module: nn.Module = CytometryEncoder(**kwargs)
             else:
-                module = build_instance_encoder(self.encoder, weights_path=self.weights, **kwargs)
+                path = None if weights is None else str(weights)
+                module = build_instance_encoder(self.encoder, weights_path=path, **kwargs)
         return module.requires_grad_(False).eval()
 
 
@@ -383,7 +384,6 @@ class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
             )
         self.standardize = standardize
         self.scaling: FeatureScaling | None = None
-        self.n_cell_types = self.cell_type_settings.count
         self.cell_types: CellTypes | None = None
         self.noise_std = noise_std
         source = self.source.crops
@@ -425,6 +425,11 @@ class CachedFeatureDataModule(ScaledFeatures, BagDataModule):
     def extractor(self) -> nn.Module:
         """The frozen encoder of ``features`` (`FeatureSource.build`)."""
         return self.features.build(self.source.crops.mean, self.source.crops.std)
+
+    @property
+    def n_cell_types(self) -> int:
+        """K, the number of cell types (0: none)."""
+        return self.cell_type_settings.count
 
     @property
     def feature_dim(self) -> int:

@@ -86,10 +86,11 @@ class BagClassifier(LightningModule, ABC):
     ) -> None:
         super().__init__()
         check_tta_views(tta_views)
-        if tta_views != 1 and not self.reads_instances:
+        refusal = self.why_no_views()
+        if tta_views != 1 and refusal is not None:
             raise SettingError(
-                f"{type(self).__name__} reads no crops: test-time augmentation has nothing to "
-                f"act on (tta_views must be 1, got {tta_views})"
+                f"{type(self).__name__} {refusal}: test-time augmentation needs image crops "
+                f"(tta_views must be 1, got {tta_views})"
             )
         check_threshold(threshold)
         if pos_weight is not None and pos_weight <= 0:
@@ -116,6 +117,11 @@ class BagClassifier(LightningModule, ABC):
         self.net = self.build_net()
         self.metrics = nn.ModuleDict({f"{s}_metrics": PatientMetrics() for s in SPLITS})
         self.save_hyperparameters()
+
+    def why_no_views(self) -> str | None:
+        """Why test-time views of the crops cannot apply to this model (None: they can);
+        asked in ``__init__`` before the network is built."""
+        return None if self.reads_instances else "reads no crops"
 
     @abstractmethod
     def build_net(self) -> nn.Module:

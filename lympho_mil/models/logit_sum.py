@@ -132,17 +132,15 @@ class LogitSumMIL(BagClassifier):
         self.in_dim, self.image_experts, self.n_cell_types = in_dim, experts, cell_types
         self.clinical_hidden, self.clinical_embed_dim = clinical_hidden, clinical_embed_dim
         self.expert_selection = expert_selection
-        if kwargs.get("tta_views", 1) != 1:
-            raise SettingError(
-                "LogitSumMIL reads feature vectors, which have no orientation: test-time "
-                f"augmentation needs image crops (tta_views must be 1, got {kwargs['tta_views']})"
-            )
         super().__init__(**kwargs)
         self.experts = ["tabular", *experts]
         self.selected = ExpertSnapshot(self.net) if expert_selection else None
         if expert_selection:
             self.register_buffer("selected_loss", torch.full((len(self.experts),), float("inf")))
         self._judged: list[tuple[Tensor, Tensor, Tensor]] = []  # this validation's logits
+
+    def why_no_views(self) -> str:
+        return "reads feature vectors, which have no orientation"
 
     def build_net(self) -> LogitSumNet:
         if self.tabular_dim < 1:

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lympho_mil.arguments import SettingError, as_settings, check_positive, check_share
+from lympho_mil.arguments import as_settings, check_positive, check_share
 from lympho_mil.data.batch import BagBatch
 from lympho_mil.data.errors import DataError
 from lympho_mil.models.base import BagClassifier, BagOutput
@@ -52,15 +52,15 @@ class EncoderClassifier(BagClassifier):
         self.chunk_size = chunk_size
         super().__init__(**kwargs)
 
+    def why_no_views(self) -> str | None:
+        settings = self.encoder_settings
+        if settings.reads_features:
+            return f"reads feature vectors (encoder {settings.name!r}), which have no orientation"
+        return None
+
     def build_encoder(self) -> nn.Module:
         """The instance encoder of `encoder_settings` (`lympho_mil.nn.build_encoder`)."""
-        settings = self.encoder_settings
-        if settings.reads_features and self.tta_views != 1:
-            raise SettingError(
-                f"encoder {settings.name!r} reads feature vectors, which have no orientation: "
-                "test-time augmentation needs image crops (tta_views must be 1)"
-            )
-        return build_encoder(settings)
+        return build_encoder(self.encoder_settings)
 
     def check_instances(self, batch: BagBatch) -> None:
         """Encoders of features need float[B, N, in_dim] feature bags; the others image crops
