@@ -774,7 +774,7 @@ def round18(args: argparse.Namespace) -> Iterator[Record]:
         r for r in read_records("dlmi-round17") if r.get("candidate") == "sum_ssl_ensemble"
     )
     ssl = [folders[h] for h in image_heads("ssl")]
-    oof = logit_sum(folders[REFERENCE], *ssl, weights=[1, *[1 / len(ssl)] * len(ssl)])
+    oof = logit_sum(folders[REFERENCE], *ssl, weights=mean_weights(len(ssl), clinical=True))
     yield {k: v for k, v in recipe.items() if k != "study"}
     yield from ensemble_round(18, folders, recorded, "ssl_pl", recipe, {recipe["candidate"]: oof})
 
@@ -828,6 +828,13 @@ def ensemble_round(
     yield challenge_verdict(round_no, ensemble, control, pathway, [contender], recipe)
 
 
+def mean_weights(n_heads: int, clinical: bool = False) -> list[float]:
+    """`logit_sum` weights that average ``n_heads`` image heads' logits, after the clinical
+    model's whole logit first with ``clinical``."""
+    mean = [1 / n_heads] * n_heads
+    return [1.0, *mean] if clinical else mean
+
+
 def ensemble_rows(
     tag: str,
     folders: dict[str, Path],
@@ -841,12 +848,12 @@ def ensemble_rows(
     ``sum_types``, `REFERENCE`'s logit plus the ensemble's or the cell types' (paired
     differences to ``refs`` and ``more_refs``)."""
     heads = [folders[head] for head in image_heads(tag)]
-    mean = [1 / len(heads)] * len(heads)
+    mean, with_clinical = mean_weights(len(heads)), mean_weights(len(heads), clinical=True)
     types = f"images_{tag}_types"
     clinical, sum_refs = folders[REFERENCE], refs | (more_refs or {})
     return {
         "ensemble": sum_row(f"images_{tag}_ensemble", heads, refs | {types: types_oof}, mean),
-        "sum_ensemble": sum_row(f"sum_{tag}_ensemble", [clinical, *heads], sum_refs, [1, *mean]),
+        "sum_ensemble": sum_row(f"sum_{tag}_ensemble", [clinical, *heads], sum_refs, with_clinical),
         "sum_types": sum_row(f"sum_{tag}_types", [clinical, folders[types]], sum_refs),
     }
 
@@ -1001,7 +1008,7 @@ def logit_sum_round(
     separate[REFERENCE] = args.out_sixteenth / REFERENCE
     for tag in ("ssl", "ssl_pl"):
         heads = [separate[h] for h in image_heads(tag)]
-        weights = [1.0, *[1 / len(heads)] * len(heads)]
+        weights = mean_weights(len(heads), clinical=True)
         refs[f"sum_{tag}_ensemble"] = logit_sum(separate[REFERENCE], *heads, weights=weights)
     rows = {n: _row(n, oof, refs, out) for n, (oof, out) in runs.items()}
     yield from rows.values()
@@ -1063,9 +1070,9 @@ def round23(args: argparse.Namespace) -> Iterator[Record]:
     verdict: Record = {"record": "verdict", "round": 23, "shipped": None}
     for tag, name in (("ssl", "2enc"), ("ssl_pl", "2enc_pl")):
         heads = [folders[h] for folders in (seed0, seed1) for h in image_heads(tag)]
-        mean = [1 / len(heads)] * len(heads)
+        mean, with_clinical = mean_weights(len(heads)), mean_weights(len(heads), clinical=True)
         images = sum_row(f"images_{name}_ensemble", heads, refs | {pathway: oofs[pathway]}, mean)
-        fused = sum_row(f"sum_{name}_ensemble", [seed0[REFERENCE], *heads], refs, [1, *mean])
+        fused = sum_row(f"sum_{name}_ensemble", [seed0[REFERENCE], *heads], refs, with_clinical)
         yield from (images, fused)
         verdict[f"bars_{name}"] = bars(images, fused)
     yield verdict
