@@ -19,7 +19,7 @@ import argparse
 import copy
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ SSL200_SETTINGS = PretrainSettings(epochs=200)  # the tenth round's: twice as lo
 SSL96_SETTINGS, SSL96_SIZE = PretrainSettings(epochs=50), 96  # the fourteenth round's: 96 px
 DINO_SETTINGS = PretrainSettings(method="dino", epochs=50, temperature=0.1)  # the fifteenth's
 SEED1_SETTINGS = PretrainSettings(seed=1)  # the nineteenth round's: the seventh's, another seed
+PATIENT_PAIRS_SETTINGS = PretrainSettings(patient_pairs=0.5)  # the twenty-fourth round's
 CELL_TYPES = 16
 
 
@@ -74,7 +75,8 @@ def ssl_weights(
     start = time.perf_counter()
     crops = CropSettings(image_size=image_size, center_crop=112, cache_dir=cache_dir)
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    path = pretrained_encoder(folder_crops(roots, crops), settings, crops.mean, crops.std, folder)
+    arrays, patients = folder_crops(roots, crops)
+    path = pretrained_encoder(arrays, settings, crops.mean, crops.std, folder, patients=patients)
     return path, time.perf_counter() - start
 
 
@@ -136,6 +138,11 @@ def round7_candidates(
     return {n: candidates[n] for n in order}
 
 
+def oof_of(folder: Path) -> pd.DataFrame:
+    """The out-of-fold predictions in the cv output ``folder``."""
+    return pd.read_csv(folder / "oof_predictions.csv", dtype={"id": str})
+
+
 def _cv(
     name: str, config: dict[str, Any], args: argparse.Namespace, earlier: Path | None = None
 ) -> tuple[pd.DataFrame, Path]:
@@ -149,7 +156,7 @@ def _cv(
         report = json.loads((out / "cv_report.json").read_text())
         same = report.get("config", {}).get("content") == config
         if same and report.get("repeats") == args.repeats:
-            return pd.read_csv(out / "oof_predictions.csv", dtype={"id": str}), out
+            return oof_of(out), out
     out = args.out / name
     result = cross_validate(
         config, folds=args.folds, repeats=args.repeats, seed=0, out_dir=out, overwrite=True
@@ -376,7 +383,7 @@ def threshold_rules(args: argparse.Namespace) -> Iterator[Record]:
     the threshold does not change the training or the checkpoint, so a round's out-of-fold
     probabilities give both rules' decisions on identical models and splits."""
     for name in args.candidates:
-        chosen = pd.read_csv(args.runs / name / "oof_predictions.csv", dtype={"id": str})
+        chosen = oof_of(args.runs / name)
         fixed = chosen.assign(threshold=0.5, predicted=(chosen["probability"] >= 0.5).astype(int))
         summaries = {
             "inner_val": metric_summary(chosen, 2000, 0),
@@ -431,10 +438,7 @@ def logit_sum(*folders: Path, weights: Sequence[float] | None = None) -> pd.Data
 @study("dlmi-round9", "the ninth round: logit sum of the clinical model and the image pathway")
 def round9(args: argparse.Namespace) -> Iterator[Record]:
     seventh = args.out or Path("runs/benchmarks/dlmi-round7")
-    refs = {
-        n: pd.read_csv(seventh / n / "oof_predictions.csv", dtype={"id": str})
-        for n in (REFERENCE, RECIPE)
-    }
+    refs = {n: oof_of(seventh / n) for n in (REFERENCE, RECIPE)}
     row = sum_row("sum_ssl_types", [seventh / REFERENCE, seventh / "images_ssl_types"], refs)
     yield row
     recipe = metric_summary(refs[RECIPE], 2000, 0)
@@ -813,10 +817,7 @@ def ensemble_round(
     as the pathway to beat, ``recipe`` as the recipe)."""
     control = recorded[f"images_{tag}_types"]
     yield from (recorded[n] for n in (REFERENCE, RECIPE, control["candidate"]))
-    oofs = {
-        n: pd.read_csv(folders[n] / "oof_predictions.csv", dtype={"id": str})
-        for n in (REFERENCE, RECIPE, control["candidate"])
-    }
+    oofs = {n: oof_of(folders[n]) for n in (REFERENCE, RECIPE, control["candidate"])}
     refs = {n: oofs[n] for n in (REFERENCE, RECIPE)}
     rows = ensemble_rows(tag, folders, refs, oofs[control["candidate"]], more_refs)
     ensemble = rows["ensemble"]
@@ -870,15 +871,34 @@ def round19_arguments(p: argparse.ArgumentParser) -> None:
     round19_arguments,
 )
 def round19(args: argparse.Namespace) -> Iterator[Record]:
-    """The nineteenth round (docs/results.md): an encoder pretrained as the seventh round's
-    but for its seed (`SEED1_SETTINGS`); on it, the sixteenth round's six image-only heads
-    (three co-trained, three not) on the sixteenth round's folder and splits (its references
-    found there, not run again), co-training's effect on each head; both ensembles of three
-    heads and the logit sums of `REFERENCE` with them and with the cell types; the verdict: is
-    the eighteenth round's ``sum_ssl_pl_ensemble`` confirmed (balanced accuracy above
-    `REFERENCE` with the interval above 0, AUROC above it), and does it meet the fused bar."""
+    """The nineteenth round (docs/results.md): `encoder_heads` of an encoder pretrained as the
+    seventh round's but for its seed (`SEED1_SETTINGS`); the verdict: is the eighteenth
+    round's ``sum_ssl_pl_ensemble`` confirmed (balanced accuracy above `REFERENCE` with the
+    interval above 0, AUROC above it), and does it meet the fused bar."""
     args.out = args.out or Path("runs/benchmarks/dlmi-round19")
-    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, SEED1_SETTINGS)
+    rows, _ = yield from encoder_heads(args, SEED1_SETTINGS)
+    target = rows["sum_ssl_pl_ensemble"]
+    versus = target[f"minus_{REFERENCE}"]
+    yield {
+        "record": "verdict",
+        "round": 19,
+        "candidate": target["candidate"],
+        "confirmed": above(versus["balanced_accuracy"]["ci95_low"], 0)
+        and above(versus["auroc"]["mean"], 0),
+        **bars(None, target),
+    }
+
+
+def encoder_heads(
+    args: argparse.Namespace, settings: PretrainSettings
+) -> Generator[Record, None, tuple[dict[str, Record], dict[str, Path]]]:
+    """The nineteenth round's records for the encoder pretrained with ``settings``: its
+    pretraining; the sixteenth round's six image-only heads on it (three co-trained, three
+    not) on the sixteenth round's folder and splits (its references found there, not run
+    again); co-training's effect on each head; both ensembles of three heads and the logit
+    sums of `REFERENCE` with them and with the cell types. Returns the rows made without
+    training by name and every run's cv folder by name."""
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, settings)
     yield pretraining_record(ssl_path, seconds)
     args.data = challenge_layout(args.data, args.unlabelled, args.out_sixteenth / "data")
     candidates = {
@@ -896,18 +916,64 @@ def round19(args: argparse.Namespace) -> Iterator[Record]:
         yield {"record": "co_training_effect", "candidate": own, "control": control, **effect}
     refs = {n: runs[n][0] for n in (REFERENCE, RECIPE)}
     folders = {n: folder for n, (_, folder) in runs.items()}
+    made: dict[str, Record] = {}
     for tag in ("ssl", "ssl_pl"):
         rows = ensemble_rows(tag, folders, refs, runs[f"images_{tag}_types"][0])
-        yield from (rows[k] for k in ("ensemble", "sum_types", "sum_ensemble"))
-    target = rows["sum_ensemble"]  # the co-trained heads' (the loop's last)
-    versus = target[f"minus_{REFERENCE}"]
+        for key in ("ensemble", "sum_types", "sum_ensemble"):
+            made[rows[key]["candidate"]] = rows[key]
+            yield rows[key]
+    return made, folders
+
+
+@study(
+    "dlmi-round24",
+    "the twenty-fourth round: the image heads on an encoder pretrained with half of its "
+    "positive pairs drawn within a patient",
+    round19_arguments,
+)
+def round24(args: argparse.Namespace) -> Iterator[Record]:
+    """The twenty-fourth round (docs/results.md): `encoder_heads` of the encoder pretrained
+    as the seventh round's but with `PATIENT_PAIRS_SETTINGS` (half of SimCLR's positive pairs
+    are two crops of one patient); each head's and each ensemble's paired difference to its
+    twin on the seventh round's encoder (the sixteenth round's runs); the verdict: the
+    patient pairs make a better encoder if the co-trained ensemble's AUROC is above that of
+    both SimCLR encoders (the eighteenth and nineteenth rounds' records) and its paired AUROC
+    difference to its seed-0 twin has a 95 % interval above 0; issue 19's bars, met or not."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round24")
+    rows, folders = yield from encoder_heads(args, PATIENT_PAIRS_SETTINGS)
+    simclr = folders_of(args.out_sixteenth)
+    effects: dict[str, Record] = {}
+    for tag in ("ssl", "ssl_pl"):
+        heads = image_heads(tag)
+        pairs = {head: tuple(oof_of(f[head]) for f in (simclr, folders)) for head in heads}
+        pairs[f"images_{tag}_ensemble"] = tuple(
+            logit_sum(*(f[head] for head in heads), weights=mean_weights(len(heads)))
+            for f in (simclr, folders)
+        )
+        for name, (before, after) in pairs.items():
+            diff = paired_difference(before, after, 2000, 0)
+            effects[name] = {
+                "record": "encoder_effect",
+                "candidate": name,
+                "control": f"{name} (SimCLR, seed 0)",
+                **{m: diff[m] for m in METRICS},
+            }
+            yield effects[name]
+    target = rows["images_ssl_pl_ensemble"]
+    simclr_best = max(
+        r["auroc"]["mean"]
+        for study_name in ("dlmi-round18", "dlmi-round19")
+        for r in read_records(study_name)
+        if r.get("candidate") == "images_ssl_pl_ensemble"
+    )
     yield {
         "record": "verdict",
-        "round": 19,
+        "round": 24,
         "candidate": target["candidate"],
-        "confirmed": above(versus["balanced_accuracy"]["ci95_low"], 0)
-        and above(versus["auroc"]["mean"], 0),
-        **bars(None, target),
+        "simclr_best_auroc": simclr_best,
+        "better_encoder": above(target["auroc"]["mean"], simclr_best)
+        and above(effects[target["candidate"]]["auroc"]["ci95_low"], 0),
+        **bars(target, rows["sum_ssl_pl_ensemble"]),
     }
 
 
@@ -974,10 +1040,7 @@ def round21(args: argparse.Namespace) -> Iterator[Record]:
     )
     yield from records
     for name in (LOGIT_SUM, f"{LOGIT_SUM}_pl"):
-        own, twin = (
-            pd.read_csv(folder / name / "oof_predictions.csv", dtype={"id": str})
-            for folder in (args.out, args.out_twentieth)
-        )
+        own, twin = (oof_of(folder / name) for folder in (args.out, args.out_twentieth))
         diff = paired_difference(twin, own, 2000, 0)
         effect = {m: diff[m] for m in METRICS}
         yield {"record": "selection_effect", "candidate": name, "control": f"{name} (20)", **effect}
@@ -1062,10 +1125,7 @@ def round23(args: argparse.Namespace) -> Iterator[Record]:
     ships: no model reads two encoders)."""
     seed0, seed1 = folders_of(args.out_sixteenth), folders_of(args.out_nineteenth)
     pathway = "images_ssl_pl_types"
-    oofs = {
-        n: pd.read_csv(seed0[n] / "oof_predictions.csv", dtype={"id": str})
-        for n in (REFERENCE, RECIPE, pathway)
-    }
+    oofs = {n: oof_of(seed0[n]) for n in (REFERENCE, RECIPE, pathway)}
     refs = {n: oofs[n] for n in (REFERENCE, RECIPE)}
     verdict: Record = {"record": "verdict", "round": 23, "shipped": None}
     for tag, name in (("ssl", "2enc"), ("ssl_pl", "2enc_pl")):

@@ -237,6 +237,58 @@ def test_simclr_cache_keys_did_not_move_when_dino_came() -> None:
         pretrain.PretrainSettings(method="byol")
 
 
+def test_patient_partners_are_other_crops_of_the_same_patient() -> None:
+    patients = np.array([3, 1, 3, 1, 1, 7, 3])  # patient 7 has one crop
+    partners = pretrain.PatientPartners(patients, seed=0)
+    rows = np.tile(np.arange(7), 200)
+    drawn = partners(rows, share=1.0)
+    alone = rows == 5
+    assert (drawn[alone] == 5).all()  # no other crop: its own
+    assert (patients[drawn] == patients[rows]).all() and (drawn[~alone] != rows[~alone]).all()
+    for row in (0, 1):  # uniform over the others of its patient
+        others = np.bincount(drawn[rows == row], minlength=7)
+        assert set(np.flatnonzero(others)) == set(np.flatnonzero(patients == patients[row])) - {row}
+        assert others[others > 0].min() > 60
+    half = partners(rows, share=0.5)
+    assert 0.4 < np.mean(half[~alone] != rows[~alone]) < 0.6
+
+
+def test_patient_pairs_need_patients_and_key_the_cache_by_them() -> None:
+    crops = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    paired = pretrain.PretrainSettings(patient_pairs=0.5, batch_size=2)
+    with pytest.raises(SettingError, match="patient of every crop"):
+        pretrain.pretrain_encoder(crops, paired, IMAGENET_MEAN, IMAGENET_STD)
+    with pytest.raises(SettingError, match="patient_pairs must be in"):
+        pretrain.PretrainSettings(patient_pairs=1.5)
+
+    def key(settings: pretrain.PretrainSettings, patients: np.ndarray) -> str:
+        digests = pretrain.crops_digests([crops], settings, [patients])
+        return pretrain.encoder_cache_file(digests, settings, (0.5,) * 3, (0.25,) * 3, Path()).name
+
+    one, two = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    assert key(paired, one) != key(paired, two)  # other pairs, another encoder
+    plain = pretrain.PretrainSettings()
+    assert key(plain, one) == key(plain, two)  # without pairs, the patients do not matter
+    assert "patient_pairs" not in plain.described()  # so SimCLR keys did not move
+
+
+def test_patient_pairs_pretraining_learns(tmp_path: Path) -> None:
+    pytest.importorskip("lightly")
+    crops = np.stack([cell_crop(8 + i % 8, 12 + i % 8, seed=i)[::4, ::4] for i in range(64)])
+    settings = pretrain.PretrainSettings(
+        epochs=4, batch_size=32, warmup_epochs=1, width=8, out_dim=16, hidden=32,
+        patient_pairs=0.5,
+    )  # fmt: skip
+    patients = [np.arange(40) % 8, np.arange(24) % 3]  # numbered within each folder
+    path = pretrain.pretrained_encoder(
+        [crops[:40], crops[40:]], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path,
+        patients=patients,
+    )  # fmt: skip
+    meta = path.with_suffix(".json").read_text()
+    assert '"patient_pairs": 0.5' in meta
+    assert pretrain._numbered_apart(patients).max() == 10  # 8 + 3 patients, none shared
+
+
 def test_dino_learns_and_keeps_the_teachers_encoder(tmp_path: Path) -> None:
     """DINO on tiny crops: the loss falls from the first epoch to the last; the cached weights
     are the teacher's encoder, a moving average of the student that is never trained itself."""

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from lympho_mil.cli import main
 from lympho_mil.cli.app import build_cli
+from lympho_mil.data import CropSettings
 from lympho_mil.data.synthetic import make_synthetic_dlmi
+from lympho_mil.features import folder_crops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 SSL_CONFIG = str(CONFIGS / "dlmi_images_ssl.yaml")
@@ -101,6 +104,23 @@ def test_pretrain_with_dino_caches_another_encoder(
     assert WEIGHTS.read_bytes() != simclr
     cached = Path(out.split("cached as ")[-1].split(")")[0])
     assert '"method": "dino"' in cached.with_suffix(".json").read_text()
+
+
+def test_pretrain_pairs_crops_of_one_patient_when_told(
+    synthetic_dlmi: Path, work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--pretrain.settings.patient_pairs``: another encoder, trained on pairs drawn within
+    the folder's patients (`folder_crops` gives each crop's patient)."""
+    pretrain(synthetic_dlmi)
+    simclr = WEIGHTS.read_bytes()
+    pretrain(synthetic_dlmi, "--pretrain.settings.patient_pairs=1.0", "--pretrain.overwrite=true")
+    out = capsys.readouterr().out
+    assert WEIGHTS.read_bytes() != simclr
+    cached = Path(out.split("cached as ")[-1].split(")")[0])
+    assert '"patient_pairs": 1.0' in cached.with_suffix(".json").read_text()
+    arrays, patients = folder_crops([synthetic_dlmi], CropSettings(image_size=32))
+    bags = [p for p in synthetic_dlmi.glob("*set/*") if p.is_dir()]  # trainset/ and testset/
+    assert len(arrays[0]) == len(patients[0]) and len(np.unique(patients[0])) == len(bags)
 
 
 def test_pretrain_refuses_what_it_cannot_train(

@@ -31,9 +31,9 @@ from lympho_mil.data.image_cache import default_cache_dir
 from lympho_mil.data.settings import CropSettings
 from lympho_mil.features.pretrain import (
     PretrainSettings,
+    crops_digests,
     encoder_cache_file,
     folder_crops,
-    pixels_digest,
     pretrained_encoder,
 )
 from lympho_mil.files import atomic_write_bytes
@@ -121,10 +121,10 @@ def run_pretrain(cli: LymphoCLI) -> None:
     settings = encoder_settings(options.settings, features.get("kwargs") or {})
     crops = CropSettings(**_plain(init.get("crops")))
     roots = [init["root"], *options.extra_roots]
-    arrays = folder_crops(roots, crops)
+    arrays, patients = folder_crops(roots, crops)
     cache_dir = Path(crops.cache_dir).expanduser() if crops.cache_dir else default_cache_dir()
     target = Path(out).expanduser()
-    digests = [pixels_digest(a) for a in arrays]
+    digests = crops_digests(arrays, settings, patients)
     known = encoder_cache_file(digests, settings, crops.mean, crops.std, cache_dir)
     same = known.is_file() and target.is_file() and target.read_bytes() == known.read_bytes()
     if target.is_file() and not same and not options.overwrite:  # refused before training
@@ -134,7 +134,7 @@ def run_pretrain(cli: LymphoCLI) -> None:
         )
     earlier = known.is_file()
     cached = pretrained_encoder(
-        arrays, settings, crops.mean, crops.std, cache_dir, device=options.device
+        arrays, settings, crops.mean, crops.std, cache_dir, options.device, patients
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(target, cached.read_bytes(), overwrite=True)

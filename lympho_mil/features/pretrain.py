@@ -11,7 +11,9 @@ is the one kept. The views keep what a haematologist reads: any rotation
 or mirror image, a shift of a few pixels, sizes within 10 % (cell size is a diagnostic sign,
 so no random resized crop), mild colour jitter (the blue of the cytoplasm is another) and
 a little blur. Batches mix the crops of every patient; the encoder (`SmallCNN`) normalises
-with GroupNorm.
+with GroupNorm. With ``patient_pairs`` > 0, that share of the positive pairs are views of two
+different crops of one patient instead of two views of one crop (patients, not labels: the
+unlabelled patients' crops pair too), asking the encoder for what a patient's cells share.
 
 The weights are cached: ``<cache_dir>/encoder-<key>.pt`` plus a JSON sidecar (settings, loss
 per epoch, seconds), ``key`` hashing the settings, the pixel normalisation and the crops'
@@ -70,6 +72,9 @@ class PretrainSettings:
     temperature, centring, momentum and gradient clipping are DINO's published defaults
     (the ``DINO_*`` constants), its head has BatchNorm in its hidden layers (the batches mix
     the crops of every patient) and its last layer is frozen in the first epoch.
+    ``patient_pairs``: the share of positive pairs whose second view is of another crop of the
+    same patient (0: two views of one crop, the methods as published). The batch's other
+    crops stay negatives, a few of the same patient among them.
     """
 
     epochs: int = 100
@@ -84,6 +89,7 @@ class PretrainSettings:
     projection_dim: int = 64
     seed: int = 0
     method: str = "simclr"
+    patient_pairs: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -101,6 +107,8 @@ class PretrainSettings:
                 f"pretraining needs lr > 0, temperature > 0 and weight_decay >= 0, got "
                 f"{self.lr}, {self.temperature}, {self.weight_decay}"
             )
+        if not 0 <= self.patient_pairs <= 1:
+            raise SettingError(f"patient_pairs must be in [0, 1], got {self.patient_pairs}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise SettingError(
                 f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} of {self.epochs}"
@@ -112,11 +120,14 @@ class PretrainSettings:
         return {"width": self.width, "out_dim": self.out_dim}
 
     def described(self) -> dict[str, Any]:
-        """The settings as the cache key hashes them: a SimCLR pretraining's without
-        ``method``, as before DINO came, so that its cached encoders stay valid."""
+        """The settings as the cache key hashes them: without ``method`` for SimCLR and
+        without ``patient_pairs`` at 0, as before either existed, so that the encoders cached
+        then stay valid."""
         fields = asdict(self)
         if self.method == "simclr":
             del fields["method"]
+        if self.patient_pairs == 0:
+            del fields["patient_pairs"]
         return fields
 
 
@@ -242,15 +253,43 @@ def pretraining_views(seed: int) -> Any:
     )
 
 
+class PatientPartners:
+    """Draws, for crops, another crop of the same patient (``patients``: int ``[M]``, the
+    patient of each crop; a crop alone in its patient is its own partner)."""
+
+    def __init__(self, patients: np.ndarray, seed: int) -> None:
+        patients = np.asarray(patients)
+        self.members = np.argsort(patients, kind="stable")  # crops grouped by patient
+        groups, starts, counts = np.unique(
+            patients[self.members], return_index=True, return_counts=True
+        )
+        where = np.searchsorted(groups, patients)
+        self.start, self.count = starts[where], counts[where]  # each crop's patient's span
+        self.position = np.empty(len(patients), dtype=np.int64)
+        self.position[self.members] = np.arange(len(patients)) - np.repeat(starts, counts)
+        self.rng = np.random.default_rng([seed, 1])  # apart from the order's generator
+
+    def __call__(self, rows: np.ndarray, share: float) -> np.ndarray:
+        """``rows`` with each, with probability ``share``, replaced by another crop of its
+        patient drawn uniformly."""
+        draw = self.rng.integers(0, np.maximum(self.count[rows] - 1, 1))
+        draw = draw + (draw >= self.position[rows])  # skip the crop itself
+        other = self.members[self.start[rows] + np.minimum(draw, self.count[rows] - 1)]
+        swap = (self.rng.random(len(rows)) < share) & (self.count[rows] > 1)
+        return np.where(swap, other, rows)
+
+
 def pretrain_encoder(
     crops: np.ndarray,
     settings: PretrainSettings,
     mean: Sequence[float],
     std: Sequence[float],
     device: str | torch.device = "cpu",
+    patients: np.ndarray | None = None,
 ) -> tuple[SmallCNN, list[float]]:
     """Pretrain a `SmallCNN` on ``crops`` (uint8 ``[M, S, S, 3]``, any order of patients) by
-    ``settings.method`` (SimCLR or DINO).
+    ``settings.method`` (SimCLR or DINO); ``patients`` (int ``[M]``, each crop's patient) is
+    needed when ``settings.patient_pairs`` > 0.
 
     Pixels in [0, 1] are normalised with ``mean``/``std`` as the loaders do. Returns the
     encoder (DINO: the teacher's; on the CPU, eval mode) and the mean loss of each epoch.
@@ -260,6 +299,11 @@ def pretrain_encoder(
         raise SettingError(
             f"pretraining batch_size {settings.batch_size} exceeds the {len(crops)} crops"
         )
+    partners = None
+    if settings.patient_pairs > 0:
+        if patients is None or len(patients) != len(crops):
+            raise SettingError("patient_pairs needs the patient of every crop (patients=...)")
+        partners = PatientPartners(patients, settings.seed)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
@@ -289,7 +333,8 @@ def pretrain_encoder(
             for step in range(steps):
                 rows = np.sort(order[step * settings.batch_size : (step + 1) * settings.batch_size])
                 x0 = view_batch(rows)
-                loss = model.loss(x0, view_batch(rows))
+                pair = rows if partners is None else partners(rows, settings.patient_pairs)
+                loss = model.loss(x0, view_batch(pair))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 model.after_backward(epoch)
@@ -312,18 +357,24 @@ def _warmup_cosine(warmup: int, total: int) -> Any:
     return factor
 
 
-def folder_crops(roots: Sequence[str | Path], crops: CropSettings) -> list[np.ndarray]:
+def folder_crops(
+    roots: Sequence[str | Path], crops: CropSettings
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The crops of every patient (labelled or not) of each DLMI folder in ``roots``, decoded
     and cached as ``crops`` says (uint8 ``[M_i, S, S, 3]``, one array a folder), the
-    unreadable ones skipped with ``skip_bad_images`` left out: what `pretrained_encoder`
-    takes."""
-    arrays = []
+    unreadable ones skipped with ``skip_bad_images`` left out, and the patient of each (int
+    ``[M_i]``, numbered within its folder): what `pretrained_encoder` takes."""
+    arrays, patients = [], []
     for root in roots:
         source = DLMICrops(str(root), crops, reference_date="2020-01-01")  # ages unused
-        cache, _ = source.build_store(source.load_bags())
+        cache, bags = source.build_store(source.load_bags())
+        owner = np.arange(-len(cache), 0)  # a crop of no patient is alone in its own
+        for number, bag in enumerate(bags):
+            owner[bag.rows] = number
         good = np.setdiff1d(np.arange(len(cache)), np.asarray(cache.bad, dtype=np.int64))
         arrays.append(cache[good])
-    return arrays
+        patients.append(owner[good])
+    return arrays, patients
 
 
 def pixels_digest(crops: np.ndarray) -> str:
@@ -348,6 +399,36 @@ def encoder_cache_file(
     return cache_dir / f"encoder-{key}.pt"
 
 
+def crops_digests(
+    crops: Sequence[np.ndarray],
+    settings: PretrainSettings,
+    patients: Sequence[np.ndarray] | None = None,
+) -> list[str]:
+    """The `pixels_digest` of each array of ``crops``, joined with the digest of its
+    ``patients`` when ``settings.patient_pairs`` > 0 (the pairs then depend on them): the
+    crops' part of `encoder_cache_file`'s key."""
+    digests = [pixels_digest(c) for c in crops]
+    if settings.patient_pairs == 0:
+        return digests
+    if patients is None or len(patients) != len(crops):
+        raise SettingError("patient_pairs needs the patient of every crop (patients=...)")
+    return [
+        f"{d}+{pixels_digest(np.asarray(p, dtype=np.int64))}"
+        for d, p in zip(digests, patients, strict=True)
+    ]
+
+
+def _numbered_apart(patients: Sequence[np.ndarray]) -> np.ndarray:
+    """The patients of several folders as one int ``[M]`` array, no number shared by two
+    folders."""
+    numbered, offset = [], 0
+    for folder in patients:
+        ids = np.unique(np.asarray(folder), return_inverse=True)[1].reshape(-1)
+        numbered.append(ids + offset)
+        offset += int(ids.max()) + 1 if len(ids) else 0
+    return np.concatenate(numbered)
+
+
 def pretrained_encoder(
     crops: Sequence[np.ndarray],
     settings: PretrainSettings,
@@ -355,22 +436,27 @@ def pretrained_encoder(
     std: Sequence[float],
     cache_dir: Path,
     device: str | torch.device = "cpu",
+    patients: Sequence[np.ndarray] | None = None,
 ) -> Path:
     """The weights file of a `SmallCNN` pretrained on every crop of ``crops`` (uint8
     ``[M_i, S, S, 3]`` arrays, e.g. the decoded crops of several folders; their order does not
-    matter): loaded from ``cache_dir`` when this pretraining ran before on the same pixels with
-    the same settings, else trained now and cached. The key hashes the pixels themselves, so a
-    new way of naming decoded-crop caches never retrains the encoder."""
-    by_digest = sorted((pixels_digest(c), c) for c in map(np.asarray, crops))
-    digests = [d for d, _ in by_digest]
-    weights = encoder_cache_file(digests, settings, mean, std, cache_dir)
+    matter; ``patients``, each crop's patient, as `folder_crops` gives them, for
+    ``settings.patient_pairs``): loaded from ``cache_dir`` when this pretraining ran before on
+    the same pixels with the same settings, else trained now and cached. The key hashes the
+    pixels themselves, so a new way of naming decoded-crop caches never retrains the
+    encoder."""
+    arrays = [np.asarray(c) for c in crops]
+    digests = crops_digests(arrays, settings, patients)
+    order = sorted(range(len(arrays)), key=digests.__getitem__)
+    weights = encoder_cache_file([digests[i] for i in order], settings, mean, std, cache_dir)
     sidecar = weights.with_suffix(".json")
     if weights.is_file() and sidecar.is_file():
         return weights
-    pixels = np.concatenate([c for _, c in by_digest])
+    pixels = np.concatenate([arrays[i] for i in order])
+    owners = None if patients is None else _numbered_apart([patients[i] for i in order])
     log.debug("pretraining a crop encoder on %d crops (%s)", len(pixels), settings)
     start = time.perf_counter()
-    encoder, history = pretrain_encoder(pixels, settings, mean, std, device)
+    encoder, history = pretrain_encoder(pixels, settings, mean, std, device, owners)
     seconds = round(time.perf_counter() - start, 1)
     buffer = _state_bytes(encoder)
     atomic_write_bytes(weights, buffer, overwrite=True)
@@ -378,7 +464,7 @@ def pretrained_encoder(
         "version": PRETRAIN_VERSION,
         "settings": asdict(settings),
         "crops": len(pixels),
-        "pixels": digests,
+        "pixels": sorted(digests),
         "seconds": seconds,
         "loss": history,
     }
