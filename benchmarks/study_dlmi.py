@@ -1111,6 +1111,40 @@ def round22(args: argparse.Namespace) -> Iterator[Record]:
         yield record
 
 
+def round25_arguments(p: argparse.ArgumentParser) -> None:
+    round19_arguments(p)
+    p.add_argument(
+        "--out-twentyfourth",
+        type=Path,
+        default=Path("runs/benchmarks/dlmi-round24"),
+        help="the twenty-fourth round's working folder (the patient-pairs encoder's six heads)",
+    )
+
+
+@study(
+    "dlmi-round25",
+    "the twenty-fifth round: the twenty-first round's LogitSumMIL on the twenty-fourth "
+    "round's encoder (positive pairs within a patient)",
+    round25_arguments,
+)
+def round25(args: argparse.Namespace) -> Iterator[Record]:
+    """The twenty-fifth round (docs/results.md), run only if the twenty-fourth round's
+    verdict found a better encoder: `logit_sum_round` of the twenty-first round's candidates
+    on `PATIENT_PAIRS_SETTINGS`' encoder, compared with the separately trained sums of its
+    heads (``args.out_twentyfourth``); the twenty-first round's rule decides what ships."""
+    (verdict,) = (r for r in read_records("dlmi-round24") if r["record"] == "verdict")
+    if not verdict["better_encoder"]:
+        raise SystemExit("the twenty-fourth round found no better encoder: this round does not run")
+    args.out = args.out or Path("runs/benchmarks/dlmi-round25")
+    yield from logit_sum_round(
+        25,
+        args,
+        lambda path: round20_candidates(path, expert_selection=True),
+        PATIENT_PAIRS_SETTINGS,
+        args.out_twentyfourth,
+    )
+
+
 @study(
     "dlmi-round23",
     "the twenty-third round: the image heads of two encoders averaged (no training)",
