@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from harness import DEFAULT_UNLABELLED, Record, read_records, study
 
@@ -35,7 +36,7 @@ from lympho_mil.evaluation.bootstrap import metric_summary, paired_difference
 from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.features.cytometry import CYTOMETRY_FEATURES
 from lympho_mil.features.pretrain import PretrainSettings, folder_crops, pretrained_encoder
-from lympho_mil.nn import MORPHOLOGY_FEATURES
+from lympho_mil.nn import MORPHOLOGY_FEATURES, SmallCNN
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 METRICS = ("balanced_accuracy", "auroc")
@@ -1109,6 +1110,64 @@ def round22(args: argparse.Namespace) -> Iterator[Record]:
         if record["record"] == "verdict":  # a replication: what would ship, nothing does
             record = {**record, "would_ship": record["shipped"], "shipped": None}
         yield record
+
+
+def same_patient_neighbours(features: np.ndarray, patients: np.ndarray) -> float:
+    """The share of crops whose nearest other crop (cosine, features standardised) is of the
+    same patient: how much of the smear, rather than of the cell, the features hold."""
+    from sklearn.neighbors import NearestNeighbors
+
+    scaled = (features - features.mean(0)) / np.maximum(features.std(0), 1e-6)
+    nearest = NearestNeighbors(n_neighbors=2, metric="cosine").fit(scaled)
+    _, index = nearest.kneighbors(scaled)
+    other = np.where(index[:, 0] == np.arange(len(scaled)), index[:, 1], index[:, 0])
+    return round(float(np.mean(patients[other] == patients)), 3)
+
+
+@study(
+    "dlmi-patient-neighbours",
+    "label-free diagnostic of the twenty-fourth round: how often a crop's nearest neighbour "
+    "is of its own patient, under each pretrained encoder",
+    round10_arguments,
+)
+def patient_neighbours(args: argparse.Namespace) -> Iterator[Record]:
+    """After the twenty-fourth round's verdict (docs/results.md), labels unused: for the
+    crops of ``args.data``, the share whose nearest other crop is of the same patient
+    (`same_patient_neighbours`) under the features of the encoders pretrained with SimCLR
+    (seeds 0 and 1) and with patient pairs (each loaded from the cache, pretrained as its
+    round did), under the crop's mean colour alone, and by chance."""
+    crops = CropSettings(image_size=64, center_crop=112, cache_dir=args.cache_dir)
+    (pixels,), (patients,) = folder_crops([args.data], crops)
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(crops.mean).view(1, 3, 1, 1)) / torch.tensor(crops.std).view(1, 3, 1, 1)
+    shares = np.bincount(patients) / len(patients)
+    yield {
+        "record": "neighbours",
+        "features": "chance",
+        "same_patient": round(float(shares @ shares), 3),
+    }
+    colour = x.mean(dim=(2, 3)).numpy()
+    yield {
+        "record": "neighbours",
+        "features": "mean colour (3 numbers)",
+        "same_patient": same_patient_neighbours(colour, patients),
+    }
+    encoders = {
+        "SimCLR, seed 0": SSL_SETTINGS,
+        "SimCLR, seed 1": SEED1_SETTINGS,
+        "patient pairs 0.5, seed 0": PATIENT_PAIRS_SETTINGS,
+    }
+    for name, settings in encoders.items():
+        path, _ = ssl_weights([args.data, args.unlabelled], args.cache_dir, settings)
+        encoder = SmallCNN(**settings.encoder_kwargs)
+        encoder.load_state_dict(torch.load(path, weights_only=True))
+        with torch.inference_mode():
+            features = torch.cat([encoder.eval()(batch) for batch in x.split(512)]).numpy()
+        yield {
+            "record": "neighbours",
+            "features": name,
+            "same_patient": same_patient_neighbours(features, patients),
+        }
 
 
 def round25_arguments(p: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -891,3 +892,16 @@ def test_the_twenty_third_round_averages_two_encoders_heads_without_training(
     verdict = records[-1]
     assert verdict["shipped"] is None and set(verdict) >= {"bars_2enc", "bars_2enc_pl"}
     assert "bar_images_balanced_accuracy_0.80" in verdict["bars_2enc"]
+
+
+def test_same_patient_neighbours_tells_a_smear_fingerprint_from_cell_features(
+    study_dlmi: ModuleType,
+) -> None:
+    """A feature that carries each patient's own offset (a stain) finds the patient; one of
+    the cells alone, drawn alike in every patient, finds it at chance."""
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(20), 30)
+    cells = rng.normal(size=(len(patients), 8))
+    stain = rng.normal(size=(20, 8))[patients] * 3
+    assert study_dlmi.same_patient_neighbours(cells + stain, patients) > 0.9
+    assert study_dlmi.same_patient_neighbours(cells, patients) < 0.15  # chance: 29 / 599
