@@ -1124,6 +1124,17 @@ def same_patient_neighbours(features: np.ndarray, patients: np.ndarray) -> float
     return round(float(np.mean(patients[other] == patients)), 3)
 
 
+def colour_statistics(pixels: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Per crop of ``pixels`` (uint8 ``[M, S, S, 3]``), over the pixels ``where`` (bool
+    ``[S, S]``) say: each channel's mean, standard deviation and 10, 50 and 90 % quantiles
+    (``[M, 15]``)."""
+    values = pixels[:, where].astype(np.float32)  # [M, P, 3]
+    quantiles = np.percentile(values, [10, 50, 90], axis=1).transpose(1, 0, 2)
+    return np.concatenate(
+        [values.mean(1), values.std(1), quantiles.reshape(len(values), -1)], axis=1
+    )
+
+
 @study(
     "dlmi-patient-neighbours",
     "label-free diagnostic of the twenty-fourth round: how often a crop's nearest neighbour "
@@ -1133,25 +1144,38 @@ def same_patient_neighbours(features: np.ndarray, patients: np.ndarray) -> float
 def patient_neighbours(args: argparse.Namespace) -> Iterator[Record]:
     """After the twenty-fourth round's verdict (docs/results.md), labels unused: for the
     crops of ``args.data``, the share whose nearest other crop is of the same patient
-    (`same_patient_neighbours`) under the features of the encoders pretrained with SimCLR
-    (seeds 0 and 1) and with patient pairs (each loaded from the cache, pretrained as its
-    round did), under the crop's mean colour alone, and by chance."""
+    (`same_patient_neighbours`) by chance; under colour alone (the crop's mean colour, and
+    `colour_statistics` of the whole crop, of its centre and of its outer ring); and under
+    the features of the encoders pretrained with SimCLR (seeds 0 and 1) and with patient
+    pairs (each loaded from the cache, pretrained as its round did)."""
     crops = CropSettings(image_size=64, center_crop=112, cache_dir=args.cache_dir)
     (pixels,), (patients,) = folder_crops([args.data], crops)
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(crops.mean).view(1, 3, 1, 1)) / torch.tensor(crops.std).view(1, 3, 1, 1)
     shares = np.bincount(patients) / len(patients)
     yield {
         "record": "neighbours",
         "features": "chance",
         "same_patient": round(float(shares @ shares), 3),
     }
-    colour = x.mean(dim=(2, 3)).numpy()
-    yield {
-        "record": "neighbours",
-        "features": "mean colour (3 numbers)",
-        "same_patient": same_patient_neighbours(colour, patients),
+    side = pixels.shape[1]
+    radius = np.hypot(*(np.mgrid[:side, :side] - (side - 1) / 2))
+    colours = {
+        "mean colour (3 numbers)": pixels.reshape(len(pixels), -1, 3).mean(1),
+        "colour statistics, whole crop (15 numbers)": colour_statistics(pixels, radius >= 0),
+        "colour statistics, centre (r < 3/16 of the side)": colour_statistics(
+            pixels, radius < side * 3 / 16
+        ),
+        "colour statistics, outer ring (r > 7/16 of the side)": colour_statistics(
+            pixels, radius > side * 7 / 16
+        ),
     }
+    for name, colour in colours.items():
+        yield {
+            "record": "neighbours",
+            "features": name,
+            "same_patient": same_patient_neighbours(colour, patients),
+        }
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(crops.mean).view(1, 3, 1, 1)) / torch.tensor(crops.std).view(1, 3, 1, 1)
     encoders = {
         "SimCLR, seed 0": SSL_SETTINGS,
         "SimCLR, seed 1": SEED1_SETTINGS,
