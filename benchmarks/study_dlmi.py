@@ -1135,6 +1135,19 @@ def colour_statistics(pixels: np.ndarray, where: np.ndarray) -> np.ndarray:
     )
 
 
+def per_patient_standardised(pixels: np.ndarray, patients: np.ndarray) -> np.ndarray:
+    """``pixels`` (uint8 ``[M, S, S, 3]``) with each patient's pixels moved, channel by
+    channel, to the mean and standard deviation of every patient's pixels together (the
+    simplest stain normalisation per smear; ``patients``: int ``[M]``)."""
+    values = pixels.astype(np.float32)
+    mean, std = values.reshape(-1, 3).mean(0), values.reshape(-1, 3).std(0)
+    for patient in np.unique(patients):
+        own = values[patients == patient]
+        flat = own.reshape(-1, 3)
+        values[patients == patient] = (own - flat.mean(0)) / flat.std(0) * std + mean
+    return np.clip(values, 0, 255).round().astype(np.uint8)
+
+
 @study(
     "dlmi-patient-neighbours",
     "label-free diagnostic of the twenty-fourth round: how often a crop's nearest neighbour "
@@ -1145,9 +1158,11 @@ def patient_neighbours(args: argparse.Namespace) -> Iterator[Record]:
     """After the twenty-fourth round's verdict (docs/results.md), labels unused: for the
     crops of ``args.data``, the share whose nearest other crop is of the same patient
     (`same_patient_neighbours`) by chance; under colour alone (the crop's mean colour, and
-    `colour_statistics` of the whole crop, of its centre and of its outer ring); and under
-    the features of the encoders pretrained with SimCLR (seeds 0 and 1) and with patient
-    pairs (each loaded from the cache, pretrained as its round did)."""
+    `colour_statistics` of the whole crop, of its centre and of its outer ring, and of the
+    whole crop after `per_patient_standardised`); and under the features of the encoders
+    pretrained with SimCLR (seeds 0 and 1) and with patient pairs (each loaded from the
+    cache, pretrained as its round did), and of SimCLR's seed-0 encoder on the standardised
+    crops."""
     crops = CropSettings(image_size=64, center_crop=112, cache_dir=args.cache_dir)
     (pixels,), (patients,) = folder_crops([args.data], crops)
     shares = np.bincount(patients) / len(patients)
@@ -1156,6 +1171,7 @@ def patient_neighbours(args: argparse.Namespace) -> Iterator[Record]:
         "features": "chance",
         "same_patient": round(float(shares @ shares), 3),
     }
+    standardised = per_patient_standardised(pixels, patients)
     side = pixels.shape[1]
     radius = np.hypot(*(np.mgrid[:side, :side] - (side - 1) / 2))
     colours = {
@@ -1167,6 +1183,9 @@ def patient_neighbours(args: argparse.Namespace) -> Iterator[Record]:
         "colour statistics, outer ring (r > 7/16 of the side)": colour_statistics(
             pixels, radius > side * 7 / 16
         ),
+        "colour statistics, whole crop, colours standardised per patient": colour_statistics(
+            standardised, radius >= 0
+        ),
     }
     for name, colour in colours.items():
         yield {
@@ -1174,17 +1193,18 @@ def patient_neighbours(args: argparse.Namespace) -> Iterator[Record]:
             "features": name,
             "same_patient": same_patient_neighbours(colour, patients),
         }
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(crops.mean).view(1, 3, 1, 1)) / torch.tensor(crops.std).view(1, 3, 1, 1)
     encoders = {
-        "SimCLR, seed 0": SSL_SETTINGS,
-        "SimCLR, seed 1": SEED1_SETTINGS,
-        "patient pairs 0.5, seed 0": PATIENT_PAIRS_SETTINGS,
+        "SimCLR, seed 0": (SSL_SETTINGS, pixels),
+        "SimCLR, seed 1": (SEED1_SETTINGS, pixels),
+        "patient pairs 0.5, seed 0": (PATIENT_PAIRS_SETTINGS, pixels),
+        "SimCLR, seed 0, colours standardised per patient": (SSL_SETTINGS, standardised),
     }
-    for name, settings in encoders.items():
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (crops.mean, crops.std))
+    for name, (settings, seen) in encoders.items():
         path, _ = ssl_weights([args.data, args.unlabelled], args.cache_dir, settings)
         encoder = SmallCNN(**settings.encoder_kwargs)
         encoder.load_state_dict(torch.load(path, weights_only=True))
+        x = (torch.from_numpy(seen).permute(0, 3, 1, 2).float() / 255 - mean) / std
         with torch.inference_mode():
             features = torch.cat([encoder.eval()(batch) for batch in x.split(512)]).numpy()
         yield {

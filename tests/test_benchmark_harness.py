@@ -905,3 +905,19 @@ def test_same_patient_neighbours_tells_a_smear_fingerprint_from_cell_features(
     stain = rng.normal(size=(20, 8))[patients] * 3
     assert study_dlmi.same_patient_neighbours(cells + stain, patients) > 0.9
     assert study_dlmi.same_patient_neighbours(cells, patients) < 0.15  # chance: 29 / 599
+
+
+def test_per_patient_standardised_gives_every_patient_the_same_colours(
+    study_dlmi: ModuleType,
+) -> None:
+    rng = np.random.default_rng(0)
+    patients = np.repeat(np.arange(3), 10)
+    cast = np.array([[40, 0, 0], [0, 40, 0], [0, 0, 40]])[patients][:, None, None]
+    pixels = (rng.integers(60, 160, size=(30, 8, 8, 3)) + cast).astype(np.uint8)
+    out = study_dlmi.per_patient_standardised(pixels, patients)
+    means = np.stack([out[patients == p].reshape(-1, 3).mean(0) for p in range(3)])
+    assert np.ptp(means, axis=0).max() < 1  # the casts are gone
+    before = np.stack([pixels[patients == p].reshape(-1, 3).mean(0) for p in range(3)])
+    assert np.ptp(before, axis=0).min() > 30
+    stats = study_dlmi.colour_statistics(out, np.ones((8, 8), dtype=bool))
+    assert stats.shape == (30, 15)
