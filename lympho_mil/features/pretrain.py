@@ -17,8 +17,8 @@ unlabelled patients' crops pair too), asking the encoder for what a patient's ce
 
 The weights are cached: ``<cache_dir>/encoder-<key>.pt`` plus a JSON sidecar (settings, loss
 per epoch, seconds), ``key`` hashing the settings, the pixel normalisation and the crops'
-pixels; a second run with the same crops and settings loads them. Needs the
-``ssl`` extra (``pip install lympho-mil[ssl]``: lightly).
+pixels (and their patients, with ``patient_pairs``); a second run with the same crops and
+settings loads them. Needs the ``ssl`` extra (``pip install lympho-mil[ssl]``: lightly).
 """
 
 from __future__ import annotations
@@ -393,7 +393,8 @@ def encoder_cache_file(
     cache_dir: Path,
 ) -> Path:
     """Where `pretrained_encoder` caches the weights of a pretraining with ``settings`` on
-    crops of these sorted `pixels_digest` ``digests`` (the file may not exist yet)."""
+    crops of these `crops_digests` ``digests``, in any order (the file may not exist
+    yet)."""
     described = [PRETRAIN_VERSION, settings.described(), list(mean), list(std), sorted(digests)]
     key = hashlib.sha256(json.dumps(described).encode()).hexdigest()[:24]
     return cache_dir / f"encoder-{key}.pt"
