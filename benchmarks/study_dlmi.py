@@ -942,16 +942,16 @@ def round24(args: argparse.Namespace) -> Iterator[Record]:
     difference to its seed-0 twin has a 95 % interval above 0; issue 19's bars, met or not."""
     args.out = args.out or Path("runs/benchmarks/dlmi-round24")
     rows, folders = yield from encoder_heads(args, PATIENT_PAIRS_SETTINGS)
-    simclr = folders_of(args.out_sixteenth)
+    seed0 = folders_of(args.out_sixteenth)
     effects: dict[str, Record] = {}
     for tag in ("ssl", "ssl_pl"):
         heads = image_heads(tag)
-        pairs = {head: tuple(oof_of(f[head]) for f in (simclr, folders)) for head in heads}
-        pairs[f"images_{tag}_ensemble"] = tuple(
+        twins = {head: tuple(oof_of(f[head]) for f in (seed0, folders)) for head in heads}
+        twins[f"images_{tag}_ensemble"] = tuple(
             logit_sum(*(f[head] for head in heads), weights=mean_weights(len(heads)))
-            for f in (simclr, folders)
+            for f in (seed0, folders)
         )
-        for name, (before, after) in pairs.items():
+        for name, (before, after) in twins.items():
             diff = paired_difference(before, after, 2000, 0)
             effects[name] = {
                 "record": "encoder_effect",
@@ -1144,7 +1144,8 @@ def per_patient_standardised(pixels: np.ndarray, patients: np.ndarray) -> np.nda
     for patient in np.unique(patients):
         own = values[patients == patient]
         flat = own.reshape(-1, 3)
-        values[patients == patient] = (own - flat.mean(0)) / flat.std(0) * std + mean
+        spread = np.maximum(flat.std(0), 1e-6)  # one colour throughout: moved, not scaled
+        values[patients == patient] = (own - flat.mean(0)) / spread * std + mean
     return np.clip(values, 0, 255).round().astype(np.uint8)
 
 
@@ -1165,12 +1166,9 @@ def patient_neighbours(args: argparse.Namespace) -> Iterator[Record]:
     crops."""
     crops = CropSettings(image_size=64, center_crop=112, cache_dir=args.cache_dir)
     (pixels,), (patients,) = folder_crops([args.data], crops)
-    shares = np.bincount(patients) / len(patients)
-    yield {
-        "record": "neighbours",
-        "features": "chance",
-        "same_patient": round(float(shares @ shares), 3),
-    }
+    counts = np.bincount(patients)
+    chance = (counts * (counts - 1)).sum() / (len(patients) * (len(patients) - 1))
+    yield {"record": "neighbours", "features": "chance", "same_patient": round(float(chance), 3)}
     standardised = per_patient_standardised(pixels, patients)
     side = pixels.shape[1]
     radius = np.hypot(*(np.mgrid[:side, :side] - (side - 1) / 2))
@@ -1235,8 +1233,10 @@ def round25(args: argparse.Namespace) -> Iterator[Record]:
     verdict found a better encoder: `logit_sum_round` of the twenty-first round's candidates
     on `PATIENT_PAIRS_SETTINGS`' encoder, compared with the separately trained sums of its
     heads (``args.out_twentyfourth``); the twenty-first round's rule decides what ships."""
-    (verdict,) = (r for r in read_records("dlmi-round24") if r["record"] == "verdict")
-    if not verdict["better_encoder"]:
+    verdicts = [r for r in read_records("dlmi-round24") if r["record"] == "verdict"]
+    if len(verdicts) != 1:
+        raise SystemExit("run the twenty-fourth round first: benchmarks/results/dlmi-round24.jsonl")
+    if not verdicts[0]["better_encoder"]:
         raise SystemExit("the twenty-fourth round found no better encoder: this round does not run")
     args.out = args.out or Path("runs/benchmarks/dlmi-round25")
     yield from logit_sum_round(

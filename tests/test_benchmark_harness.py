@@ -921,3 +921,59 @@ def test_per_patient_standardised_gives_every_patient_the_same_colours(
     assert np.ptp(before, axis=0).min() > 30
     stats = study_dlmi.colour_statistics(out, np.ones((8, 8), dtype=bool))
     assert stats.shape == (30, 15)
+
+
+def test_the_twenty_fourth_round_compares_each_head_with_its_seed0_twin(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each head and ensemble of the new encoder against its twin of the sixteenth round's
+    folder, new minus old; the verdict needs the co-trained ensemble above both recorded
+    SimCLR encoders and its AUROC gain's interval above 0; the twenty-fifth round refuses to
+    run after a verdict that found no better encoder."""
+    import argparse
+
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    labels = [0, 1] * 10
+    heads = [*study_dlmi.image_heads("ssl"), *study_dlmi.image_heads("ssl_pl")]
+    seed0, new = tmp_path / "r16", tmp_path / "r24"
+    seed0.mkdir(), new.mkdir()
+    for name in ("tabular_mlp", "fused_morphology_mean", *heads):
+        noisy = np.clip(np.array(labels) * 0.2 + rng.uniform(0.1, 0.7, 20), 0.01, 0.99)
+        write_predictions(seed0 / name, labels, list(noisy), [0.2, 0.7, 0.8], folds=2)
+    for name in heads:  # the new encoder's heads rank every patient right
+        sharp = [0.1 + 0.8 * label for label in labels]
+        write_predictions(new / name, labels, sharp, [0.2, 0.7, 0.8], folds=2)
+    monkeypatch.setattr(study_dlmi, "ssl_weights", lambda *args: (tmp_path / "e.pt", 1.0))
+    monkeypatch.setattr(study_dlmi, "pretraining_record", lambda *a: {"record": "pretraining"})
+    monkeypatch.setattr(study_dlmi, "challenge_layout", lambda *args: tmp_path / "data")
+    monkeypatch.setattr(study_dlmi, "_rows", lambda *a, **k: [])
+
+    def found(name: str, config: dict, args: argparse.Namespace, earlier: Path) -> tuple:
+        folder = (new if name in heads else seed0) / name
+        return pd.read_csv(folder / "oof_predictions.csv", dtype={"id": str}), folder
+
+    monkeypatch.setattr(study_dlmi, "_cv", found)
+    args = argparse.Namespace(
+        data=tmp_path, unlabelled=tmp_path, cache_dir=None, out=new, out_sixteenth=seed0
+    )
+    records = list(study_dlmi.round24(args))
+    effects = {r["candidate"]: r for r in records if r["record"] == "encoder_effect"}
+    assert list(effects) == [
+        *study_dlmi.image_heads("ssl"),
+        "images_ssl_ensemble",
+        *study_dlmi.image_heads("ssl_pl"),
+        "images_ssl_pl_ensemble",
+    ]
+    assert all(e["auroc"]["mean"] > 0 for e in effects.values())  # new minus old
+    verdict = records[-1]
+    assert verdict["round"] == 24 and verdict["candidate"] == "images_ssl_pl_ensemble"
+    assert verdict["simclr_best_auroc"] > 0.85  # the nineteenth round's record
+    low = effects["images_ssl_pl_ensemble"]["auroc"]["ci95_low"]
+    assert verdict["better_encoder"] == (low > 0)
+
+    lost = [{"record": "verdict", "better_encoder": False}]
+    monkeypatch.setattr(study_dlmi, "read_records", lambda name: lost)
+    with pytest.raises(SystemExit, match="no better encoder"):
+        list(study_dlmi.round25(args))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -267,26 +268,45 @@ def test_patient_pairs_need_patients_and_key_the_cache_by_them() -> None:
 
     one, two = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
     assert key(paired, one) != key(paired, two)  # other pairs, another encoder
+    assert key(paired, np.array([7, 7, 2, 2])) == key(paired, one)  # the same pairs
     plain = pretrain.PretrainSettings()
     assert key(plain, one) == key(plain, two)  # without pairs, the patients do not matter
     assert "patient_pairs" not in plain.described()  # so SimCLR keys did not move
 
 
-def test_patient_pairs_pretraining_learns(tmp_path: Path) -> None:
+def test_patient_pairs_train_on_patients_numbered_apart_in_each_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two folders whose patients are numbered alike: the pretraining sees them as different
+    patients, each crop beside its own pixels, and the loss falls."""
     pytest.importorskip("lightly")
     crops = np.stack([cell_crop(8 + i % 8, 12 + i % 8, seed=i)[::4, ::4] for i in range(64)])
     settings = pretrain.PretrainSettings(
         epochs=4, batch_size=32, warmup_epochs=1, width=8, out_dim=16, hidden=32,
         patient_pairs=0.5,
     )  # fmt: skip
-    patients = [np.arange(40) % 8, np.arange(24) % 3]  # numbered within each folder
+    patients = [np.arange(40) % 8, np.arange(24) % 3]  # both folders have patients 0, 1, 2
+    seen: dict[str, np.ndarray] = {}
+    train = pretrain.pretrain_encoder
+
+    def spy(pixels: np.ndarray, *args: object) -> tuple:
+        seen["pixels"], seen["patients"] = pixels, args[-1]  # type: ignore[assignment]
+        return train(pixels, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pretrain, "pretrain_encoder", spy)
     path = pretrain.pretrained_encoder(
         [crops[:40], crops[40:]], settings, IMAGENET_MEAN, IMAGENET_STD, tmp_path,
         patients=patients,
     )  # fmt: skip
-    meta = path.with_suffix(".json").read_text()
-    assert '"patient_pairs": 0.5' in meta
-    assert pretrain._numbered_apart(patients).max() == 10  # 8 + 3 patients, none shared
+    owners = seen["patients"]
+    assert len(np.unique(owners)) == 8 + 3  # none shared by the two folders
+    for pixels, folder in zip((crops[:40], crops[40:]), patients, strict=True):
+        rows = [np.flatnonzero((seen["pixels"] == c).all(axis=(1, 2, 3)))[0] for c in pixels]
+        same = folder[:, None] == folder[None, :]  # each crop keeps its own patient
+        assert ((owners[rows][:, None] == owners[rows][None, :]) == same).all()
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["settings"]["patient_pairs"] == 0.5
+    assert meta["loss"][-1] < meta["loss"][0]
 
 
 def test_dino_learns_and_keeps_the_teachers_encoder(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ is the one kept. The views keep what a haematologist reads: any rotation
 or mirror image, a shift of a few pixels, sizes within 10 % (cell size is a diagnostic sign,
 so no random resized crop), mild colour jitter (the blue of the cytoplasm is another) and
 a little blur. Batches mix the crops of every patient; the encoder (`SmallCNN`) normalises
-with GroupNorm. With ``patient_pairs`` > 0, that share of the positive pairs are views of two
-different crops of one patient instead of two views of one crop (patients, not labels: the
-unlabelled patients' crops pair too), asking the encoder for what a patient's cells share.
+with GroupNorm. With ``patient_pairs`` > 0, each positive pair is, with that probability,
+views of two different crops of one patient instead of two views of one crop (patients, not
+labels: the unlabelled patients' crops pair too), asking the encoder for what a patient's
+cells share.
 
 The weights are cached: ``<cache_dir>/encoder-<key>.pt`` plus a JSON sidecar (settings, loss
 per epoch, seconds), ``key`` hashing the settings, the pixel normalisation and the crops'
@@ -72,9 +73,10 @@ class PretrainSettings:
     temperature, centring, momentum and gradient clipping are DINO's published defaults
     (the ``DINO_*`` constants), its head has BatchNorm in its hidden layers (the batches mix
     the crops of every patient) and its last layer is frozen in the first epoch.
-    ``patient_pairs``: the share of positive pairs whose second view is of another crop of the
-    same patient (0: two views of one crop, the methods as published). The batch's other
-    crops stay negatives, a few of the same patient among them.
+    ``patient_pairs``: the probability that a positive pair's second view is of another crop
+    of the same patient (0: two views of one crop, the methods as published; a patient's only
+    crop pairs with itself). With SimCLR, the batch's other crops stay negatives, a few of
+    the same patient among them.
     """
 
     epochs: int = 100
@@ -378,7 +380,8 @@ def folder_crops(
 
 
 def pixels_digest(crops: np.ndarray) -> str:
-    """Hash of the shape and bytes of a uint8 ``[M, S, S, 3]`` array of crops."""
+    """Hash of the shape and bytes of an array: uint8 crops ``[M, S, S, 3]`` (or the int
+    patients of crops, `crops_digests`)."""
     array = np.asarray(crops)
     digest = hashlib.sha256(f"{array.shape}".encode())
     digest.update(array.tobytes())
@@ -413,10 +416,15 @@ def crops_digests(
         return digests
     if patients is None or len(patients) != len(crops):
         raise SettingError("patient_pairs needs the patient of every crop (patients=...)")
-    return [
-        f"{d}+{pixels_digest(np.asarray(p, dtype=np.int64))}"
-        for d, p in zip(digests, patients, strict=True)
-    ]
+    return [f"{d}+{pixels_digest(_first_seen(p))}" for d, p in zip(digests, patients, strict=True)]
+
+
+def _first_seen(patients: np.ndarray) -> np.ndarray:
+    """``patients`` renumbered 0, 1, ... in the order they first appear (int64): the grouping
+    the pairs depend on, whatever the numbers were."""
+    _, first, inverse = np.unique(np.asarray(patients), return_index=True, return_inverse=True)
+    rank = np.argsort(np.argsort(first))
+    return rank[inverse.reshape(-1)].astype(np.int64)
 
 
 def _numbered_apart(patients: Sequence[np.ndarray]) -> np.ndarray:
