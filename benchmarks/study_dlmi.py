@@ -1016,14 +1016,27 @@ def round20(args: argparse.Namespace) -> Iterator[Record]:
     yield from logit_sum_round(20, args, round20_candidates)
 
 
-def round21_arguments(p: argparse.ArgumentParser) -> None:
-    round19_arguments(p)
-    p.add_argument(
-        "--out-twentieth",
-        type=Path,
-        default=Path("runs/benchmarks/dlmi-round20"),
-        help="the twentieth round's working folder (its candidates' cv outputs)",
-    )
+def with_round_folder(
+    flag: str, round_no: int, help: str
+) -> Callable[[argparse.ArgumentParser], None]:
+    """The nineteenth round's arguments plus ``--out-<flag>``, the working folder of the
+    round ``round_no`` (``help`` says what it holds)."""
+
+    def arguments(p: argparse.ArgumentParser) -> None:
+        round19_arguments(p)
+        p.add_argument(
+            f"--out-{flag}",
+            type=Path,
+            default=Path(f"runs/benchmarks/dlmi-round{round_no}"),
+            help=help,
+        )
+
+    return arguments
+
+
+round21_arguments = with_round_folder(
+    "twentieth", 20, "the twentieth round's working folder (its candidates' cv outputs)"
+)
 
 
 @study(
@@ -1079,14 +1092,9 @@ def logit_sum_round(
     yield logit_sum_verdict(round_no, rows)
 
 
-def round22_arguments(p: argparse.ArgumentParser) -> None:
-    round19_arguments(p)
-    p.add_argument(
-        "--out-nineteenth",
-        type=Path,
-        default=Path("runs/benchmarks/dlmi-round19"),
-        help="the nineteenth round's working folder (the seed-1 encoder's six heads)",
-    )
+round22_arguments = with_round_folder(
+    "nineteenth", 19, "the nineteenth round's working folder (the seed-1 encoder's six heads)"
+)
 
 
 @study(
@@ -1212,14 +1220,11 @@ def patient_neighbours(args: argparse.Namespace) -> Iterator[Record]:
         }
 
 
-def round25_arguments(p: argparse.ArgumentParser) -> None:
-    round19_arguments(p)
-    p.add_argument(
-        "--out-twentyfourth",
-        type=Path,
-        default=Path("runs/benchmarks/dlmi-round24"),
-        help="the twenty-fourth round's working folder (the patient-pairs encoder's six heads)",
-    )
+round25_arguments = with_round_folder(
+    "twentyfourth",
+    24,
+    "the twenty-fourth round's working folder (the patient-pairs encoder's six heads)",
+)
 
 
 @study(
