@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -131,16 +132,21 @@ def test_cell_types_are_one_hot_shares_and_round_trip() -> None:
         CellTypes.fit(blobs[:1].astype(np.float32), k=2)
 
 
-def test_cached_cytometry_cell_types_are_fitted_and_saved(
-    synthetic_dlmi: Path, cache_dir: Path
-) -> None:
-    settings = dict(
+def standardised_cytometry(cache_dir: Path) -> dict[str, Any]:
+    """`CachedFeatureDataModule` settings: standardised cytometry of 32 px crops, 30 % of the
+    patients for validation."""
+    return dict(
         features=FeatureSource(encoder="cytometry", dtype="float32"),
         crops=CropSettings(image_size=32, cache_dir=str(cache_dir)),
         standardize=True,
-        cell_types=3,
         split=SplitSettings(val_fraction=0.3),
     )
+
+
+def test_cached_cytometry_cell_types_are_fitted_and_saved(
+    synthetic_dlmi: Path, cache_dir: Path
+) -> None:
+    settings = {**standardised_cytometry(cache_dir), "cell_types": 3}
     dm = CachedFeatureDataModule(str(synthetic_dlmi), **settings)
     assert dm.feature_dim == 3
     dm.setup("fit")
@@ -163,12 +169,7 @@ def test_cell_types_can_follow_the_features_they_were_drawn_from(
     synthetic_dlmi: Path, cache_dir: Path
 ) -> None:
     """``keep_features``: each crop is its standardised features, then its one-hot type."""
-    common = dict(
-        features=FeatureSource(encoder="cytometry", dtype="float32"),
-        crops=CropSettings(image_size=32, cache_dir=str(cache_dir)),
-        standardize=True,
-        split=SplitSettings(val_fraction=0.3),
-    )
+    common = standardised_cytometry(cache_dir)
     both = CachedFeatureDataModule(
         str(synthetic_dlmi), cell_types={"count": 3, "keep_features": True}, **common
     )

@@ -303,8 +303,7 @@ def pretrain_encoder(
         )
     partners = None
     if settings.patient_pairs > 0:
-        if patients is None or len(patients) != len(crops):
-            raise SettingError("patient_pairs needs the patient of every crop (patients=...)")
+        patients = check_patients([crops], None if patients is None else [patients])[0]
         partners = PatientPartners(patients, settings.seed)
     device = torch.device(device)
     with torch.random.fork_rng(devices=[]):
@@ -414,9 +413,18 @@ def crops_digests(
     digests = [pixels_digest(c) for c in crops]
     if settings.patient_pairs == 0:
         return digests
-    if patients is None or len(patients) != len(crops):
+    groups = check_patients(crops, patients)
+    return [f"{d}+{pixels_digest(_first_seen(p))}" for d, p in zip(digests, groups, strict=True)]
+
+
+def check_patients(
+    crops: Sequence[np.ndarray], patients: Sequence[np.ndarray] | None
+) -> Sequence[np.ndarray]:
+    """``patients``, one array per array of ``crops`` and one patient per crop, or a
+    SettingError (what ``patient_pairs`` needs)."""
+    if patients is None or [len(p) for p in patients] != [len(c) for c in crops]:
         raise SettingError("patient_pairs needs the patient of every crop (patients=...)")
-    return [f"{d}+{pixels_digest(_first_seen(p))}" for d, p in zip(digests, patients, strict=True)]
+    return patients
 
 
 def _first_seen(patients: np.ndarray) -> np.ndarray:
@@ -432,7 +440,7 @@ def _numbered_apart(patients: Sequence[np.ndarray]) -> np.ndarray:
     folders."""
     numbered, offset = [], 0
     for folder in patients:
-        ids = np.unique(np.asarray(folder), return_inverse=True)[1].reshape(-1)
+        ids = _first_seen(folder)
         numbered.append(ids + offset)
         offset += int(ids.max()) + 1 if len(ids) else 0
     return np.concatenate(numbered)
