@@ -69,12 +69,13 @@ def ssl_weights(
     cache_dir: str | None,
     settings: PretrainSettings = SSL_SETTINGS,
     image_size: int = 64,
+    center_crop: int = 112,
 ) -> tuple[Path, float]:
     """An encoder pretrained (the seventh round's SimCLR ``settings`` by default) on every crop of
-    ``roots`` (``image_size`` px of the 112 px centre; cached), and the seconds this call
-    took."""
+    ``roots`` (``image_size`` px of the ``center_crop`` px centre; cached), and the seconds
+    this call took."""
     start = time.perf_counter()
-    crops = CropSettings(image_size=image_size, center_crop=112, cache_dir=cache_dir)
+    crops = CropSettings(image_size=image_size, center_crop=center_crop, cache_dir=cache_dir)
     folder = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     arrays, patients = folder_crops(roots, crops)
     path = pretrained_encoder(arrays, settings, crops.mean, crops.std, folder, patients=patients)
@@ -94,11 +95,14 @@ def pretraining_record(weights: Path, seconds: float) -> Record:
 
 
 def round7_candidates(
-    ssl_path: Path | None, ssl_settings: PretrainSettings = SSL_SETTINGS, ssl_size: int = 64
+    ssl_path: Path | None,
+    ssl_settings: PretrainSettings = SSL_SETTINGS,
+    ssl_size: int = 64,
+    ssl_centre: int = 112,
 ) -> dict[str, dict[str, Any]]:
     """The seventh round's candidates (configs without a data root), references first;
     ``ssl_path``: the weights of a `SmallCNN` pretrained with ``ssl_settings`` on crops of
-    ``ssl_size`` px."""
+    ``ssl_size`` px of the ``ssl_centre`` px centre."""
     recipe = load("dlmi.yaml")
     representations: dict[str, tuple[dict[str, dict[str, Any]], int]] = {
         "morphology": ({"features": {"encoder": "morphology"}}, len(MORPHOLOGY_FEATURES)),
@@ -111,7 +115,7 @@ def round7_candidates(
                 "weights": str(ssl_path),
                 "kwargs": ssl_settings.encoder_kwargs,
             },
-            "crops": {"image_size": ssl_size},
+            "crops": {"image_size": ssl_size, "center_crop": ssl_centre},
         }
         representations["ssl"] = (ssl, ssl_settings.out_dim)
     summaries = {"mean": ("mean", 0), "statistics": ("statistics", 0), "types": ("mean", 16)}
@@ -664,17 +668,18 @@ TEACHER_CONFIDENCE = 0.9
 label if the teacher gives that label at least this probability."""
 
 
-def round16_candidates(ssl_path: Path) -> dict[str, dict[str, Any]]:
+def round16_candidates(ssl_path: Path, centre: int = 112) -> dict[str, dict[str, Any]]:
     """The sixteenth round's candidates: the references; the seventh round's SSL candidates
-    on the same encoder (``ssl_path``) with co-training (``split.teacher_confidence``: the
-    unlabelled patients that a clinical teacher labels with `TEACHER_CONFIDENCE` train too),
-    ``images_ssl_pl_<summary>`` and ``fused_ssl_pl_<summary>``; and the controls, the
-    seventh round's image-only heads as they were (``images_ssl_<summary>``)."""
-    candidates = with_encoder_tag(round7_candidates(ssl_path), "ssl_pl")
+    on the same encoder (``ssl_path``, which reads the ``centre`` px centre of the crops) with
+    co-training (``split.teacher_confidence``: the unlabelled patients that a clinical teacher
+    labels with `TEACHER_CONFIDENCE` train too), ``images_ssl_pl_<summary>`` and
+    ``fused_ssl_pl_<summary>``; and the controls, the seventh round's image-only heads as
+    they were (``images_ssl_<summary>``)."""
+    candidates = with_encoder_tag(round7_candidates(ssl_path, ssl_centre=centre), "ssl_pl")
     for name, config in candidates.items():
         if "_ssl_pl_" in name:  # round7_candidates builds each config anew: no copy needed
             config["data"]["init_args"]["split"] = {"teacher_confidence": TEACHER_CONFIDENCE}
-    controls = round7_candidates(ssl_path)
+    controls = round7_candidates(ssl_path, ssl_centre=centre)
     return candidates | {n: controls[n] for n in image_heads("ssl")}
 
 
@@ -894,19 +899,22 @@ def round19(args: argparse.Namespace) -> Iterator[Record]:
 
 
 def encoder_heads(
-    args: argparse.Namespace, settings: PretrainSettings
+    args: argparse.Namespace, settings: PretrainSettings, centre: int = 112
 ) -> Generator[Record, None, tuple[dict[str, Record], dict[str, Path]]]:
-    """The nineteenth round's records for the encoder pretrained with ``settings``: its
-    pretraining; the sixteenth round's six image-only heads on it (three co-trained, three
-    not) on the sixteenth round's folder and splits (its references found there, not run
-    again); co-training's effect on each head; both ensembles of three heads and the logit
-    sums of `REFERENCE` with them and with the cell types. Returns the rows made without
+    """The nineteenth round's records for the encoder pretrained with ``settings`` on the
+    ``centre`` px centre of the crops: its pretraining; the sixteenth round's six image-only
+    heads on it (three co-trained, three not) on the sixteenth round's folder and splits (its
+    references found there, not run again); co-training's effect on each head; both
+    ensembles of three heads and the logit sums of `REFERENCE` with them and with the cell
+    types. Returns the rows made without
     training by name and every run's cv folder by name."""
-    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, settings)
+    roots = [args.data, args.unlabelled]
+    ssl_path, seconds = ssl_weights(roots, args.cache_dir, settings, center_crop=centre)
     yield pretraining_record(ssl_path, seconds)
     args.data = challenge_layout(args.data, args.unlabelled, args.out_sixteenth / "data")
     candidates = {
-        n: with_data(c, args.data, args.cache_dir) for n, c in round16_candidates(ssl_path).items()
+        n: with_data(c, args.data, args.cache_dir)
+        for n, c in round16_candidates(ssl_path, centre).items()
     }
     plain, cotrained = image_heads("ssl"), image_heads("ssl_pl")
     yield from _rows(candidates, [*plain, *cotrained], args, earlier=args.out_sixteenth)
@@ -936,15 +944,24 @@ def encoder_heads(
     round19_arguments,
 )
 def round24(args: argparse.Namespace) -> Iterator[Record]:
-    """The twenty-fourth round (docs/results.md): `encoder_heads` of the encoder pretrained
+    """The twenty-fourth round (docs/results.md): `encoder_round` of the encoder pretrained
     as the seventh round's but with `PATIENT_PAIRS_SETTINGS` (half of SimCLR's positive pairs
-    are two crops of one patient); each head's and each ensemble's paired difference to its
-    twin on the seventh round's encoder (the sixteenth round's runs); the verdict: the
-    patient pairs make a better encoder if the co-trained ensemble's AUROC is above that of
-    both SimCLR encoders (the eighteenth and nineteenth rounds' records) and its paired AUROC
-    difference to its seed-0 twin has a 95 % interval above 0; issue 19's bars, met or not."""
+    are two crops of one patient)."""
     args.out = args.out or Path("runs/benchmarks/dlmi-round24")
-    rows, folders = yield from encoder_heads(args, PATIENT_PAIRS_SETTINGS)
+    yield (yield from encoder_round(24, args, PATIENT_PAIRS_SETTINGS))
+
+
+def encoder_round(
+    round_no: int, args: argparse.Namespace, settings: PretrainSettings, centre: int = 112
+) -> Generator[Record, None, Record]:
+    """A round of the twenty-fourth round's kind: `encoder_heads` of the encoder pretrained
+    with ``settings`` on the ``centre`` px centre of the crops; each head's and each
+    ensemble's paired difference to its twin on the seventh round's encoder (the sixteenth
+    round's runs); the verdict: a better encoder if the co-trained ensemble's AUROC is above
+    that of both SimCLR encoders (the eighteenth and nineteenth rounds' records) and its
+    paired AUROC difference to its seed-0 twin has a 95 % interval above 0; issue 19's bars,
+    met or not. Yields every record but the verdict, which it returns."""
+    rows, folders = yield from encoder_heads(args, settings, centre)
     seed0 = folders_of(args.out_sixteenth)
     effects: dict[str, Record] = {}
     for tag in ("ssl", "ssl_pl"):
@@ -970,9 +987,9 @@ def round24(args: argparse.Namespace) -> Iterator[Record]:
         for r in read_records(study_name)
         if r.get("candidate") == "images_ssl_pl_ensemble"
     )
-    yield {
+    return {
         "record": "verdict",
-        "round": 24,
+        "round": round_no,
         "candidate": target["candidate"],
         "simclr_best_auroc": simclr_best,
         "better_encoder": above(target["auroc"]["mean"], simclr_best)
@@ -1340,6 +1357,71 @@ def round26_verdict(rows: dict[str, Record]) -> Record:
         **checks,
         "shipped": RESIDUAL if all(checks.values()) else None,
         **{f"bars_{r['candidate']}": bars(None, r) for r in (seed0, seed1)},
+    }
+
+
+CENTRE_160 = 160
+"""The twenty-seventh round's crop centre: the whole cell and the red cells around it."""
+
+
+@study(
+    "dlmi-round27",
+    "the twenty-seventh round: the image heads and LogitSumMIL on an encoder pretrained on "
+    "the 160 px centre of the crops",
+    with_round_folder(
+        "twentysixth",
+        26,
+        "the twenty-sixth round's working folder (LogitSumMIL on the seed-0 encoder, rerun)",
+    ),
+)
+def round27(args: argparse.Namespace) -> Iterator[Record]:
+    """The twenty-seventh round (docs/results.md): `encoder_round` of the seventh round's
+    SimCLR pretrained on 64 px of the `CENTRE_160` px centre instead of the 112 px one; then
+    the twenty-first round's `LogitSumMIL` (`LOGIT_SUM`) on it, beside the same model on the
+    seed-0 encoder (the twenty-sixth round's run, found); the verdict (`round27_verdict`)."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round27")
+    roots = [args.data, args.unlabelled]
+    verdict = yield from encoder_round(27, args, SSL_SETTINGS, CENTRE_160)
+    configs: dict[str, dict[str, Any]] = {}
+    for name, centre in ((LOGIT_SUM, 112), (CENTRE_LOGIT_SUM, CENTRE_160)):
+        ssl_path, _ = ssl_weights(roots, args.cache_dir, SSL_SETTINGS, center_crop=centre)
+        config = round20_candidates(ssl_path, expert_selection=True)
+        config[LOGIT_SUM]["data"]["init_args"]["crops"]["center_crop"] = centre
+        configs |= {n: config[n] for n in (REFERENCE, RECIPE)} | {name: config[LOGIT_SUM]}
+    earlier = {REFERENCE: args.out_sixteenth, RECIPE: args.out_sixteenth}
+    earlier[LOGIT_SUM] = args.out_twentysixth
+    runs = {
+        n: _cv(n, with_data(c, args.data, args.cache_dir), args, earlier.get(n))
+        for n, c in configs.items()
+    }
+    refs = {n: runs[n][0] for n in (REFERENCE, RECIPE, LOGIT_SUM)}
+    rows = {n: _row(n, oof, refs, out) for n, (oof, out) in runs.items()}
+    yield from (rows[n] for n in (LOGIT_SUM, CENTRE_LOGIT_SUM))
+    yield round27_verdict(verdict, rows)
+
+
+CENTRE_LOGIT_SUM = f"{LOGIT_SUM}_centre160"
+"""The twenty-seventh round's `LogitSumMIL`: `LOGIT_SUM` on the `CENTRE_160` encoder."""
+
+
+def round27_verdict(encoder: Record, rows: dict[str, Record]) -> Record:
+    """The twenty-seventh round's rule (docs/results.md), from the encoder's verdict
+    (`encoder_round`) and the `LogitSumMIL` rows: the 160 px centre replaces the 112 px one
+    in the SSL configs if it makes a better encoder; `CENTRE_LOGIT_SUM` ships as the recipe
+    if, in addition, it `qualifies` and beats `LOGIT_SUM` (the 112 px encoder's) in both
+    metrics; issue 19's fused bar for it, met or not."""
+    model = rows[CENTRE_LOGIT_SUM]
+    checks = {
+        "better_encoder": encoder["better_encoder"],
+        "qualifies": qualifies(model, rows[RECIPE]),
+        "beats_logit_sum": beats(model, rows[LOGIT_SUM]),
+    }
+    return {
+        **encoder,
+        **checks,
+        "adopt_centre_160": checks["better_encoder"],
+        "shipped": CENTRE_LOGIT_SUM if all(checks.values()) else None,
+        f"bars_{CENTRE_LOGIT_SUM}": bars(None, model),
     }
 
 

@@ -1037,13 +1037,42 @@ def test_per_patient_standardised_gives_every_patient_the_same_colours(
     assert stats.shape == (30, 15)
 
 
-def test_the_twenty_fourth_round_compares_each_head_with_its_seed0_twin(
-    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize(
+    ("better_encoder", "model", "shipped"),
+    [
+        (True, (0.84, 0.93, 0.01), "logit_sum_ssl_centre160"),
+        (False, (0.84, 0.93, 0.01), None),  # no better encoder: nothing ships
+        (True, (0.84, 0.93, 0.0), None),  # its gain's interval reaches 0
+        (True, (0.84, 0.915, 0.01), None),  # not above LogitSumMIL's AUROC at 112 px
+    ],
+)
+def test_the_twenty_seventh_round_ships_only_a_model_of_a_better_encoder(
+    study_dlmi: ModuleType,
+    better_encoder: bool,
+    model: tuple[float, float, float],
+    shipped: str | None,
+) -> None:
+    rows = {
+        "fused_morphology_mean": scored("fused_morphology_mean", 0.806, 0.909),
+        "logit_sum_ssl": scored("logit_sum_ssl", 0.817, 0.916),
+        "logit_sum_ssl_centre160": qualified("logit_sum_ssl_centre160", *model),
+    }
+    encoder = {"record": "verdict", "round": 27, "better_encoder": better_encoder}
+    verdict = study_dlmi.round27_verdict(encoder, rows)
+    assert verdict["round"] == 27 and verdict["shipped"] == shipped
+    assert verdict["adopt_centre_160"] == better_encoder
+    assert "bars_logit_sum_ssl_centre160" in verdict
+
+
+@pytest.mark.parametrize("round_no", [24, 27])
+def test_the_encoder_rounds_compare_each_head_with_its_seed0_twin(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, round_no: int
 ) -> None:
     """Each head and ensemble of the new encoder against its twin of the sixteenth round's
     folder, new minus old; the verdict needs the co-trained ensemble above both recorded
     SimCLR encoders and its AUROC gain's interval above 0; the twenty-fifth round refuses to
-    run after a verdict that found no better encoder."""
+    run after a verdict that found no better encoder. The twenty-seventh round's encoder
+    reads the 160 px centre, and its LogitSumMIL runs beside the 112 px one it finds."""
     import argparse
 
     import pandas as pd
@@ -1051,28 +1080,52 @@ def test_the_twenty_fourth_round_compares_each_head_with_its_seed0_twin(
     rng = np.random.default_rng(3)
     labels = [0, 1] * 10
     heads = [*study_dlmi.image_heads("ssl"), *study_dlmi.image_heads("ssl_pl")]
-    seed0, new = tmp_path / "r16", tmp_path / "r24"
-    seed0.mkdir(), new.mkdir()
+    seed0, new, twentysixth = tmp_path / "r16", tmp_path / "r24", tmp_path / "r26"
+    seed0.mkdir(), new.mkdir(), twentysixth.mkdir()
     for name in ("tabular_mlp", "fused_morphology_mean", *heads):
         noisy = np.clip(np.array(labels) * 0.2 + rng.uniform(0.1, 0.7, 20), 0.01, 0.99)
         write_predictions(seed0 / name, labels, list(noisy), [0.2, 0.7, 0.8], folds=2)
     for name in heads:  # the new encoder's heads rank every patient right
         sharp = [0.1 + 0.8 * label for label in labels]
         write_predictions(new / name, labels, sharp, [0.2, 0.7, 0.8], folds=2)
-    monkeypatch.setattr(study_dlmi, "ssl_weights", lambda *args: (tmp_path / "e.pt", 1.0))
+    for folder, name in ((twentysixth, "logit_sum_ssl"), (new, "logit_sum_ssl_centre160")):
+        noisy = np.clip(np.array(labels) * 0.3 + rng.uniform(0.1, 0.7, 20), 0.01, 0.99)
+        write_predictions(folder / name, labels, list(noisy), [0.2, 0.7, 0.8], folds=2)
+    for folder in (seed0 / "tabular_mlp", seed0 / "fused_morphology_mean", *new.iterdir()):
+        (folder / "cv_report.json").write_text(
+            json.dumps({"wall_time_s": 1.0, "folds": 2, "repeats": 1, "n_patients": 40})
+        )
+    (twentysixth / "logit_sum_ssl" / "cv_report.json").write_text(
+        (new / "logit_sum_ssl_centre160" / "cv_report.json").read_text()
+    )
+    centres: list[int] = []
+
+    def weights(*args: object, center_crop: int = 112) -> tuple[Path, float]:
+        centres.append(center_crop)
+        return tmp_path / f"e{center_crop}.pt", 1.0
+
+    monkeypatch.setattr(study_dlmi, "ssl_weights", weights)
     monkeypatch.setattr(study_dlmi, "pretraining_record", lambda *a: {"record": "pretraining"})
     monkeypatch.setattr(study_dlmi, "challenge_layout", lambda *args: tmp_path / "data")
     monkeypatch.setattr(study_dlmi, "_rows", lambda *a, **k: [])
+    configs: dict[str, dict] = {}
 
     def found(name: str, config: dict, args: argparse.Namespace, earlier: Path) -> tuple:
-        folder = (new if name in heads else seed0) / name
+        folder = (earlier or new if name not in heads else new) / name
+        if name in heads or name.startswith("logit_sum"):
+            configs[name] = config
         return pd.read_csv(folder / "oof_predictions.csv", dtype={"id": str}), folder
 
     monkeypatch.setattr(study_dlmi, "_cv", found)
     args = argparse.Namespace(
-        data=tmp_path, unlabelled=tmp_path, cache_dir=None, out=new, out_sixteenth=seed0
+        data=tmp_path,
+        unlabelled=tmp_path,
+        cache_dir=None,
+        out=new,
+        out_sixteenth=seed0,
+        out_twentysixth=twentysixth,
     )
-    records = list(study_dlmi.round24(args))
+    records = list(getattr(study_dlmi, f"round{round_no}")(args))
     effects = {r["candidate"]: r for r in records if r["record"] == "encoder_effect"}
     assert list(effects) == [
         *study_dlmi.image_heads("ssl"),
@@ -1082,12 +1135,29 @@ def test_the_twenty_fourth_round_compares_each_head_with_its_seed0_twin(
     ]
     assert all(e["auroc"]["mean"] > 0 for e in effects.values())  # new minus old
     verdict = records[-1]
-    assert verdict["round"] == 24 and verdict["candidate"] == "images_ssl_pl_ensemble"
+    assert verdict["round"] == round_no and verdict["candidate"] == "images_ssl_pl_ensemble"
     assert verdict["simclr_best_auroc"] > 0.85  # the nineteenth round's record
     low = effects["images_ssl_pl_ensemble"]["auroc"]["ci95_low"]
     assert verdict["better_encoder"] == (low > 0)
-
-    lost = [{"record": "verdict", "better_encoder": False}]
-    monkeypatch.setattr(study_dlmi, "read_records", lambda name: lost)
-    with pytest.raises(SystemExit, match="no better encoder"):
-        list(study_dlmi.round25(args))
+    centre = 160 if round_no == 27 else 112
+    for name in heads:
+        crops = configs[name]["data"]["init_args"]["crops"]
+        assert crops["center_crop"] == centre
+        assert configs[name]["data"]["init_args"]["features"]["weights"] == str(
+            tmp_path / f"e{centre}.pt"
+        )
+    if round_no == 24:
+        lost = [{"record": "verdict", "better_encoder": False}]
+        monkeypatch.setattr(study_dlmi, "read_records", lambda name: lost)
+        with pytest.raises(SystemExit, match="no better encoder"):
+            list(study_dlmi.round25(args))
+        return
+    assert centres == [160, 112, 160]
+    for name, centre in (("logit_sum_ssl", 112), ("logit_sum_ssl_centre160", 160)):
+        data = configs[name]["data"]["init_args"]
+        assert data["crops"]["center_crop"] == centre
+        assert data["features"]["weights"] == str(tmp_path / f"e{centre}.pt")
+    rows = {r["candidate"]: r for r in records if r["record"] == "candidate"}
+    assert list(rows)[-2:] == ["logit_sum_ssl", "logit_sum_ssl_centre160"]
+    assert "minus_logit_sum_ssl" in rows["logit_sum_ssl_centre160"]
+    assert {"qualifies", "beats_logit_sum", "adopt_centre_160", "shipped"} <= verdict.keys()
