@@ -1037,21 +1037,19 @@ def round20(args: argparse.Namespace) -> Iterator[Record]:
 
 
 def with_round_folder(
-    flag: str, round_no: int, help: str, *more: tuple[str, int, str]
+    flag: str, round_no: int, help: str
 ) -> Callable[[argparse.ArgumentParser], None]:
     """The nineteenth round's arguments plus ``--out-<flag>``, the working folder of the
-    round ``round_no`` (``help`` says what it holds), and one more such folder for each
-    ``(flag, round_no, help)`` of ``more``."""
+    round ``round_no`` (``help`` says what it holds)."""
 
     def arguments(p: argparse.ArgumentParser) -> None:
         round19_arguments(p)
-        for name, number, text in ((flag, round_no, help), *more):
-            p.add_argument(
-                f"--out-{name}",
-                type=Path,
-                default=Path(f"runs/benchmarks/dlmi-round{number}"),
-                help=text,
-            )
+        p.add_argument(
+            f"--out-{flag}",
+            type=Path,
+            default=Path(f"runs/benchmarks/dlmi-round{round_no}"),
+            help=help,
+        )
 
     return arguments
 
@@ -1273,91 +1271,6 @@ def round25(args: argparse.Namespace) -> Iterator[Record]:
         PATIENT_PAIRS_SETTINGS,
         args.out_twentyfourth,
     )
-
-
-RESIDUAL = f"{LOGIT_SUM}_residual"
-"""The twenty-sixth round's candidate: `LOGIT_SUM` with ``image_target: residual``."""
-
-round26_arguments = with_round_folder(
-    "twentyfirst",
-    21,
-    "the twenty-first round's working folder (its LogitSumMIL on the seed-0 encoder)",
-    ("twentysecond", 22, "the twenty-second round's working folder (the same, seed-1 encoder)"),
-)
-
-
-@study(
-    "dlmi-round26",
-    "the twenty-sixth round: LogitSumMIL whose image experts learn the clinical expert's "
-    "residual, on the seed-0 and seed-1 encoders",
-    round26_arguments,
-)
-def round26(args: argparse.Namespace) -> Iterator[Record]:
-    """The twenty-sixth round (docs/results.md): on the seed-0 encoder (`SSL_SETTINGS`) and
-    on the seed-1 encoder (`SEED1_SETTINGS`), `RESIDUAL`, the twenty-first round's
-    `LOGIT_SUM` with ``image_target: residual``, cross-validated on the sixteenth round's
-    folder and splits, beside `LOGIT_SUM` run again on each encoder (its checkpoint metric
-    was renamed since the twenty-first and twenty-second rounds; each ``rerun`` record says
-    how far its probabilities moved from that round's run); the references found in the
-    sixteenth round's folder; the verdict (`round26_verdict`)."""
-    args.out = args.out or Path("runs/benchmarks/dlmi-round26")
-    data = challenge_layout(args.data, args.unlabelled, args.out_sixteenth / "data")
-    runs: dict[str, tuple[pd.DataFrame, Path]] = {}
-    for settings, suffix, earlier in (
-        (SSL_SETTINGS, "", args.out_twentyfirst),
-        (SEED1_SETTINGS, "_seed1", args.out_twentysecond),
-    ):
-        ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, settings)
-        yield pretraining_record(ssl_path, seconds)
-        configs = {
-            n: with_data(c, data, args.cache_dir)
-            for n, c in round20_candidates(ssl_path, expert_selection=True).items()
-        }
-        residual = copy.deepcopy(configs[LOGIT_SUM])
-        residual["model"]["init_args"]["image_target"] = "residual"
-        if not suffix:  # the references read no encoder: found, not run again
-            for name in (REFERENCE, RECIPE):
-                runs[name] = _cv(name, configs[name], args, args.out_sixteenth)
-        runs[LOGIT_SUM + suffix] = _cv(LOGIT_SUM + suffix, configs[LOGIT_SUM], args)
-        runs[RESIDUAL + suffix] = _cv(RESIDUAL + suffix, residual, args)
-        before = oof_of(earlier / LOGIT_SUM)
-        after = (
-            runs[LOGIT_SUM + suffix][0]
-            .set_index(["repeat", "id"])
-            .loc[before.set_index(["repeat", "id"]).index]
-        )
-        yield {
-            "record": "rerun",
-            "candidate": LOGIT_SUM + suffix,
-            "earlier": str(earlier / LOGIT_SUM),
-            "max_probability_change": float(
-                np.abs(after["probability"].to_numpy() - before["probability"].to_numpy()).max()
-            ),
-        }
-    refs = {n: runs[n][0] for n in (REFERENCE, RECIPE, LOGIT_SUM, f"{LOGIT_SUM}_seed1")}
-    rows = {n: _row(n, oof, refs, out) for n, (oof, out) in runs.items()}
-    yield from rows.values()
-    yield round26_verdict(rows)
-
-
-def round26_verdict(rows: dict[str, Record]) -> Record:
-    """The twenty-sixth round's rule (docs/results.md): `RESIDUAL` ships as the recipe if, on
-    the seed-0 encoder, it `qualifies` and beats `LOGIT_SUM` in both metrics, and on the
-    seed-1 encoder it beats that encoder's `LOGIT_SUM` in both metrics; issue 19's fused bar
-    for both encoders, met or not."""
-    seed0, seed1 = rows[RESIDUAL], rows[f"{RESIDUAL}_seed1"]
-    checks = {
-        "qualifies": qualifies(seed0, rows[RECIPE]),
-        "beats_logit_sum": beats(seed0, rows[LOGIT_SUM]),
-        "beats_logit_sum_seed1": beats(seed1, rows[f"{LOGIT_SUM}_seed1"]),
-    }
-    return {
-        "record": "verdict",
-        "round": 26,
-        **checks,
-        "shipped": RESIDUAL if all(checks.values()) else None,
-        **{f"bars_{r['candidate']}": bars(None, r) for r in (seed0, seed1)},
-    }
 
 
 CENTRE_160 = 160

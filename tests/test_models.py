@@ -30,7 +30,6 @@ from lympho_mil import (
     TabularMLP,
     collate_bags,
 )
-from lympho_mil.arguments import SettingError
 from lympho_mil.data import BagSample
 from lympho_mil.data.dataset import Bag, BagDataset
 from lympho_mil.data.errors import DataError
@@ -666,79 +665,6 @@ def test_logit_sum_keeps_each_expert_at_its_own_best_validation_epoch() -> None:
     again = LogitSumMIL(**settings, expert_selection=True)
     again.load_state_dict(model.state_dict())  # a checkpoint carries the kept experts
     torch.testing.assert_close(again.eval().infer(batch).logit, expected.logit)
-
-
-def test_residual_image_experts_learn_what_the_clinical_expert_leaves() -> None:
-    """With ``image_target: residual`` (and no selection), each image expert's gradient is
-    that of the BCE of the clinical logit, detached, plus its own; the clinical expert's is
-    that of its own BCE alone; the summed logit is unchanged."""
-    torch.manual_seed(0)
-    model = LogitSumMIL(
-        in_dim=6, cell_types=2, tabular_dim=3, tabular_stats=STATS, pos_weight=0.5,
-        expert_selection=False, image_target="residual",
-    )  # fmt: skip
-    batch = collate_bags(feature_bags(4, 0))
-    model.eval()  # no dropout: the offset below is the one the loss saw
-    out = model.infer(batch)
-    assert out.extras is not None
-    model.loss(out, batch).backward(retain_graph=True)
-    offset = out.extras["tabular_logit"].detach()
-    experts = {"tabular": model.net.clinical, **model.net.images}
-    for name, expert in experts.items():
-        logit = out.extras[f"{name}_logit"] + (0 if name == "tabular" else offset)
-        own = F.binary_cross_entropy_with_logits(logit, batch.label, pos_weight=torch.tensor(0.5))
-        wanted = torch.autograd.grad(own, list(expert.parameters()), retain_graph=True)
-        for parameter, grad in zip(expert.parameters(), wanted, strict=True):
-            torch.testing.assert_close(parameter.grad, grad)
-    image = sum(out.extras[f"{n}_logit"] for n in ("mean", "statistics", "types"))
-    torch.testing.assert_close(out.logit, out.extras["tabular_logit"] + image / 3)
-    with pytest.raises(SettingError, match="image_target must be"):
-        LogitSumMIL(in_dim=6, cell_types=2, tabular_dim=3, image_target="clinical")  # type: ignore[arg-type]
-
-
-def test_residual_image_experts_are_judged_beside_the_kept_clinical_expert() -> None:
-    """With selection, the clinical expert is kept at its own best epoch and each residual
-    image expert at the epoch where it, added to the clinical expert kept after that epoch,
-    had its lowest validation BCE; in training the offset is the kept clinical expert."""
-    L.seed_everything(0)
-    settings: dict[str, Any] = dict(in_dim=6, cell_types=2, tabular_dim=3, tabular_stats=STATS)
-    model = LogitSumMIL(**settings, optim=OptimSettings(lr=0.05), image_target="residual")
-    train = DataLoader(feature_bags(24, 0), batch_size=8, shuffle=True, collate_fn=collate_bags)
-    val = DataLoader(feature_bags(12, 1), batch_size=5, collate_fn=collate_bags)
-    seen = WeightsPerEpoch()
-    quiet_trainer(max_epochs=12, callbacks=[seen]).fit(model, train, val)
-    batch = collate_bags(feature_bags(12, 1))
-    model.eval()
-    inputs = (batch.instances, batch.mask, batch.tabular)
-    outputs = [torch.func.functional_call(model.net, w, inputs).extras for w in seen.epochs]
-    names = ["tabular", "mean", "statistics", "types"]
-    best = [float("inf")] * 4
-    kept_epoch = [-1] * 4
-    for epoch, extras in enumerate(outputs):
-        clinical = extras["tabular_logit"]
-        bce = F.binary_cross_entropy_with_logits(clinical, batch.label).item()
-        if bce < best[0]:
-            best[0], kept_epoch[0] = bce, epoch
-        offset = outputs[kept_epoch[0]]["tabular_logit"]
-        for i, name in enumerate(names[1:], start=1):
-            logit = offset + extras[f"{name}_logit"]
-            bce = F.binary_cross_entropy_with_logits(logit, batch.label).item()
-            if bce < best[i]:
-                best[i], kept_epoch[i] = bce, epoch
-    torch.testing.assert_close(model.selected_loss, torch.tensor(best), rtol=1e-5, atol=1e-6)
-    kept = model.selected.weights()
-    for name, epoch in zip(names, kept_epoch, strict=True):
-        prefix = "clinical." if name == "tabular" else f"images.{name}."
-        for key, value in seen.epochs[epoch].items():
-            if key.startswith(prefix):
-                torch.testing.assert_close(kept[key], value)
-    model.train()  # the offset is the kept clinical expert, without dropout, whatever trains
-    with torch.no_grad():
-        for parameter in model.net.clinical.parameters():
-            parameter.add_(1.0)
-    offset = model.clinical_offset(model.infer(batch), batch)
-    torch.testing.assert_close(offset, outputs[kept_epoch[0]]["tabular_logit"])
-    assert model.net.clinical.training
 
 
 def test_logit_sum_without_validation_keeps_its_experts_as_trained() -> None:

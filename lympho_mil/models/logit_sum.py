@@ -4,7 +4,7 @@ at its own best validation epoch (`ExpertSnapshot`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, cast
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -33,10 +33,6 @@ IMAGE_EXPERTS = ("mean", "statistics", "types")
 """The image experts of `LogitSumMIL`: a linear model of the mean of the crops' features, of
 their statistics (mean, standard deviation and 10/50/90 % quantiles), or of the patient's
 share of each cell type (the mean of the crops' one-hot types)."""
-
-ImageTarget = Literal["label", "residual"]
-"""What `LogitSumMIL`'s image experts learn: the label by themselves, or the residual of the
-clinical expert (their logit added to its logit, which they do not train)."""
 
 LIVE = "val_live"
 """The prefix of the validation metrics of `LogitSumMIL`'s weights in training (with
@@ -72,8 +68,7 @@ class ExpertSnapshot(nn.Module):
 class LogitSumMIL(BagClassifier):
     """Clinical expert plus image experts, their logits added (`lympho_mil.nn.LogitSumNet`):
     ``logit = s_tab + mean_k s_img_k``, each expert trained on the label by itself (the loss
-    is the sum of the experts' BCEs; the summed logit is what is scored and thresholded), or
-    with ``image_target: residual`` each image expert on what the clinical expert leaves.
+    is the sum of the experts' BCEs; the summed logit is what is scored and thresholded).
 
     Reads cached crop features ``float[B, N, in_dim]`` whose last ``cell_types`` columns are
     each crop's one-hot cell type (`lympho_mil.features.CachedFeatureDataModule` with
@@ -82,8 +77,7 @@ class LogitSumMIL(BagClassifier):
     expert is `TabularMLP`'s network.
 
     With ``expert_selection``, each expert is kept at the epoch of its own lowest validation
-    loss (a residual image expert's: with the clinical expert kept after that epoch), as if
-    it had been trained and checkpointed alone: the experts overfit at different
+    loss, as if it had been trained and checkpointed alone: the experts overfit at different
     speeds. The kept weights (`ExpertSnapshot`, in the checkpoint) make every prediction
     outside fit's validation, which judges the weights in training. The ``val_*`` metrics
     describe the kept experts, the model as it predicts (``val_loss``, the sum of each
@@ -99,12 +93,6 @@ class LogitSumMIL(BagClassifier):
         expert_selection: keep each expert at its own best validation epoch (False: the whole
             model at the checkpoint's epoch, the twentieth round's form in docs/results.md,
             which lost 0.034 and 0.043 of balanced accuracy to the same experts trained apart).
-        image_target: ``"label"``: each image expert's loss is the BCE of its own logit;
-            ``"residual"``: the BCE of the clinical expert's logit (detached: the image loss
-            never trains it) plus its own, so that the images learn what the clinical vector
-            leaves unexplained, as the logit they are added to needs (a fixed offset, as in
-            boosting). The offset is the clinical expert as it predicts: with
-            ``expert_selection`` the kept one, in evaluation mode; else the one in training.
         **kwargs: settings of `BagClassifier` (``tabular_dim`` must be > 0).
     """
 
@@ -119,7 +107,6 @@ class LogitSumMIL(BagClassifier):
         clinical_hidden: int = 16,
         clinical_embed_dim: int = 8,
         expert_selection: bool = True,
-        image_target: ImageTarget = "label",
         **kwargs: Any,
     ) -> None:
         check_positive(
@@ -144,9 +131,7 @@ class LogitSumMIL(BagClassifier):
             )
         self.in_dim, self.image_experts, self.n_cell_types = in_dim, experts, cell_types
         self.clinical_hidden, self.clinical_embed_dim = clinical_hidden, clinical_embed_dim
-        if image_target not in ("label", "residual"):
-            raise SettingError(f"image_target must be 'label' or 'residual', got {image_target!r}")
-        self.expert_selection, self.image_target = expert_selection, image_target
+        self.expert_selection = expert_selection
         super().__init__(**kwargs)
         self.experts = ["tabular", *experts]
         self.selected = ExpertSnapshot(self.net) if expert_selection else None
@@ -207,38 +192,9 @@ class LogitSumMIL(BagClassifier):
         assert out.extras is not None
         return torch.stack([out.extras[f"{n}_logit"] for n in self.experts], dim=1)
 
-    @torch.no_grad()
-    def clinical_offset(self, out: BagOutput, batch: BagBatch) -> Tensor:
-        """``float[B]``: the clinical logit the residual image experts are added to, detached:
-        with ``expert_selection`` the kept clinical expert's (in evaluation mode), else the
-        one in ``out``."""
-        if self.selected is None:
-            return self.expert_logits(out)[:, 0].detach()
-        clinical = cast(LogitSumNet, self.net).clinical
-        kept = {
-            name.removeprefix("clinical."): value
-            for name, value in self.selected.weights().items()
-            if name.startswith("clinical.")
-        }
-        mode = clinical.training
-        try:
-            inputs = (batch.instances, batch.mask, batch.tabular)
-            return functional_call(clinical.eval(), kept, inputs).logit.float()  # type: ignore[no-any-return]
-        finally:
-            clinical.train(mode)
-
-    @staticmethod
-    def _shifted(logits: Tensor, offset: Tensor) -> Tensor:
-        """``logits`` (``float[B, E]``, clinical first) with ``offset[B]`` added to the image
-        experts' columns."""
-        return torch.cat([logits[:, :1], logits[:, 1:] + offset.unsqueeze(1)], dim=1)
-
     def loss(self, out: BagOutput, batch: BagBatch) -> Tensor:
-        """The sum of every expert's BCE: the clinical expert's own; each image expert's own,
-        or with ``image_target: residual`` that of `clinical_offset` plus its logit."""
+        """The sum of every expert's own BCE (clinical and each image expert)."""
         logits = self.expert_logits(out)
-        if self.image_target == "residual":
-            logits = self._shifted(logits, self.clinical_offset(out, batch))
         return sum(
             (bce_with_logits(column, batch.label, self.pos_weight) for column in logits.T),
             torch.zeros((), device=logits.device),
@@ -276,10 +232,6 @@ class LogitSumMIL(BagClassifier):
         losses = self._reduced_losses(live, labels)
         if losses is None:
             return
-        if self.image_target == "residual":  # judged on the clinical expert kept from now on
-            clinical = live[:, 0] if losses[0] < self.selected_loss[0] else kept[:, 0]
-            losses = self._reduced_losses(self._shifted(live, clinical), labels)
-            assert losses is not None
         improved = losses < self.selected_loss
         for i in improved.nonzero().flatten().tolist():
             self.selected_loss[i] = losses[i]
