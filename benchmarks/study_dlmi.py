@@ -1276,6 +1276,9 @@ def round25(args: argparse.Namespace) -> Iterator[Record]:
 CENTRE_160 = 160
 """The twenty-seventh round's crop centre: the whole cell and the red cells around it."""
 
+CENTRE_LOGIT_SUM = f"{LOGIT_SUM}_centre160"
+"""The twenty-seventh round's `LogitSumMIL`: `LOGIT_SUM` on the `CENTRE_160` encoder."""
+
 
 @study(
     "dlmi-round27",
@@ -1291,7 +1294,8 @@ def round27(args: argparse.Namespace) -> Iterator[Record]:
     """The twenty-seventh round (docs/results.md): `encoder_round` of the seventh round's
     SimCLR pretrained on 64 px of the `CENTRE_160` px centre instead of the 112 px one; then
     the twenty-first round's `LogitSumMIL` (`LOGIT_SUM`) on it, beside the same model on the
-    seed-0 encoder (the twenty-sixth round's run, found); the verdict (`round27_verdict`)."""
+    112 px encoder (found in the twenty-sixth round's folder, else run); the verdict
+    (`round27_verdict`)."""
     args.out = args.out or Path("runs/benchmarks/dlmi-round27")
     roots = [args.data, args.unlabelled]
     verdict = yield from encoder_round(27, args, SSL_SETTINGS, CENTRE_160)
@@ -1311,10 +1315,6 @@ def round27(args: argparse.Namespace) -> Iterator[Record]:
     rows = {n: _row(n, oof, refs, out) for n, (oof, out) in runs.items()}
     yield from (rows[n] for n in (LOGIT_SUM, CENTRE_LOGIT_SUM))
     yield round27_verdict(verdict, rows)
-
-
-CENTRE_LOGIT_SUM = f"{LOGIT_SUM}_centre160"
-"""The twenty-seventh round's `LogitSumMIL`: `LOGIT_SUM` on the `CENTRE_160` encoder."""
 
 
 def round27_verdict(encoder: Record, rows: dict[str, Record]) -> Record:
