@@ -906,8 +906,8 @@ def encoder_heads(
     heads on it (three co-trained, three not) on the sixteenth round's folder and splits (its
     references found there, not run again); co-training's effect on each head; both
     ensembles of three heads and the logit sums of `REFERENCE` with them and with the cell
-    types. Returns the rows made without
-    training by name and every run's cv folder by name."""
+    types. Returns the rows made without training by name and every run's cv folder by
+    name."""
     roots = [args.data, args.unlabelled]
     ssl_path, seconds = ssl_weights(roots, args.cache_dir, settings, center_crop=centre)
     yield pretraining_record(ssl_path, seconds)
@@ -1299,12 +1299,13 @@ def round27(args: argparse.Namespace) -> Iterator[Record]:
     args.out = args.out or Path("runs/benchmarks/dlmi-round27")
     roots = [args.data, args.unlabelled]
     verdict = yield from encoder_round(27, args, SSL_SETTINGS, CENTRE_160)
-    configs: dict[str, dict[str, Any]] = {}
+    models: dict[str, dict[str, Any]] = {}
     for name, centre in ((LOGIT_SUM, 112), (CENTRE_LOGIT_SUM, CENTRE_160)):
         ssl_path, _ = ssl_weights(roots, args.cache_dir, SSL_SETTINGS, center_crop=centre)
-        config = round20_candidates(ssl_path, expert_selection=True)
-        config[LOGIT_SUM]["data"]["init_args"]["crops"]["center_crop"] = centre
-        configs |= {n: config[n] for n in (REFERENCE, RECIPE)} | {name: config[LOGIT_SUM]}
+        candidates = round20_candidates(ssl_path, expert_selection=True)
+        models[name] = candidates[LOGIT_SUM]
+        models[name]["data"]["init_args"]["crops"]["center_crop"] = centre
+    configs = {n: candidates[n] for n in (REFERENCE, RECIPE)} | models  # encoder-free
     earlier = {REFERENCE: args.out_sixteenth, RECIPE: args.out_sixteenth}
     earlier[LOGIT_SUM] = args.out_twentysixth
     runs = {

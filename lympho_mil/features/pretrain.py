@@ -464,8 +464,8 @@ def pretrained_encoder(
     encoder."""
     arrays = [np.asarray(c) for c in crops]
     digests = crops_digests(arrays, settings, patients)
-    order = sorted(range(len(arrays)), key=digests.__getitem__)
-    weights = encoder_cache_file([digests[i] for i in order], settings, mean, std, cache_dir)
+    order = sorted(range(len(arrays)), key=digests.__getitem__)  # the pixels' order: fixed
+    weights = encoder_cache_file(digests, settings, mean, std, cache_dir)
     sidecar = weights.with_suffix(".json")
     if weights.is_file() and sidecar.is_file():
         return weights
