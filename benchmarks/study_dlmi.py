@@ -1299,23 +1299,40 @@ def round27(args: argparse.Namespace) -> Iterator[Record]:
     args.out = args.out or Path("runs/benchmarks/dlmi-round27")
     roots = [args.data, args.unlabelled]
     verdict = yield from encoder_round(27, args, SSL_SETTINGS, CENTRE_160)
+    encoders = {LOGIT_SUM: (SSL_SETTINGS, 112), CENTRE_LOGIT_SUM: (SSL_SETTINGS, CENTRE_160)}
+    earlier = {LOGIT_SUM: args.out_twentysixth}
+    rows = logit_sum_rows(args, roots, encoders, earlier, (REFERENCE, RECIPE, LOGIT_SUM))
+    yield from (rows[n] for n in (LOGIT_SUM, CENTRE_LOGIT_SUM))
+    yield round27_verdict(verdict, rows)
+
+
+def logit_sum_rows(
+    args: argparse.Namespace,
+    roots: list[Path],
+    encoders: dict[str, tuple[PretrainSettings, int]],
+    earlier: dict[str, Path],
+    refs: Sequence[str],
+) -> dict[str, Record]:
+    """The twenty-first round's `LogitSumMIL` (`LOGIT_SUM`, each expert at its own best
+    epoch) on each of ``encoders`` (by candidate name: the settings of its pretraining on the
+    crops of ``roots`` and the crop centre it reads), beside `REFERENCE` and `RECIPE`, on
+    ``args.data``: every run's row by name, with its paired differences to the ``refs`` runs.
+    The references are found in ``args.out_sixteenth``, a model in ``earlier`` (by name) or
+    ``args.out``, else run."""
     models: dict[str, dict[str, Any]] = {}
-    for name, centre in ((LOGIT_SUM, 112), (CENTRE_LOGIT_SUM, CENTRE_160)):
-        ssl_path, _ = ssl_weights(roots, args.cache_dir, SSL_SETTINGS, center_crop=centre)
+    for name, (settings, centre) in encoders.items():
+        ssl_path, _ = ssl_weights(roots, args.cache_dir, settings, center_crop=centre)
         candidates = round20_candidates(ssl_path, expert_selection=True)
         models[name] = candidates[LOGIT_SUM]
         models[name]["data"]["init_args"]["crops"]["center_crop"] = centre
     configs = {n: candidates[n] for n in (REFERENCE, RECIPE)} | models  # encoder-free
-    earlier = {REFERENCE: args.out_sixteenth, RECIPE: args.out_sixteenth}
-    earlier[LOGIT_SUM] = args.out_twentysixth
+    earlier = {REFERENCE: args.out_sixteenth, RECIPE: args.out_sixteenth} | earlier
     runs = {
         n: _cv(n, with_data(c, args.data, args.cache_dir), args, earlier.get(n))
         for n, c in configs.items()
     }
-    refs = {n: runs[n][0] for n in (REFERENCE, RECIPE, LOGIT_SUM)}
-    rows = {n: _row(n, oof, refs, out) for n, (oof, out) in runs.items()}
-    yield from (rows[n] for n in (LOGIT_SUM, CENTRE_LOGIT_SUM))
-    yield round27_verdict(verdict, rows)
+    ref_oofs = {n: runs[n][0] for n in refs}
+    return {n: _row(n, oof, ref_oofs, out) for n, (oof, out) in runs.items()}
 
 
 def round27_verdict(encoder: Record, rows: dict[str, Record]) -> Record:
@@ -1336,6 +1353,72 @@ def round27_verdict(encoder: Record, rows: dict[str, Record]) -> Record:
         "adopt_centre_160": checks["better_encoder"],
         "shipped": CENTRE_LOGIT_SUM if all(checks.values()) else None,
         f"bars_{CENTRE_LOGIT_SUM}": bars(None, model),
+    }
+
+
+STAIN_SETTINGS = PretrainSettings(stain_jitter=0.3)
+"""The twenty-eighth round's pretraining: the seventh round's SimCLR with every view's stains
+redrawn (`StainJitter`, each stain's optical density scaled within 1 +/- 0.3)."""
+
+STAIN_LOGIT_SUM = f"{LOGIT_SUM}_stain"
+"""The twenty-eighth round's `LogitSumMIL`: `LOGIT_SUM` on the `STAIN_SETTINGS` encoder."""
+
+
+@study(
+    "dlmi-round28",
+    "the twenty-eighth round: the image heads and LogitSumMIL on an encoder pretrained on "
+    "views whose stains are redrawn",
+    round19_arguments,
+)
+def round28(args: argparse.Namespace) -> Iterator[Record]:
+    """The twenty-eighth round (docs/results.md): `encoder_heads` of the encoder pretrained
+    with `STAIN_SETTINGS`; the twenty-first round's `LogitSumMIL` on it (`STAIN_LOGIT_SUM`);
+    the verdict (`round28_verdict`), against the records of the SimCLR encoders (no encoder
+    of the seventh round's settings is pretrained again in this round)."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round28")
+    roots = [args.data, args.unlabelled]
+    heads, _ = yield from encoder_heads(args, STAIN_SETTINGS)
+    encoders = {STAIN_LOGIT_SUM: (STAIN_SETTINGS, 112)}
+    rows = logit_sum_rows(args, roots, encoders, {}, (REFERENCE, RECIPE))
+    yield rows[STAIN_LOGIT_SUM]
+    yield round28_verdict(heads, rows)
+
+
+def recorded(study_name: str, candidate: str) -> Record:
+    """The candidate record of ``candidate`` in ``benchmarks/results/<study_name>.jsonl``."""
+    (row,) = (
+        r
+        for r in read_records(study_name)
+        if r["record"] == "candidate" and r["candidate"] == candidate
+    )
+    return row
+
+
+def round28_verdict(heads: dict[str, Record], rows: dict[str, Record]) -> Record:
+    """The twenty-eighth round's rule (docs/results.md): stain jitter makes a better encoder if
+    the co-trained ensemble's AUROC (``heads``, `encoder_heads`' rows) is above that of both
+    SimCLR encoders (the eighteenth and nineteenth rounds' records); `STAIN_LOGIT_SUM`
+    (``rows``) ships as the recipe if, in addition, it `qualifies` and beats `LOGIT_SUM` on
+    both SimCLR encoders (the twenty-first and twenty-second rounds' records) in both metrics;
+    issue 19's bars, met or not."""
+    ensemble, model = heads["images_ssl_pl_ensemble"], rows[STAIN_LOGIT_SUM]
+    simclr = [recorded(f"dlmi-round{n}", ensemble["candidate"]) for n in (18, 19)]
+    simclr_sums = [recorded(f"dlmi-round{n}", LOGIT_SUM) for n in (21, 22)]
+    checks = {
+        "better_encoder": all(above(ensemble["auroc"]["mean"], r["auroc"]["mean"]) for r in simclr),
+        "qualifies": qualifies(model, rows[RECIPE]),
+        "beats_logit_sums": all(beats(model, r) for r in simclr_sums),
+    }
+    return {
+        "record": "verdict",
+        "round": 28,
+        "candidate": ensemble["candidate"],
+        "simclr_best_auroc": max(r["auroc"]["mean"] for r in simclr),
+        **checks,
+        "adopt_stain_jitter": checks["better_encoder"],
+        "shipped": STAIN_LOGIT_SUM if all(checks.values()) else None,
+        **bars(ensemble, heads["sum_ssl_pl_ensemble"]),
+        f"bars_{STAIN_LOGIT_SUM}": bars(None, model),
     }
 
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1047,3 +1048,80 @@ def test_the_encoder_rounds_compare_each_head_with_its_seed0_twin(
     assert list(rows)[-2:] == ["logit_sum_ssl", "logit_sum_ssl_centre160"]
     assert "minus_logit_sum_ssl" in rows["logit_sum_ssl_centre160"]
     assert {"qualifies", "beats_logit_sum", "adopt_centre_160", "shipped"} <= verdict.keys()
+
+
+@pytest.mark.parametrize(
+    ("ensemble_auroc", "model", "shipped"),
+    [
+        (0.87, (0.84, 0.93, 0.01), "logit_sum_ssl_stain"),
+        (0.855, (0.84, 0.93, 0.01), None),  # below the seed-1 encoder's 0.860: no better encoder
+        (0.87, (0.84, 0.93, 0.0), None),  # its gain's interval reaches 0
+        (0.87, (0.82, 0.93, 0.01), None),  # not above the seed-1 LogitSumMIL's 0.828
+    ],
+)
+def test_the_twenty_eighth_round_judges_by_the_simclr_encoders_records(
+    study_dlmi: ModuleType, ensemble_auroc: float, model: tuple[float, ...], shipped: str | None
+) -> None:
+    heads = {
+        "images_ssl_pl_ensemble": scored("images_ssl_pl_ensemble", 0.78, ensemble_auroc),
+        "sum_ssl_pl_ensemble": scored("sum_ssl_pl_ensemble", 0.83, 0.92),
+    }
+    rows = {
+        "fused_morphology_mean": scored("fused_morphology_mean", 0.806, 0.909),
+        "logit_sum_ssl_stain": qualified("logit_sum_ssl_stain", *model),
+    }
+    verdict = study_dlmi.round28_verdict(heads, rows)
+    assert verdict["round"] == 28 and verdict["shipped"] == shipped
+    assert verdict["simclr_best_auroc"] == pytest.approx(0.8603, abs=1e-4)  # seed 1's record
+    assert verdict["adopt_stain_jitter"] == (ensemble_auroc > 0.8603)
+    assert verdict["bar_images_auroc_0.85"] and "bars_logit_sum_ssl_stain" in verdict
+
+
+def test_the_twenty_eighth_round_trains_on_the_stain_jittered_encoder(
+    study_dlmi: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every head and LogitSumMIL read the encoder pretrained with stain jitter; the
+    references run beside them; the verdict comes last."""
+    import argparse
+
+    import pandas as pd
+
+    rng = np.random.default_rng(5)
+    labels = [0, 1] * 10
+    heads = [*study_dlmi.image_heads("ssl"), *study_dlmi.image_heads("ssl_pl")]
+    out = tmp_path / "r28"
+    out.mkdir()
+    for name in ("tabular_mlp", "fused_morphology_mean", "logit_sum_ssl_stain", *heads):
+        noisy = np.clip(np.array(labels) * 0.3 + rng.uniform(0.1, 0.7, 20), 0.01, 0.99)
+        write_predictions(out / name, labels, list(noisy), [0.2, 0.7, 0.8], folds=2)
+        (out / name / "cv_report.json").write_text(
+            json.dumps({"wall_time_s": 1.0, "folds": 2, "repeats": 1, "n_patients": 40})
+        )
+    jitters: list[float] = []
+
+    def weights(roots: object, cache: object, settings: Any, **kwargs: object) -> tuple:
+        jitters.append(settings.stain_jitter)
+        return tmp_path / f"stain{settings.stain_jitter}.pt", 1.0
+
+    configs: dict[str, dict] = {}
+
+    def run(name: str, config: dict, args: argparse.Namespace, earlier: Path | None) -> tuple:
+        configs[name] = config
+        return pd.read_csv(out / name / "oof_predictions.csv", dtype={"id": str}), out / name
+
+    monkeypatch.setattr(study_dlmi, "ssl_weights", weights)
+    monkeypatch.setattr(study_dlmi, "pretraining_record", lambda *a: {"record": "pretraining"})
+    monkeypatch.setattr(study_dlmi, "challenge_layout", lambda *args: tmp_path / "data")
+    monkeypatch.setattr(study_dlmi, "_rows", lambda *a, **k: [])
+    monkeypatch.setattr(study_dlmi, "_cv", run)
+    args = argparse.Namespace(
+        data=tmp_path, unlabelled=tmp_path, cache_dir=None, out=out, out_sixteenth=tmp_path
+    )
+    records = list(study_dlmi.round28(args))
+    assert jitters == [0.3, 0.3]  # the heads' encoder, then LogitSumMIL's
+    for name in (*heads, "logit_sum_ssl_stain"):
+        features = configs[name]["data"]["init_args"]["features"]
+        assert features["weights"] == str(tmp_path / "stain0.3.pt")
+    rows = {r["candidate"]: r for r in records if r["record"] == "candidate"}
+    assert "images_ssl_pl_ensemble" in rows and "minus_tabular_mlp" in rows["logit_sum_ssl_stain"]
+    assert records[-1]["record"] == "verdict" and records[-1]["round"] == 28

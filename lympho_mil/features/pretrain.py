@@ -10,8 +10,8 @@ each view the output of a teacher (a moving average of the student) on the other
 is the one kept. The views keep what a haematologist reads: any rotation
 or mirror image, a shift of a few pixels, sizes within 10 % (cell size is a diagnostic sign,
 so no random resized crop), mild colour jitter (the blue of the cytoplasm is another) and
-a little blur. Batches mix the crops of every patient; the encoder (`SmallCNN`) normalises
-with GroupNorm. With ``patient_pairs`` > 0, each positive pair is, with that probability,
+a little blur; with ``stain_jitter`` > 0, the stains of another smear (`StainJitter`).
+Batches mix the crops of every patient; the encoder (`SmallCNN`) normalises with GroupNorm. With ``patient_pairs`` > 0, each positive pair is, with that probability,
 views of two different crops of one patient instead of two views of one crop (patients, not
 labels: the unlabelled patients' crops pair too), asking the encoder for what a patient's
 cells share.
@@ -76,7 +76,9 @@ class PretrainSettings:
     ``patient_pairs``: the probability that a positive pair's second view is of another crop
     of the same patient (0: two views of one crop, the methods as published; a patient's only
     crop pairs with itself). With SimCLR, the batch's other crops stay negatives, a few of
-    the same patient among them.
+    the same patient among them. ``stain_jitter``: the strength of `StainJitter` in every view
+    (each stain's optical density scaled within ``1 ± stain_jitter``; 0: the views' colours
+    as published, jittered in RGB only).
     """
 
     epochs: int = 100
@@ -92,6 +94,7 @@ class PretrainSettings:
     seed: int = 0
     method: str = "simclr"
     patient_pairs: float = 0.0
+    stain_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -111,6 +114,8 @@ class PretrainSettings:
             )
         if not 0 <= self.patient_pairs <= 1:
             raise SettingError(f"patient_pairs must be in [0, 1], got {self.patient_pairs}")
+        if not 0 <= self.stain_jitter < 1:
+            raise SettingError(f"stain_jitter must be in [0, 1), got {self.stain_jitter}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise SettingError(
                 f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs} of {self.epochs}"
@@ -123,13 +128,14 @@ class PretrainSettings:
 
     def described(self) -> dict[str, Any]:
         """The settings as the cache key hashes them: without ``method`` for SimCLR and
-        without ``patient_pairs`` at 0, as before either existed, so that the encoders cached
-        then stay valid."""
+        without ``patient_pairs`` or ``stain_jitter`` at 0, as before any of them existed, so
+        that the encoders cached then stay valid."""
         fields = asdict(self)
         if self.method == "simclr":
             del fields["method"]
-        if self.patient_pairs == 0:
-            del fields["patient_pairs"]
+        for name in ("patient_pairs", "stain_jitter"):
+            if fields[name] == 0:
+                del fields[name]
         return fields
 
 
@@ -230,14 +236,19 @@ class _DINO(nn.Module):
         return self.teacher_encoder
 
 
-def pretraining_views(seed: int) -> Any:
-    """The albumentations pipeline that draws one view of a uint8 ``[S, S, 3]`` crop."""
+def pretraining_views(seed: int, stain_jitter: float = 0.0) -> Any:
+    """The albumentations pipeline that draws one view of a uint8 ``[S, S, 3]`` crop (with
+    ``stain_jitter`` > 0, a `StainJitter` of that strength before the colour jitter)."""
     import cv2
 
     from lympho_mil.data.transforms import albumentations
 
     A = albumentations()
+    stains = []
+    if stain_jitter > 0:
+        from lympho_mil.data.stain import StainJitter
 
+        stains = [StainJitter(stain_jitter)]
     return A.Compose(
         [
             A.D4(),
@@ -248,6 +259,7 @@ def pretraining_views(seed: int) -> Any:
                 border_mode=cv2.BORDER_REFLECT_101,
                 p=1.0,
             ),
+            *stains,
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.8),
             A.GaussianBlur(blur_limit=(3, 5), p=0.2),
         ],
@@ -315,7 +327,7 @@ def pretrain_encoder(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _warmup_cosine(settings.warmup_epochs * steps, settings.epochs * steps)
     )
-    views = pretraining_views(settings.seed)
+    views = pretraining_views(settings.seed, settings.stain_jitter)
     order_rng = np.random.default_rng(settings.seed)
     m = torch.tensor(list(mean), device=device).view(1, 3, 1, 1)
     s = torch.tensor(list(std), device=device).view(1, 3, 1, 1)
