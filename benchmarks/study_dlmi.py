@@ -20,6 +20,7 @@ import copy
 import json
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,12 @@ from lympho_mil.nn import MORPHOLOGY_FEATURES, SmallCNN
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 METRICS = ("balanced_accuracy", "auroc")
 REFERENCE, RECIPE = "tabular_mlp", "fused_morphology_mean"
-SSL_SETTINGS = PretrainSettings()  # fixed with the seventh round: 100 epochs, SmallCNN w32
-SSL200_SETTINGS = PretrainSettings(epochs=200)  # the tenth round's: twice as long, else the same
-SSL96_SETTINGS, SSL96_SIZE = PretrainSettings(epochs=50), 96  # the fourteenth round's: 96 px
-DINO_SETTINGS = PretrainSettings(method="dino", epochs=50, temperature=0.1)  # the fifteenth's
-SEED1_SETTINGS = PretrainSettings(seed=1)  # the nineteenth round's: the seventh's, another seed
-PATIENT_PAIRS_SETTINGS = PretrainSettings(patient_pairs=0.5)  # the twenty-fourth round's
+SSL_SETTINGS = PretrainSettings(stain_jitter=0.0)  # the seventh round's: 100 epochs, SmallCNN w32
+SSL200_SETTINGS = replace(SSL_SETTINGS, epochs=200)  # the tenth round's: twice as long
+SSL96_SETTINGS, SSL96_SIZE = replace(SSL_SETTINGS, epochs=50), 96  # the fourteenth's: 96 px
+DINO_SETTINGS = replace(SSL_SETTINGS, method="dino", epochs=50, temperature=0.1)  # the fifteenth's
+SEED1_SETTINGS = replace(SSL_SETTINGS, seed=1)  # the nineteenth round's: another seed
+PATIENT_PAIRS_SETTINGS = replace(SSL_SETTINGS, patient_pairs=0.5)  # the twenty-fourth round's
 CELL_TYPES = 16
 
 
@@ -1356,7 +1357,7 @@ def round27_verdict(encoder: Record, rows: dict[str, Record]) -> Record:
     }
 
 
-STAIN_SETTINGS = PretrainSettings(stain_jitter=0.3)
+STAIN_SETTINGS = replace(SSL_SETTINGS, stain_jitter=0.3)  # PretrainSettings() since then
 """The twenty-eighth round's pretraining: the seventh round's SimCLR with every view's stains
 redrawn (`StainJitter`, each stain's optical density scaled within 1 +/- 0.3)."""
 

@@ -18,7 +18,7 @@ from lympho_mil.features import folder_crops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 SSL_CONFIG = str(CONFIGS / "dlmi_images_ssl.yaml")
-WEIGHTS = Path("encoders/simclr_small_cnn_w32_64px.pt")  # the config's, relative to the cwd
+WEIGHTS = Path("encoders/simclr_stain_small_cnn_w32_64px.pt")  # the config's, relative to the cwd
 TINY = [  # 32 px synthetic crops, two short epochs in batches of 16
     "--data.crops={image_size: 32, center_crop: null}",
     "--pretrain.settings.epochs=2",

@@ -60,9 +60,10 @@ def test_stain_jitter_keys_another_encoder_and_is_checked() -> None:
             ["a" * 24], settings, (0.5,) * 3, (0.25,) * 3, Path()
         ).name
 
-    plain = pretrain.PretrainSettings()
+    plain = pretrain.PretrainSettings(stain_jitter=0.0)
     assert "stain_jitter" not in plain.described()  # so the cached SimCLR keys did not move
     assert key(pretrain.PretrainSettings(stain_jitter=0.3)) != key(plain)
+    assert key(pretrain.PretrainSettings()) == key(pretrain.PretrainSettings(stain_jitter=0.3))
     with pytest.raises(SettingError, match="stain_jitter must be in"):
         pretrain.PretrainSettings(stain_jitter=1.0)
 
