@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_features import BACKGROUND, cell_crop
 
 from lympho_mil.arguments import SettingError
 from lympho_mil.data.stain import SHIFT, StainJitter, jitter_stains
 from lympho_mil.data.transforms import albumentations
 from lympho_mil.features import pretrain
-from tests.test_features import BACKGROUND, cell_crop
 
 A = albumentations()
 
