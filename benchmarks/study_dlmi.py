@@ -1320,13 +1320,14 @@ def logit_sum_rows(
     ``args.data``: every run's row by name, with its paired differences to the ``refs`` runs.
     The references are found in ``args.out_sixteenth``, a model in ``earlier`` (by name) or
     ``args.out``, else run."""
-    models: dict[str, dict[str, Any]] = {}
+    configs: dict[str, dict[str, Any]] = {}
     for name, (settings, centre) in encoders.items():
         ssl_path, _ = ssl_weights(roots, args.cache_dir, settings, center_crop=centre)
         candidates = round20_candidates(ssl_path, expert_selection=True)
-        models[name] = candidates[LOGIT_SUM]
-        models[name]["data"]["init_args"]["crops"]["center_crop"] = centre
-    configs = {n: candidates[n] for n in (REFERENCE, RECIPE)} | models  # encoder-free
+        if not configs:  # the references read no encoder: taken once
+            configs = {n: candidates[n] for n in (REFERENCE, RECIPE)}
+        configs[name] = candidates[LOGIT_SUM]
+        configs[name]["data"]["init_args"]["crops"]["center_crop"] = centre
     earlier = {REFERENCE: args.out_sixteenth, RECIPE: args.out_sixteenth} | earlier
     runs = {
         n: _cv(n, with_data(c, args.data, args.cache_dir), args, earlier.get(n))

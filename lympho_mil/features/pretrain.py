@@ -237,7 +237,7 @@ class _DINO(nn.Module):
         return self.teacher_encoder
 
 
-def pretraining_views(seed: int, stain_jitter: float = 0.0) -> Any:
+def pretraining_views(seed: int, stain_jitter: float) -> Any:
     """The albumentations pipeline that draws one view of a uint8 ``[S, S, 3]`` crop (with
     ``stain_jitter`` > 0, a `StainJitter` of that strength before the colour jitter)."""
     import cv2
