@@ -150,27 +150,45 @@ def oof_of(folder: Path) -> pd.DataFrame:
 
 
 def _cv(
-    name: str, config: dict[str, Any], args: argparse.Namespace, earlier: Path | None = None
+    name: str,
+    config: dict[str, Any],
+    args: argparse.Namespace,
+    earlier: Path | None = None,
+    inner_folds: int | None = None,
 ) -> tuple[pd.DataFrame, Path]:
-    """The out-of-fold predictions of ``config`` and the folder of its cv outputs: an earlier
-    run's (in ``args.out/name``, or ``earlier/name``), if made from the same config, else a new
-    cross-validation into ``args.out/name``."""
+    """The out-of-fold predictions of ``config`` (with ``inner_folds``: a bag of models a
+    fold) and the folder of its cv outputs: an earlier run's (in ``args.out/name``, or
+    ``earlier/name``), if made from the same config, else a new cross-validation into
+    ``args.out/name``."""
     for folder in (args.out, earlier):
-        if folder is not None and same_run(folder / name, config, args.repeats):
+        if folder is not None and same_run(folder / name, config, args.repeats, inner_folds):
             return oof_of(folder / name), folder / name
     out = args.out / name
     result = cross_validate(
-        config, folds=args.folds, repeats=args.repeats, seed=0, out_dir=out, overwrite=True
+        config,
+        folds=args.folds,
+        repeats=args.repeats,
+        seed=0,
+        out_dir=out,
+        overwrite=True,
+        inner_folds=inner_folds,
     )
     return result.oof, out
 
 
-def same_run(out: Path, config: dict[str, Any], repeats: int) -> bool:
-    """Whether ``out`` holds the cv outputs of ``config`` with ``repeats`` repeats."""
+def same_run(
+    out: Path, config: dict[str, Any], repeats: int, inner_folds: int | None = None
+) -> bool:
+    """Whether ``out`` holds the cv outputs of ``config`` with ``repeats`` repeats and
+    ``inner_folds`` (reports from before inner folds existed: None)."""
     if not (out / "cv_report.json").is_file():
         return False
     report = json.loads((out / "cv_report.json").read_text())
-    return report.get("config", {}).get("content") == config and report.get("repeats") == repeats
+    return (
+        report.get("config", {}).get("content") == config
+        and report.get("repeats") == repeats
+        and report.get("inner_folds") == inner_folds
+    )
 
 
 def _row(name: str, oof: pd.DataFrame, refs: dict[str, pd.DataFrame], out: Path) -> Record:
@@ -1421,6 +1439,76 @@ def round28_verdict(heads: dict[str, Record], rows: dict[str, Record]) -> Record
         "shipped": STAIN_LOGIT_SUM if all(checks.values()) else None,
         **bars(ensemble, heads["sum_ssl_pl_ensemble"]),
         f"bars_{STAIN_LOGIT_SUM}": bars(None, model),
+    }
+
+
+BAG = 5
+"""The twenty-ninth round's bag: ``cv --cv.inner_folds 5``, five models a fold."""
+
+BAGGED = (REFERENCE, "images_ssl_pl_types", STAIN_LOGIT_SUM)
+"""The twenty-eighth round's runs that the twenty-ninth bags: the clinical model, the shipped
+image pathway and the one-model logit sum."""
+
+
+def bagged(name: str) -> str:
+    """The twenty-ninth round's name of the bagged twin of ``name``."""
+    return f"{name}_bag{BAG}"
+
+
+@study(
+    "dlmi-round29",
+    "the twenty-ninth round: each fold's model averaged over five inner folds (a bag), the "
+    "threshold chosen on every training patient",
+    with_round_folder(
+        "twentyeighth", 28, "the twenty-eighth round's working folder (the twins of the bags)"
+    ),
+)
+def round29(args: argparse.Namespace) -> Iterator[Record]:
+    """The twenty-ninth round (docs/results.md): the `BAGGED` configs of the twenty-eighth
+    round (its stain-jittered encoder, folder and splits; their runs found in ``args.out``
+    or ``args.out_twentyeighth``, else run) and their bagged twins (`BAG` inner folds); paired
+    differences to `REFERENCE`, its bagged twin and `RECIPE`; each bag against its twin
+    (``bagging_effect``); the verdict (`round29_verdict`)."""
+    args.out = args.out or Path("runs/benchmarks/dlmi-round29")
+    ssl_path, seconds = ssl_weights([args.data, args.unlabelled], args.cache_dir, STAIN_SETTINGS)
+    yield pretraining_record(ssl_path, seconds)
+    args.data = challenge_layout(args.data, args.unlabelled, args.out_sixteenth / "data")
+    model = round20_candidates(ssl_path, expert_selection=True)[LOGIT_SUM]
+    model["data"]["init_args"]["crops"]["center_crop"] = 112  # as logit_sum_rows builds it
+    configs = round16_candidates(ssl_path) | {STAIN_LOGIT_SUM: model}
+    configs = {n: with_data(configs[n], args.data, args.cache_dir) for n in (*BAGGED, RECIPE)}
+    runs = {n: _cv(n, c, args, args.out_twentyeighth) for n, c in configs.items()}
+    runs |= {bagged(n): _cv(bagged(n), configs[n], args, inner_folds=BAG) for n in BAGGED}
+    refs = {n: runs[n][0] for n in (REFERENCE, bagged(REFERENCE), RECIPE)}
+    rows = {n: _row(n, oof, refs, out) for n, (oof, out) in runs.items()}
+    yield from rows.values()
+    for name in BAGGED:
+        diff = paired_difference(runs[name][0], runs[bagged(name)][0], 2000, 0)
+        effect = {m: diff[m] for m in METRICS}
+        yield {"record": "bagging_effect", "candidate": bagged(name), "control": name, **effect}
+    yield round29_verdict(rows)
+
+
+def round29_verdict(rows: dict[str, Record]) -> Record:
+    """The twenty-ninth round's rule (docs/results.md): bagging helps if at least two of the
+    three bags beat their twins in both metrics; the bagged `STAIN_LOGIT_SUM` qualifies if it
+    `qualifies` against both the clinical model and its bag; issue 19's bars, met or not, for
+    the bagged image pathway and the bagged logit sum. Nothing ships: a bag trains five
+    times, over issue 19's ten-minute budget for the recipe's cross-validation."""
+    wins = {bagged(n): beats(rows[bagged(n)], rows[n]) for n in BAGGED}
+    model = rows[bagged(STAIN_LOGIT_SUM)]
+    versus_bag = {**model, f"minus_{REFERENCE}": model[f"minus_{bagged(REFERENCE)}"]}
+    images = rows[bagged("images_ssl_pl_types")]
+    return {
+        "record": "verdict",
+        "round": 29,
+        "beats_twin": wins,
+        "bagging_helps": sum(wins.values()) >= 2,
+        "qualifies": qualifies(model, rows[RECIPE]) and qualifies(versus_bag, rows[RECIPE]),
+        "whole_cv_s": {n: rows[n]["whole_cv_s"] for n in rows},
+        **{k: v for k, v in bars(images, model).items() if "images" in k},
+        f"bars_{model['candidate']}": bars(None, model),
+        f"bars_{model['candidate']}_versus_bag": bars(None, versus_bag),
     }
 
 

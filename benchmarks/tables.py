@@ -132,7 +132,7 @@ ROUND_VIEWS: dict[str, Callable[[list[Record]], Table]] = {
     "images": lambda rs: candidates(rs, lambda name: name.startswith("images_")),
     "fused": lambda rs: candidates(rs, lambda name: name.startswith("fused_")),
 }
-DLMI_ROUNDS = tuple(f"dlmi-round{n}" for n in [*range(7, 25), 26, 27, 28])  # 25 never ran
+DLMI_ROUNDS = tuple(f"dlmi-round{n}" for n in [*range(7, 25), 26, 27, 28, 29])  # 25 never ran
 VIEWS: dict[str, dict[str, Callable[[list[Record]], Table]]] = dict.fromkeys(
     DLMI_ROUNDS, ROUND_VIEWS
 )

@@ -387,7 +387,9 @@ def test_an_option_neither_cv_nor_fit_knows_is_named(
     assert "--cv.compare" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", ["--cv.repeats=0", "--cv.folds=1", "--cv.n_bootstrap=0"])
+@pytest.mark.parametrize(
+    "bad", ["--cv.repeats=0", "--cv.folds=1", "--cv.n_bootstrap=0", "--cv.inner_folds=1"]
+)
 def test_bad_cv_settings_are_one_line_errors(
     configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
 ) -> None:
@@ -414,7 +416,7 @@ def test_predict_without_unlabelled_patients_says_how_to_name_them(
         )
 
 
-@pytest.mark.parametrize("bad", [{"folds": 1}, {"inner_val_fraction": 1.0}])
+@pytest.mark.parametrize("bad", [{"folds": 1}, {"inner_val_fraction": 1.0}, {"inner_folds": 1}])
 def test_bad_settings_from_python_are_refused_before_any_work(
     configs: dict[str, Path], bad: dict[str, Any]
 ) -> None:

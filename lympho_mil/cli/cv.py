@@ -167,7 +167,7 @@ def cross_validate(
         config: a ``fit`` config file, or the same content as a dict.
         overrides: extra ``fit`` arguments, e.g. ``["--trainer.max_epochs=3"]``.
         **settings: those of `run_cross_validation` (``folds``, ``repeats``, ``seed``,
-            ``out_dir``, ``threshold_policy``, ``inner_val_fraction``, ``predict``,
+            ``out_dir``, ``threshold_policy``, ``inner_val_fraction``, ``inner_folds``, ``predict``,
             ``overwrite``, ``n_bootstrap``, ``verbose``, ``patients``).
     """
     runner = ConfigRunner(config, overrides or ())
@@ -209,6 +209,12 @@ class CVOptions:
         out: output folder of the report, predictions, plots and fold models.
         inner_val_fraction: share of each outer training set held out as inner validation,
             for the checkpoint and the threshold.
+        inner_folds: K >= 2 trains K models a fold instead of one (a bagged fold): model j is
+            validated on the j-th of K stratified inner folds of the fold's training patients
+            (its checkpoint) and trained on the others; the fold predicts their mean
+            probability, at a threshold chosen on their pooled validation predictions (every
+            training patient once, not one fifth). K times the training; inner_val_fraction
+            is then unused.
         n_bootstrap: patient bootstrap resamples for the confidence intervals.
         predict: also write the fold ensemble's predictions of the patients to predict (the
             unlabelled ones, or --data.predict_ids, which then stay out of the folds).
@@ -222,6 +228,7 @@ class CVOptions:
     seed: int = 0
     out: str = "cv"
     inner_val_fraction: float = 0.2
+    inner_folds: int | None = None
     n_bootstrap: int = DEFAULT_RESAMPLES
     predict: bool = False
     overwrite: bool = False
@@ -236,6 +243,10 @@ class CVOptions:
         if not 0.0 < self.inner_val_fraction < 1.0:
             raise ConfigError(
                 f"--cv.inner_val_fraction must be in (0, 1), got {self.inner_val_fraction}"
+            )
+        if self.inner_folds is not None and self.inner_folds < 2:
+            raise ConfigError(
+                f"--cv.inner_folds must be an integer >= 2 (or null), got {self.inner_folds}"
             )
 
 
@@ -253,6 +264,7 @@ def run_cv(cli: LymphoCLI) -> None:
         "out_dir": options.out,
         "threshold_policy": parsed["threshold_policy"],
         "inner_val_fraction": options.inner_val_fraction,
+        "inner_folds": options.inner_folds,
         "overrides": overrides,
         "predict": options.predict,
         "overwrite": options.overwrite,

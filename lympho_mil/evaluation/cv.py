@@ -63,7 +63,7 @@ from lympho_mil.evaluation.cv_types import (
     FoldSetup,
     FoldSplit,
 )
-from lympho_mil.evaluation.ensemble import ensemble_records
+from lympho_mil.evaluation.ensemble import bag_fold, ensemble_records
 from lympho_mil.evaluation.report import (
     COMPARISON_FILES,
     comparison_table,
@@ -153,9 +153,12 @@ def cv_splits(
     repeats: int,
     seed: int,
     inner_val_fraction: float,
+    inner_folds: int | None = None,
 ) -> list[FoldSplit]:
     """Every (repeat, fold): stratified outer folds and an inner validation split carved from
-    the outer training patients only.
+    the outer training patients only; with ``inner_folds`` K, K splits a fold instead, whose
+    validation patients are K stratified folds of the outer training patients (`FoldSplit`'s
+    ``member``).
 
     ``ids`` and ``labels`` (0/1) are the labelled patients; the other arguments are those of
     `run_cross_validation`. Raises `DataError` when the patients cannot be split so.
@@ -167,14 +170,28 @@ def cv_splits(
             outer = stratified_folds(ids, labels, folds, seed + repeat)
             for fold, test_ids in enumerate(outer):
                 rest = sorted(i for k, part in enumerate(outer) if k != fold for i in part)
-                train_ids, val_ids = holdout_split(
-                    rest, [label_of[i] for i in rest], inner_val_fraction, seed + repeat
-                )
-                splits.append(FoldSplit(repeat, fold, train_ids, val_ids, list(test_ids)))
+                rest_labels = [label_of[i] for i in rest]
+                if inner_folds is None:
+                    train_ids, val_ids = holdout_split(
+                        rest, rest_labels, inner_val_fraction, seed + repeat
+                    )
+                    splits.append(FoldSplit(repeat, fold, train_ids, val_ids, list(test_ids)))
+                    continue
+                inner = stratified_folds(rest, rest_labels, inner_folds, seed + repeat)
+                for member, val_ids in enumerate(inner):
+                    train_ids = sorted(set(rest) - set(val_ids))
+                    splits.append(
+                        FoldSplit(repeat, fold, train_ids, val_ids, list(test_ids), member)
+                    )
     except ValueError as exc:
+        inner_split = (
+            f"{inner_folds} inner folds"
+            if inner_folds is not None
+            else f"an inner validation fraction of {inner_val_fraction}"
+        )
         raise DataError(
-            f"cannot split {len(ids)} labelled patients into {folds} folds with an inner "
-            f"validation fraction of {inner_val_fraction}: {exc}"
+            f"cannot split {len(ids)} labelled patients into {folds} folds with {inner_split}: "
+            f"{exc}"
         ) from exc
     return splits
 
@@ -193,6 +210,7 @@ def run_cross_validation(
     verbose: bool = True,
     patients: Sequence[str] | None = None,
     name: str = "model",
+    inner_folds: int | None = None,
 ) -> CVResult:
     """Repeated stratified patient-level k-fold cross-validation of what ``runner`` trains.
 
@@ -211,6 +229,12 @@ def run_cross_validation(
         patients: cross-validate these labelled patients only (default: all of them), e.g.
             the training patients of an outer fold in a nested cross-validation.
         name: the name the report and the fold lines give it.
+        inner_folds: None (one model a fold, validated on ``inner_val_fraction`` of its
+            training patients) or K >= 2: K models a fold, model j validated on the j-th of K
+            stratified inner folds and trained on the rest, their probabilities averaged and
+            the threshold chosen on their pooled validation predictions (every training
+            patient once; `lympho_mil.evaluation.ensemble.bag_fold`). K times the training;
+            ``inner_val_fraction`` is then unused.
     """
     settings = CVSettings(
         folds,
@@ -222,6 +246,7 @@ def run_cross_validation(
         predict,
         verbose,
         patients,
+        inner_folds,
     )
     return _run({name: _checked(runner)}, settings, out_dir, overwrite, compare=False).results[0]
 
@@ -239,6 +264,7 @@ def run_comparison(
     n_bootstrap: int = DEFAULT_RESAMPLES,
     verbose: bool = True,
     patients: Sequence[str] | None = None,
+    inner_folds: int | None = None,
 ) -> Comparison:
     """Cross-validate several runners on identical splits; compare each with the first.
 
@@ -258,6 +284,7 @@ def run_comparison(
         predict,
         verbose,
         patients,
+        inner_folds,
     )
     checked = {name: _checked(runner) for name, runner in runners.items()}
     return _run(checked, settings, out_dir, overwrite, compare=True)
@@ -298,6 +325,7 @@ def _run(
             settings.repeats,
             settings.seed,
             settings.inner_val_fraction,
+            settings.inner_folds,
         )
         _remove(stale)  # only now: configs and splits are sound, the run starts
         if root is not None:
@@ -413,9 +441,10 @@ def _run_fold(
     validation patients, then predict the test fold (and the unlabelled patients)."""
     start = time.perf_counter()
     fold_dir = _fold_dir(fold_root, split)
+    runs_so_far = settings.repeats * settings.folds * (split.member or 0)
     setup = FoldSetup(
         split,
-        seed=settings.seed + split.repeat * settings.folds + split.fold,
+        seed=settings.seed + runs_so_far + split.repeat * settings.folds + split.fold,
         directory=fold_dir,
         # Every trainer.predict sets the datamodule up for "predict"; without the ensemble,
         # point that split at the test fold so data without unlabelled patients works.
@@ -464,8 +493,9 @@ def _run_folds(
     out_dir: Path | None,
 ) -> list[FoldRun]:
     """Every fold of one config, in order: kept from a killed run where it finished, else
-    trained; with ``verbose``, one line a fold with the time so far and an estimate of the
-    rest (from the folds trained in this run)."""
+    trained; with ``verbose``, one line a fold (a member, with ``inner_folds``) with the time
+    so far and an estimate of the rest (from the folds trained in this run). With
+    ``inner_folds``, each fold's members averaged (`bag_fold`)."""
     runs: list[FoldRun] = []
     started, trained = time.perf_counter(), 0
     for split in splits:
@@ -481,7 +511,12 @@ def _run_folds(
             if trained and left:
                 when += f", about {_duration(elapsed / trained * left)} left"
             _print_fold(name, run, settings, when)
-    return runs
+    if settings.inner_folds is None:
+        return runs
+    members: dict[tuple[int, int], list[FoldRun]] = {}
+    for run in runs:
+        members.setdefault((run.split.repeat, run.split.fold), []).append(run)
+    return [bag_fold(parts, settings.threshold_policy) for parts in members.values()]
 
 
 def _duration(seconds: float) -> str:
@@ -494,7 +529,8 @@ def _duration(seconds: float) -> str:
 
 
 def _fold_dir(fold_root: Path, split: FoldSplit) -> Path:
-    return fold_root / f"r{split.repeat}_f{split.fold}"
+    member = "" if split.member is None else f"_m{split.member}"
+    return fold_root / f"r{split.repeat}_f{split.fold}{member}"
 
 
 def _predict(trainer: Any, model: Any, loader: Any, ckpt_path: str | None = None) -> list[dict]:
@@ -508,8 +544,9 @@ def _print_fold(name: str, run: FoldRun, settings: CVSettings, when: str) -> Non
     probs = [r["probability"] for r in run.test]
     predicted = [int(p >= run.threshold) for p in probs]
     s = run.split
+    member = "" if s.member is None else f" member {s.member + 1}/{settings.inner_folds}"
     print(
-        f"[{name}] repeat {s.repeat} fold {s.fold} "  # as folds/r<R>_f<F> and the reports
+        f"[{name}] repeat {s.repeat} fold {s.fold}{member} "  # as folds/r<R>_f<F>[_m<M>]
         f"({s.repeat * settings.folds + s.fold + 1}/{settings.repeats * settings.folds}): "
         f"{len(s.train_ids)} train, {len(s.val_ids)} val, {len(s.test_ids)} test patients; "
         f"threshold {run.threshold:.3f}; test balanced accuracy "

@@ -69,7 +69,11 @@ def make_plan(
         "version": PLAN_VERSION,
         "settings": described,
         "configs": dict(fingerprints),
-        "splits": [dataclasses.asdict(s) for s in splits],
+        # a fold's one model (member None) is planned as before inner_folds existed
+        "splits": [
+            {k: v for k, v in dataclasses.asdict(s).items() if k != "member" or v is not None}
+            for s in splits
+        ],
     }
 
 

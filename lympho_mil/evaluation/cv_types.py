@@ -37,6 +37,7 @@ class CVSettings:
     predict: bool = False
     verbose: bool = True
     patients: Sequence[str] | None = None  # a subset of the labelled patients (None: all)
+    inner_folds: int | None = None  # K: a bagged ensemble of K models a fold (`FoldSplit`)
 
     def __post_init__(self) -> None:
         if self.patients is not None:
@@ -53,17 +54,26 @@ class CVSettings:
                 f"folds must be >= 2 and inner_val_fraction in (0, 1), got {self.folds} and "
                 f"{self.inner_val_fraction}"
             )
+        if self.inner_folds is not None and self.inner_folds < 2:
+            raise ValueError(f"inner_folds must be None or >= 2, got {self.inner_folds}")
 
 
 @dataclass(frozen=True)
 class FoldSplit:
-    """Patients of one outer fold: train and inner validation (disjoint), and the test fold."""
+    """Patients of one outer fold: train and inner validation (disjoint), and the test fold.
+
+    ``member``: None for the fold's one model; with ``CVSettings.inner_folds`` K, the fold has
+    K splits, member j validated on the j-th of K stratified inner folds of the fold's
+    training patients and trained on the others (`lympho_mil.evaluation.ensemble.bag_fold`
+    averages them).
+    """
 
     repeat: int
     fold: int
     train_ids: list[str]
     val_ids: list[str]
     test_ids: list[str]
+    member: int | None = None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
-"""Fold ensemble: the fold models of a cross-validation averaged on unlabelled patients."""
+"""Averaged models: the fold models of a cross-validation on unlabelled patients (the fold
+ensemble), and the members of one fold (``inner_folds``, a bagged fold)."""
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
 from typing import Any
+
+from lympho_mil.evaluation.cv_types import FoldRun, FoldSplit
+from lympho_mil.evaluation.thresholds import ThresholdPolicy, choose_on_validation
 
 THRESHOLD_RULE = "median of the fold thresholds"
 PROBABILITY_RULE = "mean of the fold models' probabilities"
@@ -70,3 +74,27 @@ def _mean_lists(values: list[list[float] | None]) -> list[float] | None:
     if any(v is None for v in values):
         return None
     return [statistics.fmean(column) for column in zip(*values, strict=True)]
+
+
+def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> FoldRun:
+    """One fold's members (``inner_folds``: each validated on its own inner fold) as one run.
+
+    Its test and unlabelled predictions are the members' averaged (`ensemble_records`); its
+    threshold is chosen by ``policy`` on the members' pooled validation predictions, each
+    training patient predicted once, by the member that did not train on it ("fixed": the
+    members' threshold setting). Its split trains and validates on every training patient.
+    """
+    first = members[0].split
+    if any((m.split.repeat, m.split.fold) != (first.repeat, first.fold) for m in members):
+        raise ValueError("bag_fold takes the members of one fold")
+    val = [record for member in members for record in member.val]
+    threshold, _ = choose_on_validation(policy, val, fixed=members[0].threshold)
+    thresholds = [threshold] * len(members)
+    test, _ = ensemble_records(thresholds, [m.test for m in members])
+    unlabelled = None
+    if members[0].unlabelled is not None:
+        unlabelled, _ = ensemble_records(thresholds, [m.unlabelled or [] for m in members])
+    patients = sorted(r["id"] for r in val)
+    split = FoldSplit(first.repeat, first.fold, patients, patients, first.test_ids)
+    seconds = sum(m.seconds for m in members)
+    return FoldRun(split, threshold, val, test, unlabelled, seconds)

@@ -98,6 +98,7 @@ def cv_report(
         "seed": settings.seed,
         "threshold_policy": settings.threshold_policy,
         "inner_val_fraction": settings.inner_val_fraction,
+        "inner_folds": settings.inner_folds,
         **metric_summary(oof, settings.n_bootstrap, settings.seed),
         "calibration": calibration_summary(oof, settings.n_bootstrap, settings.seed),
         "estimates": {
@@ -229,7 +230,7 @@ def cv_markdown(report: dict[str, Any]) -> str:
         f"{report['n_patients']} labelled patients ({report['n_tumoral']} tumoral, "
         f"{report['n_reactive']} reactive); {report['folds']} folds x {report['repeats']} "
         f"repeat{'s' if report['repeats'] != 1 else ''}, seed {report['seed']}; "
-        f"threshold policy `{report['threshold_policy']}`.",
+        f"threshold policy `{report['threshold_policy']}`.{_bagging(report)}",
         f"Mean and std {report['estimates']['mean_std']}; {level}% CI: "
         f"{report['estimates']['ci95']}.",
         "",
@@ -265,6 +266,18 @@ def cv_markdown(report: dict[str, Any]) -> str:
             f"{e['probability_rule']}; threshold {e['threshold']:.3f} ({e['threshold_rule']}).",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _bagging(report: dict[str, Any]) -> str:
+    """What a fold is, with ``inner_folds`` (nothing without)."""
+    k = report.get("inner_folds")
+    if k is None:
+        return ""
+    return (
+        f" Each fold: {k} models, each validated on one of {k} inner folds of the fold's "
+        "training patients and trained on the others; their mean probability, at a threshold "
+        "chosen on their pooled validation predictions (each training patient once)."
+    )
 
 
 def comparison_markdown(table: dict[str, Any]) -> str:
