@@ -102,14 +102,17 @@ def test_the_fold_ensemble_averages_every_member_model(bagged: Path, dlmi_root: 
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     paths = sorted((bagged / "folds").glob("*/model.ckpt"))
     assert len(paths) == FOLDS * REPEATS * MEMBERS
+    report = load_report(bagged)
+    threshold_of = {f"r{f['repeat']}_f{f['fold']}": f["threshold"] for f in report["per_fold"]}
     probabilities = []
     for path in paths:
         model = TabularMLP.load_from_checkpoint(path)
+        fold = path.parent.name.rsplit("_m", 1)[0]
+        assert float(model.threshold) == pytest.approx(threshold_of[fold])  # the fold's, pooled
         records = [r for b in trainer.predict(model, datamodule.predict_dataloader()) for r in b]
         probabilities.append(pd.Series({r["id"]: r["probability"] for r in records}))
     mean = pd.concat(probabilities, axis=1).mean(axis=1)
     np.testing.assert_allclose(detail.loc[mean.index, "probability"], mean, atol=1e-6)
-    report = load_report(bagged)
     median = float(np.median([f["threshold"] for f in report["per_fold"]]))
     assert report["ensemble"]["threshold"] == pytest.approx(median)
 
@@ -128,10 +131,11 @@ def test_a_killed_bagged_run_resumes_to_the_uninterrupted_report(
         (out / name).unlink(missing_ok=True)
     for folder in sorted((out / "folds").iterdir())[1:]:
         shutil.rmtree(folder)
-    kept = (out / "folds" / "r0_f0_m0" / "model.ckpt").stat().st_mtime_ns
+    record = out / "folds" / "r0_f0_m0" / FOLD_FILE  # written when a member has trained
+    kept = record.stat().st_mtime_ns
     main([*cv_args(configs["tabular"], out=out), f"--cv.inner_folds={MEMBERS}"])
     assert "resuming the cross-validation planned in" in capsys.readouterr().out
-    assert (out / "folds" / "r0_f0_m0" / "model.ckpt").stat().st_mtime_ns == kept
+    assert record.stat().st_mtime_ns == kept  # not trained again
     assert without_timing(load_report(out)) == without_timing(load_report(bagged))
     for name in ("oof_predictions.csv", "inner_val_predictions.csv"):
         assert (out / name).read_bytes() == (bagged / name).read_bytes()

@@ -48,7 +48,6 @@ from lympho_mil.cli.checkpoints import (
     recorded_best,
     run_checkpoints,
     several_checkpoints,
-    store_threshold,
 )
 from lympho_mil.cli.errors import ConfigError, is_file
 from lympho_mil.cli.parser import LymphoParser, short_message
@@ -59,7 +58,7 @@ from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, choose_on_valid
 from lympho_mil.features import CachedFeatureDataModule  # noqa: F401 (registers it)
 from lympho_mil.files import check_folder_writable
 from lympho_mil.models import BagClassifier
-from lympho_mil.models.checkpoint import upgrade
+from lympho_mil.models.checkpoint import store_threshold, upgrade
 from lympho_mil.progress import LOG_LEVELS, set_log_level
 from lympho_mil.version import __version__
 

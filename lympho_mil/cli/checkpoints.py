@@ -3,7 +3,6 @@ write them (`RunCheckpoint`, the callback of ``--checkpoint.*`` and ``--last_che
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,27 +35,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     ):
         raise ConfigError(f"{path} is not a Lightning checkpoint (no state_dict or version)")
     return checkpoint
-
-
-def store_threshold(path: Path, value: float, notes: dict[str, Any]) -> None:
-    """Write a threshold chosen after training into the checkpoint at ``path``: its buffer,
-    and ``notes`` (how it was chosen, the validation scores) into its record. Atomic: the
-    file is replaced by a rename, never left half-written."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint["state_dict"]["threshold"] = torch.tensor(value, dtype=torch.float32)
-    meta = checkpoint["lympho_mil"]
-    meta["threshold"] = notes["threshold"]
-    meta["validation"] = {**meta.get("validation", {}), **notes["validation"]}
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        torch.save(checkpoint, partial)
-        os.replace(partial, path)
-    except OSError as exc:  # a full disk names no file; the previous checkpoint stays
-        partial.unlink(missing_ok=True)
-        raise naming(exc, path) from exc
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
 
 
 def global_step(path: Path) -> int:

@@ -167,8 +167,8 @@ def cross_validate(
         config: a ``fit`` config file, or the same content as a dict.
         overrides: extra ``fit`` arguments, e.g. ``["--trainer.max_epochs=3"]``.
         **settings: those of `run_cross_validation` (``folds``, ``repeats``, ``seed``,
-            ``out_dir``, ``threshold_policy``, ``inner_val_fraction``, ``inner_folds``, ``predict``,
-            ``overwrite``, ``n_bootstrap``, ``verbose``, ``patients``).
+            ``out_dir``, ``threshold_policy``, ``inner_val_fraction``, ``inner_folds``,
+            ``predict``, ``overwrite``, ``n_bootstrap``, ``verbose``, ``patients``).
     """
     runner = ConfigRunner(config, overrides or ())
     return run_cross_validation(runner, **{"name": config_names([config])[0], **settings})

@@ -78,6 +78,7 @@ from lympho_mil.evaluation.thresholds import (
 )
 from lympho_mil.files import check_writable, naming
 from lympho_mil.models.base import BagClassifier
+from lympho_mil.models.checkpoint import store_threshold
 
 QUIET_WARNINGS = (".*LeafSpec.* is deprecated",)  # Lightning's own use of torch.utils._pytree
 QUIET_TRAINER: dict[str, Any] = {
@@ -441,10 +442,10 @@ def _run_fold(
     validation patients, then predict the test fold (and the unlabelled patients)."""
     start = time.perf_counter()
     fold_dir = _fold_dir(fold_root, split)
-    runs_so_far = settings.repeats * settings.folds * (split.member or 0)
+    member_offset = settings.repeats * settings.folds * (split.member or 0)
     setup = FoldSetup(
         split,
-        seed=settings.seed + runs_so_far + split.repeat * settings.folds + split.fold,
+        seed=settings.seed + member_offset + split.repeat * settings.folds + split.fold,
         directory=fold_dir,
         # Every trainer.predict sets the datamodule up for "predict"; without the ensemble,
         # point that split at the test fold so data without unlabelled patients works.
@@ -495,7 +496,9 @@ def _run_folds(
     """Every fold of one config, in order: kept from a killed run where it finished, else
     trained; with ``verbose``, one line a fold (a member, with ``inner_folds``) with the time
     so far and an estimate of the rest (from the folds trained in this run). With
-    ``inner_folds``, each fold's members averaged (`bag_fold`)."""
+    ``inner_folds``, each fold's members averaged (`bag_fold`), and the fold's threshold
+    written into each member's saved model, so that the models of the folder predict as the
+    report says."""
     runs: list[FoldRun] = []
     started, trained = time.perf_counter(), 0
     for split in splits:
@@ -516,7 +519,16 @@ def _run_folds(
     members: dict[tuple[int, int], list[FoldRun]] = {}
     for run in runs:
         members.setdefault((run.split.repeat, run.split.fold), []).append(run)
-    return [bag_fold(parts, settings.threshold_policy) for parts in members.values()]
+    bags = []
+    for parts in members.values():
+        bag, notes = bag_fold(parts, settings.threshold_policy)
+        if out_dir is not None:
+            for part in parts:
+                store_threshold(
+                    _fold_dir(fold_root, part.split) / "model.ckpt", bag.threshold, notes
+                )
+        bags.append(bag)
+    return bags
 
 
 def _duration(seconds: float) -> str:

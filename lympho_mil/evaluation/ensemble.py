@@ -76,8 +76,9 @@ def _mean_lists(values: list[list[float] | None]) -> list[float] | None:
     return [statistics.fmean(column) for column in zip(*values, strict=True)]
 
 
-def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> FoldRun:
-    """One fold's members (``inner_folds``: each validated on its own inner fold) as one run.
+def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> tuple[FoldRun, dict[str, Any]]:
+    """One fold's members (``inner_folds``: each validated on its own inner fold) as one run,
+    and the notes of its threshold for the members' checkpoints (`choose_on_validation`).
 
     Its test and unlabelled predictions are the members' averaged (`ensemble_records`); its
     threshold is chosen by ``policy`` on the members' pooled validation predictions, each
@@ -88,7 +89,7 @@ def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> FoldRun:
     if any((m.split.repeat, m.split.fold) != (first.repeat, first.fold) for m in members):
         raise ValueError("bag_fold takes the members of one fold")
     val = [record for member in members for record in member.val]
-    threshold, _ = choose_on_validation(policy, val, fixed=members[0].threshold)
+    threshold, notes = choose_on_validation(policy, val, fixed=members[0].threshold)
     thresholds = [threshold] * len(members)
     test, _ = ensemble_records(thresholds, [m.test for m in members])
     unlabelled = None
@@ -97,4 +98,4 @@ def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> FoldRun:
     patients = sorted(r["id"] for r in val)
     split = FoldSplit(first.repeat, first.fold, patients, patients, first.test_ids)
     seconds = sum(m.seconds for m in members)
-    return FoldRun(split, threshold, val, test, unlabelled, seconds)
+    return FoldRun(split, threshold, val, test, unlabelled, seconds), notes

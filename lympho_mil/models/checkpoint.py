@@ -10,8 +10,14 @@ checkpoint of any earlier format in memory, so it loads as it did (the files sta
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import torch
+
+from lympho_mil.files import naming
 
 CHECKPOINT_FORMAT = 2
 """Version of what `BagClassifier` adds to a checkpoint and of the layout of its weights and
@@ -137,3 +143,24 @@ def write_record(checkpoint: dict[str, Any], record: dict[str, Any]) -> None:
     unloaded = {**encoder, "weights": None, "kwargs": kwargs}
     checkpoint["hyper_parameters"] = {**hparams, "encoder": unloaded}  # a copy: the model's
     # own settings stay as they are
+
+
+def store_threshold(path: Path, value: float, notes: dict[str, Any]) -> None:
+    """Write a threshold chosen after training into the checkpoint at ``path``: its buffer,
+    and ``notes`` (how it was chosen, the validation scores) into its record. Atomic: the
+    file is replaced by a rename, never left half-written."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"]["threshold"] = torch.tensor(value, dtype=torch.float32)
+    meta = checkpoint["lympho_mil"]
+    meta["threshold"] = notes["threshold"]
+    meta["validation"] = {**meta.get("validation", {}), **notes["validation"]}
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)
+    except OSError as exc:  # a full disk names no file; the previous checkpoint stays
+        partial.unlink(missing_ok=True)
+        raise naming(exc, path) from exc
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
