@@ -384,8 +384,11 @@ def test_one_command_lists_its_subcommands_with_its_own_words(
     out = capsys.readouterr().out
     assert "Lightning Trainer command line tool" not in out and "lympho-mil:" in out
     listed = dict(re.findall(r"^    (\w+) +(\S.*)$", out, flags=re.M))
-    assert set(listed) == {"fit", "validate", "test", "predict", "cv", "evaluate", "pretrain"}
+    assert set(listed) == {
+        *("fit", "validate", "test", "predict", "cv", "bag", "evaluate", "pretrain")
+    }
     assert listed["cv"].startswith("cross-validate fit configs")
+    assert listed["bag"].startswith("fit the bag that cv --cv.inner_folds measures")
     assert listed["evaluate"].startswith("score checkpoints on another labelled cohort")
     assert listed["pretrain"].startswith("pretrain a config's crop encoder with SimCLR")
     with pytest.raises(SystemExit) as exc:

@@ -2,7 +2,8 @@
 
 ``app`` holds the LightningCLI (its subcommands, parser, links and checkpoint policy) and the
 registry of further subcommands, ``cv`` the cross-validation subcommand and its
-config-driven fold runner, ``evaluate`` the external validation of checkpoints on another
+config-driven fold runner, ``bag`` the fit of the bag that cv measures with inner folds,
+``evaluate`` the external validation of checkpoints on another
 labelled cohort, ``pretrain`` the self-supervised pretraining of a config's crop encoder,
 ``checkpoints`` how commands read checkpoint files, ``parser`` and ``errors`` how a bad input
 becomes one line. Nothing below this package (evaluation,
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lympho_mil.cli.app import LymphoCLI, build_cli, check_class_names, without_lightning_noise
+from lympho_mil.cli.bag import BagOptions
 from lympho_mil.cli.cv import ConfigRunner, compare_configs, cross_validate
 from lympho_mil.cli.errors import USER_ERRORS, ConfigError, user_error_behind
 from lympho_mil.cli.evaluate import evaluate_checkpoints
@@ -24,6 +26,7 @@ from lympho_mil.cli.pretrain import PretrainOptions
 from lympho_mil.files import write_error_message
 
 __all__ = [
+    "BagOptions",
     "ConfigError",
     "ConfigRunner",
     "LymphoCLI",

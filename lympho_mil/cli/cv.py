@@ -308,10 +308,14 @@ def config_and_overrides(
         if key in ("--config", "-c") and config is None:
             config = value
         elif key == "--config":
-            example = COMPARE_EXAMPLES.get(command, "")
+            compare = (
+                f"; compare configs with --{command}.compare{COMPARE_EXAMPLES[command]}"
+                if command in COMPARE_EXAMPLES
+                else ""
+            )
             raise ConfigError(
-                f"{command} takes one --config; compare configs with --{command}.compare"
-                f"{example} (use -c to layer a further config on it, as fit does)"
+                f"{command} takes one --config{compare} (use -c to layer a further config on "
+                "it, as fit does)"
             )
         elif key not in (f"--{command}", *own) and not key.startswith(f"--{command}."):
             overrides += words

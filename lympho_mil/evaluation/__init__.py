@@ -8,6 +8,7 @@ has its models predict through a `CohortPredictor` (the command line's runs ``pr
 checkpoint).
 """
 
+from lympho_mil.evaluation.bag import BagResult, fit_bag
 from lympho_mil.evaluation.bootstrap import (
     OOFArrays,
     binary_metrics,
@@ -28,7 +29,7 @@ from lympho_mil.evaluation.cv import (
     run_comparison,
     run_cross_validation,
 )
-from lympho_mil.evaluation.ensemble import ensemble_records
+from lympho_mil.evaluation.ensemble import bag_fold, ensemble_records
 from lympho_mil.evaluation.explain import write_explanations
 from lympho_mil.evaluation.external import ModelPredictions, evaluate_predictions
 from lympho_mil.evaluation.external_cohort import CohortPredictor, cohort_patients, evaluate_cohort
@@ -36,6 +37,7 @@ from lympho_mil.evaluation.predictions import PredictionWriter, write_prediction
 from lympho_mil.evaluation.thresholds import best_balanced_accuracy_threshold, choose_threshold
 
 __all__ = [
+    "BagResult",
     "CVResult",
     "CohortPredictor",
     "Comparison",
@@ -47,6 +49,7 @@ __all__ = [
     "ModuleRunner",
     "OOFArrays",
     "PredictionWriter",
+    "bag_fold",
     "best_balanced_accuracy_threshold",
     "binary_metrics",
     "choose_threshold",
@@ -55,6 +58,7 @@ __all__ = [
     "ensemble_records",
     "evaluate_cohort",
     "evaluate_predictions",
+    "fit_bag",
     "metric_summary",
     "paired_difference",
     "run_comparison",

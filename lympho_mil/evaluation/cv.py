@@ -313,7 +313,7 @@ def _run(
     resuming = unfinished_plan(root, overwrite)  # a killed run's plan: resume it
     stale = _claim_outputs(root, list(dirs.values()), compare, overwrite, resuming) if root else []
     with tempfile.TemporaryDirectory(prefix="lympho-cv-") as scratch:
-        seen = [_labelled_patients(r, settings.predict) for r in runners.values()]
+        seen = [labelled_patients(r, settings.predict) for r in runners.values()]
         patients = [(ids, labels) for ids, labels, _ in seen]
         for name, other in zip(names[1:], patients[1:], strict=True):
             if other != patients[0]:
@@ -335,7 +335,7 @@ def _run(
         results = []
         for name, runner in runners.items():
             fold_root = (dirs[name] or Path(scratch) / name) / "folds"
-            runs = _run_folds(name, runner, splits, settings, fold_root, dirs[name])
+            runs = run_folds(name, runner, splits, settings, fold_root, dirs[name])
             results.append(_collect(name, runner, runs, settings, len(ids)))
     for result in results:
         out_dir = dirs[result.name]
@@ -391,7 +391,7 @@ def _remove(paths: Sequence[Path]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _labelled_patients(
+def labelled_patients(
     runner: FoldRunner, predict: bool
 ) -> tuple[list[str], list[int], dict[str, Any]]:
     """The labelled patients of the runner's data (sorted) and their labels; with
@@ -448,8 +448,9 @@ def _run_fold(
         seed=settings.seed + member_offset + split.repeat * settings.folds + split.fold,
         directory=fold_dir,
         # Every trainer.predict sets the datamodule up for "predict"; without the ensemble,
-        # point that split at the test fold so data without unlabelled patients works.
-        predict_ids=None if settings.predict else split.test_ids,
+        # point that split at the test fold (a bag's member, which tests none: its validation
+        # patients) so data without unlabelled patients works.
+        predict_ids=None if settings.predict else (split.test_ids or split.val_ids),
     )
     with _quiet_lightning():
         trainer, model, datamodule = runner.build(setup)
@@ -469,7 +470,7 @@ def _run_fold(
         )
         model.threshold.fill_(chosen)
         threshold = float(model.threshold)  # as the model (float32) applies it
-        test = _predict(trainer, model, datamodule.test_dataloader())
+        test = _predict(trainer, model, datamodule.test_dataloader()) if split.test_ids else []
         unlabelled = (
             _predict(trainer, model, datamodule.predict_dataloader()) if settings.predict else None
         )
@@ -485,7 +486,7 @@ def _run_fold(
     return run
 
 
-def _run_folds(
+def run_folds(
     name: str,
     runner: FoldRunner,
     splits: Sequence[FoldSplit],
@@ -552,19 +553,25 @@ def _predict(trainer: Any, model: Any, loader: Any, ckpt_path: str | None = None
 
 
 def _print_fold(name: str, run: FoldRun, settings: CVSettings, when: str) -> None:
-    labels = [r["label"] for r in run.test]
-    probs = [r["probability"] for r in run.test]
-    predicted = [int(p >= run.threshold) for p in probs]
     s = run.split
     member = "" if s.member is None else f" member {s.member + 1}/{settings.inner_folds}"
+    scored = f"threshold {run.threshold:.3f}"
+    if run.test:  # a bag fitted on every patient (`lympho_mil.evaluation.bag`) tests none
+        labels = [r["label"] for r in run.test]
+        probs = [r["probability"] for r in run.test]
+        predicted = [int(p >= run.threshold) for p in probs]
+        scored += (
+            f"; test balanced accuracy {balanced_accuracy_score(labels, predicted):.3f}, "
+            f"AUROC {roc_auc_score(labels, probs):.3f}"
+        )
+    where = f"repeat {s.repeat} fold {s.fold}{member} "  # as folds/r<R>_f<F>[_m<M>]
+    where += f"({s.repeat * settings.folds + s.fold + 1}/{settings.repeats * settings.folds})"
+    if not s.test_ids:
+        where = member.strip()
+    tested = f", {len(s.test_ids)} test" if s.test_ids else ""
     print(
-        f"[{name}] repeat {s.repeat} fold {s.fold}{member} "  # as folds/r<R>_f<F>[_m<M>]
-        f"({s.repeat * settings.folds + s.fold + 1}/{settings.repeats * settings.folds}): "
-        f"{len(s.train_ids)} train, {len(s.val_ids)} val, {len(s.test_ids)} test patients; "
-        f"threshold {run.threshold:.3f}; test balanced accuracy "
-        f"{balanced_accuracy_score(labels, predicted):.3f}, "
-        f"AUROC {roc_auc_score(labels, probs):.3f} "
-        f"({run.seconds:.1f} s; {when})",
+        f"[{name}] {where}: {len(s.train_ids)} train, {len(s.val_ids)} val{tested} patients; "
+        f"{scored} ({run.seconds:.1f} s; {when})",
         flush=True,
     )
 

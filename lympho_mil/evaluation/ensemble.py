@@ -83,13 +83,14 @@ def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> tuple[FoldR
     Its test and unlabelled predictions are the members' averaged (`ensemble_records`); its
     threshold is chosen by ``policy`` on the members' pooled validation predictions, each
     training patient predicted once, by the member that did not train on it ("fixed": the
-    members' threshold setting). Its split trains and validates on every training patient.
+    members' threshold setting, which their validation records carry, predicted before any
+    threshold was chosen). Its split trains and validates on every training patient.
     """
     first = members[0].split
     if any((m.split.repeat, m.split.fold) != (first.repeat, first.fold) for m in members):
         raise ValueError("bag_fold takes the members of one fold")
     val = [record for member in members for record in member.val]
-    threshold, notes = choose_on_validation(policy, val, fixed=members[0].threshold)
+    threshold, notes = choose_on_validation(policy, val, fixed=threshold_setting(val))
     thresholds = [threshold] * len(members)
     test, _ = ensemble_records(thresholds, [m.test for m in members])
     unlabelled = None
@@ -99,3 +100,12 @@ def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> tuple[FoldR
     split = FoldSplit(first.repeat, first.fold, patients, patients, first.test_ids)
     seconds = sum(m.seconds for m in members)
     return FoldRun(split, threshold, val, test, unlabelled, seconds), notes
+
+
+def threshold_setting(val: Sequence[dict[str, Any]]) -> float:
+    """The threshold setting of the models that made these validation records (each record
+    carries the threshold its model held: the setting, before a threshold was chosen)."""
+    settings = {float(record["threshold"]) for record in val}
+    if len(settings) != 1:
+        raise ValueError(f"validation records of models with other threshold settings: {settings}")
+    return settings.pop()

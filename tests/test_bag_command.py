@@ -1,0 +1,133 @@
+"""``lympho-mil bag``: the bag that ``cv --cv.inner_folds`` measures, fitted on every labelled
+patient, and ``predict`` over its models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from lightning import Trainer
+from test_cv import configs, dlmi_root, workdir
+
+from lympho_mil.cli import main
+from lympho_mil.data import CropSettings, PatientBagDataModule
+from lympho_mil.evaluation.thresholds import choose_threshold
+from lympho_mil.models import TabularMLP
+
+__all__ = ["configs", "dlmi_root", "workdir"]  # test_cv's fixtures, used here by name
+
+MEMBERS = 3
+
+
+def bag_args(config: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "bag",
+        "--config",
+        str(config),
+        f"--bag.members={MEMBERS}",
+        "--bag.seed=4",
+        f"--bag.out={out}",
+        "--trainer.deterministic=true",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def bag(workdir: Path, configs: dict[str, Path]) -> Path:
+    out = workdir / "bag"
+    main(bag_args(configs["tabular"], out))
+    return out
+
+
+def report_of(bag: Path) -> dict:
+    return json.loads((bag / "bag_report.json").read_text())
+
+
+def test_every_labelled_patient_validates_one_member_and_trains_the_others(
+    bag: Path, dlmi_root: Path
+) -> None:
+    labelled = set(pd.read_csv(dlmi_root / "trainset" / "trainset_true.csv")["ID"])
+    splits = report_of(bag)["member_splits"]
+    assert len(splits) == MEMBERS
+    vals = [set(s["val_ids"]) for s in splits]
+    assert set().union(*vals) == labelled and sum(map(len, vals)) == len(labelled)
+    for s, val in zip(splits, vals, strict=True):
+        assert set(s["train_ids"]) == labelled - val
+
+
+def test_the_threshold_is_chosen_on_the_pooled_validation_and_stored_in_every_member(
+    bag: Path, dlmi_root: Path
+) -> None:
+    """Independent route: reload each member, predict the patients it was validated on, and
+    choose the threshold on all of them."""
+    report = report_of(bag)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    cache = str(bag.parent / "cache")
+    pooled: dict[str, tuple[int, float]] = {}
+    for split, path in zip(report["member_splits"], report["models"], strict=True):
+        model = TabularMLP.load_from_checkpoint(bag / path)
+        assert float(model.threshold) == pytest.approx(report["threshold"])
+        own = PatientBagDataModule(
+            str(dlmi_root),
+            crops=CropSettings(image_size=32, cache_dir=cache),
+            predict_ids=split["val_ids"],
+        )
+        records = [r for b in trainer.predict(model, own.predict_dataloader()) for r in b]
+        pooled |= {r["id"]: (r["label"], r["probability"]) for r in records}
+    assert len(pooled) == sum(len(s["val_ids"]) for s in report["member_splits"])
+    recorded = {r["id"]: r["probability"] for r in report["validation"]}
+    assert recorded == pytest.approx({i: p for i, (_, p) in pooled.items()}, abs=1e-6)
+    labels, probs = zip(*pooled.values(), strict=True)
+    assert report["threshold"] == pytest.approx(choose_threshold("inner_val", probs, labels))
+
+
+def test_predict_over_the_bag_is_its_members_mean_at_its_threshold(
+    bag: Path, dlmi_root: Path, configs: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "predictions"
+    main(
+        [
+            "predict",
+            "--config",
+            str(configs["tabular"]),
+            "--ckpt_path",
+            str(bag),
+            f"--prediction.output_dir={out}",
+        ]
+    )
+    detail = pd.read_csv(out / "predictions_detail.csv").set_index("id")
+    datamodule = PatientBagDataModule(
+        str(dlmi_root), crops=CropSettings(image_size=32, cache_dir=str(bag.parent / "cache"))
+    )
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    report = report_of(bag)
+    each = []
+    for path in report["models"]:
+        model = TabularMLP.load_from_checkpoint(bag / path)
+        records = [r for b in trainer.predict(model, datamodule.predict_dataloader()) for r in b]
+        each.append(pd.Series({r["id"]: r["probability"] for r in records}))
+    mean = pd.concat(each, axis=1).mean(axis=1)
+    np.testing.assert_allclose(detail.loc[mean.index, "probability"], mean, atol=1e-6)
+    expected = (mean >= report["threshold"]).astype(int)
+    assert detail.loc[mean.index, "predicted"].tolist() == expected.tolist()
+
+
+def test_an_earlier_bag_is_kept_unless_overwrite(
+    bag: Path, configs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(bag_args(configs["tabular"], bag))
+    assert exc.value.code == 2 and "--bag.overwrite true" in capsys.readouterr().err
+
+
+def test_one_member_is_a_one_line_error(
+    configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*bag_args(configs["tabular"], tmp_path / "bag"), "--bag.members=1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--bag.members must be an integer >= 2" in err and "Traceback" not in err
