@@ -85,7 +85,11 @@ def test_the_threshold_is_chosen_on_the_pooled_validation_and_stored_in_every_me
 
 
 def test_predict_over_the_bag_is_its_members_mean_at_its_threshold(
-    bag: Path, dlmi_root: Path, configs: dict[str, Path], tmp_path: Path
+    bag: Path,
+    dlmi_root: Path,
+    configs: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "predictions"
     main(
@@ -98,12 +102,14 @@ def test_predict_over_the_bag_is_its_members_mean_at_its_threshold(
             f"--prediction.output_dir={out}",
         ]
     )
+    report = report_of(bag)
+    said = capsys.readouterr().out
+    assert f"threshold {report['threshold']:.3f} (the bag's, which every model carries" in said
     detail = pd.read_csv(out / "predictions_detail.csv").set_index("id")
     datamodule = PatientBagDataModule(
         str(dlmi_root), crops=CropSettings(image_size=32, cache_dir=str(bag.parent / "cache"))
     )
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
-    report = report_of(bag)
     each = []
     for path in report["models"]:
         model = TabularMLP.load_from_checkpoint(bag / path)

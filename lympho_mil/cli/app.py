@@ -42,6 +42,7 @@ from lympho_mil.cli.checkpoints import (
     CheckpointInfo,
     RunCheckpoint,
     ensemble_line,
+    ensemble_threshold_rule,
     global_step,
     newest_matching,
     read_checkpoint,
@@ -52,7 +53,7 @@ from lympho_mil.cli.checkpoints import (
 from lympho_mil.cli.errors import ConfigError, is_file
 from lympho_mil.cli.parser import LymphoParser, short_message
 from lympho_mil.data import BagDataModule, SyntheticDataModule  # noqa: F401 (registers it)
-from lympho_mil.evaluation.ensemble import THRESHOLD_RULE, ensemble_records
+from lympho_mil.evaluation.ensemble import ensemble_records
 from lympho_mil.evaluation.predictions import PredictionWriter, gather_records
 from lympho_mil.evaluation.thresholds import THRESHOLD_POLICIES, choose_on_validation
 from lympho_mil.features import CachedFeatureDataModule  # noqa: F401 (registers it)
@@ -131,7 +132,8 @@ class CheckpointUse:
 
     infos: the checkpoint, or each of a fold ensemble.
     threshold: the decision threshold applied.
-    origin: where a single checkpoint's threshold comes from (an ensemble: `THRESHOLD_RULE`).
+    origin: where a single checkpoint's threshold comes from (an ensemble: its rule,
+        `ensemble_threshold_rule`).
     line: the line printed.
     """
 
@@ -144,7 +146,8 @@ class CheckpointUse:
         """Where the threshold comes from, naming the checkpoint(s): what a report says."""
         if len(self.infos) > 1:
             folder = self.infos[0].path.parent.parent
-            return f"fold ensemble of {len(self.infos)} checkpoints ({folder}): {THRESHOLD_RULE}"
+            rule = ensemble_threshold_rule(self.infos, self.threshold)
+            return f"fold ensemble of {len(self.infos)} checkpoints ({folder}): {rule}"
         return f"checkpoint {self.infos[0].path}: {self.origin}"
 
 

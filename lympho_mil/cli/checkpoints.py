@@ -223,6 +223,18 @@ def several_checkpoints(value: str) -> list[Path] | None:
     return paths
 
 
+def ensemble_threshold_rule(infos: list[CheckpointInfo], threshold: float) -> str:
+    """How the threshold of several checkpoints was found: a bag's (``lympho-mil bag``, or a
+    cv fold's members) where every one carries it, chosen the same way; else `THRESHOLD_RULE`."""
+    choice = infos[0].choice
+    if choice and all(i.threshold == threshold and i.choice == choice for i in infos):
+        return (
+            f"the bag's, which every model carries: {choice['policy']} on "
+            f"{choice['n_patients']} validation patients, pooled over the models"
+        )
+    return THRESHOLD_RULE
+
+
 def ensemble_line(infos: list[CheckpointInfo], threshold: float) -> str:
     """The one line a command prints before it averages several checkpoints."""
     key = "val_balanced_accuracy"
@@ -233,7 +245,7 @@ def ensemble_line(infos: list[CheckpointInfo], threshold: float) -> str:
     return (
         f"fold ensemble of {len(infos)} checkpoints ({infos[0].path.parent.parent}/...): "
         f"{infos[0].summary()}, trained {trained}{score}; probability: {PROBABILITY_RULE}; "
-        f"threshold {threshold:.3f} ({THRESHOLD_RULE})"
+        f"threshold {threshold:.3f} ({ensemble_threshold_rule(infos, threshold)})"
     )
 
 
