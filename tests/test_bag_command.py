@@ -4,20 +4,21 @@ patient, and ``predict`` over its models."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from lightning import Trainer
-from test_cv import configs, dlmi_root, workdir
+from test_cv import configs, dlmi_root, single, workdir
 
 from lympho_mil.cli import main
 from lympho_mil.data import CropSettings, PatientBagDataModule
 from lympho_mil.evaluation.thresholds import choose_threshold
 from lympho_mil.models import TabularMLP
 
-__all__ = ["configs", "dlmi_root", "workdir"]  # test_cv's fixtures, used here by name
+__all__ = ["configs", "dlmi_root", "single", "workdir"]  # test_cv's fixtures, used by name
 
 MEMBERS = 3
 
@@ -121,12 +122,52 @@ def test_predict_over_the_bag_is_its_members_mean_at_its_threshold(
     assert detail.loc[mean.index, "predicted"].tolist() == expected.tolist()
 
 
-def test_an_earlier_bag_is_kept_unless_overwrite(
-    bag: Path, configs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+def test_an_earlier_bag_is_kept_unless_overwrite_and_then_replaced_whole(
+    bag: Path, configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exc:
         main(bag_args(configs["tabular"], bag))
     assert exc.value.code == 2 and "--bag.overwrite true" in capsys.readouterr().err
+    out = Path(shutil.copytree(bag, tmp_path / "bag"))
+    main([*bag_args(configs["tabular"], out, "--bag.overwrite=true"), "--bag.members=2"])
+    assert len(list((out / "folds").glob("*/model.ckpt"))) == 2  # none of the three before
+    assert report_of(out)["members"] == 2 and not (out / ".bag-partial").exists()
+
+
+def test_a_fixed_threshold_is_the_members_setting_and_said_so(
+    configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fixed"
+    main(bag_args(configs["tabular"], out, "--threshold_policy=fixed", "--model.threshold=0.3"))
+    said = capsys.readouterr().out
+    assert "fixed: the members' threshold setting" in said and "optimistic" not in said
+    report = report_of(out)
+    assert report["threshold"] == pytest.approx(0.3)
+    for path in report["models"]:
+        assert float(TabularMLP.load_from_checkpoint(out / path).threshold) == pytest.approx(0.3)
+
+
+def test_a_bag_is_not_written_into_a_cross_validation(
+    single: Path, configs: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(bag_args(configs["tabular"], single, "--bag.overwrite=true"))
+    assert exc.value.code == 2 and "holds a cross-validation" in capsys.readouterr().err
+    assert not (single / "bag_report.json").exists()
+
+
+def test_a_cv_fold_ensemble_is_not_called_a_bag(
+    configs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Plain folds with the fixed policy carry equal thresholds and choices: still not a bag."""
+    out = tmp_path / "cv"
+    config = str(configs["tabular"])
+    main(["cv", "--config", config, "--cv.folds=2", f"--cv.out={out}", "--threshold_policy=fixed"])
+    capsys.readouterr()
+    main(["predict", "--config", config, "--ckpt_path", str(out), "--prediction.output_dir",
+          str(tmp_path / "predictions")])  # fmt: skip
+    said = capsys.readouterr().out
+    assert "median of the fold thresholds" in said and "the bag's" not in said
 
 
 def test_one_member_is_a_one_line_error(

@@ -150,3 +150,21 @@ def test_resuming_with_another_number_of_members_is_refused(
         main([*cv_args(configs["tabular"], out=out), "--cv.inner_folds=2"])
     assert exc.value.code == 2
     assert "--cv.inner_folds 3 -> 2" in capsys.readouterr().err
+
+
+def test_a_member_recorded_for_other_patients_is_trained_again(
+    bagged: Path, configs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A resumed run keeps only what its plan trained: a member whose record names other
+    patients (another tool wrote there) is trained again, not averaged in."""
+    out = Path(shutil.copytree(bagged, tmp_path / "killed"))
+    for name in cv_output_names(predict=True):
+        (out / name).unlink(missing_ok=True)
+    record_path = out / "folds" / "r0_f0_m0" / FOLD_FILE
+    record = json.loads(record_path.read_text())
+    planned = record["split"]["train_ids"]
+    record["split"]["train_ids"] = sorted({*planned, *record["split"]["test_ids"]})
+    record_path.write_text(json.dumps(record))
+    main([*cv_args(configs["tabular"], out=out), f"--cv.inner_folds={MEMBERS}"])
+    assert json.loads(record_path.read_text())["split"]["train_ids"] == planned
+    assert without_timing(load_report(out)) == without_timing(load_report(bagged))

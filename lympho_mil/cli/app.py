@@ -132,7 +132,7 @@ class CheckpointUse:
 
     infos: the checkpoint, or each of a fold ensemble.
     threshold: the decision threshold applied.
-    origin: where a single checkpoint's threshold comes from (an ensemble: its rule,
+    origin: where the threshold comes from (an ensemble's, unless the config sets one:
         `ensemble_threshold_rule`).
     line: the line printed.
     """
@@ -146,8 +146,7 @@ class CheckpointUse:
         """Where the threshold comes from, naming the checkpoint(s): what a report says."""
         if len(self.infos) > 1:
             folder = self.infos[0].path.parent.parent
-            rule = ensemble_threshold_rule(self.infos, self.threshold)
-            return f"fold ensemble of {len(self.infos)} checkpoints ({folder}): {rule}"
+            return f"fold ensemble of {len(self.infos)} checkpoints ({folder}): {self.origin}"
         return f"checkpoint {self.infos[0].path}: {self.origin}"
 
 
@@ -389,7 +388,13 @@ class LymphoCLI(LightningCLI):
         )
         ensemble = len(infos) > 1
         threshold = float(statistics.median(thresholds))
-        line = ensemble_line(infos, threshold) if ensemble else infos[0].line(threshold, origin)
+        if ensemble and replaced is None:
+            origin = ensemble_threshold_rule(infos, threshold)
+        line = (
+            ensemble_line(infos, threshold, origin)
+            if ensemble
+            else infos[0].line(threshold, origin)
+        )
         self.checkpoint_use = CheckpointUse(infos, threshold, origin, line)
         print(line, flush=True)
 

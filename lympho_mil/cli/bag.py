@@ -59,11 +59,15 @@ def run_bag(cli: LymphoCLI) -> None:
         name=config_names([config])[0],
     )
     chosen = result.report["threshold_notes"]["threshold"]
+    how = (
+        f"inner_val, chosen on their pooled validation predictions; balanced accuracy "
+        f"{chosen['balanced_accuracy']:.3f} there, optimistic: chosen on them"
+        if chosen["policy"] == "inner_val"
+        else "fixed: the members' threshold setting"
+    )
     print(
         f"bag of {options.members} models on {result.report['n_patients']} patients: "
-        f"threshold {result.run.threshold:.3f} ({chosen['policy']}, on their pooled validation "
-        f"predictions; balanced accuracy {chosen['balanced_accuracy']:.3f} there, optimistic: "
-        "chosen on them)"
+        f"threshold {result.run.threshold:.3f} ({how})"
     )
     print(f"report: {Path(options.out) / BAG_REPORT}")
     print(f"predict with: lympho-mil predict --config {config} --ckpt_path {options.out}")

@@ -226,8 +226,9 @@ def several_checkpoints(value: str) -> list[Path] | None:
 def ensemble_threshold_rule(infos: list[CheckpointInfo], threshold: float) -> str:
     """How the threshold of several checkpoints was found: a bag's (``lympho-mil bag``, or a
     cv fold's members) where every one carries it, chosen the same way; else `THRESHOLD_RULE`."""
-    choice = infos[0].choice
-    if choice and all(i.threshold == threshold and i.choice == choice for i in infos):
+    choice = infos[0].choice or {}
+    bag = choice.get("pooled_over") == len(infos)
+    if bag and all(i.threshold == threshold and i.choice == choice for i in infos):
         return (
             f"the bag's, which every model carries: {choice['policy']} on "
             f"{choice['n_patients']} validation patients, pooled over the models"
@@ -235,8 +236,9 @@ def ensemble_threshold_rule(infos: list[CheckpointInfo], threshold: float) -> st
     return THRESHOLD_RULE
 
 
-def ensemble_line(infos: list[CheckpointInfo], threshold: float) -> str:
-    """The one line a command prints before it averages several checkpoints."""
+def ensemble_line(infos: list[CheckpointInfo], threshold: float, rule: str) -> str:
+    """The one line a command prints before it averages several checkpoints (``rule``: where
+    the threshold comes from)."""
     key = "val_balanced_accuracy"
     scores = [i.validation[key] for i in infos if key in i.validation]
     score = f", mean validation balanced accuracy {sum(scores) / len(scores):.3f}" if scores else ""
@@ -245,7 +247,7 @@ def ensemble_line(infos: list[CheckpointInfo], threshold: float) -> str:
     return (
         f"fold ensemble of {len(infos)} checkpoints ({infos[0].path.parent.parent}/...): "
         f"{infos[0].summary()}, trained {trained}{score}; probability: {PROBABILITY_RULE}; "
-        f"threshold {threshold:.3f} ({ensemble_threshold_rule(infos, threshold)})"
+        f"threshold {threshold:.3f} ({rule})"
     )
 
 

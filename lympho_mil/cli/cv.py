@@ -320,7 +320,9 @@ def config_and_overrides(
         elif key not in (f"--{command}", *own) and not key.startswith(f"--{command}."):
             overrides += words
     if config is None:
-        what = "the fit config to cross-validate" if command == "cv" else "the model's config"
+        what = {"cv": "the fit config to cross-validate", "bag": "the fit config to bag"}.get(
+            command, "the model's config"
+        )
         raise ConfigError(f"{command} needs --config: {what}")
     return config, overrides
 

@@ -22,12 +22,15 @@ from typing import Any
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.splits import stratified_folds
 from lympho_mil.evaluation.cv import labelled_patients, run_folds
+from lympho_mil.evaluation.cv_plan import BAG_REPORT, PLAN_FILE
 from lympho_mil.evaluation.cv_types import CVSettings, FoldRun, FoldRunner, FoldSplit
-from lympho_mil.evaluation.ensemble import threshold_setting
-from lympho_mil.evaluation.thresholds import ThresholdPolicy, choose_on_validation
-from lympho_mil.files import atomic_write_text, check_writable
+from lympho_mil.evaluation.ensemble import pooled_choice
+from lympho_mil.evaluation.report import REPORT_FILES
+from lympho_mil.evaluation.thresholds import ThresholdPolicy
+from lympho_mil.files import OutputExistsError, atomic_write_text, check_writable
 
-BAG_REPORT = "bag_report.json"
+PARTIAL = ".bag-partial"
+"""Where the members train; renamed to ``folds`` once the bag is whole."""
 
 
 @dataclass
@@ -71,6 +74,8 @@ def fit_bag(
         verbose: print one line per member.
         name: the name its lines give it.
     """
+    if members < 2:
+        raise ValueError(f"a bag needs members >= 2, got {members}")
     settings = CVSettings(
         folds=members,
         seed=seed,
@@ -79,6 +84,12 @@ def fit_bag(
         inner_folds=members,
     )  # one "fold" of K members, no test patients: member seeds as a cv member's
     root = Path(out_dir)
+    held = [root / n for n in (PLAN_FILE, *REPORT_FILES) if (root / n).exists()]
+    if held:
+        raise OutputExistsError(
+            f"{root} holds a cross-validation ({held[0].name}); choose another output folder "
+            "for the bag"
+        )
     check_writable([root / BAG_REPORT, root / "folds"], overwrite, hint="--bag.overwrite true")
     ids, labels, _ = labelled_patients(runner, predict=False)
     try:
@@ -91,11 +102,18 @@ def fit_bag(
         FoldSplit(0, 0, sorted(set(ids) - set(val)), val, [], member)
         for member, val in enumerate(parts)
     ]
-    shutil.rmtree(root / "folds", ignore_errors=True)  # no member of another bag is kept
-    (root / BAG_REPORT).unlink(missing_ok=True)
+    partial = root / PARTIAL  # a killed bag leaves no models that predict would average
+    if partial.exists():
+        shutil.rmtree(partial)
     with _untested():
-        (bag,) = run_folds(name, runner, splits, settings, root / "folds", root)
-    _, notes = choose_on_validation(threshold_policy, bag.val, threshold_setting(bag.val))
+        (bag,) = run_folds(name, runner, splits, settings, partial / "folds", partial)
+    _, notes = pooled_choice(threshold_policy, bag.val, members)
+    for earlier in (root / "folds", root / BAG_REPORT):  # only now: the new bag is whole
+        if earlier.is_dir():
+            shutil.rmtree(earlier)
+        earlier.unlink(missing_ok=True)
+    (partial / "folds").rename(root / "folds")
+    shutil.rmtree(partial)
     report = {
         "name": name,
         "members": members,

@@ -44,6 +44,7 @@ from lympho_mil.data.settings import SplitSettings
 from lympho_mil.data.splits import holdout_split, stratified_folds
 from lympho_mil.evaluation.bootstrap import DEFAULT_RESAMPLES
 from lympho_mil.evaluation.cv_plan import (
+    BAG_REPORT,
     PLAN_FILE,
     fingerprint,
     finished_fold,
@@ -361,7 +362,7 @@ def _claim_outputs(
         return []
     homes = {*(d for d in dirs if d is not None), root}
     paths = [d / n for d in homes for n in cv_output_names(predict=True)]
-    paths += [d / "folds" for d in homes] + [root / PLAN_FILE]
+    paths += [d / "folds" for d in homes] + [root / PLAN_FILE, root / BAG_REPORT]
     paths += [root / n for n in COMPARISON_FILES]
     paths += [root / name for name in _compared_names(root)]  # an earlier comparison's
     paths = list(dict.fromkeys(paths))
@@ -442,6 +443,7 @@ def _run_fold(
     validation patients, then predict the test fold (and the unlabelled patients)."""
     start = time.perf_counter()
     fold_dir = _fold_dir(fold_root, split)
+    # member j > 0 after every fold's member j-1: seeds depend on the number of repeats
     member_offset = settings.repeats * settings.folds * (split.member or 0)
     setup = FoldSetup(
         split,
@@ -459,9 +461,10 @@ def _run_fold(
         checkpoint = trainer.checkpoint_callback
         best = checkpoint.best_model_path if isinstance(checkpoint, ModelCheckpoint) else ""
         if not best:
+            member = "" if split.member is None else f" member {split.member}"
             raise DataError(
-                f"{name} repeat {split.repeat} fold {split.fold}: no checkpoint was kept on the "
-                "inner validation patients; cv needs validation to run (check "
+                f"{name} repeat {split.repeat} fold {split.fold}{member}: no checkpoint was "
+                "kept on the inner validation patients; cv needs validation to run (check "
                 "trainer.limit_val_batches and check_val_every_n_epoch)"
             )
         val = _predict(trainer, model, datamodule.val_dataloader(), ckpt_path=best)
@@ -504,6 +507,9 @@ def run_folds(
     started, trained = time.perf_counter(), 0
     for split in splits:
         run = finished_fold(_fold_dir(fold_root, split))
+        if run is not None and run.split != split:  # not this plan's (another tool's): again
+            shutil.rmtree(_fold_dir(fold_root, split))
+            run = None
         kept = run is not None
         if run is None:
             run = _run_fold(name, runner, split, settings, fold_root, out_dir)
@@ -523,11 +529,11 @@ def run_folds(
     bags = []
     for parts in members.values():
         bag, notes = bag_fold(parts, settings.threshold_policy)
-        if out_dir is not None:
+        if out_dir is not None:  # the choice; each member keeps its own validation scores
+            chosen = {"threshold": notes["threshold"], "validation": {}}
             for part in parts:
-                store_threshold(
-                    _fold_dir(fold_root, part.split) / "model.ckpt", bag.threshold, notes
-                )
+                path = _fold_dir(fold_root, part.split) / "model.ckpt"
+                store_threshold(path, bag.threshold, chosen)
         bags.append(bag)
     return bags
 

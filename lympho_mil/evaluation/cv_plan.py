@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 PLAN_FILE = "cv_plan.json"
 FOLD_FILE = "fold_run.json"
+BAG_REPORT = "bag_report.json"  # `lympho_mil.evaluation.bag`'s; a cv claims it, a bag refuses cv's
 PLAN_VERSION = 1
 SHOWN_CHANGES = 3  # config keys named in the message; the rest are counted
 

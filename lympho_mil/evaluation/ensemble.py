@@ -7,6 +7,8 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from lympho_mil.evaluation.cv_types import FoldRun, FoldSplit
 from lympho_mil.evaluation.thresholds import ThresholdPolicy, choose_on_validation
 
@@ -78,7 +80,8 @@ def _mean_lists(values: list[list[float] | None]) -> list[float] | None:
 
 def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> tuple[FoldRun, dict[str, Any]]:
     """One fold's members (``inner_folds``: each validated on its own inner fold) as one run,
-    and the notes of its threshold for the members' checkpoints (`choose_on_validation`).
+    and the notes of its threshold for the members' checkpoints (`choose_on_validation`'s,
+    with ``pooled_over``: the number of members whose validation it was chosen on).
 
     Its test and unlabelled predictions are the members' averaged (`ensemble_records`); its
     threshold is chosen by ``policy`` on the members' pooled validation predictions, each
@@ -90,7 +93,7 @@ def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> tuple[FoldR
     if any((m.split.repeat, m.split.fold) != (first.repeat, first.fold) for m in members):
         raise ValueError("bag_fold takes the members of one fold")
     val = [record for member in members for record in member.val]
-    threshold, notes = choose_on_validation(policy, val, fixed=threshold_setting(val))
+    threshold, notes = pooled_choice(policy, val, len(members))
     thresholds = [threshold] * len(members)
     test, _ = ensemble_records(thresholds, [m.test for m in members])
     unlabelled = None
@@ -100,6 +103,18 @@ def bag_fold(members: Sequence[FoldRun], policy: ThresholdPolicy) -> tuple[FoldR
     split = FoldSplit(first.repeat, first.fold, patients, patients, first.test_ids)
     seconds = sum(m.seconds for m in members)
     return FoldRun(split, threshold, val, test, unlabelled, seconds), notes
+
+
+def pooled_choice(
+    policy: ThresholdPolicy, val: Sequence[dict[str, Any]], n_members: int
+) -> tuple[float, dict[str, Any]]:
+    """The threshold of a bag of ``n_members`` models, chosen by ``policy`` on their pooled
+    validation records ``val`` (`choose_on_validation`, "fixed": their threshold setting),
+    as the members' models (float32) apply it; and its notes, marked ``pooled_over``."""
+    chosen, notes = choose_on_validation(policy, val, fixed=threshold_setting(val))
+    threshold = float(np.float32(chosen))
+    notes["threshold"] |= {"value": threshold, "pooled_over": n_members}
+    return threshold, notes
 
 
 def threshold_setting(val: Sequence[dict[str, Any]]) -> float:
