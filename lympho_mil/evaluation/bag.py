@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import Any
 
 from lympho_mil.data.errors import DataError
 from lympho_mil.data.splits import stratified_folds
-from lympho_mil.evaluation.cv import labelled_patients, run_folds
+from lympho_mil.evaluation.cv import labelled_patients, remove_outputs, run_folds
 from lympho_mil.evaluation.cv_plan import BAG_REPORT, PLAN_FILE
 from lympho_mil.evaluation.cv_types import CVSettings, FoldRun, FoldRunner, FoldSplit
 from lympho_mil.evaluation.ensemble import pooled_choice
@@ -103,17 +102,13 @@ def fit_bag(
         for member, val in enumerate(parts)
     ]
     partial = root / PARTIAL  # a killed bag leaves no models that predict would average
-    if partial.exists():
-        shutil.rmtree(partial)
+    remove_outputs([partial])
     with _untested():
         (bag,) = run_folds(name, runner, splits, settings, partial / "folds", partial)
     _, notes = pooled_choice(threshold_policy, bag.val, members)
-    for earlier in (root / "folds", root / BAG_REPORT):  # only now: the new bag is whole
-        if earlier.is_dir():
-            shutil.rmtree(earlier)
-        earlier.unlink(missing_ok=True)
+    remove_outputs([root / "folds", root / BAG_REPORT])  # only now: the new bag is whole
     (partial / "folds").rename(root / "folds")
-    shutil.rmtree(partial)
+    remove_outputs([partial])
     report = {
         "name": name,
         "members": members,

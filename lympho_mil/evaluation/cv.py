@@ -329,7 +329,7 @@ def _run(
             settings.inner_val_fraction,
             settings.inner_folds,
         )
-        _remove(stale)  # only now: configs and splits are sound, the run starts
+        remove_outputs(stale)  # only now: configs and splits are sound, the run starts
         if root is not None:
             prints = {n: f for n, (_, _, f) in zip(names, seen, strict=True)}
             start_or_resume(root, make_plan(settings, prints, splits), resuming, settings.verbose)
@@ -353,7 +353,7 @@ def _claim_outputs(
     root: Path, dirs: list[Path | None], compare: bool, overwrite: bool, resuming: bool
 ) -> list[Path]:
     """Refuse to start when an earlier run's outputs exist (unless ``overwrite``); return them,
-    every file a cross-validation may write and the old fold models, for `_remove`. Both
+    every file a cross-validation may write and the old fold models, for `remove_outputs`. Both
     layouts count (one config: files in ``root``; a comparison: ``root/<name>/`` folders and
     the comparison files), so a run of one layout leaves nothing of the other behind. An
     unfinished run resumed claims nothing: its plan and fold runs are kept."""
@@ -383,7 +383,7 @@ def _compared_names(root: Path) -> list[str]:
     return [n for n in names if Path(n).name == n and n not in (".", "..")]  # plain folders
 
 
-def _remove(paths: Sequence[Path]) -> None:
+def remove_outputs(paths: Sequence[Path]) -> None:
     """Delete an earlier run's outputs: none of them may outlive the models they describe."""
     for path in paths:
         if path.is_dir():
@@ -570,10 +570,12 @@ def _print_fold(name: str, run: FoldRun, settings: CVSettings, when: str) -> Non
             f"; test balanced accuracy {balanced_accuracy_score(labels, predicted):.3f}, "
             f"AUROC {roc_auc_score(labels, probs):.3f}"
         )
-    where = f"repeat {s.repeat} fold {s.fold}{member} "  # as folds/r<R>_f<F>[_m<M>]
-    where += f"({s.repeat * settings.folds + s.fold + 1}/{settings.repeats * settings.folds})"
-    if not s.test_ids:
-        where = member.strip()
+    where = (  # as folds/r<R>_f<F>[_m<M>]; a bag's member (no test): its number alone
+        f"repeat {s.repeat} fold {s.fold}{member} "
+        f"({s.repeat * settings.folds + s.fold + 1}/{settings.repeats * settings.folds})"
+        if s.test_ids
+        else member.strip()
+    )
     tested = f", {len(s.test_ids)} test" if s.test_ids else ""
     print(
         f"[{name}] {where}: {len(s.train_ids)} train, {len(s.val_ids)} val{tested} patients; "
